@@ -1,0 +1,89 @@
+"""The ``feddat-secure`` command line.
+
+Errors a user can fix (config, data, model folder, run folder) print one line and exit 2;
+nothing else is swallowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from importlib import resources
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .data import DataError
+from .model.backbone import EMBEDDED_FOUNDATION, ModelLoadError
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .federation.runner import run
+
+    config = load_config(args.config)
+    if args.output_dir:
+        config = replace(config, output_dir=args.output_dir)
+    result = run(config, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The embedded demo; a second demo goes to demo-2, demo-3, ... so no earlier run is lost."""
+    from .federation.runner import run
+
+    config = load_config(resources.files("feddat_secure") / "configs" / "demo.toml")
+    config = replace(config, output_dir=args.output_dir or config.output_dir)
+    if not args.overwrite:
+        taken = Path(config.output_dir)
+        suffix = 1
+        while (taken / config.name).exists():
+            suffix += 1
+            config = replace(config, name=f"demo-{suffix}")
+    result = run(config, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from .pretraining import PretrainSettings, pretrain
+
+    settings = replace(PretrainSettings(), steps=args.steps or PretrainSettings.steps, seed=args.seed)
+    summary = pretrain(Path(args.out), settings)
+    print(f"foundation written to {args.out}: {summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="feddat-secure", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, handler, text in (("run", _run, "run a federation from a TOML config"),
+                                ("demo", _demo, "run the embedded demo (FedDAT, 5 sites)")):
+        command = commands.add_parser(name, help=text)
+        if name == "run":
+            command.add_argument("config", help="path to CONFIG.toml")
+        command.add_argument("--output-dir", help="parent folder of the run folder (default: the config's)")
+        command.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+        command.add_argument("--quiet", action="store_true", help="no progress bar")
+        command.set_defaults(handler=handler)
+    pretrain = commands.add_parser("pretrain-foundation", help="re-create the embedded foundation checkpoint")
+    pretrain.add_argument("--out", default=str(EMBEDDED_FOUNDATION))
+    pretrain.add_argument("--steps", type=int, help="training steps (default: the committed recipe's)")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.set_defaults(handler=_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except USER_ERRORS as error:
+        print(f"feddat-secure: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

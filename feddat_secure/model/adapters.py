@@ -1,0 +1,136 @@
+"""Named PEFT LoRA adapters on one backbone, with explicit activation, scaling and freezing.
+
+PEFT's ``set_adapter`` has two side effects this module does not want to inherit:
+it marks every active adapter trainable (which would train the frozen global copy in
+FedDAT's teacher) and marks every inactive one frozen (how the official FedDAT code lost
+the client adapter's ``requires_grad`` after the first round). :meth:`AdapterSet.activate`
+therefore re-applies the trainability fixed at construction after every switch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.numpy import save_file
+
+# Attention (query, key, value, attention output) and feed-forward (intermediate, output)
+# projections of every ViLT encoder layer; "output.dense" matches both output projections.
+DEFAULT_TARGET_MODULES = ("query", "key", "value", "output.dense", "intermediate.dense")
+
+AdapterState = dict[str, np.ndarray]
+
+# peft 0.21 calls a transformers helper that transformers 5 has renamed; harmless, and not ours.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+class AdapterStateError(ValueError):
+    """An adapter state does not fit the adapter it should be loaded into."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
+
+    def to_peft(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            bias="none",
+        )
+
+
+class AdapterSet:
+    """A backbone wrapped by PEFT with several named LoRA adapters of the same shape."""
+
+    def __init__(self, backbone: torch.nn.Module, settings: LoraSettings, names: Sequence[str],
+                 trainable: Sequence[str]) -> None:
+        if not names:
+            raise ValueError("an adapter set needs at least one adapter name")
+        unknown = set(trainable) - set(names)
+        if unknown:
+            raise ValueError(f"trainable adapters {sorted(unknown)} are not in {list(names)}")
+        self.settings = settings
+        self.names = tuple(names)
+        self.trainable = frozenset(trainable)
+        self.peft_model = get_peft_model(backbone, settings.to_peft(), adapter_name=names[0])
+        for name in names[1:]:
+            self.peft_model.add_adapter(name, settings.to_peft())
+        self._lora_layers = [m for m in self.peft_model.modules() if isinstance(m, LoraLayer)]
+        self._base_scaling = [dict(layer.scaling) for layer in self._lora_layers]
+        self.activate({names[0]: 1.0})
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        self._check_name(name)
+        marker = f".{name}."
+        return [p for n, p in self.peft_model.named_parameters() if marker in n and "lora_" in n]
+
+    def activate(self, weights: Mapping[str, float]) -> None:
+        """Make exactly these adapters active, each scaled by its weight (outputs add up)."""
+        for name in weights:
+            self._check_name(name)
+        self.peft_model.base_model.set_adapter(list(weights))
+        for layer, base in zip(self._lora_layers, self._base_scaling):
+            for name in self.names:
+                layer.scaling[name] = base[name] * weights.get(name, 1.0)
+        for name in self.names:
+            for parameter in self.parameters(name):
+                parameter.requires_grad_(name in self.trainable)
+
+    def get_state(self, name: str) -> AdapterState:
+        """The adapter's weights under PEFT's saved key names (no adapter name in the keys)."""
+        self._check_name(name)
+        state = get_peft_model_state_dict(self.peft_model, adapter_name=name)
+        return {key: value.detach().cpu().numpy().copy() for key, value in state.items()}
+
+    def set_state(self, name: str, state: Mapping[str, np.ndarray]) -> None:
+        """Load weights into one adapter after checking every key and shape (all or nothing)."""
+        check_state_matches(state, self.get_state(name), what=f"adapter {name!r}")
+        tensors = {key: torch.from_numpy(np.array(value, dtype=np.float32)) for key, value in state.items()}
+        set_peft_model_state_dict(self.peft_model, tensors, adapter_name=name)
+
+    def copy(self, source: str, target: str) -> None:
+        self.set_state(target, self.get_state(source))
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.names:
+            raise KeyError(f"unknown adapter {name!r}; this model has {list(self.names)}")
+
+
+def check_state_matches(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], *, what: str) -> None:
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    if missing or extra:
+        raise AdapterStateError(f"{what}: missing keys {missing[:3]}, unexpected keys {extra[:3]}")
+    for key, expected in reference.items():
+        value = np.asarray(state[key])
+        if value.shape != expected.shape:
+            raise AdapterStateError(f"{what}: {key} has shape {value.shape}, expected {expected.shape}")
+        if not np.all(np.isfinite(value)):
+            raise AdapterStateError(f"{what}: {key} holds NaN or inf")
+
+
+def save_peft_adapter(state: Mapping[str, np.ndarray], settings: LoraSettings, base_model_path: Path,
+                      folder: Path) -> None:
+    """Write an adapter exactly as ``PeftModel.save_pretrained`` does, from its state alone.
+
+    The server never holds a model, only the aggregated state; this lets it publish the
+    global adapter in the format ``peft.PeftModel.from_pretrained`` reads.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    config = settings.to_peft()
+    config.base_model_name_or_path = str(base_model_path)
+    config.save_pretrained(str(folder))
+    arrays = {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in state.items()}
+    save_file(arrays, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,210 @@
+"""Pretrain the embedded ViLT "foundation" checkpoint from scratch, seeded and offline.
+
+ViLT's own recipe at a small scale: image-text matching (ITM) and masked language
+modelling (MLM) on broad synthetic scenes (every shape, colour, size, position and image
+domain) with generated captions. The federated benchmarks then finetune a model that has
+already learnt to ground words in images, as FedDAT finetunes a pretrained ViLT.
+
+Reproduce the committed checkpoint with ``feddat-secure pretrain-foundation``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import ViltConfig, ViltModel
+
+from .data.batching import images_to_pixels
+from .data.digits import WORDS as DIGIT_WORDS
+from .data.questions import WORDS as QUESTION_WORDS
+from .data.scenes import (
+    COLORS,
+    DOMAINS,
+    GRID,
+    SHAPES,
+    SIZES,
+    SceneObject,
+    SceneStyle,
+    apply_domain,
+    render,
+    sample_objects,
+)
+from .model.tokenizer import build_word_tokenizer
+
+ROW_WORDS = ("top", "bottom")
+COL_WORDS = ("left", "right")
+CAPTION_WORDS = ["at", "and", *ROW_WORDS, *COL_WORDS]
+assert GRID == 2, "captions name positions with top/bottom and left/right"
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    seed: int = 0
+    steps: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_text_length: int = 20
+    mask_probability: float = 0.3
+
+
+def vocabulary() -> list[str]:
+    return sorted(set(QUESTION_WORDS) | set(DIGIT_WORDS) | set(CAPTION_WORDS))
+
+
+def describe(obj: SceneObject) -> str:
+    return f"{obj.size} {obj.color} {obj.shape} at {ROW_WORDS[obj.row]} {COL_WORDS[obj.col]}"
+
+
+def perturb(obj: SceneObject, rng: np.random.Generator, style: SceneStyle) -> SceneObject:
+    """A hard negative: the same object with exactly one attribute changed."""
+    field = ("shape", "color", "size", "position")[int(rng.integers(4))]
+    if field == "shape":
+        return SceneObject(_other(obj.shape, style.shapes, rng), obj.color, obj.size, obj.row, obj.col)
+    if field == "color":
+        return SceneObject(obj.shape, _other(obj.color, style.colors, rng), obj.size, obj.row, obj.col)
+    if field == "size":
+        return SceneObject(obj.shape, obj.color, "small" if obj.size == "large" else "large", obj.row, obj.col)
+    return SceneObject(obj.shape, obj.color, obj.size, 1 - obj.row, 1 - obj.col)
+
+
+def _other(value: str, choices: tuple[str, ...], rng: np.random.Generator) -> str:
+    others = [c for c in choices if c != value]
+    return others[int(rng.integers(len(others)))]
+
+
+def cell_labels(objects: list[SceneObject], style: SceneStyle) -> np.ndarray:
+    """Per grid cell: (shape, colour, size) indices, 0 meaning an empty cell."""
+    labels = np.zeros((GRID * GRID, 3), dtype=np.int64)
+    for obj in objects:
+        labels[obj.row * GRID + obj.col] = (style.shapes.index(obj.shape) + 1, style.colors.index(obj.color) + 1,
+                                            SIZES.index(obj.size) + 1)
+    return labels
+
+
+def caption_pair(rng: np.random.Generator, style: SceneStyle,
+                 image_size: int) -> tuple[np.ndarray, str, int, np.ndarray]:
+    """An image with a caption of up to two objects; label 1 if the caption is true of the image.
+
+    An easy negative can describe the image by chance; at this rate that is rare noise.
+    """
+    objects = sample_objects(rng, style)
+    image = apply_domain(render(objects, rng, style, image_size), DOMAINS[int(rng.integers(len(DOMAINS)))], rng)
+    described = [objects[i] for i in rng.permutation(len(objects))[:2]]
+    matches = int(rng.integers(2))
+    if not matches and rng.integers(2):  # an easy negative: the caption of another scene
+        described = sample_objects(rng, style)[:2]
+    elif not matches:  # a hard negative: one attribute of one object changed
+        victim = int(rng.integers(len(described)))
+        described[victim] = perturb(described[victim], rng, style)
+    return image, " and ".join(describe(o) for o in described), matches, cell_labels(objects, style)
+
+
+class PretrainingHeads(nn.Module):
+    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+        super().__init__()
+        self.itm = nn.Linear(hidden_size, 2)
+        self.cells = nn.ModuleList(nn.Linear(hidden_size, GRID * GRID * (n + 1))
+                                   for n in (len(SHAPES), len(COLORS), len(SIZES)))
+        self.mlm = nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.GELU(), nn.LayerNorm(hidden_size),
+                                 nn.Linear(hidden_size, vocab_size))
+
+
+def grounded_token_ids(tokenizer) -> list[int]:
+    """Words that can only be predicted by looking at the image."""
+    words = set(COLORS) | set(SHAPES) | set(SIZES) | set(ROW_WORDS) | set(COL_WORDS)
+    return tokenizer.convert_tokens_to_ids(sorted(words))
+
+
+def mask_tokens(input_ids: torch.Tensor, maskable: list[int], mask_id: int, probability: float,
+                generator: torch.Generator):
+    """Mask grounded words only: masking "at" or "and" teaches syntax, not vision."""
+    candidates = torch.isin(input_ids, torch.tensor(maskable))
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & candidates
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    masked = torch.where(chosen, torch.full_like(input_ids, mask_id), input_ids)
+    return masked, labels
+
+
+def image_summary(hidden: torch.Tensor, settings: PretrainSettings) -> torch.Tensor:
+    """The image [CLS] token's state; ViLT's sequence is [text tokens, image CLS, patches].
+
+    (ViLT samples its patches in a random order on every pass, so per-patch positions in the
+    output cannot be used; the image CLS token is at a fixed place.)
+    """
+    return hidden[:, settings.max_text_length]
+
+
+def pretrain(out_dir: Path, settings: PretrainSettings = PretrainSettings(), log=print) -> dict:
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    tokenizer = build_word_tokenizer(vocabulary(), settings.max_text_length)
+    config = ViltConfig(
+        vocab_size=len(tokenizer), hidden_size=settings.hidden_size, num_hidden_layers=settings.num_layers,
+        num_attention_heads=settings.num_heads, intermediate_size=settings.intermediate_size,
+        image_size=settings.image_size, patch_size=settings.patch_size,
+        max_position_embeddings=settings.max_text_length, max_image_length=-1,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = ViltModel(config)
+    heads = PretrainingHeads(config.hidden_size, config.vocab_size)
+    params = list(model.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.01)
+    style = SceneStyle()
+    maskable = grounded_token_ids(tokenizer)
+    start, history = time.perf_counter(), []
+    for step in range(settings.steps):
+        warm = min(1.0, (step + 1) / settings.warmup_steps)
+        decay = 1.0 - step / settings.steps
+        for group in optimizer.param_groups:
+            group["lr"] = settings.learning_rate * warm * decay
+        pairs = [caption_pair(rng, style, settings.image_size) for _ in range(settings.batch_size)]
+        text = tokenizer([c for _, c, *_ in pairs], padding="max_length", truncation=True,
+                         max_length=settings.max_text_length, return_tensors="pt")
+        masked, mlm_labels = mask_tokens(text["input_ids"], maskable, tokenizer.mask_token_id,
+                                         settings.mask_probability, generator)
+        itm_labels = torch.tensor([m for _, _, m, _ in pairs])
+        cells = torch.from_numpy(np.stack([c for *_, c in pairs]))
+        pixels = images_to_pixels([img for img, *_ in pairs])
+        # ITM sees the unmasked caption; MLM sees the masked one (as in ViLT).
+        itm_out = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels)
+        mlm_out = model(input_ids=masked, attention_mask=text["attention_mask"], pixel_values=pixels)
+        itm_logits = heads.itm(itm_out.pooler_output)
+        text_states = mlm_out.last_hidden_state[:, : settings.max_text_length]
+        mlm_logits = heads.mlm(text_states)
+        itm_loss = F.cross_entropy(itm_logits, itm_labels)
+        mlm_loss = F.cross_entropy(mlm_logits.reshape(-1, config.vocab_size), mlm_labels.reshape(-1),
+                                   ignore_index=-100)
+        summary = image_summary(itm_out.last_hidden_state, settings)
+        cell_loss = sum(F.cross_entropy(head(summary).reshape(cells.shape[0] * GRID * GRID, -1),
+                                        cells[..., i].flatten()) for i, head in enumerate(heads.cells))
+        loss = itm_loss + mlm_loss + cell_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        itm_acc = (itm_logits.argmax(-1) == itm_labels).float().mean().item()
+        history.append((itm_loss.item(), mlm_loss.item(), itm_acc, cell_loss.item()))
+        if (step + 1) % 100 == 0:
+            recent = np.mean(history[-100:], axis=0)
+            log(f"step {step + 1}/{settings.steps}  itm_loss {recent[0]:.3f}  mlm_loss {recent[1]:.3f}  "
+                f"itm_acc {recent[2]:.3f}  cell_loss {recent[3]:.3f}  {time.perf_counter() - start:.0f}s")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    final = np.mean(history[-100:], axis=0)
+    names = ("itm_loss", "mlm_loss", "itm_accuracy", "cell_loss")
+    return {**{name: round(float(v), 4) for name, v in zip(names, final)}, "seconds": time.perf_counter() - start}

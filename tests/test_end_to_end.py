@@ -1,0 +1,111 @@
+"""Whole runs: 2 clients, 2 rounds, through the same code path as ``feddat-secure run``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_config
+from peft import PeftModel
+
+from feddat_secure.config import ConfigError
+from feddat_secure.federation.runner import run
+from feddat_secure.model.backbone import load_foundation
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def feddat_run(tmp_path_factory):
+    config = small_config(tmp_path_factory.mktemp("feddat"), model={"head": "local"})
+    return config, run(config, progress=False, echo=lambda _: None)
+
+
+def test_feddat_run_writes_every_output(feddat_run):
+    _, result = feddat_run
+    folder = result.run_dir
+    for name in ("config.toml", "metrics.jsonl", "manifest.json", "global_adapter/adapter_model.safetensors",
+                 "global_adapter/adapter_config.json", "clients/client0/client_adapter/adapter_model.safetensors",
+                 "clients/client1/shared_adapter/adapter_config.json", "clients/client0/head.safetensors"):
+        assert (folder / name).is_file(), name
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    assert set(records[-1]["clients"]["client0"]) == {"dat", "shared", "client"}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {"base_model", "data", "config", "files"} <= set(manifest)
+    assert "global_adapter/adapter_model.safetensors" in manifest["files"]
+
+
+def test_global_adapter_loads_with_plain_peft_and_matches_the_saved_weights(feddat_run):
+    _, result = feddat_run
+    base = load_foundation().model
+    model = PeftModel.from_pretrained(base, str(result.run_dir / "global_adapter"))
+    lora_weights = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora_weights and any(float(p.abs().sum()) > 0 for n, p in lora_weights.items() if "lora_B" in n)
+    foundation = load_foundation()
+    inputs = foundation.tokenizer(["is there a red circle ?"], return_tensors="pt")
+    pixels = torch.zeros(1, 3, foundation.image_size, foundation.image_size)
+    with torch.no_grad():
+        adapted = model(**inputs, pixel_values=pixels).pooler_output
+        plain = foundation.model(**inputs, pixel_values=pixels).pooler_output
+    assert not torch.allclose(adapted, plain)
+
+
+def test_an_existing_run_folder_is_never_overwritten_silently(feddat_run):
+    config, result = feddat_run
+    before = (result.run_dir / "manifest.json").read_bytes()
+    with pytest.raises(ConfigError, match="already exists"):
+        run(config, progress=False, echo=lambda _: None)
+    assert (result.run_dir / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("algorithm, head", [("fedavg", "shared"), ("fedprox", "local"), ("local", "local"),
+                                             ("centralized", "shared")])
+def test_every_baseline_runs_in_the_same_runner(tmp_path, algorithm, head):
+    config = small_config(tmp_path, federation={"algorithm": algorithm, "clients_per_round": 1},
+                          model={"head": head})
+    result = run(config, progress=False, echo=lambda _: None)
+    assert set(result.final_mean) == {"shared"}
+    assert all(0.0 <= v <= 1.0 for v in result.final_mean.values())
+    if algorithm == "local":
+        assert not (result.run_dir / "global_adapter").exists()
+        assert result.history[-1]["bytes_to_server_total"] < 2000  # control messages only, no adapter
+    else:
+        assert (result.run_dir / "global_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_partial_participation_is_seeded(tmp_path):
+    config = small_config(tmp_path, federation={"clients_per_round": 1, "rounds": 2, "algorithm": "fedavg"})
+    first = run(config, progress=False, echo=lambda _: None)
+    again = run(config, progress=False, echo=lambda _: None, overwrite=True)
+    assert [r["participants"] for r in first.history] == [r["participants"] for r in again.history]
+    assert all(len(r["participants"]) == 1 for r in first.history)
+    np.testing.assert_allclose([r["mean"]["shared"] for r in first.history],
+                               [r["mean"]["shared"] for r in again.history])
+
+
+def test_cli_run_finishes_and_prints_the_per_round_table(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f"""name = "cli"
+output_dir = "{tmp_path / 'runs'}"
+[data]
+num_clients = 2
+train_per_client = 24
+test_per_client = 8
+[federation]
+rounds = 2
+[training]
+local_steps = 2
+batch_size = 8
+""")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "feddat_secure.cli", "run", str(config), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert "round   2" in output and "mean" in output and "dat" in output

@@ -1,0 +1,85 @@
+"""The synthetic heterogeneity benchmarks: deterministic, heterogeneous the way they claim."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from feddat_secure.data.questions import FAMILIES, counting, existence, spatial
+from feddat_secure.data.scenes import DOMAINS, SceneObject
+from feddat_secure.data.synthetic import synthetic_benchmark
+from feddat_secure.data.vqa import ClientData, DataError, VQAExample
+
+SIZES = dict(num_clients=5, train_per_client=40, test_per_client=10, image_size=32)
+
+
+@pytest.mark.parametrize("name", ["function", "domain", "scene"])
+def test_same_seed_gives_identical_data_and_another_seed_different_data(name):
+    first = synthetic_benchmark(name, seed=0, **SIZES)
+    assert first.digest() == synthetic_benchmark(name, seed=0, **SIZES).digest()
+    assert first.digest() != synthetic_benchmark(name, seed=1, **SIZES).digest()
+    assert len(first.clients) == 5
+
+
+def test_adding_a_client_leaves_the_others_unchanged():
+    five = synthetic_benchmark("function", seed=0, **SIZES)
+    six = synthetic_benchmark("function", seed=0, **{**SIZES, "num_clients": 6})
+    for a, b in zip(five.clients, six.clients):
+        assert [e.question for e in a.train] == [e.question for e in b.train]
+
+
+def test_function_benchmark_gives_each_client_its_own_question_family():
+    bench = synthetic_benchmark("function", seed=0, **SIZES)
+    starts = {"attribute": "what", "counting": "how many", "existence": "is there a", "spatial": "is the",
+              "logical": "is there a"}
+    for family, client in zip(FAMILIES, bench.clients):
+        assert all(e.question.startswith(starts[family]) for e in client.train)
+    logical = bench.clients[FAMILIES.index("logical")]
+    assert all(" and a " in e.question or " or a " in e.question for e in logical.train)
+
+
+def test_domain_benchmark_shifts_image_statistics_per_client():
+    bench = synthetic_benchmark("domain", seed=0, **SIZES)
+    means = [np.mean([e.image.mean() for e in c.train]) for c in bench.clients]
+    inverted = DOMAINS.index("inverted")
+    assert means[inverted] > 2 * max(m for i, m in enumerate(means) if i != inverted)
+
+
+def test_scene_benchmark_gives_clients_disjoint_backgrounds():
+    bench = synthetic_benchmark("scene", seed=0, **SIZES)
+    corners = {tuple(c.train[0].image[0, 0]) for c in bench.clients}
+    assert len(corners) >= 4
+
+
+OBJECTS = [SceneObject("circle", "red", "large", 0, 0), SceneObject("square", "blue", "small", 1, 1)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_generated_answers_are_true_of_the_scene(seed):
+    rng = np.random.default_rng(seed)
+    colors, shapes = ("red", "blue", "green"), ("circle", "square")
+    question, answer = existence(OBJECTS, rng, colors, shapes)
+    present = any(question == f"is there a {o.name} ?" for o in OBJECTS)
+    assert answer == ("yes" if present else "no")
+    question, answer = counting(OBJECTS, rng, colors, shapes)
+    if question == "how many objects are there ?":
+        assert answer == "2"
+    question, answer = spatial(OBJECTS, rng, colors, shapes)
+    truth = {"is the red circle left of the blue square ?": "yes", "is the red circle above the blue square ?": "yes",
+             "is the blue square left of the red circle ?": "no", "is the blue square above the red circle ?": "no"}
+    if question in truth:
+        assert answer == truth[question]
+
+
+def test_every_generated_question_is_covered_by_the_tokenizer(foundation):
+    unknown = foundation.tokenizer.unk_token_id
+    for name in ("function", "domain", "scene"):
+        bench = synthetic_benchmark(name, seed=0, **SIZES)
+        ids = foundation.tokenizer([e.question for c in bench.clients for e in c.train])["input_ids"]
+        assert all(unknown not in row for row in ids)
+
+
+def test_empty_splits_are_refused_with_the_client_named():
+    example = VQAExample(np.zeros((4, 4, 3), np.uint8), "q ?", "yes")
+    with pytest.raises(DataError, match="client 'site7': the test split is empty"):
+        ClientData("site7", [example], [])
