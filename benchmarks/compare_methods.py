@@ -30,6 +30,7 @@ from feddat_secure.model.backbone import load_foundation
 from feddat_secure.training.local_model import LocalModel
 from feddat_secure.training.trainers import CLIENT, FROZEN_GLOBAL, SHARED, AdapterTrainer, FedDATTrainer, Schedule
 
+ROUNDS, LOCAL_STEPS, LEARNING_RATE = 6, 20, 3e-3
 METHODS = ("feddat", "fedavg", "fedprox", "local", "centralized")
 LABELS = {"feddat": "FedDAT (DAT)", "fedavg": "FedAvg-adapter", "fedprox": "FedProx (mu=0.01)",
           "local": "local-only", "centralized": "centralized (pooled data)"}
@@ -41,8 +42,8 @@ def base_config(benchmark: str, seed: int, quick: bool, output_dir: str) -> dict
         "output_dir": output_dir,
         "data": {"benchmark": benchmark, "num_clients": 5, "train_per_client": 40 if quick else 200,
                  "test_per_client": 20 if quick else 100},
-        "federation": {"rounds": 2 if quick else 5, "fedprox_mu": 0.01},
-        "training": {"local_steps": 2 if quick else 20, "batch_size": 16, "learning_rate": 1e-3},
+        "federation": {"rounds": 2 if quick else ROUNDS, "fedprox_mu": 0.01},
+        "training": {"local_steps": 2 if quick else LOCAL_STEPS, "batch_size": 16, "learning_rate": LEARNING_RATE},
         "model": {"head": "local"},
     }
 
@@ -115,8 +116,9 @@ def write_report(path: Path, results: dict, benchmarks, seeds, step_times, comma
         command,
         "```",
         "",
-        "Setup: 5 clients, 200 train / 100 test examples each, 5 rounds, 20 local steps of batch 16 per round, "
-        "AdamW lr 1e-3 (constant), LoRA rank 8 on attention and feed-forward projections, local answer heads, "
+        f"Setup: 5 clients, 200 train / 100 test examples each, {ROUNDS} rounds, {LOCAL_STEPS} local steps of "
+        f"batch 16 per round, AdamW lr {LEARNING_RATE:g} (constant), LoRA rank 8 on attention and feed-forward "
+        "projections, local answer heads, "
         "all clients every round, aggregation weighted by example counts. Centralized trains one model on the "
         "pooled data for the same number of steps as the whole federation. "
         f"Seeds: {', '.join(map(str, seeds))}.",

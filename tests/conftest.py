@@ -35,11 +35,11 @@ def tiny_split(foundation, tiny_benchmark):
 
 
 def small_config(tmp_path, **sections) -> RunConfig:
-    """A 2-client, 2-round run that finishes in seconds; ``sections`` override tables."""
+    """A 3-client, 2-round run that finishes in seconds; ``sections`` override tables."""
     raw = {
         "name": "tiny",
         "output_dir": str(tmp_path / "runs"),
-        "data": {"num_clients": 2, "train_per_client": 32, "test_per_client": 16},
+        "data": {"num_clients": 3, "train_per_client": 32, "test_per_client": 16},
         "federation": {"rounds": 2},
         "training": {"local_steps": 3, "batch_size": 8},
     }

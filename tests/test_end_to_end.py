@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import small_config
 from peft import PeftModel
+from safetensors.numpy import load_file
 
 from feddat_secure.config import ConfigError
 from feddat_secure.federation.runner import run
@@ -31,7 +32,8 @@ def test_feddat_run_writes_every_output(feddat_run):
     folder = result.run_dir
     for name in ("config.toml", "metrics.jsonl", "manifest.json", "global_adapter/adapter_model.safetensors",
                  "global_adapter/adapter_config.json", "clients/client0/client_adapter/adapter_model.safetensors",
-                 "clients/client1/shared_adapter/adapter_config.json", "clients/client0/head.safetensors"):
+                 "clients/client1/shared_adapter/adapter_config.json", "clients/client0/head.safetensors",
+                 "clients/client0/answers.json"):
         assert (folder / name).is_file(), name
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
@@ -39,6 +41,14 @@ def test_feddat_run_writes_every_output(feddat_run):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {"base_model", "data", "config", "files"} <= set(manifest)
     assert "global_adapter/adapter_model.safetensors" in manifest["files"]
+
+
+def test_local_heads_answer_over_their_own_sites_answer_set(feddat_run):
+    _, result = feddat_run
+    answers = json.loads((result.run_dir / "clients/client2/answers.json").read_text())
+    assert answers == ["no", "yes"]  # client2 asks existence questions only
+    head = load_file(str(result.run_dir / "clients/client2/head.safetensors"))
+    assert head["head.layers.3.weight"].shape[0] == 2
 
 
 def test_global_adapter_loads_with_plain_peft_and_matches_the_saved_weights(feddat_run):

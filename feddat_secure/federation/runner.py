@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, RunConfig, to_dict, to_toml
-from ..data import Benchmark, build_benchmark
+from ..data import Benchmark, ClientData, build_benchmark
 from ..data.batching import EncodedSplit, encode_split
 from ..model.adapters import LoraSettings, save_peft_adapter
 from ..model.backbone import Foundation, load_foundation
@@ -57,7 +57,9 @@ def run(config: RunConfig, *, overwrite: bool = False, progress: bool = True,
     if per_round > len(benchmark.clients):
         raise ConfigError(f"key 'federation.clients_per_round' is {per_round}, more than the "
                           f"{len(benchmark.clients)} clients in {config.data.path!r}")
-    splits = {c.client_id: _encode(foundation, benchmark, c.train, c.test) for c in benchmark.clients}
+    label_spaces = {c.client_id: _label_space(config, benchmark, c) for c in benchmark.clients}
+    splits = {c.client_id: _encode(foundation, label_spaces[c.client_id], c.train, c.test)
+              for c in benchmark.clients}
     run_dir = _prepare_run_dir(Path(config.output_dir) / config.name, overwrite)
     (run_dir / "config.toml").write_text(to_toml(config))
     lora = LoraSettings(config.model.lora_rank, config.model.lora_alpha, config.model.lora_dropout,
@@ -69,19 +71,27 @@ def run(config: RunConfig, *, overwrite: bool = False, progress: bool = True,
         history, global_state = _run_centralized(config, foundation, benchmark, splits, lora, run_dir, progress,
                                                  echo)
     else:
-        history, global_state = _run_federated(config, foundation, benchmark, splits, lora, run_dir, progress,
-                                               echo)
+        history, global_state = _run_federated(config, foundation, benchmark, splits, label_spaces, lora, run_dir,
+                                               progress, echo)
     if global_state is not None:
         adapter, head = split_head(global_state)
         save_peft_adapter(adapter, lora, foundation.path, run_dir / "global_adapter")
         if head:
             save_file(head, str(run_dir / "global_adapter" / "head.safetensors"))
+            _write_answers(run_dir / "global_adapter", benchmark.answers)
     _write_manifest(run_dir, config, foundation, benchmark)
     return RunResult(run_dir, history)
 
 
-def _encode(foundation: Foundation, benchmark: Benchmark, train, test) -> tuple[EncodedSplit, EncodedSplit]:
-    index = benchmark.answer_index
+def _label_space(config: RunConfig, benchmark: Benchmark, client: ClientData) -> tuple[str, ...]:
+    """A local head answers over the site's own answer set (as in the paper); a head that is
+    aggregated, or the one centralized model, over the benchmark's whole vocabulary."""
+    local = config.model.head == "local" and config.federation.algorithm != "centralized"
+    return client.answers if local else benchmark.answers
+
+
+def _encode(foundation: Foundation, answers: tuple[str, ...], train, test) -> tuple[EncodedSplit, EncodedSplit]:
+    index = {answer: i for i, answer in enumerate(answers)}
     return tuple(encode_split(split, foundation.tokenizer, index, foundation.max_text_length,
                               foundation.image_size) for split in (train, test))
 
@@ -119,7 +129,7 @@ def _adapter_names(algorithm: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return (SHARED,), (SHARED,)
 
 
-def _run_federated(config, foundation, benchmark, splits, lora, run_dir, progress, echo):
+def _run_federated(config, foundation, benchmark, splits, label_spaces, lora, run_dir, progress, echo):
     algorithm = config.federation.algorithm
     names, trainable = _adapter_names(algorithm)
     num_answers = len(benchmark.answers)
@@ -134,7 +144,8 @@ def _run_federated(config, foundation, benchmark, splits, lora, run_dir, progres
                               aggregate=algorithm != "local")
     clients = {}
     for index, cid in enumerate(ids):
-        model = LocalModel(foundation, lora, names, trainable, num_answers, seed=config.seed * 1000 + index + 1)
+        model = LocalModel(foundation, lora, names, trainable, len(label_spaces[cid]),
+                           seed=config.seed * 1000 + index + 1)
         clients[cid] = FederatedClient(cid, _make_trainer(config, model), *splits[cid],
                                        batch_size=config.training.batch_size,
                                        local_steps=config.training.local_steps, seed=config.seed * 1000 + index)
@@ -167,6 +178,7 @@ def _run_federated(config, foundation, benchmark, splits, lora, run_dir, progres
     bar.close()
     for cid, client in clients.items():
         client.save(run_dir / "clients" / cid, foundation.path)
+        _write_answers(run_dir / "clients" / cid, label_spaces[cid])
     return history, server.global_state if server.aggregate else None
 
 
@@ -189,6 +201,11 @@ def _run_centralized(config, foundation, benchmark, splits, lora, run_dir, progr
     state = model.adapters.get_state(SHARED)
     state.update(model.head_state())  # one model, one head: it is part of the result either way
     return history, state
+
+
+def _write_answers(folder: Path, answers: tuple[str, ...]) -> None:
+    """The answer behind each output of a saved head, in order."""
+    (folder / "answers.json").write_text(json.dumps(list(answers), indent=1) + "\n")
 
 
 def _round_record(round_index, participants, metrics, losses, seconds) -> dict:
