@@ -46,7 +46,7 @@ assert GRID == 2, "captions name positions with top/bottom and left/right"
 @dataclass(frozen=True)
 class PretrainSettings:
     seed: int = 0
-    steps: int = 2000
+    steps: int = 4000
     batch_size: int = 64
     learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -179,16 +179,20 @@ def pretrain(out_dir: Path, settings: PretrainSettings = PretrainSettings(), log
         itm_labels = torch.tensor([m for _, _, m, _ in pairs])
         cells = torch.from_numpy(np.stack([c for *_, c in pairs]))
         pixels = images_to_pixels([img for img, *_ in pairs])
-        # ITM sees the unmasked caption; MLM sees the masked one (as in ViLT).
-        itm_out = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels)
-        mlm_out = model(input_ids=masked, attention_mask=text["attention_mask"], pixel_values=pixels)
-        itm_logits = heads.itm(itm_out.pooler_output)
-        text_states = mlm_out.last_hidden_state[:, : settings.max_text_length]
-        mlm_logits = heads.mlm(text_states)
-        itm_loss = F.cross_entropy(itm_logits, itm_labels)
-        mlm_loss = F.cross_entropy(mlm_logits.reshape(-1, config.vocab_size), mlm_labels.reshape(-1),
-                                   ignore_index=-100)
-        summary = image_summary(itm_out.last_hidden_state, settings)
+        # One pass: the first half of the batch, unmasked, for ITM; the second half, masked, for
+        # MLM on true captions only (a mismatched caption's words are not the image's).
+        half = settings.batch_size // 2
+        input_ids = torch.cat([text["input_ids"][:half], masked[half:]])
+        mlm_labels[:half] = -100
+        mlm_labels[itm_labels == 0] = -100
+        out = model(input_ids=input_ids, attention_mask=text["attention_mask"], pixel_values=pixels)
+        itm_logits = heads.itm(out.pooler_output[:half])
+        itm_loss = F.cross_entropy(itm_logits, itm_labels[:half])
+        mlm_logits = heads.mlm(out.last_hidden_state[:, : settings.max_text_length])
+        mlm_loss = (F.cross_entropy(mlm_logits.reshape(-1, config.vocab_size), mlm_labels.reshape(-1),
+                                    ignore_index=-100)
+                    if bool((mlm_labels != -100).any()) else mlm_logits.sum() * 0.0)
+        summary = image_summary(out.last_hidden_state, settings)
         cell_loss = sum(F.cross_entropy(head(summary).reshape(cells.shape[0] * GRID * GRID, -1),
                                         cells[..., i].flatten()) for i, head in enumerate(heads.cells))
         loss = itm_loss + mlm_loss + cell_loss
@@ -196,7 +200,7 @@ def pretrain(out_dir: Path, settings: PretrainSettings = PretrainSettings(), log
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        itm_acc = (itm_logits.argmax(-1) == itm_labels).float().mean().item()
+        itm_acc = (itm_logits.argmax(-1) == itm_labels[:half]).float().mean().item()
         history.append((itm_loss.item(), mlm_loss.item(), itm_acc, cell_loss.item()))
         if (step + 1) % 100 == 0:
             recent = np.mean(history[-100:], axis=0)
