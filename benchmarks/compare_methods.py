@@ -30,20 +30,20 @@ from feddat_secure.model.backbone import load_foundation
 from feddat_secure.training.local_model import LocalModel
 from feddat_secure.training.trainers import CLIENT, FROZEN_GLOBAL, SHARED, AdapterTrainer, FedDATTrainer, Schedule
 
-ROUNDS, LOCAL_STEPS, LEARNING_RATE = 6, 20, 3e-3
+ROUNDS, LOCAL_STEPS = 6, 20
 METHODS = ("feddat", "fedavg", "fedprox", "local", "centralized")
 LABELS = {"feddat": "FedDAT (DAT)", "fedavg": "FedAvg-adapter", "fedprox": "FedProx (mu=0.01)",
           "local": "local-only", "centralized": "centralized (pooled data)"}
 
 
-def base_config(benchmark: str, seed: int, quick: bool, output_dir: str) -> dict:
+def base_config(benchmark: str, seed: int, quick: bool, output_dir: str, learning_rate: float) -> dict:
     return {
         "seed": seed,
         "output_dir": output_dir,
         "data": {"benchmark": benchmark, "num_clients": 5, "train_per_client": 40 if quick else 200,
                  "test_per_client": 20 if quick else 100},
         "federation": {"rounds": 2 if quick else ROUNDS, "fedprox_mu": 0.01},
-        "training": {"local_steps": 2 if quick else LOCAL_STEPS, "batch_size": 16, "learning_rate": LEARNING_RATE},
+        "training": {"local_steps": 2 if quick else LOCAL_STEPS, "batch_size": 16, "learning_rate": learning_rate},
         "model": {"head": "local"},
     }
 
@@ -53,25 +53,27 @@ def accuracy_of(record: dict, method: str) -> float:
     return record["mean"]["dat" if method == "feddat" else "shared"]
 
 
-def run_grid(benchmarks, seeds, quick) -> dict:
+def run_grid(benchmarks, seeds, quick, learning_rates) -> dict:
+    """Final-round scores keyed by (learning rate, benchmark, method)."""
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        for benchmark in benchmarks:
-            for method in METHODS:
-                scores, extra = [], []
-                for seed in seeds:
-                    raw = base_config(benchmark, seed, quick, folder)
-                    raw["name"] = f"{benchmark}-{method}-{seed}"
-                    raw["federation"]["algorithm"] = method
-                    start = time.perf_counter()
-                    result = run(config_from_dict(raw), progress=False, echo=lambda _: None)
-                    final = result.history[-1]
-                    scores.append(accuracy_of(final, method))
-                    if method == "feddat":
-                        extra.append((final["mean"]["shared"], final["mean"]["client"]))
-                    print(f"{benchmark:9} {method:12} seed {seed}: {scores[-1]:.3f} "
-                          f"({time.perf_counter() - start:.0f}s)", flush=True)
-                results[benchmark, method] = (scores, extra)
+        for learning_rate in learning_rates:
+            for benchmark in benchmarks:
+                for method in METHODS:
+                    scores, extra = [], []
+                    for seed in seeds:
+                        raw = base_config(benchmark, seed, quick, folder, learning_rate)
+                        raw["name"] = f"{learning_rate:g}-{benchmark}-{method}-{seed}"
+                        raw["federation"]["algorithm"] = method
+                        start = time.perf_counter()
+                        result = run(config_from_dict(raw), progress=False, echo=lambda _: None)
+                        final = result.history[-1]
+                        scores.append(accuracy_of(final, method))
+                        if method == "feddat":
+                            extra.append((final["mean"]["shared"], final["mean"]["client"]))
+                        print(f"lr {learning_rate:g} {benchmark:9} {method:12} seed {seed}: {scores[-1]:.3f} "
+                              f"({time.perf_counter() - start:.0f}s)", flush=True)
+                    results[learning_rate, benchmark, method] = (scores, extra)
     return results
 
 
@@ -103,7 +105,7 @@ def mean_std(values) -> str:
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
 
-def write_report(path: Path, results: dict, benchmarks, seeds, step_times, command: str) -> None:
+def write_report(path: Path, results: dict, benchmarks, seeds, learning_rates, step_times, command: str) -> None:
     feddat_step, fedavg_step = step_times
     lines = [
         "# Results: FedDAT and adapter baselines under heterogeneity",
@@ -117,28 +119,27 @@ def write_report(path: Path, results: dict, benchmarks, seeds, step_times, comma
         "```",
         "",
         f"Setup: 5 clients, 200 train / 100 test examples each, {ROUNDS} rounds, {LOCAL_STEPS} local steps of "
-        f"batch 16 per round, AdamW lr {LEARNING_RATE:g} (constant), LoRA rank 8 on attention and feed-forward "
-        "projections, local answer heads, "
-        "all clients every round, aggregation weighted by example counts. Centralized trains one model on the "
-        "pooled data for the same number of steps as the whole federation. "
-        f"Seeds: {', '.join(map(str, seeds))}.",
+        "batch 16 per round, AdamW at a constant learning rate that is the same for every method (one table "
+        "per rate), LoRA rank 8 on attention and feed-forward projections, local answer heads over each "
+        "client's own answer set, all clients every round, aggregation weighted by example counts. "
+        "Centralized trains one adapter and one head over the whole answer vocabulary on the pooled data, "
+        f"for as many steps as the whole federation. Seeds: {', '.join(map(str, seeds))}.",
         "",
         "Accuracy (%) on each client's test split after the last round, averaged over clients; mean ± std over "
-        "seeds. FedDAT is scored with its Dual-Adapter Teacher (A_c + global adapter); the columns on the right "
-        "show its shared adapter alone and its client adapter alone.",
-        "",
-        "| method | " + " | ".join(benchmarks) + " |",
-        "|---|" + "---|" * len(benchmarks),
+        "seeds. FedDAT is scored with its Dual-Adapter Teacher (A_c + global adapter).",
     ]
-    for method in METHODS:
-        lines.append(f"| {LABELS[method]} | " + " | ".join(mean_std(results[b, method][0]) for b in benchmarks)
-                     + " |")
-    lines += ["", "FedDAT's three inference modes (same runs):", "",
-              "| benchmark | DAT | A_s (global) alone | A_c alone |", "|---|---|---|---|"]
-    for b in benchmarks:
-        scores, extra = results[b, "feddat"]
-        lines.append(f"| {b} | {mean_std(scores)} | {mean_std([e[0] for e in extra])} | "
-                     f"{mean_std([e[1] for e in extra])} |")
+    for learning_rate in learning_rates:
+        lines += ["", f"## Learning rate {learning_rate:g}", "",
+                  "| method | " + " | ".join(benchmarks) + " |", "|---|" + "---|" * len(benchmarks)]
+        for method in METHODS:
+            cells = " | ".join(mean_std(results[learning_rate, b, method][0]) for b in benchmarks)
+            lines.append(f"| {LABELS[method]} | {cells} |")
+        lines += ["", "FedDAT's three inference modes (same runs):", "",
+                  "| benchmark | DAT | A_s (global) alone | A_c alone |", "|---|---|---|---|"]
+        for b in benchmarks:
+            scores, extra = results[learning_rate, b, "feddat"]
+            lines.append(f"| {b} | {mean_std(scores)} | {mean_std([e[0] for e in extra])} | "
+                         f"{mean_std([e[1] for e in extra])} |")
     lines += [
         "",
         "## Cost of a local step",
@@ -155,17 +156,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-3, 1e-3],
+                        help="one table per rate; within a table every method uses the same rate")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent.parent / "docs" / "results.md"))
     args = parser.parse_args()
     benchmarks = ("function", "domain")
     seeds = list(range(1 if args.quick else args.seeds))
-    results = run_grid(benchmarks, seeds, args.quick)
+    results = run_grid(benchmarks, seeds, args.quick, args.learning_rates)
     step_times = time_local_steps(5 if args.quick else 40)
     print(f"local step: feddat {step_times[0] * 1000:.1f} ms, fedavg {step_times[1] * 1000:.1f} ms, "
           f"ratio {step_times[0] / step_times[1]:.2f}")
     command = "python " + " ".join(["benchmarks/compare_methods.py", *sys.argv[1:]])
     if not args.quick:
-        write_report(Path(args.output), results, benchmarks, seeds, step_times, command)
+        write_report(Path(args.output), results, benchmarks, seeds, args.learning_rates, step_times, command)
         print(f"wrote {args.output}")
 
 

@@ -55,8 +55,12 @@ def test_global_adapter_loads_with_plain_peft_and_matches_the_saved_weights(fedd
     _, result = feddat_run
     base = load_foundation().model
     model = PeftModel.from_pretrained(base, str(result.run_dir / "global_adapter"))
-    lora_weights = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    assert lora_weights and any(float(p.abs().sum()) > 0 for n, p in lora_weights.items() if "lora_B" in n)
+    saved = load_file(str(result.run_dir / "global_adapter" / "adapter_model.safetensors"))
+    loaded = {n.replace(".default", ""): p.detach().numpy() for n, p in model.named_parameters() if "lora_" in n}
+    assert set(loaded) == set(saved)
+    for name, value in saved.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    assert any(np.abs(v).sum() > 0 for n, v in saved.items() if "lora_B" in n)
     foundation = load_foundation()
     inputs = foundation.tokenizer(["is there a red circle ?"], return_tensors="pt")
     pixels = torch.zeros(1, 3, foundation.image_size, foundation.image_size)
