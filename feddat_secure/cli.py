@@ -37,14 +37,19 @@ def _demo(args: argparse.Namespace) -> int:
     config = load_config(resources.files("feddat_secure") / "configs" / "demo.toml")
     config = replace(config, output_dir=args.output_dir or config.output_dir)
     if not args.overwrite:
-        taken = Path(config.output_dir)
-        suffix = 1
-        while (taken / config.name).exists():
-            suffix += 1
-            config = replace(config, name=f"demo-{suffix}")
+        config = replace(config, name=unused_run_name(Path(config.output_dir), config.name))
     result = run(config, overwrite=args.overwrite, progress=not args.quiet)
     print(f"run folder: {result.run_dir}")
     return 0
+
+
+def unused_run_name(output_dir: Path, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... whichever has no run folder yet."""
+    candidate, suffix = name, 1
+    while (output_dir / candidate).exists():
+        suffix += 1
+        candidate = f"{name}-{suffix}"
+    return candidate
 
 
 def _pretrain(args: argparse.Namespace) -> int:

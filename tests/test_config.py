@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from feddat_secure.cli import main
+from feddat_secure.cli import main, unused_run_name
 from feddat_secure.config import ConfigError, RunConfig, config_from_dict, load_config, to_toml
 
 
@@ -56,3 +56,10 @@ def test_cli_reports_unreadable_config_files(tmp_path, capsys, content, message)
         path.write_text(content)
     assert main(["run", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_second_demo_gets_a_fresh_run_folder_instead_of_replacing_the_first(tmp_path):
+    assert unused_run_name(tmp_path, "demo") == "demo"
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo-2").mkdir()
+    assert unused_run_name(tmp_path, "demo") == "demo-3"
