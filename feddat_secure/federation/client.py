@@ -26,7 +26,6 @@ class FederatedClient:
         self.local_steps = local_steps
         self.rng = np.random.default_rng(seed)
         self.last_trained_round = -1
-        self.last_losses: dict[str, float] = {}
 
     def handle(self, data: bytes) -> bytes:
         """Answer one message from the server; a message that is not for us raises MessageError."""
@@ -49,12 +48,12 @@ class FederatedClient:
         if message.tensors:
             self.trainer.load_global(message.tensors)
         batches = self.train.sample_batches(self.batch_size, self.local_steps, self.rng)
-        self.last_losses = self.trainer.train_round(batches, message.round)
+        losses = self.trainer.train_round(batches, message.round)
         self.last_trained_round = message.round
         send_update = bool(message.meta.get("send_update", True))
         tensors = self.trainer.shared_state() if send_update else {}
         return encode(Message("update", message.round, self.client_id, SERVER_ID, tensors,
-                              {"num_examples": len(self.train), **self.last_losses}))
+                              {"num_examples": len(self.train), **losses}))
 
     def _evaluate(self, message: Message) -> bytes:
         if message.tensors:
