@@ -325,3 +325,9 @@ def test_a_client_with_an_empty_split_is_an_error(root, split):
     make_client(root, "site", rows=[row(split="test" if split == "train" else "train")])
     with pytest.raises(DataError, match=re.escape(f"manifest.jsonl: no '{split}' examples")):
         load_folder_benchmark(root, image_size=8)
+
+
+def test_a_client_folder_name_too_long_for_a_site_id_is_an_error(root):
+    make_client(root, "s" * 65, rows=[row(), row(split="test")])
+    with pytest.raises(DataError, match="longer than 64 characters"):
+        load_folder_benchmark(root, image_size=8)
