@@ -123,3 +123,14 @@ def test_transport_carries_bytes_only():
         transport.send("server", {"tensors": 1})
     transport.send("server", b"abc")
     assert transport.receive("server") == [b"abc"] and transport.bytes_received["server"] == 3
+
+
+def test_a_bad_adapter_in_the_global_state_leaves_the_shared_head_untouched(foundation, lora, tiny_benchmark):
+    site = make_site(foundation, lora, tiny_benchmark, 0, head_travels=True)
+    head_before = site.trainer.model.head_state()
+    state = {k: np.zeros((1, 1), dtype=np.float32) for k in site.trainer.model.adapters.get_state(SHARED)}
+    state.update({k: np.ones_like(v) for k, v in head_before.items()})
+    with pytest.raises(AdapterStateError, match="global adapter"):
+        site.trainer.load_global(state)
+    for key, value in site.trainer.model.head_state().items():
+        np.testing.assert_array_equal(value, head_before[key])

@@ -9,7 +9,7 @@ from safetensors.numpy import save_file
 
 from ..data.batching import EncodedSplit
 from ..model.adapters import save_peft_adapter
-from ..training.trainers import CLIENT, SHARED, FedDATTrainer, LocalTrainer
+from ..training.trainers import LocalTrainer
 from .messages import Message, MessageError, decode, encode
 
 SERVER_ID = "server"
@@ -64,8 +64,7 @@ class FederatedClient:
     def save(self, folder: Path, base_model_path: Path) -> None:
         """Write what this site keeps: its adapters in PEFT format and, when local, its head."""
         adapters = self.trainer.model.adapters
-        names = (SHARED, CLIENT) if isinstance(self.trainer, FedDATTrainer) else (SHARED,)
-        for name in names:
+        for name in self.trainer.kept:
             save_peft_adapter(adapters.get_state(name), adapters.settings, base_model_path,
                               folder / f"{name}_adapter")
         if not self.trainer.head_travels:

@@ -68,13 +68,18 @@ class AdapterSet:
         for name in names[1:]:
             self.peft_model.add_adapter(name, settings.to_peft())
         self._lora_layers = [m for m in self.peft_model.modules() if isinstance(m, LoraLayer)]
+        # Looked up once: activate() runs several times per batch, and loading a state copies
+        # into these same parameters, so the lists never go stale.
+        self._parameters = {
+            name: [p for n, p in self.peft_model.named_parameters() if f".{name}." in n and "lora_" in n]
+            for name in self.names
+        }
         self._base_scaling = [dict(layer.scaling) for layer in self._lora_layers]
         self.activate({names[0]: 1.0})
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
         self._check_name(name)
-        marker = f".{name}."
-        return [p for n, p in self.peft_model.named_parameters() if marker in n and "lora_" in n]
+        return list(self._parameters[name])
 
     def activate(self, weights: Mapping[str, float]) -> None:
         """Make exactly these adapters active, each scaled by its weight (outputs add up)."""
@@ -84,8 +89,8 @@ class AdapterSet:
         for layer, base in zip(self._lora_layers, self._base_scaling):
             for name in self.names:
                 layer.scaling[name] = base[name] * weights.get(name, 1.0)
-        for name in self.names:
-            for parameter in self.parameters(name):
+        for name, parameters in self._parameters.items():
+            for parameter in parameters:
                 parameter.requires_grad_(name in self.trainable)
 
     def get_state(self, name: str) -> AdapterState:

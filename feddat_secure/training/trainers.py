@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..config import TrainingConfig
 from ..data.batching import EncodedSplit
-from ..model.adapters import AdapterState
+from ..model.adapters import AdapterState, check_state_matches
 from .local_model import LocalModel, split_head
 from .losses import mkd_loss
 from .schedule import learning_rate
@@ -65,16 +65,19 @@ class LocalTrainer(ABC):
         return state
 
     def load_global(self, state: Mapping[str, np.ndarray]) -> None:
+        """Replace the received adapters (and a shared head) only once all of the state has passed."""
         adapter, head = split_head(state)
-        if self.head_travels:
-            self.model.set_head_state(head)
-        elif head:
+        if head and not self.head_travels:
             raise ValueError("received a head although heads stay local in this run")
-        for name in self.receivers():
+        check_state_matches(adapter, self.model.adapters.get_state(SHARED), what="global adapter")
+        if self.head_travels:
+            check_state_matches(head, self.model.head_state(), what="global head")
+            self.model.set_head_state(head)
+        for name in self.receivers:
             self.model.adapters.set_state(name, adapter)
 
-    def receivers(self) -> tuple[str, ...]:
-        return (SHARED,)
+    receivers: tuple[str, ...] = (SHARED,)  # adapters replaced by the global adapter each round
+    kept: tuple[str, ...] = (SHARED,)  # adapters a site saves at the end of a run
 
     @abstractmethod
     def train_round(self, batches: Iterable[Mapping[str, torch.Tensor]], round_index: int) -> dict[str, float]:
@@ -94,8 +97,8 @@ class FedDATTrainer(LocalTrainer):
         # because A_s itself is replaced by the global adapter.
         self.client_optimizer = self._optimizer(model.adapters.parameters(CLIENT))
 
-    def receivers(self) -> tuple[str, ...]:
-        return (SHARED, FROZEN_GLOBAL)
+    receivers = (SHARED, FROZEN_GLOBAL)
+    kept = (SHARED, CLIENT)
 
     def train_round(self, batches, round_index):
         cfg = self.schedule.training
