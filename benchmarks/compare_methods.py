@@ -152,6 +152,11 @@ def write_report(path: Path, results: dict, benchmarks, methods, seeds, learning
         f"ratio **{feddat_step / fedavg_step:.2f}x** (batch 16, same batches, same process). FedDAT does one "
         "teacher forward pass and two forward/backward passes per batch, FedAvg one.",
         "",
+        "## Differential privacy",
+        "",
+        "Accuracy against ε with record-level DP (FedDAT and FedAvg-adapter) and the cost of DP-SGD per local "
+        "step: [results_privacy.md](results_privacy.md) (`benchmarks/privacy_tradeoff.py`).",
+        "",
     ]
     path.write_text("\n".join(lines))
 

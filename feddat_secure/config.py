@@ -76,6 +76,81 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class MaskedOptions:
+    """SecAgg+ (protocols.masked); 0 means "the documented default for this many clients"."""
+
+    clip_range: float = _at_least(0, 0.25, above=True)  # each update value is clipped to [-r, r]
+    quantization_bits: int = _at_least(1, 16)
+    modulus_bits: int = _at_least(8, 32)
+    neighbours: int = _at_least(0, 0)
+    threshold: int = _at_least(0, 0)
+    graph: str = _choice("sparse", "complete", default="sparse")
+
+
+@dataclass(frozen=True)
+class HEOptions:
+    """CKKS through TenSEAL (protocols.he)."""
+
+    poly_modulus_degree: int = _at_least(1024, 8192)
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40)
+    global_scale_bits: int = _at_least(1, 40)
+    min_clients: int = _at_least(1, 2)
+
+
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    protocol: str = _choice("plain", "masked", "he", default="plain")  # plain: the insecure reference
+    keys: str = ""  # folder from `feddat-secure keys create`; empty: fresh identities in the run folder
+    masked: MaskedOptions = MaskedOptions()
+    he: HEOptions = HEOptions()
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    enabled: bool = True
+    tree_head_every: int = _at_least(1, 64)
+
+
+@dataclass(frozen=True)
+class RecordPrivacyConfig:
+    """Record-level DP-SGD (Opacus) on every parameter a site trains on its data."""
+
+    enabled: bool = False
+    noise_multiplier: float = _at_least(0, 1.0)
+    max_grad_norm: float = _at_least(0, 1.0, above=True)
+    target_epsilon: float = _at_least(0, 0.0)  # > 0: calibrate noise_multiplier for the planned rounds
+    delta: float = _at_least(0, 1e-5, above=True)
+    budget_epsilon: float = _at_least(0, 0.0)  # > 0: a round that would exceed it is not run
+    accountant: str = _choice("rdp", "prv", default="rdp")
+    reproducible: bool = False  # true: sampling and noise from the run seed (tests only: no privacy if it is known)
+
+
+@dataclass(frozen=True)
+class ClientPrivacyConfig:
+    """Client-level DP (DP-FedAvg): clip each site's update, add Gaussian (or distributed discrete) noise."""
+
+    placement: str = _choice("off", "central", "local", "distributed", default="off")
+    clip_norm: float = _at_least(0, 0.1, above=True)
+    noise_multiplier: float = _at_least(0, 1.0)
+    target_epsilon: float = _at_least(0, 0.0)
+    delta: float = _at_least(0, 1e-5, above=True)
+    budget_epsilon: float = _at_least(0, 0.0)
+    accountant: str = _choice("rdp", "prv", default="rdp")
+    tolerated_dropouts: int = _at_least(0, 0)  # distributed: noise shares sized so this many may drop out
+    adaptive_clipping: bool = False  # central: clip norm follows a quantile of update norms (Andrew et al. 2021)
+    target_quantile: float = _at_least(0, 0.5, above=True)
+    clip_learning_rate: float = _at_least(0, 0.2, above=True)
+    count_noise_std: float = _at_least(0, 0.0)  # σ_b, noise std of the unclipped count; 0: max(m/20, noise_multiplier)
+    reproducible: bool = False  # true: noise from the run seed (tests only: no privacy if it is known)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    record: RecordPrivacyConfig = RecordPrivacyConfig()
+    client: ClientPrivacyConfig = ClientPrivacyConfig()
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -84,6 +159,9 @@ class RunConfig:
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
     training: TrainingConfig = TrainingConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    audit: AuditConfig = AuditConfig()
 
     def participants_per_round(self, num_clients: int) -> int:
         return self.federation.clients_per_round or num_clients
@@ -140,12 +218,16 @@ def _check_value(key: str, value: Any, hint: Any, metadata: Any) -> Any:
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
+    elif hint == tuple[int, ...]:
+        ok = isinstance(value, list) and bool(value) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        value = tuple(value) if ok else value
     else:  # tuple[str, ...]
         ok = isinstance(value, list) and bool(value) and all(isinstance(v, str) and v for v in value)
         value = tuple(value) if ok else value
     if not ok:
-        expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
-            hint, "a non-empty list of strings")
+        expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+                    tuple[int, ...]: "a non-empty list of positive integers"}.get(hint, "a non-empty list of strings")
         raise ConfigError(f"key {key!r} must be {expected}, got {value!r}")
     if "choices" in metadata and value not in metadata["choices"]:
         raise ConfigError(f"key {key!r} must be one of {', '.join(metadata['choices'])}; got {value!r}")
@@ -165,6 +247,16 @@ def _check_consistency(config: RunConfig) -> None:
         raise ConfigError("key 'data.path' must name the data folder when data.benchmark is 'folder'")
     if data.benchmark != "folder" and data.path:
         raise ConfigError(f"key 'data.path' is only used by the 'folder' benchmark, not {data.benchmark!r}")
+    private = config.privacy
+    if config.federation.algorithm == "centralized" and (private.record.enabled or private.client.placement != "off"):
+        raise ConfigError("differential privacy is for federated runs; the 'centralized' reference pools the data "
+                          "and has none (set privacy.record.enabled = false and privacy.client.placement = 'off')")
+    if private.client.placement != "off":
+        if federation.algorithm == "local":
+            raise ConfigError("key 'privacy.client.placement': 'local' training sends no updates to protect")
+        if federation.aggregation != "uniform":
+            raise ConfigError("key 'federation.aggregation' must be 'uniform' with client-level DP (a site's weight "
+                              "would multiply its sensitivity)")
     if not config.name or "/" in config.name or config.name.startswith("."):
         raise ConfigError(f"key 'name' must be a plain folder name, got {config.name!r}")
 
@@ -179,16 +271,16 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def to_toml(config: RunConfig) -> str:
     """The resolved configuration as TOML that :func:`load_config` reads back unchanged."""
-    lines, tables = [], []
-    for key, value in to_dict(config).items():
+    return "\n".join(_toml_table(to_dict(config), "")).lstrip("\n") + "\n"
+
+
+def _toml_table(values: dict[str, Any], name: str) -> list[str]:
+    scalars = [f"{key} = {_toml_value(value)}" for key, value in values.items() if not isinstance(value, dict)]
+    lines = [f"\n[{name}]", *scalars] if name and scalars else scalars
+    for key, value in values.items():
         if isinstance(value, dict):
-            tables.append((key, value))
-        else:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for table, values in tables:
-        lines.append(f"\n[{table}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
-    return "\n".join(lines) + "\n"
+            lines += _toml_table(value, f"{name}.{key}" if name else key)
+    return lines
 
 
 def _toml_value(value: Any) -> str:

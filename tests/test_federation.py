@@ -1,4 +1,5 @@
-"""Server and clients talk only in bytes; only the shared adapter (and a shared head) leaves a site."""
+"""Server and clients talk only in bytes; only the shared adapter's update (and a shared head's) leaves a
+site, and only as the input of the secure-aggregation protocol."""
 
 from __future__ import annotations
 
@@ -9,17 +10,29 @@ from feddat_secure.config import TrainingConfig
 from feddat_secure.data.batching import encode_split
 from feddat_secure.federation.client import SERVER_ID, FederatedClient
 from feddat_secure.federation.messages import Message, MessageError, decode, encode
-from feddat_secure.federation.server import FederationServer, weighted_average
+from feddat_secure.federation.server import FederationServer
 from feddat_secure.federation.transport import InProcessTransport
+from feddat_secure.federation.updates import StateLayout
 from feddat_secure.model.adapters import AdapterStateError
 from feddat_secure.training.local_model import HEAD_PREFIX, LocalModel
 from feddat_secure.training.trainers import CLIENT, FROZEN_GLOBAL, SHARED, FedDATTrainer, Schedule
+from protocols import Identity, Roster, make_protocol
+from protocols.simulation import drive_round
 
 
-def test_weighted_average_uses_the_given_weights():
-    states = [{"w": np.array([1.0, 0.0], dtype=np.float32)}, {"w": np.array([0.0, 4.0], dtype=np.float32)}]
-    np.testing.assert_allclose(weighted_average(states, [3, 1])["w"], [0.75, 1.0])
-    np.testing.assert_allclose(weighted_average(states, [1, 1])["w"], [0.5, 2.0])
+class PlainAggregation:
+    """The real plain protocol for one site: its client session and the server that adds inputs up."""
+
+    def __init__(self, client_id: str):
+        self.protocol = make_protocol("plain")
+        self.server_identity, identity = Identity.generate(SERVER_ID), Identity.generate(client_id)
+        self.roster = Roster.from_identities(self.server_identity, [identity])
+        self.session = self.protocol.client(identity, self.roster, SERVER_ID)
+        self.client_id = client_id
+
+    def run(self, round_index: int, length: int) -> np.ndarray:
+        server = self.protocol.server(self.server_identity, self.roster)
+        return drive_round(server, {self.client_id: self.session}, None, round_index, length).vector
 
 
 def make_site(foundation, lora, benchmark, index: int, *, head_travels: bool) -> FederatedClient:
@@ -30,65 +43,74 @@ def make_site(foundation, lora, benchmark, index: int, *, head_travels: bool) ->
                             head_travels=head_travels)
     splits = [encode_split(s, foundation.tokenizer, benchmark.answer_index, foundation.max_text_length,
                            foundation.image_size) for s in (client.train, client.test)]
-    return FederatedClient(client.client_id, trainer, *splits, batch_size=8, local_steps=2, seed=index)
+    state = initial_state_of(model, head_travels)
+    return FederatedClient(client.client_id, trainer, *splits, batch_size=8, local_steps=2, seed=index, weight=3,
+                           aggregation=PlainAggregation(client.client_id).session, layout=StateLayout.of(state))
 
 
-def initial_state(site: FederatedClient, head: bool) -> dict:
-    state = site.trainer.model.adapters.get_state(SHARED)
+def initial_state_of(model: LocalModel, head: bool) -> dict:
+    state = model.adapters.get_state(SHARED)
     if head:
-        state.update(site.trainer.model.head_state())
+        state.update(model.head_state())
     return state
 
 
+def initial_state(site: FederatedClient, head: bool) -> dict:
+    return initial_state_of(site.trainer.model, head)
+
+
 @pytest.mark.parametrize("head_travels", [False, True])
-def test_update_carries_only_the_shared_adapter_and_a_shared_head(foundation, lora, tiny_benchmark, head_travels):
+def test_the_update_goes_only_into_the_protocol_and_is_the_change_of_the_shared_state(
+        foundation, lora, tiny_benchmark, head_travels):
     site = make_site(foundation, lora, tiny_benchmark, 0, head_travels=head_travels)
-    server = FederationServer(initial_state(site, head_travels), aggregation="examples", aggregate=True)
+    aggregation = PlainAggregation("client0")
+    site.aggregation = aggregation.session
+    server = FederationServer(initial_state(site, head_travels), aggregate=True)
+    received = server.global_state
     [(_, train)] = server.train_messages(0, ["client0"])
-    update = decode(site.handle(train))
-    adapters = site.trainer.model.adapters
-    expected = set(adapters.get_state(SHARED))
-    if head_travels:
-        expected |= {k for k in site.trainer.model.head_state()}
-    assert set(update.tensors) == expected
-    for key, value in adapters.get_state(SHARED).items():
-        np.testing.assert_array_equal(update.tensors[key], value)
-    client_adapter = adapters.get_state(CLIENT)
-    assert not any(np.array_equal(update.tensors[k], client_adapter[k]) for k in client_adapter
-                   if np.any(client_adapter[k]))
-    assert any(k.startswith(HEAD_PREFIX) for k in update.tensors) == head_travels
+    report = decode(site.handle(train))
+    assert report.kind == "update" and report.tensors == {} and report.meta["num_examples"] == len(site.train)
+    layout = site.layout
+    trained = initial_state(site, head_travels)
+    expected = layout.flatten(trained) - layout.flatten(received)
+    assert np.any(expected != 0)
+    summed = aggregation.run(0, layout.size)
+    np.testing.assert_allclose(summed, 3 * expected, rtol=0, atol=1e-12)  # weight 3: Σ w·u
+    client_adapter = layout.flatten({**site.trainer.model.adapters.get_state(CLIENT),
+                                     **({k: v for k, v in trained.items() if k.startswith(HEAD_PREFIX)})})
+    assert not np.allclose(summed / 3, client_adapter - layout.flatten(received))  # A_c stays home
 
 
-def test_server_averages_updates_weighted_by_examples_or_uniformly(foundation, lora, tiny_benchmark):
+def test_server_applies_the_weighted_mean_update_from_the_aggregate_only(foundation, lora, tiny_benchmark):
     reference = initial_state(make_site(foundation, lora, tiny_benchmark, 0, head_travels=False), False)
-    for aggregation, expected in (("examples", 0.25 * 1 + 0.75 * 5), ("uniform", 3.0)):
-        server = FederationServer(reference, aggregation=aggregation, aggregate=True)
-        updates = [
-            encode(Message("update", 0, cid, SERVER_ID, {k: np.full_like(v, value) for k, v in reference.items()},
-                           {"num_examples": count}))
-            for cid, value, count in (("client0", 1.0, 10), ("client1", 5.0, 30))
-        ]
-        server.receive_updates(0, ["client0", "client1"], updates)
-        for value in server.global_state.values():
-            np.testing.assert_allclose(value, expected, rtol=1e-6)
+    server = FederationServer(reference, aggregate=True)
+    layout = StateLayout.of(reference)
+    summed = np.full(layout.size, 8.0)  # e.g. 10 examples × 0.2 + 30 examples × 0.2
+    server.apply_aggregate(layout, summed, total_weight=40.0)
+    for key, value in server.global_state.items():
+        np.testing.assert_allclose(value, reference[key] + 0.2, rtol=1e-6)
 
 
 def update_from(cid: str, state: dict, round_index: int = 0, count: int = 4) -> bytes:
     return encode(Message("update", round_index, cid, SERVER_ID, state, {"num_examples": count}))
 
 
+def report_from(cid: str, round_index: int = 0, count: int = 4) -> bytes:
+    return update_from(cid, {}, round_index, count)
+
+
 @pytest.mark.parametrize("problem, messages_for", [
-    ("duplicate", lambda s: [update_from("client0", s), update_from("client0", s)]),
-    ("not in this round", lambda s: [update_from("mallory", s)]),
-    ("round 1", lambda s: [update_from("client0", s, round_index=1)]),
+    ("duplicate", lambda s: [report_from("client0"), report_from("client0")]),
+    ("not in this round", lambda s: [report_from("mallory")]),
+    ("round 1", lambda s: [report_from("client0", round_index=1)]),
     ("no 'update' message from client0", lambda s: []),
-    ("num_examples", lambda s: [update_from("client0", s, count=0)]),
-    ("missing keys", lambda s: [update_from("client0", dict(list(s.items())[1:]))]),
+    ("num_examples", lambda s: [report_from("client0", count=0)]),
+    ("only through the secure-aggregation protocol", lambda s: [update_from("client0", s)]),
 ])
-def test_server_rejects_bad_updates_and_keeps_its_global_state(foundation, lora, tiny_benchmark, problem,
-                                                               messages_for):
+def test_server_rejects_bad_update_reports_and_keeps_its_global_state(foundation, lora, tiny_benchmark, problem,
+                                                                      messages_for):
     reference = initial_state(make_site(foundation, lora, tiny_benchmark, 0, head_travels=False), False)
-    server = FederationServer(reference, aggregation="examples", aggregate=True)
+    server = FederationServer(reference, aggregate=True)
     with pytest.raises(MessageError, match=problem):
         server.receive_updates(0, ["client0"], messages_for(reference))
     for key, value in reference.items():
@@ -97,7 +119,7 @@ def test_server_rejects_bad_updates_and_keeps_its_global_state(foundation, lora,
 
 def test_client_rejects_a_replayed_train_message_and_foreign_recipients(foundation, lora, tiny_benchmark):
     site = make_site(foundation, lora, tiny_benchmark, 0, head_travels=False)
-    server = FederationServer(initial_state(site, False), aggregation="examples", aggregate=True)
+    server = FederationServer(initial_state(site, False), aggregate=True)
     [(_, train)] = server.train_messages(0, ["client0"])
     site.handle(train)
     with pytest.raises(MessageError, match="already trained"):

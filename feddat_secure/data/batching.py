@@ -48,6 +48,16 @@ class EncodedSplit:
             chosen, order = order[:batch_size], order[batch_size:]
             yield self.batch(torch.tensor(chosen))
 
+    def poisson_batches(self, sample_rate: float, count: int, rng: np.random.Generator) -> Iterator[dict]:
+        """``count`` mini-batches in which every example takes part independently with probability
+        ``sample_rate``: the sampling DP-SGD's accounting assumes (Opacus's ``DPDataLoader``).
+        Batch sizes vary, and a batch may be empty."""
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample rate must lie in (0, 1], got {sample_rate}")
+        for _ in range(count):
+            chosen = np.flatnonzero(rng.random(len(self)) < sample_rate)
+            yield self.batch(torch.from_numpy(chosen))
+
     def sequential_batches(self, batch_size: int) -> Iterator[dict]:
         for start in range(0, len(self), batch_size):
             yield self.batch(slice(start, start + batch_size))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,8 @@ MANIFESTS = ("manifest.jsonl", "manifest.csv")
 COLUMNS = ("image", "question", "answer", "split")
 SPLITS = ("train", "test")
 MAX_CLIENT_ID = 64  # the message format's limit on party ids
+_SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a site id is a file name in keys/ and audit/
+RESERVED_IDS = ("server", "keyholder")
 
 Row = tuple[int, dict[str, str]]  # (line number, field values)
 
@@ -228,5 +231,8 @@ def load_folder_benchmark(root: str | Path, *, image_size: int) -> Benchmark:
         if len(client_dir.name) > MAX_CLIENT_ID:
             raise DataError(f"{client_dir}: client folder name is longer than {MAX_CLIENT_ID} characters "
                             "(it becomes the site id in every message)")
+        if not _SITE_ID.fullmatch(client_dir.name) or client_dir.name in RESERVED_IDS:
+            raise DataError(f"{client_dir}: client folder name must be a site id (letters, digits, '.', '_', '-', "
+                            f"starting with a letter or digit) other than {' or '.join(RESERVED_IDS)}")
     clients = [load_client(d, answers, answers_path, image_size) for d in client_dirs]
     return Benchmark(f"folder:{root.resolve().name}", clients, answers)

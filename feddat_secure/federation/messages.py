@@ -21,7 +21,7 @@ import numpy as np
 
 MAGIC = b"FDSM"
 VERSION = 1
-KINDS = ("train", "update", "evaluate", "metrics")
+KINDS = ("train", "update", "evaluate", "metrics", "tree_head")
 MAX_MESSAGE_BYTES = 1 << 31
 MAX_HEADER_BYTES = 1 << 24
 MAX_PARTY_ID = 64

@@ -2,16 +2,18 @@
 
 Output folder ``<output_dir>/<name>/``: ``config.toml`` (resolved), ``metrics.jsonl`` (one
 line per round), ``global_adapter/`` (PEFT format), ``clients/<id>/`` (each site's
-adapters, and its head when heads stay local) and ``manifest.json`` with SHA-256 digests
-of the base model, data, config and every file written. The manifest is written last:
-a run folder without one did not finish.
+adapters, and its head when heads stay local), ``roster.json`` and ``audit/`` (every
+party's signed audit log), ``privacy/ledger.json`` when DP is on, ``checkpoint.safetensors``
+(the last finished round) and ``manifest.json`` with SHA-256 digests of the base model,
+data, config and every file written. The manifest is written last: a run folder without one
+did not finish, and ``resume=True`` continues it from its checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -22,31 +24,33 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, RunConfig, to_dict, to_toml
+from ..config import ConfigError, RunConfig, load_config, to_dict, to_toml
 from ..data import Benchmark, ClientData, build_benchmark
 from ..data.batching import EncodedSplit, encode_split
 from ..model.adapters import LoraSettings, save_peft_adapter
 from ..model.backbone import Foundation, load_foundation
+from ..privacy.report import write_privacy_report
+from ..privacy.run_privacy import LEDGER_FILE
 from ..training.local_model import LocalModel, split_head
-from ..training.trainers import CLIENT, FROZEN_GLOBAL, SHARED, AdapterTrainer, FedDATTrainer, Schedule
-from .client import FederatedClient
-from .server import FederationServer
-from .transport import InProcessTransport
-
-MODES = ("dat", "shared", "client")  # FedDAT's three ways to answer; baselines only have "shared"
+from ..training.trainers import SHARED
+from .checkpoint import CHECKPOINT_FILE
+from .rounds import RoundLog, round_record
+from .secure_aggregation import LABELS
+from .sites import build_federated_run, make_trainer
 
 
 @dataclass
 class RunResult:
     run_dir: Path
     history: list[dict] = field(default_factory=list)
+    stopped: str | None = None  # why the run ended before its last round (a privacy budget), if it did
 
     @property
     def final_mean(self) -> dict[str, float]:
         return self.history[-1]["mean"]
 
 
-def run(config: RunConfig, *, overwrite: bool = False, progress: bool = True,
+def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, progress: bool = True,
         echo: Callable[[str], None] = tqdm.write) -> RunResult:
     foundation = load_foundation(config.model.path, random_init=config.model.random_init, seed=config.seed)
     benchmark = build_benchmark(config.data.benchmark, path=config.data.path, num_clients=config.data.num_clients,
@@ -60,27 +64,47 @@ def run(config: RunConfig, *, overwrite: bool = False, progress: bool = True,
     label_spaces = {c.client_id: _label_space(config, benchmark, c) for c in benchmark.clients}
     splits = {c.client_id: _encode(foundation, label_spaces[c.client_id], c.train, c.test)
               for c in benchmark.clients}
-    run_dir = _prepare_run_dir(Path(config.output_dir) / config.name, overwrite)
-    (run_dir / "config.toml").write_text(to_toml(config))
+    run_dir = Path(config.output_dir) / config.name
+    if resume:
+        _check_resumable(run_dir, config)
+    else:
+        _prepare_run_dir(run_dir, overwrite)
+        (run_dir / "config.toml").write_text(to_toml(config))
     lora = LoraSettings(config.model.lora_rank, config.model.lora_alpha, config.model.lora_dropout,
                         config.model.target_modules)
+    protocol = "none (pooled data)" if config.federation.algorithm == "centralized" else \
+        LABELS[config.secure_aggregation.protocol]
     echo(f"feddat-secure: {config.federation.algorithm} on {benchmark.name} ({len(benchmark.clients)} clients, "
          f"{per_round} per round, {config.federation.rounds} rounds), model {foundation.path.name}, "
-         f"aggregation: plain (no secure aggregation in this build)")
+         f"aggregation: {protocol}")
+    stopped = None
     if config.federation.algorithm == "centralized":
         history, global_state = _run_centralized(config, foundation, benchmark, splits, lora, run_dir, progress,
                                                  echo)
     else:
-        history, global_state = _run_federated(config, foundation, benchmark, splits, label_spaces, lora, run_dir,
-                                               progress, echo)
+        federation = build_federated_run(config, foundation, benchmark, splits, label_spaces, lora, run_dir,
+                                         resume=resume)
+        if resume:
+            _keep_metrics_until(run_dir, federation.next_round)
+            echo(f"feddat-secure: resuming {run_dir} after round {federation.next_round}")
+        federation.run(RoundLog(write=lambda record: _log_round(run_dir, record, echo), echo=echo), progress)
+        for cid, client in federation.clients.items():
+            client.save(run_dir / "clients" / cid, foundation.path)
+            _write_answers(run_dir / "clients" / cid, label_spaces[cid])
+        history, stopped = federation.history, federation.stopped
+        global_state = federation.server.global_state if federation.server.aggregate else None
+        federation.finish()
     if global_state is not None:
         adapter, head = split_head(global_state)
         save_peft_adapter(adapter, lora, foundation.path, run_dir / "global_adapter")
         if head:
             save_file(head, str(run_dir / "global_adapter" / "head.safetensors"))
             _write_answers(run_dir / "global_adapter", benchmark.answers)
-    _write_manifest(run_dir, config, foundation, benchmark)
-    return RunResult(run_dir, history)
+    _write_manifest(run_dir, config, foundation, benchmark, stopped)
+    if (run_dir / LEDGER_FILE).exists():
+        report = write_privacy_report(run_dir)
+        echo(f"feddat-secure: privacy budget report: {report[0]}")
+    return RunResult(run_dir, history, stopped)
 
 
 def _label_space(config: RunConfig, benchmark: Benchmark, client: ClientData) -> tuple[str, ...]:
@@ -99,94 +123,48 @@ def _encode(foundation: Foundation, answers: tuple[str, ...], train, test) -> tu
 def _prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     if run_dir.exists():
         if not overwrite:
-            raise ConfigError(f"run folder {str(run_dir)!r} already exists; choose another 'name' or pass "
-                              "--overwrite")
+            raise ConfigError(f"run folder {str(run_dir)!r} already exists; choose another 'name', pass "
+                              "--overwrite, or --resume an interrupted run")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     return run_dir
 
 
-def _head_travels(config: RunConfig) -> bool:
-    return config.model.head == "shared" and config.federation.algorithm != "local"
+def _check_resumable(run_dir: Path, config: RunConfig) -> None:
+    """Only an interrupted run of exactly this configuration continues; a finished run is sealed."""
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: it holds no run (no config.toml)")
+    if (run_dir / "manifest.json").exists():
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: the run finished (manifest.json is written); "
+                          "start a new run instead")
+    if config.federation.algorithm == "centralized":
+        raise ConfigError("cannot resume a centralized run (it keeps no checkpoint); run it again")
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: it stopped before finishing its first round; "
+                          "run it again with --overwrite")
+    recorded = load_config(run_dir / "config.toml")
+    if recorded.digest() != config.digest():
+        raise ConfigError(f"cannot resume {str(run_dir)!r} with a different configuration than the one it started "
+                          "with (its config.toml)")
 
 
-def _make_trainer(config: RunConfig, model: LocalModel, *, pooled_steps: int = 0):
-    """``pooled_steps``: centralized training, one model taking that many steps per round."""
-    algorithm = config.federation.algorithm
-    training = dataclasses.replace(config.training, local_steps=pooled_steps) if pooled_steps else config.training
-    schedule = Schedule(training, config.federation.rounds)
-    head_travels = _head_travels(config)
-    if algorithm == "feddat":
-        return FedDATTrainer(model, schedule, head_travels=head_travels)
-    mu = config.federation.fedprox_mu if algorithm == "fedprox" else 0.0
-    persistent = algorithm == "local" or bool(pooled_steps)
-    return AdapterTrainer(model, schedule, head_travels=head_travels, proximal_mu=mu, keep_optimizer=persistent)
-
-
-def _adapter_names(algorithm: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    if algorithm == "feddat":
-        return (SHARED, FROZEN_GLOBAL, CLIENT), (SHARED, CLIENT)
-    return (SHARED,), (SHARED,)
-
-
-def _run_federated(config, foundation, benchmark, splits, label_spaces, lora, run_dir, progress, echo):
-    algorithm = config.federation.algorithm
-    names, trainable = _adapter_names(algorithm)
-    num_answers = len(benchmark.answers)
-    ids = [c.client_id for c in benchmark.clients]
-    # The initial global state comes from one seeded model; every site starts from it.
-    initial = LocalModel(foundation, lora, (SHARED,), (SHARED,), num_answers, seed=config.seed)
-    initial_state = initial.adapters.get_state(SHARED)
-    if _head_travels(config):
-        initial_state.update(initial.head_state())
-    del initial
-    server = FederationServer(initial_state, aggregation=config.federation.aggregation,
-                              aggregate=algorithm != "local")
-    clients = {}
-    for index, cid in enumerate(ids):
-        model = LocalModel(foundation, lora, names, trainable, len(label_spaces[cid]),
-                           seed=config.seed * 1000 + index + 1)
-        clients[cid] = FederatedClient(cid, _make_trainer(config, model), *splits[cid],
-                                       batch_size=config.training.batch_size,
-                                       local_steps=config.training.local_steps, seed=config.seed * 1000 + index)
-    transport = InProcessTransport()
-    sampler = np.random.default_rng([config.seed, 7])
-    per_round = config.participants_per_round(len(ids))
-    history = []
-    bar = tqdm(total=config.federation.rounds * per_round, disable=not progress, unit="client", leave=False)
-    for round_index in range(config.federation.rounds):
-        start = time.perf_counter()
-        participants = sorted(sampler.choice(ids, size=per_round, replace=False).tolist(), key=ids.index)
-        for cid, data in server.train_messages(round_index, participants):
-            transport.send(cid, data)
-        for cid in participants:
-            bar.set_description(f"round {round_index + 1}/{config.federation.rounds} {cid}")
-            for data in transport.receive(cid):
-                transport.send("server", clients[cid].handle(data))
-            bar.update(1)
-        losses = server.receive_updates(round_index, participants, transport.receive("server"))
-        for cid, data in server.evaluation_messages(round_index, ids):
-            transport.send(cid, data)
-        for cid in ids:
-            for data in transport.receive(cid):
-                transport.send("server", clients[cid].handle(data))
-        metrics = server.receive_metrics(round_index, ids, transport.receive("server"))
-        record = _round_record(round_index, participants, metrics, losses, time.perf_counter() - start)
-        record["bytes_to_server_total"] = transport.bytes_received["server"]
-        record["bytes_to_clients_total"] = sum(v for k, v in transport.bytes_received.items() if k != "server")
-        history.append(_log_round(run_dir, record, echo))
-    bar.close()
-    for cid, client in clients.items():
-        client.save(run_dir / "clients" / cid, foundation.path)
-        _write_answers(run_dir / "clients" / cid, label_spaces[cid])
-    return history, server.global_state if server.aggregate else None
+def _keep_metrics_until(run_dir: Path, rounds: int) -> None:
+    """Drop metrics of rounds after the checkpoint (a crash between logging and checkpointing)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["round"] <= rounds]
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    os.replace(temporary, path)
 
 
 def _run_centralized(config, foundation, benchmark, splits, lora, run_dir, progress, echo):
     """The upper reference: one model on the pooled data, the same steps as the whole federation."""
     model = LocalModel(foundation, lora, (SHARED,), (SHARED,), len(benchmark.answers), seed=config.seed)
     steps = config.training.local_steps * config.participants_per_round(len(splits))
-    trainer = _make_trainer(config, model, pooled_steps=steps)
+    trainer = make_trainer(config, model, pooled_steps=steps)
     pooled = EncodedSplit.concatenate([train for train, _ in splits.values()])
     rng = np.random.default_rng(config.seed)
     history = []
@@ -195,7 +173,7 @@ def _run_centralized(config, foundation, benchmark, splits, lora, run_dir, progr
         batches = pooled.sample_batches(config.training.batch_size, steps, rng)
         loss = trainer.train_round(batches, round_index)
         metrics = {cid: trainer.evaluate(test) for cid, (_, test) in splits.items()}
-        record = _round_record(round_index, list(splits), metrics, {"pooled": loss}, time.perf_counter() - start)
+        record = round_record(round_index, list(splits), metrics, {"pooled": loss}, time.perf_counter() - start)
         history.append(_log_round(run_dir, record, echo))
     (run_dir / "clients").mkdir()
     state = model.adapters.get_state(SHARED)
@@ -206,13 +184,6 @@ def _run_centralized(config, foundation, benchmark, splits, lora, run_dir, progr
 def _write_answers(folder: Path, answers: tuple[str, ...]) -> None:
     """The answer behind each output of a saved head, in order."""
     (folder / "answers.json").write_text(json.dumps(list(answers), indent=1) + "\n")
-
-
-def _round_record(round_index, participants, metrics, losses, seconds) -> dict:
-    modes = [m for m in MODES if all(m in v for v in metrics.values())]
-    mean = {m: float(np.mean([v[m] for v in metrics.values()])) for m in modes}
-    return {"round": round_index + 1, "participants": participants, "clients": metrics, "mean": mean,
-            "train_loss": losses, "seconds": round(seconds, 3)}
 
 
 def _log_round(run_dir: Path, record: dict, echo) -> dict:
@@ -240,12 +211,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_manifest(run_dir: Path, config: RunConfig, foundation: Foundation, benchmark: Benchmark) -> None:
+def _write_manifest(run_dir: Path, config: RunConfig, foundation: Foundation, benchmark: Benchmark,
+                    stopped: str | None) -> None:
     files = {p.relative_to(run_dir).as_posix(): _sha256(p) for p in sorted(run_dir.rglob("*")) if p.is_file()}
     manifest = {
         "base_model": {"path": str(foundation.path), "sha256": foundation.digest},
         "data": {"benchmark": benchmark.name, "sha256": benchmark.digest()},
         "config": {"sha256": config.digest(), "resolved": to_dict(config)},
         "files": files,
+        "finished": "stopped early: " + stopped if stopped else "all rounds",
     }
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

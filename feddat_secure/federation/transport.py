@@ -32,6 +32,10 @@ class InProcessTransport:
         self._mailboxes[recipient].append(data)
         self.bytes_received[recipient] += len(data)
 
+    def account(self, recipient: str, data: bytes) -> None:
+        """Count bytes another driver delivered (a protocol round run by ``protocols.drive_round``)."""
+        self.bytes_received[recipient] += len(data)
+
     def receive(self, party: str) -> list[bytes]:
         box = self._mailboxes[party]
         messages = list(box)

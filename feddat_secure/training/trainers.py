@@ -3,6 +3,12 @@
 A trainer receives the global state (shared adapter, plus the head when heads are shared),
 trains on a round's mini-batches and hands back the state that may leave the site.
 Anything else (FedDAT's client adapter, a local head, optimizer state) stays inside.
+
+With record-level differential privacy (a :class:`~feddat_secure.privacy.record.RecordPrivacy`),
+every parameter a trainer updates from data is updated by DP-SGD on Poisson-sampled batches
+(:mod:`feddat_secure.privacy.dp_sgd`); the trainer then draws its batches itself
+(:meth:`LocalTrainer.train_round_on`) and records the Gaussian mechanisms it ran in
+``round_events``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import torch.nn.functional as F
 from ..config import TrainingConfig
 from ..data.batching import EncodedSplit
 from ..model.adapters import AdapterState, check_state_matches
+from ..privacy.accounting import GaussianEvent
+from ..privacy.dp_sgd import PrivateOptimizer, attach_per_sample_gradients, expected_hook_warnings
+from ..privacy.record import RecordPrivacy
 from .local_model import LocalModel, split_head
 from .losses import mkd_loss
 from .schedule import learning_rate
@@ -49,10 +58,43 @@ def _set_rate(optimizer: torch.optim.Optimizer, rate: float) -> None:
 
 
 class LocalTrainer(ABC):
-    def __init__(self, model: LocalModel, schedule: Schedule, *, head_travels: bool) -> None:
+    def __init__(self, model: LocalModel, schedule: Schedule, *, head_travels: bool,
+                 privacy: RecordPrivacy | None = None) -> None:
         self.model = model
         self.schedule = schedule
         self.head_travels = head_travels
+        self.privacy = privacy
+        self.round_events: list[GaussianEvent] = []  # the DP mechanisms the last round ran (empty without DP)
+
+    def train_round_on(self, split: EncodedSplit, rng: np.random.Generator, round_index: int) -> dict[str, float]:
+        """Train one round on batches drawn from ``split``: the seeded mini-batches of
+        :meth:`EncodedSplit.sample_batches` without DP, Poisson batches with record-level DP.
+
+        With DP the returned dictionary is empty: training losses are computed from the
+        records without noise, so they must not leave the site.
+        """
+        training = self.schedule.training
+        if self.privacy is None:
+            self.round_events = []
+            return self.train_round(split.sample_batches(training.batch_size, training.local_steps, rng), round_index)
+        if len(split) != self.privacy.dataset_size:
+            raise ValueError(f"record-level DP was set up for {self.privacy.dataset_size} records, the split has "
+                             f"{len(split)}")
+        sampler, generator = self.privacy.generators(rng)
+        batches = split.poisson_batches(self.privacy.sample_rate, self.privacy.local_steps, sampler)
+        with expected_hook_warnings():
+            self._train_private_round(batches, round_index, generator)
+        self.round_events = self.privacy.round_events()
+        return {}
+
+    def _private(self, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> PrivateOptimizer:
+        return PrivateOptimizer(optimizer, noise_multiplier=self.privacy.noise_multiplier,
+                                max_grad_norm=self.privacy.max_grad_norm,
+                                expected_batch_size=self.privacy.expected_batch_size, generator=generator)
+
+    def _train_private_round(self, batches: Iterable[Mapping[str, torch.Tensor]], round_index: int,
+                             generator: torch.Generator) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no record-level DP training")
 
     def _optimizer(self, parameters: list[torch.nn.Parameter]) -> torch.optim.AdamW:
         return torch.optim.AdamW(parameters, lr=self.schedule.training.learning_rate,
@@ -76,6 +118,29 @@ class LocalTrainer(ABC):
         for name in self.receivers:
             self.model.adapters.set_state(name, adapter)
 
+    def state_dict(self) -> dict:
+        """Everything that persists across rounds on this site (for round checkpoints): every adapter,
+        the head and the optimizers that are kept between rounds. Arrays and plain values only."""
+        return {
+            "adapters": {name: self.model.adapters.get_state(name) for name in self.model.adapters.names},
+            "head": self.model.head_state(),
+            "optimizers": {name: optimizer.state_dict() for name, optimizer in self._kept_optimizers().items()},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for name, adapter in state["adapters"].items():
+            self.model.adapters.set_state(name, adapter)
+        self.model.set_head_state(state["head"])
+        kept = self._kept_optimizers()
+        if set(state["optimizers"]) != set(kept):
+            raise ValueError(f"saved optimizers {sorted(state['optimizers'])} do not match this trainer's "
+                             f"{sorted(kept)}")
+        for name, optimizer in kept.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+
+    def _kept_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}
+
     receivers: tuple[str, ...] = (SHARED,)  # adapters replaced by the global adapter each round
     kept: tuple[str, ...] = (SHARED,)  # adapters a site saves at the end of a run
 
@@ -91,18 +156,30 @@ class LocalTrainer(ABC):
 class FedDATTrainer(LocalTrainer):
     """Dual-Adapter Teacher with Mutual Knowledge Distillation (Chen et al., AAAI 2024)."""
 
-    def __init__(self, model: LocalModel, schedule: Schedule, *, head_travels: bool) -> None:
-        super().__init__(model, schedule, head_travels=head_travels)
+    def __init__(self, model: LocalModel, schedule: Schedule, *, head_travels: bool,
+                 privacy: RecordPrivacy | None = None) -> None:
+        super().__init__(model, schedule, head_travels=head_travels, privacy=privacy)
         # A_c and its optimizer state persist across rounds; A_s's optimizer restarts each round
         # because A_s itself is replaced by the global adapter.
         self.client_optimizer = self._optimizer(model.adapters.parameters(CLIENT))
+        if privacy is not None:  # A_s and the head, and A_c (the teacher of A_s): all DP-SGD
+            attach_per_sample_gradients(model.classifier, [self._shared_parameters(), self._client_parameters()])
+
+    def _kept_optimizers(self):
+        return {"client": self.client_optimizer}
+
+    def _shared_parameters(self) -> list[torch.nn.Parameter]:
+        return self.model.adapters.parameters(SHARED) + self.model.head_parameters()
+
+    def _client_parameters(self) -> list[torch.nn.Parameter]:
+        return self.model.adapters.parameters(CLIENT)
 
     receivers = (SHARED, FROZEN_GLOBAL)
     kept = (SHARED, CLIENT)
 
     def train_round(self, batches, round_index):
         cfg = self.schedule.training
-        shared_optimizer = self._optimizer(self.model.adapters.parameters(SHARED) + self.model.head_parameters())
+        shared_optimizer = self._optimizer(self._shared_parameters())
         optimizers = (shared_optimizer, self.client_optimizer)
         self.model.classifier.train()
         losses = []
@@ -132,6 +209,42 @@ class FedDATTrainer(LocalTrainer):
         mean = np.mean(losses, axis=0)
         return {"shared_loss": float(mean[0]), "client_loss": float(mean[1])}
 
+    def _train_private_round(self, batches, round_index, generator):
+        """The same three passes per batch, each optimizer step a DP-SGD step of its own.
+
+        Both steps run on the same Poisson batch, so they are accounted as one Gaussian
+        mechanism of noise multiplier σ/√2 (``RecordPrivacy.accounted_noise_multiplier``).
+        Record i's soft targets (teacher logits in step 2, A_s logits in step 3) are computed
+        from record i alone with parameters that are themselves DP outputs, so each record's
+        loss, and hence its clipped gradient, depends on no other record.
+        """
+        cfg = self.schedule.training
+        shared = self._private(self._optimizer(self._shared_parameters()), generator)
+        client = self._private(self.client_optimizer, generator)
+        head = self.model.head_parameters()  # in the DAT's forward pass too, but stepped by A_s's optimizer only
+        self.model.classifier.train()
+        for step, batch in enumerate(batches):
+            rate = self.schedule.rate(round_index, step)
+            for private in (shared, client):
+                _set_rate(private.optimizer, rate)
+            size = len(batch["labels"])
+            if size:
+                labels = batch["labels"]
+                with torch.no_grad():
+                    teacher = self.model.logits(batch, DUAL_ADAPTER_TEACHER)
+                student = self.model.logits(batch, SHARED_ONLY)
+                mkd_loss(student, teacher, labels, temperature=cfg.temperature, task_weight=cfg.task_weight,
+                         distill_weight=cfg.distill_weight).backward()
+                student = student.detach()
+            shared.step(size)
+            if size:
+                dat = self.model.logits(batch, DUAL_ADAPTER_TEACHER)
+                mkd_loss(dat, student, labels, temperature=cfg.temperature, task_weight=cfg.task_weight,
+                         distill_weight=cfg.distill_weight).backward()
+                for p in head:  # the head takes no step on this loss: drop what backward left on it
+                    p.grad, p.grad_sample = None, None
+            client.step(size)
+
     def evaluate(self, split):
         size = self.schedule.training.eval_batch_size
         return {
@@ -146,11 +259,13 @@ class AdapterTrainer(LocalTrainer):
     and centralized training."""
 
     def __init__(self, model: LocalModel, schedule: Schedule, *, head_travels: bool, proximal_mu: float = 0.0,
-                 keep_optimizer: bool = False) -> None:
-        super().__init__(model, schedule, head_travels=head_travels)
+                 keep_optimizer: bool = False, privacy: RecordPrivacy | None = None) -> None:
+        super().__init__(model, schedule, head_travels=head_travels, privacy=privacy)
         self.proximal_mu = proximal_mu
         self._parameters = model.adapters.parameters(SHARED) + model.head_parameters()
         self._persistent = self._optimizer(self._parameters) if keep_optimizer else None
+        if privacy is not None:
+            attach_per_sample_gradients(model.classifier, [self._parameters])
 
     def train_round(self, batches, round_index):
         optimizer = self._persistent or self._optimizer(self._parameters)
@@ -168,6 +283,23 @@ class AdapterTrainer(LocalTrainer):
             optimizer.step()
             losses.append(loss.item())
         return {"shared_loss": float(np.mean(losses))}
+
+    def _kept_optimizers(self):
+        return {"persistent": self._persistent} if self._persistent is not None else {}
+
+    def _train_private_round(self, batches, round_index, generator):
+        """DP-SGD on cross-entropy; FedProx's proximal pull is added after the noise (it depends on
+        parameters only, never on records)."""
+        private = self._private(self._persistent or self._optimizer(self._parameters), generator)
+        anchor = [p.detach().clone() for p in self._proximal_parameters()]
+        self.model.classifier.train()
+        for step, batch in enumerate(batches):
+            _set_rate(private.optimizer, self.schedule.rate(round_index, step))
+            size = len(batch["labels"])
+            if size:
+                F.cross_entropy(self.model.logits(batch, SHARED_ONLY), batch["labels"]).backward()
+            pull = {p: self.proximal_mu * (p.detach() - a) for p, a in zip(self._proximal_parameters(), anchor)}
+            private.step(size, add_gradients=pull)
 
     def _proximal_parameters(self) -> list[torch.nn.Parameter]:
         """FedProx pulls towards the global model: what the server sent, not a local head."""

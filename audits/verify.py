@@ -1,0 +1,315 @@
+"""Verification of one log or of a whole run folder of logs, against the roster's public keys.
+
+One log: every line parses against the schema and is canonical; sequence numbers run 0, 1, 2, ...;
+each ``prev`` is the SHA-256 of the line before; time never goes backwards; every entry's signature
+and every tree head's signature verify against the roster; each ``tree_head`` entry's root is the
+Merkle root of the entries before it; nothing follows the final tree head; a torn last line, and the
+``.torn`` side file, match what the log says about them.
+
+A folder: each log as above, then every tree head a party recorded from a peer
+(``peer_tree_head``) is checked against that peer's log: the peer's log must still hold at least
+that many entries (else it was truncated), and the recorded tree head must be consistent with the
+peer's latest own signed tree head (an RFC 9162 consistency proof computed from the log), or, when
+the log holds no own tree head that large, be the Merkle root of its first entries (else its
+history was rewritten).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from . import merkle
+from .entries import GENESIS, AuditError, Entry, SchemaError, SignedTreeHead, key_id, parse_entry
+
+LOG_SUFFIX = ".audit.jsonl"
+TORN_SUFFIX = ".torn"
+Roster = Mapping[str, Ed25519PublicKey]
+
+
+def log_path(folder: Path | str, party: str) -> Path:
+    """Where ``party``'s log lives in ``folder`` (one file per party per run): ``<party>.audit.jsonl``."""
+    return Path(folder) / (quote(party, safe="") + LOG_SUFFIX)
+
+
+def torn_path(path: Path | str) -> Path:
+    """The side file that holds torn last lines set aside by recovery: ``<log>.torn``."""
+    path = Path(path)
+    return path.with_name(path.name + TORN_SUFFIX)
+
+
+def find_logs(folder: Path | str) -> list[Path]:
+    """Every ``*.audit.jsonl`` under ``folder`` (recursively), sorted."""
+    return sorted(p for p in Path(folder).rglob("*" + LOG_SUFFIX) if p.is_file())
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The first thing wrong in a log (``line`` is 1-based; ``seq`` when the entry has one)."""
+
+    path: Path
+    line: int | None
+    seq: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = [str(self.path)]
+        if self.line is not None:
+            where.append(f"line {self.line}" + (f" (seq {self.seq})" if self.seq is not None else ""))
+        return ": ".join(where) + ": " + self.reason
+
+
+@dataclass
+class LogReport:
+    """What reading one log found: its verified entries (a prefix of the file) and the first problem."""
+
+    path: Path
+    party: str | None = None
+    entries: list[Entry] = field(default_factory=list)
+    leaves: list[bytes] = field(default_factory=list)
+    tree_heads: list[SignedTreeHead] = field(default_factory=list)
+    peer_tree_heads: list[tuple[int, SignedTreeHead]] = field(default_factory=list)  # (line, tree head)
+    recovered: list[Entry] = field(default_factory=list)
+    closed: bool = False
+    torn: bytes = b""
+    problem: Problem | None = None
+    signatures_checked: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+    def summary(self) -> str:
+        if self.problem is not None:
+            return f"NOT INTACT: {self.problem}"
+        state = "closed" if self.closed else "not closed (no final tree head: the run stopped early or crashed)"
+        return (f"intact: {self.path} ({self.party!r}): {len(self.entries)} entries, "
+                f"{len(self.tree_heads)} signed tree heads, {state}")
+
+
+def check_log(path: Path | str, roster: Roster | None, *, party: str | None = None) -> LogReport:
+    """Read and check one log. With ``roster=None`` signatures are not checked (structure, chain and
+    Merkle roots still are): for reading, never for verifying."""
+    path = Path(path)
+    report = LogReport(path, party=party, signatures_checked=roster is not None)
+    data = path.read_bytes()
+    complete, newline, fragment = data.rpartition(b"\n")
+    lines = complete.split(b"\n") if newline else []
+    tree = merkle.CompactTree()
+    prev, last_time = GENESIS, ""
+
+    def fail(line: int | None, seq: int | None, reason: str) -> LogReport:
+        report.problem = Problem(path, line, seq, reason)
+        return report
+
+    for index, line in enumerate(lines):
+        number = index + 1
+        try:
+            entry = parse_entry(line)
+        except SchemaError as error:
+            return fail(number, _guess_seq(line), str(error))
+        seq = entry.seq
+        if report.party is None:
+            report.party = entry.party
+        if entry.party != report.party:
+            return fail(number, seq, f"entry of party {entry.party!r} in the log of {report.party!r}")
+        if report.closed:
+            return fail(number, seq, "entry after the log's final tree head (the log was closed)")
+        if seq != index:
+            return fail(number, seq, f"sequence number {seq} where {index} was expected "
+                                     "(an entry was deleted, inserted or moved)")
+        if entry.prev != prev:
+            return fail(number, seq, "prev is not the hash of the previous entry (the hash chain is broken: "
+                                     "an entry was changed, deleted, inserted or moved)")
+        if entry.time < last_time:
+            return fail(number, seq, f"time goes backwards ({entry.time} after {last_time})")
+        if roster is not None:
+            key = roster.get(entry.party)
+            if key is None:
+                return fail(number, seq, f"party {entry.party!r} is not on the roster")
+            if not entry.signature_valid(key):
+                hint = ""
+                if entry.event == "log_opened" and entry.meta.get("key_id") not in (None, key_id(key)):
+                    hint = (f"; the log names key id {entry.meta['key_id']}, the roster's key has id "
+                            f"{key_id(key)}")
+                return fail(number, seq, f"signature does not verify against the roster key of {entry.party!r} "
+                                         f"(the entry was changed, or signed by a key not on the roster{hint})")
+        sth = entry.sth
+        if entry.event == "tree_head":
+            if sth.tree_size != seq:
+                return fail(number, seq, f"tree head covers {sth.tree_size} entries but stands after {seq}")
+            if sth.time != entry.time:
+                return fail(number, seq, "tree head time differs from the entry's time")
+            if sth.root != tree.root():
+                return fail(number, seq, f"tree head root is not the Merkle root of the {seq} entries before it "
+                                         "(an earlier entry was changed, deleted, inserted or moved)")
+            if roster is not None:
+                try:
+                    sth.verify(roster[entry.party])
+                except AuditError as error:
+                    return fail(number, seq, str(error))
+            report.tree_heads.append(sth)
+            report.closed = entry.meta.get("final") is True
+        elif entry.event == "peer_tree_head":
+            if roster is not None:
+                key = roster.get(entry.peer)
+                if key is None:
+                    return fail(number, seq, f"peer {entry.peer!r} of this tree head is not on the roster")
+                try:
+                    sth.verify(key)
+                except AuditError as error:
+                    return fail(number, seq, f"recorded peer tree head: {error}")
+            report.peer_tree_heads.append((number, sth))
+        elif entry.event == "log_recovered":
+            report.recovered.append(entry)
+        report.entries.append(entry)
+        report.leaves.append(entry.leaf)
+        tree.append(report.leaves[-1])
+        prev, last_time = entry.hash, entry.time
+
+    if fragment:
+        report.torn = fragment
+        return fail(len(lines) + 1, _guess_seq(fragment),
+                    f"incomplete last line of {len(fragment)} bytes (torn by a crash while writing, or cut): "
+                    "AuditLog.open recovers the log and sets the fragment aside")
+    if not lines:
+        return fail(None, None, "the log is empty")
+    side_problem = check_side_file(path, report.recovered)
+    if side_problem:
+        return fail(None, None, side_problem[1])
+    return report
+
+
+def check_side_file(path: Path, recovered: list[Entry]) -> tuple[str, str] | None:
+    """Does ``<log>.torn`` hold exactly the fragments the log's ``log_recovered`` entries record, in order?
+    None if so, else (``"mismatch"`` or ``"unrecorded"``, reason)."""
+    side = torn_path(path)
+    held = side.read_bytes() if side.exists() else b""
+    offset = 0
+    for entry in recovered:
+        piece = held[offset:offset + entry.size]
+        if len(piece) != entry.size or hashlib.sha256(piece).hexdigest() != entry.digest:
+            return "mismatch", (f"side file {side.name} does not hold the {entry.size}-byte fragment that the "
+                                f"log_recovered entry seq {entry.seq} records (it was changed, cut or removed)")
+        offset += entry.size
+    if len(held) > offset:
+        return "unrecorded", (f"side file {side.name} holds {len(held) - offset} bytes that no log_recovered entry "
+                              "records (recovery was interrupted: AuditLog.open completes it)")
+    return None
+
+
+def _guess_seq(line: bytes) -> int | None:
+    try:
+        seq = json.loads(line).get("seq")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+@dataclass
+class VerificationReport:
+    """The result of :func:`verify_path`: every log's report, and every problem (per log first, then across)."""
+
+    path: Path
+    logs: list[LogReport]
+    problems: list[Problem]
+    peer_checks: int = 0
+    folder: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first_problem(self) -> Problem | None:
+        return self.problems[0] if self.problems else None
+
+    def summary(self) -> str:
+        """One line: ``intact: ...`` or ``NOT INTACT: <file>: line N (seq S): <reason>``."""
+        if self.problems:
+            more = f" (and {len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
+            return f"NOT INTACT: {self.problems[0]}{more}"
+        if not self.folder:
+            return self.logs[0].summary()
+        entries = sum(len(log.entries) for log in self.logs)
+        heads = sum(len(log.tree_heads) for log in self.logs)
+        open_logs = [log.party for log in self.logs if not log.closed]
+        state = "all closed" if not open_logs else f"not closed: {', '.join(map(repr, open_logs))}"
+        return (f"intact: {len(self.logs)} logs in {self.path}, {entries} entries, {heads} signed tree heads, "
+                f"{self.peer_checks} exchanged tree heads matched against their party's log, {state}")
+
+
+def verify_path(path: Path | str, roster: Roster, *, require_closed: bool = False) -> VerificationReport:
+    """Verify one log file, or every ``*.audit.jsonl`` in a folder together with the tree heads the parties
+    exchanged. ``require_closed``: a log without its final tree head is a problem too (use it for runs that
+    ended normally: a cut tail is then detected even after the last exchanged tree head). Raises
+    :class:`FileNotFoundError` for a missing path and :class:`AuditError` for a folder without logs."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such log or folder: {path}")
+    files = [path] if path.is_file() else find_logs(path)
+    if not files:
+        raise AuditError(f"no audit logs (*{LOG_SUFFIX}) under {path}")
+    logs = [check_log(file, roster) for file in files]
+    problems = []
+    for log in logs:
+        if log.problem is None and require_closed and not log.closed:
+            log.problem = Problem(log.path, len(log.entries), len(log.entries) - 1,
+                                  "the log ends without its final tree head (it was cut, or the run did not end "
+                                  "normally)")
+        if log.problem is not None:
+            problems.append(log.problem)
+    if path.is_file():
+        return VerificationReport(path, logs, problems)
+    report = VerificationReport(path, logs, problems, folder=True)
+    by_party: dict[str, LogReport] = {}
+    for log in logs:
+        if log.party is None:
+            continue
+        if log.party in by_party:
+            report.problems.append(Problem(log.path, None, None, f"a second log of party {log.party!r} "
+                                           f"(the first is {by_party[log.party].path})"))
+            continue
+        by_party[log.party] = log
+    _check_exchanged_tree_heads(report, by_party)
+    return report
+
+
+def _check_exchanged_tree_heads(report: VerificationReport, by_party: dict[str, LogReport]) -> None:
+    """Each tree head a party recorded from a peer against that peer's log: long enough (else truncated), and
+    consistent (RFC 9162 consistency proof, computed from the log) with the peer's latest own signed tree
+    head; where the log holds no own tree head that large, its Merkle root at that size must be the signed one."""
+    for recorder in by_party.values():
+        for line, sth in recorder.peer_tree_heads:
+
+            def problem(reason: str, recorder=recorder, line=line) -> None:
+                report.problems.append(Problem(recorder.path, line, line - 1, reason))
+
+            peer, size = by_party.get(sth.party), sth.tree_size
+            if peer is None:
+                problem(f"records a signed tree head of {sth.party!r} (size {size}), but the folder holds no log of "
+                        f"{sth.party!r} (was it removed?)")
+                continue
+            if len(peer.entries) < size:
+                problem(f"the log of {sth.party!r} ({peer.path.name}) holds {len(peer.entries)} verified entries, "
+                        f"fewer than the {size} of its signed tree head recorded here: it was truncated")
+                continue
+            latest = peer.tree_heads[-1] if peer.tree_heads else None
+            if latest is not None and latest.tree_size >= size:
+                path = merkle.consistency_path(peer.leaves, size, latest.tree_size)
+                if not merkle.verify_consistency(size, sth.root, latest.tree_size, latest.root, path):
+                    problem(f"the log of {sth.party!r} ({peer.path.name}) does not match its signed tree head of "
+                            f"size {size} recorded here (no consistency with its own tree head of size "
+                            f"{latest.tree_size}): its history was rewritten")
+                    continue
+            elif merkle.root(peer.leaves[:size]) != sth.root:
+                problem(f"the log of {sth.party!r} ({peer.path.name}) does not match its signed tree head of size "
+                        f"{size} recorded here: its history was rewritten")
+                continue
+            report.peer_checks += 1

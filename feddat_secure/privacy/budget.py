@@ -1,0 +1,26 @@
+"""The budget gate: a round whose planned privacy cost would exceed a budget is not run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from .accounting import GaussianEvent, PrivacyAccountant
+
+
+class BudgetExceeded(RuntimeError):
+    """The next round would spend more than a privacy budget allows; every reason is listed."""
+
+    def __init__(self, round_index: int, reasons: Sequence[str]) -> None:
+        self.round_index = round_index
+        self.reasons = tuple(reasons)
+        super().__init__(f"privacy budget: round {round_index + 1} was not run, it would exceed the budget; "
+                         + "; ".join(self.reasons))
+
+
+def check_budgets(round_index: int,
+                  plans: Iterable[tuple[PrivacyAccountant, Sequence[GaussianEvent]]]) -> None:
+    """Raise :class:`BudgetExceeded` if any ledger's planned events would break its budget."""
+    reasons = [reason for accountant, events in plans
+               if (reason := accountant.would_exceed(events, round_index)) is not None]
+    if reasons:
+        raise BudgetExceeded(round_index, reasons)

@@ -1,0 +1,512 @@
+"""The privacy budget report of a run: ``privacy_report.{html,md,json}`` in the run folder.
+
+Reads what the run left behind — ``privacy/ledger.json`` (:class:`RunPrivacy.write`),
+``manifest.json`` (digests of config, base model and data) or, for an unfinished run,
+``config.toml``, and the signed tree heads of ``audit/**/*.jsonl`` — and recomputes every ε
+from the recorded events under every accountant that applies. The JSON shape is documented
+in docs/privacy.md; the HTML is one self-contained file (the plot is an embedded PNG).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .accounting import AccountingError, GaussianEvent, PrivacyAccountant, compute_epsilon
+from .run_privacy import LEDGER_FILE
+
+REPORT_FORMAT = "feddat-secure-privacy-report/1"
+HTML_FILE, MARKDOWN_FILE, JSON_FILE = "privacy_report.html", "privacy_report.md", "privacy_report.json"
+
+
+class ReportError(ValueError):
+    """The folder is not a run folder this report can describe."""
+
+
+# ---------------------------------------------------------------- gathering
+
+def build_report(run_dir: Path) -> dict[str, Any]:
+    """The report as plain data (what privacy_report.json holds)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{str(run_dir)!r} is not a folder")
+    ledger_path = run_dir / LEDGER_FILE
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else None
+    accountants = [PrivacyAccountant.from_state_dict(s) for s in ledger["ledgers"]] if ledger else []
+    levels = ledger["levels"] if ledger else {"record": {}, "client": None}
+    entries = [entry for a in accountants for entry in _ledger_entries(a)]
+    return {
+        "format": REPORT_FORMAT,
+        "run": _run_identity(run_dir, ledger is not None),
+        "levels": {"record": {"enabled": bool(levels["record"]), "sites": levels["record"]},
+                   "client": {"enabled": levels["client"] is not None, "settings": levels["client"]}},
+        "summary": _summary(entries),
+        "ledgers": entries,
+        "adaptive_clipping": ledger.get("adaptive_clipping") if ledger else None,
+        "assumptions": _assumptions(levels),
+    }
+
+
+def _ledger_entries(accountant: PrivacyAccountant) -> list[dict[str, Any]]:
+    events = [{"round": r + 1, **e.to_json()} for r, round_events in accountant.rounds for e in round_events]
+    entries = []
+    for name in accountant.applicable_accountants:
+        entry: dict[str, Any] = {
+            "level": accountant.level, "client": accountant.client, "accountant": name,
+            "delta": accountant.delta, "epsilon": None, "budget_epsilon": accountant.budget_epsilon or None,
+            "remaining_epsilon": None, "governs_budget": name == accountant.accountant,
+            "rounds_spent": len(accountant.rounds), "steps": sum(e.steps for e in accountant.events),
+            "events": events, "epsilon_per_round": [],
+        }
+        if accountant.rdp_orders is not None:
+            entry["rdp_orders"] = list(accountant.rdp_orders)
+            entry["note"] = ("Skellam noise, bounded in RDP by the listed Gaussian events at these integer orders; "
+                             "recompute with an RDP accountant at these orders only")
+        try:
+            entry["epsilon_per_round"] = [{"round": r + 1, "epsilon": _finite(eps)}
+                                          for r, eps in accountant.epsilon_history(name)]
+            entry["epsilon"] = _finite(accountant.epsilon(name))
+        except AccountingError as error:
+            entry["note"] = str(error)
+        if entry["epsilon"] is not None and accountant.budget_epsilon > 0:
+            entry["remaining_epsilon"] = max(0.0, accountant.budget_epsilon - entry["epsilon"])
+        if accountant.level == "client" and accountant.client is None and accountant.rdp_orders is None \
+                and any(e.sample_rate < 1 for e in accountant.events):
+            known = [GaussianEvent(e.noise_multiplier, 1.0, e.steps) for e in accountant.events]
+            try:
+                entry["epsilon_if_participation_known"] = _finite(compute_epsilon(known, accountant.delta, name))
+            except AccountingError:
+                entry["epsilon_if_participation_known"] = None
+        entries.append(entry)
+    return entries
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no infinity; null means "no bound"
+
+
+def _summary(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for level in ("record", "client"):
+        mine = [e for e in entries if e["level"] == level]
+        if not mine:
+            summary[level] = None
+            continue
+        per_accountant = {}
+        for name in sorted({e["accountant"] for e in mine}):
+            values = [e for e in mine if e["accountant"] == name]
+            worst = max(values, key=lambda e: -1 if e["epsilon"] is None else e["epsilon"])
+            per_accountant[name] = {"epsilon": worst["epsilon"], "client": worst["client"]}
+        governing = [e for e in mine if e["governs_budget"]]
+        summary[level] = {"delta": mine[0]["delta"], "epsilon": per_accountant,
+                          "budget_epsilon": governing[0]["budget_epsilon"],
+                          "budget_accountant": governing[0]["accountant"],
+                          "rounds_spent": max(e["rounds_spent"] for e in mine)}
+    return summary
+
+
+def _run_identity(run_dir: Path, has_ledger: bool) -> dict[str, Any]:
+    identity: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "name": run_dir.name, "finished": False,
+                                "config_sha256": None, "base_model_sha256": None, "data_sha256": None,
+                                "global_adapter_sha256": None, "privacy_ledger": has_ledger}
+    manifest_path = run_dir / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        identity["finished"] = True
+        identity["config_sha256"] = manifest.get("config", {}).get("sha256")
+        identity["base_model_sha256"] = manifest.get("base_model", {}).get("sha256")
+        identity["data_sha256"] = manifest.get("data", {}).get("sha256")
+        identity["global_adapter_sha256"] = manifest.get("files", {}).get(
+            "global_adapter/adapter_model.safetensors")
+        resolved = manifest.get("config", {}).get("resolved", {})
+        identity["name"] = resolved.get("name", identity["name"])
+        identity["algorithm"] = resolved.get("federation", {}).get("algorithm")
+    elif (run_dir / "config.toml").is_file():
+        from ..config import load_config
+
+        config = load_config(run_dir / "config.toml")
+        identity.update(name=config.name, config_sha256=config.digest(), algorithm=config.federation.algorithm)
+    else:
+        raise ReportError(f"{str(run_dir)!r} holds neither manifest.json nor config.toml: not a run folder")
+    identity["audit_tree_heads"] = _audit_tree_heads(run_dir / "audit")
+    return identity
+
+
+def _audit_tree_heads(folder: Path) -> list[dict[str, Any]]:
+    """The last signed tree head of every audit log (docs/audit.md), as written; not verified here
+    (``feddat-secure audit verify`` does that)."""
+    heads = []
+    for path in sorted(folder.rglob("*.jsonl")) if folder.is_dir() else []:
+        last = None
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            for line in stream:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict) and entry.get("event") == "tree_head" and isinstance(entry.get("sth"), dict):
+                    last = entry
+        if last is not None:
+            sth = last["sth"]
+            heads.append({"log": path.relative_to(folder.parent).as_posix(), "party": sth.get("party"),
+                          "tree_size": sth.get("tree_size"), "root": sth.get("root"), "time": sth.get("time"),
+                          "signature": sth.get("sig"), "final": bool((last.get("meta") or {}).get("final"))})
+    return heads
+
+
+def _assumptions(levels: dict[str, Any]) -> list[str]:
+    record, client = levels["record"], levels["client"]
+    notes = []
+    if not record and not client:
+        return ["No differential privacy was configured for this run: nothing below bounds what its outputs "
+                "reveal about the training data (ε is unbounded)."]
+    if record:
+        settings = next(iter(record.values()))
+        notes += [
+            "Record level protects each single training record (one image, question and answer) of a site: "
+            "whether it was used cannot be told, up to ε and δ, from anything the site's training produced — the "
+            "shared adapter sent to the server every round, hence every global model, and also the site's own "
+            "client adapter and answer head.",
+            "Neighbouring datasets differ by adding or removing one record. Each site's dataset size is treated as "
+            "public: it sets the sampling rate and is sent to the server as the aggregation weight.",
+            "Every parameter trained on a site's data is trained by DP-SGD: batches are drawn by Poisson sampling, "
+            "each record's gradient is clipped to the clipping norm, and Gaussian noise is added. ViLT's backbone, "
+            "embeddings included, stays frozen.",
+            "Sites hold disjoint records, so a record is protected by its own site's ledger; the federation's "
+            "record-level ε is the largest site ε.",
+            "Evaluation accuracies are computed on held-out test records and reported without noise: test records "
+            "are not protected.",
+        ]
+        if settings.get("mechanisms_per_batch", 1) > 1:
+            notes.append("FedDAT takes two DP-SGD steps on every batch (the shared adapter with the head, then the "
+                         "client adapter, each with its own noise). Two Gaussian steps on the same sample amount to "
+                         "one Gaussian mechanism with noise multiplier σ/√2, which is what is accounted.")
+    if client:
+        placement = client["placement"]
+        notes += [
+            "Client level protects a whole site: whether its data took part at all (all its records at once). "
+            "Neighbouring runs differ in one site's update being replaced by a zero update.",
+            "Participation is visible to the server: it knows which sites were asked and which answered.",
+        ]
+        if placement == "central":
+            notes.append("Central noise: the server adds the noise. The guarantee holds against everyone who sees "
+                         "the global models, not against the server, which sees the sum before noise (and each "
+                         "update, without secure aggregation).")
+            if client["sample_rate"] < 1:
+                notes.append("The reported ε counts the amplification of sampling sites by Poisson sampling; it "
+                             "assumes who took part stays hidden from those who see the models. Against someone who "
+                             "knows the participants, 'epsilon_if_participation_known' applies.")
+        elif placement == "local":
+            notes.append("Local noise: every site adds the full noise to its own update, so the guarantee holds "
+                         "against the server too, for each site separately and without any sampling amplification.")
+        else:
+            notes.append("Distributed noise: every site adds a share of Skellam noise to its quantized update inside "
+                         "masked secure aggregation. The server only learns the sum, which carries the noise of every "
+                         "share that reached it; ε is computed from the shares that actually survived each round, "
+                         "with the quantization's rounding included in the sensitivity, and without sampling "
+                         "amplification (the server knows who took part).")
+    reproducible = any(s.get("reproducible") for s in record.values()) or bool(client and client.get("reproducible"))
+    if reproducible:
+        notes.append("WARNING: this run drew its DP sampling and noise from the run's seed (a test setting). Anyone "
+                     "who knows the seed can recompute the noise: the ε above does not hold against them.")
+    else:
+        notes.append("Sampling and noise were drawn from generators seeded by the operating system's entropy "
+                     "(not a cryptographically secure generator; floating-point Gaussian sampling has known "
+                     "theoretical weaknesses).")
+    return notes
+
+
+# ---------------------------------------------------------------- rendering
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if 1e-3 <= abs(value) < 1e6 or value == 0 else f"{value:.3g}"
+    return str(value)
+
+
+def _eps(value: float | None) -> str:
+    return "∞ (no bound)" if value is None else f"{value:.3f}"
+
+
+def _blocks(report: dict[str, Any]) -> list[tuple]:
+    run, levels, summary = report["run"], report["levels"], report["summary"]
+    blocks: list[tuple] = [("h1", f"Privacy budget report — {run['name']}")]
+    blocks.append(("p", "What the run spent of its differential-privacy budgets, per level, recomputed from the "
+                        "recorded noise mechanisms. ε bounds how much any output can reveal about what is protected "
+                        "(smaller is better); δ is the small probability with which the bound may fail."))
+    blocks.append(("h2", "Run"))
+    rows = [["run folder", run["run_dir"]], ["finished (manifest written)", "yes" if run["finished"] else "no"],
+            ["algorithm", _fmt(run.get("algorithm"))], ["config SHA-256", _fmt(run["config_sha256"])],
+            ["base model SHA-256", _fmt(run["base_model_sha256"])], ["data SHA-256", _fmt(run["data_sha256"])],
+            ["global adapter SHA-256", _fmt(run["global_adapter_sha256"])]]
+    blocks.append(("table", ["", ""], rows))
+    if run["audit_tree_heads"]:
+        blocks.append(("p", "Final signed tree heads of the run's audit logs (verify them with the audit tools):"))
+        blocks.append(("table", ["log", "party", "tree size", "root", "time", "final"],
+                       [[h["log"], h["party"], h["tree_size"], h["root"], h["time"], "yes" if h["final"] else "no"]
+                        for h in run["audit_tree_heads"]]))
+    else:
+        blocks.append(("p", "No audit log was found in the run folder."))
+    blocks.append(("h2", "Summary"))
+    rows = []
+    for level in ("record", "client"):
+        s = summary.get(level)
+        if s is None:
+            rows.append([level, "off", "—", "—", "—", "—"])
+            continue
+        for name, value in s["epsilon"].items():
+            governs = name == s["budget_accountant"]
+            budget = s["budget_epsilon"]
+            left = None if budget is None or value["epsilon"] is None else max(0.0, budget - value["epsilon"])
+            where = f" (largest: {value['client']})" if level == "record" and value["client"] else ""
+            rows.append([level, name + (" (decides the budget)" if governs else ""), _eps(value["epsilon"]) + where,
+                         _fmt(s["delta"], 8), "none" if not budget else _fmt(budget), _fmt(left)])
+    blocks.append(("table", ["level", "accountant", "ε spent", "δ", "budget ε", "ε left"], rows))
+    blocks.append(("img", "ε spent after each round (every ledger, each under the accountant that decides its "
+                          "budget)"))
+    blocks += _level_blocks(report, levels)
+    blocks.append(("h2", "What is protected, and what is not"))
+    blocks.append(("ul", report["assumptions"]))
+    blocks.append(("h2", "Recomputing ε"))
+    blocks.append(("p", "privacy_report.json lists, for every ledger, the Gaussian mechanisms that were composed "
+                        "(noise multiplier σ, sampling rate q, steps T per round). Feeding them to another accountant "
+                        "(e.g. Google's dp-accounting: PoissonSampledDpEvent(q, GaussianDpEvent(σ)) self-composed T "
+                        "times) recomputes ε independently."))
+    return blocks
+
+
+def _level_blocks(report: dict[str, Any], levels: dict[str, Any]) -> list[tuple]:
+    blocks: list[tuple] = []
+    entries = report["ledgers"]
+    if levels["record"]["enabled"]:
+        sites = levels["record"]["sites"]
+        first = next(iter(sites.values()))
+        same_sigma = len({site["noise_multiplier"] for site in sites.values()}) == 1
+
+        def sigma(key: str) -> str:
+            return _fmt(first[key], 4) if same_sigma else "per site (calibrated to each site's q), see below"
+
+        blocks.append(("h2", "Record level: DP-SGD inside each site"))
+        blocks.append(("table", ["setting", "value"], [
+            ["mechanism", first["mechanism"]],
+            ["noise multiplier σ per DP-SGD step", sigma("noise_multiplier")],
+            ["DP-SGD steps per batch", first["mechanisms_per_batch"]],
+            ["accounted noise multiplier per batch (σ/√steps)", sigma("accounted_noise_multiplier")],
+            ["clipping norm C (per record, per step)", _fmt(first["max_grad_norm"])],
+            ["batches per round", first["local_steps"]], ["δ", _fmt(first["delta"], 8)],
+            ["target ε (σ calibrated to it)", _fmt(first["target_epsilon"]) if first["target_epsilon"] else "none"],
+            ["budget ε per site", _fmt(first["budget_epsilon"]) if first["budget_epsilon"] else "none"]]))
+        rows = []
+        for cid, site in sites.items():
+            mine = {e["accountant"]: e for e in entries if e["level"] == "record" and e["client"] == cid}
+            rdp, prv = mine.get("rdp", {}), mine.get("prv", {})
+            rows.append([cid, site["dataset_size"], _fmt(site["sample_rate"], 4), _fmt(site["noise_multiplier"], 4),
+                         rdp.get("rounds_spent", 0), rdp.get("steps", 0), _eps(rdp.get("epsilon")),
+                         _eps(prv.get("epsilon")) if prv else "—", _fmt(rdp.get("remaining_epsilon"))])
+        blocks.append(("h3", "Per site"))
+        blocks.append(("table", ["site", "records N", "sampling rate q", "σ", "rounds", "batches", "ε (RDP)",
+                                 "ε (PRV)", "ε left"], rows))
+        blocks += _per_round_table([e for e in entries if e["level"] == "record"], "Record-level ε after each round")
+    if levels["client"]["enabled"]:
+        c = levels["client"]["settings"]
+        blocks.append(("h2", f"Client level: DP-FedAvg, {c['placement']} noise"))
+        rows = [["mechanism", c["mechanism"]], ["noise multiplier σ", _fmt(c["noise_multiplier"], 4)],
+                ["clipping norm C of a site's update", _fmt(c["clip_norm"], 4)],
+                ["site sampling rate q (expected participants / sites)",
+                 f"{_fmt(c['sample_rate'], 4)} ({_fmt(c['expected_participants'], 2)} / {c['num_clients']})"],
+                ["planned rounds", c["rounds"]], ["δ", _fmt(c["delta"], 8)],
+                ["target ε (σ calibrated to it)", _fmt(c["target_epsilon"]) if c["target_epsilon"] else "none"],
+                ["budget ε", _fmt(c["budget_epsilon"]) if c["budget_epsilon"] else "none"]]
+        if c["placement"] == "distributed":
+            rows += [["quantization step", _fmt(c["quantization_step"], 8)],
+                     ["L2 sensitivity in grid steps (rounding included)", _fmt(c["quantized_l2_sensitivity"], 1)],
+                     ["tolerated dropouts per round", c["tolerated_dropouts"]]]
+        if c.get("adaptive_clipping"):
+            rows += [["adaptive clipping: target quantile", _fmt(c["target_quantile"])],
+                     ["adaptive clipping: noise std of the count", _fmt(c["count_noise_std"])],
+                     ["noise multiplier left for the update", _fmt(c["update_noise_multiplier"], 4)]]
+            history = (report.get("adaptive_clipping") or {})
+            if history:
+                rows.append(["clip norm now (after adaptation)", _fmt(history.get("clip_norm"), 4)])
+        blocks.append(("table", ["setting", "value"], rows))
+        mine = [e for e in entries if e["level"] == "client"]
+        rows = [[e["client"] or "federation", e["accountant"], e["rounds_spent"], _eps(e["epsilon"]),
+                 _eps(e["epsilon_if_participation_known"]) if "epsilon_if_participation_known" in e else "—",
+                 _fmt(e["remaining_epsilon"])] for e in mine]
+        blocks.append(("table", ["ledger", "accountant", "rounds", "ε", "ε if participation is known", "ε left"], rows))
+        blocks += _per_round_table(mine, "Client-level ε after each round")
+    return blocks
+
+
+def _per_round_table(entries: list[dict[str, Any]], title: str) -> list[tuple]:
+    governing = [e for e in entries if e["governs_budget"]]
+    rounds = sorted({p["round"] for e in governing for p in e["epsilon_per_round"]})
+    if not rounds:
+        return [("p", f"{title}: no round has spent anything yet.")]
+    headers = ["round"] + [e["client"] or "federation" for e in governing]
+    rows = []
+    for r in rounds:
+        row = [r]
+        for e in governing:
+            values = {p["round"]: p["epsilon"] for p in e["epsilon_per_round"]}
+            previous = [v for k, v in values.items() if k < r]
+            spent = values.get(r)
+            before = previous[-1] if previous else 0.0
+            if r not in values:
+                row.append("— (did not take part)")
+            elif spent is None or before is None:
+                row.append("∞")
+            else:
+                row.append(f"{spent:.3f} (+{spent - before:.3f})")
+        rows.append(row)
+    accountant = governing[0]["accountant"]
+    return [("h3", f"{title} ({accountant}; in brackets: what the round spent)"), ("table", headers, rows)]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = []
+    for block in _blocks(report):
+        kind = block[0]
+        if kind in ("h1", "h2", "h3"):
+            lines += ["#" * int(kind[1]) + " " + block[1], ""]
+        elif kind == "p":
+            lines += [block[1], ""]
+        elif kind == "ul":
+            lines += [f"- {item}" for item in block[1]] + [""]
+        elif kind == "img":
+            lines += [f"*{block[1]}: see the plot in {HTML_FILE}.*", ""]
+        else:
+            headers, rows = block[1], block[2]
+            lines.append("| " + " | ".join(headers) + " |")
+            lines.append("|" + "---|" * len(headers))
+            lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+            lines.append("")
+    return "\n".join(lines)
+
+
+STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;
+color:#1a1a1a;line-height:1.45}table{border-collapse:collapse;margin:.6em 0 1.2em}td,th{border:1px solid #ccc;
+padding:.3em .6em;text-align:left;vertical-align:top;font-size:.92em}th{background:#f2f2f2}td{word-break:break-all}
+h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}img{max-width:100%;border:1px solid #ddd}
+li{margin:.3em 0}figcaption{color:#555;font-size:.9em}"""
+
+
+def render_html(report: dict[str, Any], png: bytes) -> str:
+    parts = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+             f"<title>Privacy budget report — {html.escape(str(report['run']['name']))}</title>",
+             f"<style>{STYLE}</style></head><body>"]
+    for block in _blocks(report):
+        kind = block[0]
+        if kind in ("h1", "h2", "h3", "p"):
+            parts.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in block[1]) + "</ul>")
+        elif kind == "img":
+            data = base64.b64encode(png).decode()
+            parts.append(f"<figure><img alt=\"{html.escape(block[1])}\" src=\"data:image/png;base64,{data}\">"
+                         f"<figcaption>{html.escape(block[1])}</figcaption></figure>")
+        else:
+            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block[1])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                           for row in block[2])
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- the plot (Pillow; no matplotlib)
+
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]
+
+
+def plot_epsilon(report: dict[str, Any], *, width: int = 900, height: int = 460) -> bytes:
+    """A PNG line chart of ε after each round, one line per ledger under its budget accountant."""
+    series = []
+    for entry in report["ledgers"]:
+        if entry["governs_budget"] and entry["epsilon_per_round"]:
+            points = [(p["round"], p["epsilon"]) for p in entry["epsilon_per_round"] if p["epsilon"] is not None]
+            label = f"{entry['level']}: {entry['client'] or 'federation'}"
+            series.append((label, points, entry["level"] == "client", entry["budget_epsilon"]))
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=14)
+    small = ImageFont.load_default(size=12)
+    left, right, top, bottom = 70, width - 220, 30, height - 55
+    all_points = [p for _, points, _, _ in series for p in points]
+    budgets = [b for *_, b in series if b]
+    max_round = max([p[0] for p in all_points], default=1)
+    max_eps = max([p[1] for p in all_points] + budgets + [1e-9])
+    y_top = _nice_ceiling(max_eps * 1.05)
+
+    def xy(r: float, e: float) -> tuple[float, float]:
+        x = left + (r - 0.5 if max_round == 1 else r - 1) / max(max_round - 1, 1) * (right - left)
+        return x, bottom - e / y_top * (bottom - top)
+
+    draw.rectangle([left, top, right, bottom], outline="#444")
+    for i in range(6):
+        value = y_top * i / 5
+        _, y = xy(1, value)
+        draw.line([left, y, right, y], fill="#e6e6e6")
+        draw.text((left - 8, y), f"{value:.3g}", fill="#222", font=small, anchor="rm")
+    step = max(1, math.ceil(max_round / 12))
+    for r in range(1, max_round + 1, step):
+        x, _ = xy(r, 0)
+        draw.line([x, bottom, x, bottom + 5], fill="#444")
+        draw.text((x, bottom + 8), str(r), fill="#222", font=small, anchor="mt")
+    draw.text(((left + right) / 2, height - 20), "round", fill="#222", font=font, anchor="mm")
+    draw.text((12, top - 22), "epsilon spent (cumulative)", fill="#222", font=font)  # the font has no Greek
+    if not series:
+        draw.text(((left + right) / 2, (top + bottom) / 2), "no privacy spending recorded", fill="#888", font=font,
+                  anchor="mm")
+    for index, (label, points, thick, budget) in enumerate(series):
+        colour = "#000000" if thick else PALETTE[index % len(PALETTE)]
+        coords = [xy(r, e) for r, e in points]
+        if len(coords) > 1:
+            draw.line(coords, fill=colour, width=4 if thick else 2)
+        for x, y in coords:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        if budget:
+            _, y = xy(1, budget)
+            for x in range(left, right, 12):
+                draw.line([x, y, min(x + 6, right), y], fill=colour, width=1)
+        legend_y = top + 6 + 20 * index
+        if legend_y < bottom - 30:
+            draw.line([right + 15, legend_y + 7, right + 40, legend_y + 7], fill=colour, width=4 if thick else 2)
+            draw.text((right + 46, legend_y), label[:24], fill="#222", font=small)
+    if budgets:
+        draw.text((right + 15, bottom - 18), "- - - budget", fill="#555", font=small)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _nice_ceiling(value: float) -> float:
+    magnitude = 10 ** math.floor(math.log10(value))
+    for factor in (1, 2, 2.5, 5, 10):
+        if factor * magnitude >= value:
+            return factor * magnitude
+    return 10 * magnitude
+
+
+# ---------------------------------------------------------------- writing
+
+def write_privacy_report(run_dir: Path | str) -> list[Path]:
+    """Write privacy_report.html, .md and .json into ``run_dir``; returns their paths."""
+    run_dir = Path(run_dir)
+    report = build_report(run_dir)
+    paths = [run_dir / HTML_FILE, run_dir / MARKDOWN_FILE, run_dir / JSON_FILE]
+    paths[0].write_text(render_html(report, plot_epsilon(report)), encoding="utf-8")
+    paths[1].write_text(render_markdown(report), encoding="utf-8")
+    paths[2].write_text(json.dumps(report, indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    return paths

@@ -1,0 +1,76 @@
+"""How a client's vector fills CKKS ciphertexts, and the canary slots that bind an aggregate to its inputs.
+
+A client encrypts ``[w·x_0, ..., w·x_{L-1}, w]``: its weighted vector and then its weight, so the
+aggregate carries Σw without the server learning any single weight. That sequence is cut into
+chunks of ``slots - CANARIES`` values; every chunk is followed by ``CANARIES`` canary values and
+encrypted as one ciphertext.
+
+Canaries are pseudo-random values in [-1, 1) expanded from a 32-byte seed that the client seals to the
+key holder alone. The key holder adds up the canaries of the clients an aggregate claims to contain
+and compares them with the decrypted canary slots: a ciphertext that is not the plain sum of exactly
+those clients' ciphertexts (one client's ciphertext, a sum over other clients, a repeated or a
+multiplied contribution) misses by far more than the noise, except with probability about
+``output_step`` per canary, because the server never sees a seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import CANARIES
+
+SEED_BYTES = 32
+_CANARY_DOMAIN = b"feddat-secure/he/canaries/v1"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Chunking of a vector of ``vector_length`` entries (plus the weight) into ciphertexts of ``slots`` slots."""
+
+    vector_length: int
+    slots: int
+    canaries: int = CANARIES
+
+    @property
+    def per_chunk(self) -> int:
+        return self.slots - self.canaries
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-(self.vector_length + 1) // self.per_chunk)
+
+    def chunk_sizes(self) -> list[int]:
+        """The number of slots each ciphertext uses (data then canaries)."""
+        total = self.vector_length + 1
+        return [min(self.per_chunk, total - start) + self.canaries for start in range(0, total, self.per_chunk)]
+
+    def split(self, weighted: np.ndarray, weight: float, canaries: np.ndarray) -> list[np.ndarray]:
+        """The plaintext of each ciphertext: a chunk of ``[weighted, weight]`` followed by its canaries."""
+        values = np.concatenate([weighted, [weight]])
+        return [np.concatenate([values[start:start + self.per_chunk], canaries[index]])
+                for index, start in enumerate(range(0, values.size, self.per_chunk))]
+
+    def join(self, chunks: Sequence[np.ndarray]) -> tuple[np.ndarray, float, np.ndarray]:
+        """Inverse of ``split`` on decrypted sums: (Σ w·x, Σ w, canaries of shape (num_chunks, canaries))."""
+        values = np.concatenate([chunk[:-self.canaries] for chunk in chunks])
+        canaries = np.stack([chunk[-self.canaries:] for chunk in chunks])
+        return values[:-1], float(values[-1]), canaries
+
+    def canaries_from(self, seed: bytes) -> np.ndarray:
+        """The canaries a seed expands to: shape (num_chunks, canaries), uniform in [-1, 1)."""
+        count = self.num_chunks * self.canaries
+        words = np.frombuffer(hashlib.shake_256(_CANARY_DOMAIN + seed).digest(8 * count), dtype="<u8")
+        return ((words >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0).reshape(self.num_chunks, self.canaries)
+
+
+def ciphertexts_digest(ciphertexts: Sequence[bytes]) -> str:
+    """SHA-256 (hex) over the serialized ciphertexts, each prefixed by its length: what a receipt commits to."""
+    digest = hashlib.sha256()
+    for ciphertext in ciphertexts:
+        digest.update(len(ciphertext).to_bytes(8, "little"))
+        digest.update(ciphertext)
+    return digest.hexdigest()

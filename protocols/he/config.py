@@ -1,0 +1,98 @@
+"""CKKS parameters for additive aggregation, checked against the HE security standard.
+
+Aggregation only adds ciphertexts, so there is nothing to rescale: one data prime is enough and
+every extra prime would only make ciphertexts bigger. The defaults (N = 8192, moduli [60, 40],
+scale 2^40) were chosen by measurement (docs/protocols.md, "Homomorphic protocol (CKKS)"):
+32 bytes per parameter (8x float32), aggregate error about 1e-7 before the released rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import ConfigurationError
+
+# Largest total coefficient-modulus bits (special prime included) for 128-bit classical security with
+# a ternary secret: HomomorphicEncryption.org security standard (Albrecht et al., 2018), Table 1.
+# SEAL enforces the same table; we check it first to explain the refusal.
+MAX_MODULUS_BITS_128 = {2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+# Fresh-ciphertext noise measured at about 2^14.5 and a 100-client sum at about 2^16 (both in units of
+# 2^-scale): everything the key holder releases is rounded to a multiple of 2^(NOISE_MARGIN_BITS - scale),
+# 2^6 or more above that noise, so a decryption reveals (almost) nothing of its noise and thus of the
+# secret key (Li-Micciancio, "On the security of homomorphic encryption on approximate numbers", 2021).
+NOISE_MARGIN_BITS = 24
+# Canary slots per ciphertext (see chunks.py): a forged aggregate passes one with probability about
+# 2^(NOISE_MARGIN_BITS - scale); four per ciphertext give 2^-64 at the default scale.
+CANARIES = 4
+
+
+@dataclass(frozen=True)
+class HEConfig:
+    """CKKS parameters and the key holder's quorum.
+
+    ``coeff_mod_bit_sizes`` lists the primes: all but the last hold ciphertext data, the last is SEAL's
+    special (key-switching) prime, which only keys carry.
+    """
+
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40)
+    global_scale_bits: int = 40
+    min_clients: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "coeff_mod_bit_sizes", tuple(self.coeff_mod_bit_sizes))
+        degree, bits, scale = self.poly_modulus_degree, self.coeff_mod_bit_sizes, self.global_scale_bits
+        if _not_int(degree) or degree not in MAX_MODULUS_BITS_128:
+            raise ConfigurationError(f"poly_modulus_degree must be one of {sorted(MAX_MODULUS_BITS_128)}, not "
+                                     f"{degree!r}")
+        if len(bits) < 2 or any(_not_int(b) or not 20 <= b <= 60 for b in bits):
+            raise ConfigurationError(f"coeff_mod_bit_sizes must list at least two primes (data primes, then the "
+                                     f"special prime) of 20-60 bits each, not {list(bits)!r}")
+        if sum(bits) > MAX_MODULUS_BITS_128[degree]:
+            raise ConfigurationError(f"coeff_mod_bit_sizes {list(bits)} total {sum(bits)} bits; 128-bit security "
+                                     f"allows at most {MAX_MODULUS_BITS_128[degree]} for N = {degree}")
+        if _not_int(scale) or scale < NOISE_MARGIN_BITS + 6:
+            raise ConfigurationError(f"global_scale_bits must be an integer >= {NOISE_MARGIN_BITS + 6} (the "
+                                     f"released precision is 2^({NOISE_MARGIN_BITS} - scale)), not {scale!r}")
+        if self.data_bits - scale < 8:
+            raise ConfigurationError(f"the data primes {list(bits[:-1])} leave {self.data_bits - scale} bits above "
+                                     f"the scale 2^{scale}; at least 8 are needed to hold a sum")
+        if _not_int(self.min_clients) or self.min_clients < 1:
+            raise ConfigurationError(f"min_clients must be a positive integer, not {self.min_clients!r}")
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def data_bits(self) -> int:
+        return sum(self.coeff_mod_bit_sizes[:-1])
+
+    @property
+    def scale(self) -> float:
+        return float(2**self.global_scale_bits)
+
+    @property
+    def capacity(self) -> float:
+        """Largest |slot value| of a sum that decrypts correctly, with a factor 2 to spare.
+
+        A slot bound B bounds every plaintext coefficient by B·scale; decryption is correct while that
+        (plus noise) stays below half the data modulus q, and q >= 2^(data_bits - number of data primes).
+        """
+        data_primes = len(self.coeff_mod_bit_sizes) - 1
+        return math.ldexp(1.0, self.data_bits - data_primes - 2 - self.global_scale_bits)
+
+    @property
+    def output_step(self) -> float:
+        """The grid the key holder rounds released values to; also the canary tolerance."""
+        return math.ldexp(1.0, NOISE_MARGIN_BITS - self.global_scale_bits)
+
+    def per_client_bound(self, num_clients: int) -> float:
+        """The largest |weight·value| (and weight) one of ``num_clients`` clients may encrypt."""
+        return self.capacity / num_clients
+
+
+def _not_int(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)

@@ -1,0 +1,142 @@
+"""The server: adds ciphertexts as they arrive and asks the key holder to decrypt the sum. It never holds a
+secret key, and its memory does not grow with the number of clients (one running sum plus a receipt each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tenseal as ts
+
+from ..base import AggregateResult, Outgoing, ServerSession, checked_round
+from ..errors import ConfigurationError, MessageRejected, RoundAborted
+from ..identity import Identity, Roster
+from ..wire import Envelope, decode, encode, expect
+from . import ckks, messages
+from .chunks import Layout, ciphertexts_digest
+from .config import HEConfig
+from .messages import AGGREGATE, CONTEXT, DECRYPT, INPUT, NAME, RECEIPT, RECEIPT_PREFIX, RESULT, SETUP, STAGES
+
+
+class HEServer(ServerSession):
+    stages = STAGES
+
+    def __init__(self, config: HEConfig, identity: Identity, roster: Roster):
+        if roster.keyholder_id is None:
+            raise ConfigurationError("the HE protocol needs a key holder on the roster")
+        self._config, self._identity, self._roster = config, identity, roster
+        self._keyholder = roster.keyholder_id
+        self.stage, self.round_done = INPUT, False
+        self._round, self._clients, self._layout = -1, (), Layout(1, config.slots)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._context: ts.Context | None = None
+        self._context_digest = ""
+        self._sum: list[ts.CKKSVector] = []
+        self._receipts: dict[str, bytes] = {}
+        self._result: AggregateResult | None = None
+
+    def begin_round(self, round_id: int, clients: Sequence[str], vector_length: int) -> list[Outgoing]:
+        """Ask the key holder for this round's public context (it sends it to the clients and to us)."""
+        self._clients = checked_round(self._roster, round_id, clients, vector_length)
+        self._round, self._layout = round_id, Layout(vector_length, self._config.slots)
+        self._reset()
+        self.stage, self.round_done = INPUT, False
+        request = Envelope(NAME, round_id, SETUP, self._identity.party_id, self._keyholder,
+                           {"clients": list(self._clients), "vector_length": vector_length})
+        return [Outgoing(self._keyholder, encode(request, self._identity))]
+
+    def receive(self, data: bytes) -> None:
+        if self.round_done:
+            raise MessageRejected("the round is over")
+        envelope = expect(decode(data, self._roster), protocol=NAME, round=self._round,
+                          recipient=self._identity.party_id)
+        handlers = {(INPUT, CONTEXT): self._receive_context, (INPUT, INPUT): self._receive_input,
+                    (DECRYPT, RESULT): self._receive_result}
+        handler = handlers.get((self.stage, envelope.stage))
+        if handler is None:
+            raise MessageRejected(f"unexpected {envelope.stage!r} message in stage {self.stage!r}", envelope.sender)
+        handler(envelope)
+
+    def _receive_context(self, envelope: Envelope) -> None:
+        expect(envelope, sender=self._keyholder)
+        if self._context is not None:
+            raise MessageRejected("this round's context has already arrived", envelope.sender)
+        messages.check_context_fields(envelope, self._config, self._clients, self._layout.vector_length)
+        self._context = ckks.load_public_context(envelope.blobs["context"], self._config, envelope.sender)
+        self._context_digest = ckks.digest(envelope.blobs["context"])
+
+    def _receive_input(self, envelope: Envelope) -> None:
+        sender = envelope.sender
+        if sender not in self._clients:
+            raise MessageRejected("not a client of this round", sender)
+        if sender in self._receipts:
+            raise MessageRejected("duplicate input", sender)
+        if self._context is None:
+            raise MessageRejected("no public context for this round yet", sender)
+        if envelope.fields != {"chunks": self._layout.num_chunks}:
+            raise MessageRejected(f"expected the field 'chunks' = {self._layout.num_chunks} (wrong vector length)",
+                                  sender)
+        blobs = messages.chunk_blobs(envelope, self._layout.num_chunks, {"receipt"})
+        self._check_receipt(envelope.blobs["receipt"], sender, ciphertexts_digest(blobs))
+        vectors = [ckks.load_ciphertext(self._context, blob, size, self._config, sender, messages.chunk_name(index))
+                   for index, (blob, size) in enumerate(zip(blobs, self._layout.chunk_sizes()))]
+        if self._sum:
+            for total, vector in zip(self._sum, vectors):
+                total += vector  # in place, sharing one context: never .copy() (it copies the context)
+        else:
+            self._sum = vectors
+        self._receipts[sender] = envelope.blobs["receipt"]
+
+    def _check_receipt(self, data: bytes, sender: str, ciphertexts: str) -> None:
+        try:
+            receipt = expect(decode(data, self._roster), protocol=NAME, round=self._round, stage=RECEIPT,
+                             sender=sender, recipient=self._keyholder)
+        except MessageRejected as rejection:
+            raise MessageRejected(f"bad receipt: {rejection.reason}", sender) from None
+        expected = {"ciphertexts": ciphertexts, "context": self._context_digest,
+                    "vector_length": self._layout.vector_length}
+        if dict(receipt.fields) != expected or set(receipt.blobs) != {"seed"} or receipt.arrays:
+            raise MessageRejected("the receipt does not match the ciphertexts, this round's context or the vector "
+                                  "length", sender)
+
+    def _receive_result(self, envelope: Envelope) -> None:
+        expect(envelope, sender=self._keyholder)
+        counted = sorted(self._receipts)
+        vector = envelope.arrays.get("sum")
+        weight = envelope.fields.get("total_weight")
+        if (set(envelope.fields) != {"counted", "total_weight"} or envelope.fields["counted"] != counted
+                or isinstance(weight, bool) or not isinstance(weight, int | float) or set(envelope.arrays) != {"sum"}
+                or vector.dtype != np.float64 or vector.shape != (self._layout.vector_length,)
+                or not np.isfinite(vector).all() or envelope.blobs):
+            raise MessageRejected("the result does not match the aggregate sent (counted clients, a float64 'sum' "
+                                  "of the vector length, a 'total_weight')", envelope.sender)
+        self._result = AggregateResult(vector, tuple(counted), float(weight))
+        self.round_done = True
+
+    def advance(self) -> list[Outgoing]:
+        if self.round_done:
+            raise RoundAborted(self.stage, "the round is already over", self._round)
+        if self.stage == DECRYPT:
+            raise RoundAborted(DECRYPT, "the key holder released no aggregate (it refused it, or never answered)",
+                               self._round)
+        if self._context is None:
+            raise RoundAborted(INPUT, "the key holder sent no public context", self._round)
+        if len(self._receipts) < self._config.min_clients:
+            raise RoundAborted(INPUT, f"only {len(self._receipts)} of {len(self._clients)} clients sent their input; "
+                               f"at least min_clients = {self._config.min_clients} are needed", self._round)
+        counted = sorted(self._receipts)
+        blobs = {messages.chunk_name(index): total.serialize() for index, total in enumerate(self._sum)}
+        blobs.update({RECEIPT_PREFIX + client: self._receipts[client] for client in counted})
+        request = Envelope(NAME, self._round, AGGREGATE, self._identity.party_id, self._keyholder,
+                           {"counted": counted}, blobs=blobs)
+        self._sum = []  # the key holder has it now; free the memory
+        self.stage = DECRYPT
+        return [Outgoing(self._keyholder, encode(request, self._identity))]
+
+    def result(self) -> AggregateResult:
+        if self._result is None:
+            raise RoundAborted(self.stage, "the round has not finished", self._round)
+        return self._result

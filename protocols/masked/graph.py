@@ -1,0 +1,128 @@
+"""Who masks with whom: a random Harary graph (SecAgg+) or the complete graph (classic SecAgg).
+
+SecAgg+ (Bell et al., CCS 2020) replaces SecAgg's all-pairs masking by a random k-regular
+graph: each client masks with, and shares its secrets among, only its k neighbours. The graph
+is a Harary graph H(k, n) (a ring where each node is joined to the k/2 nearest on each side)
+with the ring order drawn at random by the server, as in the paper.
+
+Defaults for k and the Shamir threshold t follow the paper's parameter search: the smallest
+even k such that, with n clients of which a fraction ``adversarial_rate`` is corrupt and a
+fraction ``dropout_rate`` drops out,
+
+(both counted as at least one client)
+
+* the honest surviving clients stay connected except with probability 2^-(σ+1) (σ = 40),
+  bounding "two gaps of k/2 consecutive bad clients on the ring" by a union bound;
+* no client has more than t-1 corrupt neighbours except with probability 2^-(σ+1)/n
+  (hypergeometric tail), t also exceeding half the neighbourhood plus the corrupt ones
+  (the semi-malicious bound, so the server cannot collect both kinds of shares of one client);
+* every client keeps at least t surviving neighbours except with probability 2^-η/n (η = 20).
+
+The smallest admissible t is taken (cheapest reconstruction, most dropout tolerance). When no
+sparse k < n-1 qualifies (small n), the complete graph is used with t = ⌊(n-1)/2⌋ + 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ..errors import ConfigurationError
+
+SECURITY_BITS = 40
+CORRECTNESS_BITS = 20
+
+
+@dataclass(frozen=True)
+class GraphParameters:
+    neighbours: int  # k: each client's neighbours (n-1 for the complete graph)
+    threshold: int  # t: shares needed to reconstruct a client's secrets, t-of-k
+
+    @property
+    def tolerated_dropouts(self) -> int:
+        """How many of one client's neighbours may vanish with its secrets still recoverable."""
+        return self.neighbours - self.threshold
+
+
+def _hypergeometric_pmf(population: int, successes: int, draws: int) -> list[float]:
+    """P[X = x] for x = 0..draws, X the successes among ``draws`` taken without replacement."""
+    total = math.comb(population, draws)
+    return [math.comb(successes, x) * math.comb(population - successes, draws - x) / total for x in range(draws + 1)]
+
+
+def _log_disconnection_bound(n: int, k: int, bad: int) -> float:
+    """log of a union bound on removing ``bad`` random nodes disconnecting a random H(k, n)."""
+    if k > bad:
+        return -math.inf
+    gap_pairs = math.log(n) + math.log(n - k - 1) - math.log(2)
+    return gap_pairs + math.lgamma(bad + 1) + math.lgamma(n - k + 1) - math.lgamma(n + 1) - math.lgamma(bad - k + 1)
+
+
+def _threshold_for(n: int, k: int, adversarial_rate: float, dropout_rate: float) -> int | None:
+    small = 1e-14  # keeps float rounding from tipping a bound the insecure way
+    # at least one corrupt and one dropped client, so that small federations get real margins too
+    corrupt = max(1, math.floor((adversarial_rate + small) * n))
+    dropped = max(1, math.floor((dropout_rate + small) * n))
+    surviving = n - dropped
+    if _log_disconnection_bound(n, k, corrupt + dropped) \
+            >= -(SECURITY_BITS + 1) * math.log(2):
+        return None
+    security = 2.0 ** -(SECURITY_BITS + 1) / n
+    correctness = 2.0 ** -CORRECTNESS_BITS / n
+    corrupt_pmf = _hypergeometric_pmf(n, corrupt, k)
+    # t1: the fewest corrupt neighbours exceeded only with probability <= security (tails summed directly:
+    # 1 - cdf would lose these tiny probabilities to rounding)
+    t1 = next(a for a in range(k + 1) if sum(corrupt_pmf[a + 1:]) <= security)
+    t1 = math.ceil((t1 + k - 1.25) / 2)  # semi-malicious server: 2t - k must exceed the corrupt neighbours
+    surviving_pmf = _hypergeometric_pmf(n, surviving, k)
+    # t2: the largest t with P[fewer than t surviving neighbours] < correctness
+    t2 = next(s for s in range(k + 1) if sum(surviving_pmf[:s + 1]) >= correctness)
+    if t2 <= t1:
+        return None
+    return max(t1 + 1, 2)
+
+
+@lru_cache(maxsize=256)
+def default_parameters(n: int, graph: str = "sparse", adversarial_rate: float = 0.05,
+                       dropout_rate: float = 0.1) -> GraphParameters:
+    """Bell et al.'s (k, t) for ``n`` clients (see the module docstring); complete graph when needed."""
+    if n < 2:
+        raise ConfigurationError(f"masked aggregation needs at least 2 clients, not {n}")
+    if graph == "sparse":
+        for k in range(2, n - 1, 2):
+            threshold = _threshold_for(n, k, adversarial_rate, dropout_rate)
+            if threshold is not None:
+                return GraphParameters(k, threshold)
+    return GraphParameters(n - 1, (n - 1) // 2 + 1)
+
+
+def resolve_parameters(n: int, graph: str, neighbours: int, threshold: int, adversarial_rate: float,
+                       dropout_rate: float) -> GraphParameters:
+    """The (k, t) a round with ``n`` clients uses; 0 means "the default". Refuses unsafe choices."""
+    if graph not in ("sparse", "complete"):
+        raise ConfigurationError(f"graph must be 'sparse' or 'complete', not {graph!r}")
+    if n < 2:
+        raise ConfigurationError(f"masked aggregation needs at least 2 clients, not {n}")
+    default = default_parameters(n, graph, adversarial_rate, dropout_rate)
+    k = n - 1 if graph == "complete" else (neighbours or default.neighbours)
+    k = min(k, n - 1)
+    if k < n - 1 and k % 2:
+        raise ConfigurationError(f"neighbours must be even for a sparse (Harary) graph, not {k}")
+    if k < 1:
+        raise ConfigurationError(f"neighbours must be positive, not {k}")
+    t = threshold or (default.threshold if k == default.neighbours else k // 2 + 1)
+    if not k // 2 < t <= k:
+        raise ConfigurationError(f"threshold must satisfy k/2 < t <= k (k = {k} neighbours), not {t}: with "
+                                 "t <= k/2 a server could collect both kinds of shares of a client")
+    return GraphParameters(k, t)
+
+
+def ring_neighbours(ring: tuple[str, ...], k: int) -> dict[str, tuple[str, ...]]:
+    """Each client's neighbours in H(k, n) laid on ``ring``: the k/2 nearest on each side (all others if k = n-1)."""
+    n = len(ring)
+    if k >= n - 1:
+        return {client: tuple(other for other in ring if other != client) for client in ring}
+    half = k // 2
+    return {client: tuple(ring[(position + offset) % n] for offset in range(-half, half + 1) if offset)
+            for position, client in enumerate(ring)}

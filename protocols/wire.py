@@ -1,0 +1,250 @@
+"""The one message format: signed, canonical, versioned, strictly validated.
+
+Layout (all integers little-endian)::
+
+    b"FDSP" | u16 version | u32 header length | header | payload | 64-byte Ed25519 signature
+
+The header is canonical JSON (sorted keys, no spaces, ASCII) with exactly the keys ``protocol``,
+``round``, ``stage``, ``sender``, ``recipient``, ``fields``, ``arrays`` and ``blobs``; the payload
+is the arrays' bytes then the blobs' bytes, each list sorted by name. The signature covers
+everything before it. Because the header is canonical, the lists are sorted and Ed25519 is
+deterministic, the same content always encodes to the same bytes (audit logs hash them), and
+``decode`` refuses any other spelling of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import MessageRejected, ProtocolError
+from .identity import Identity, Roster, check_party_id
+
+MAGIC = b"FDSP"
+VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 31
+MAX_HEADER_BYTES = 1 << 20
+MAX_NAME_CHARS = 128
+MAX_DIMENSIONS = 8
+SIGNATURE_BYTES = 64
+DTYPES = {name: np.dtype(name).newbyteorder("<") for name in
+          ("uint8", "uint16", "uint32", "uint64", "int64", "float32", "float64")}
+HEADER_KEYS = frozenset({"protocol", "round", "stage", "sender", "recipient", "fields", "arrays", "blobs"})
+_PREFIX = struct.Struct("<4sHI")
+_MAX_ROUND = (1 << 63) - 1
+
+
+@dataclass(frozen=True, eq=False)
+class Envelope:
+    """One protocol message. ``fields`` holds JSON values (tuples come back as lists)."""
+
+    protocol: str
+    round: int
+    stage: str
+    sender: str
+    recipient: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    blobs: Mapping[str, bytes] = field(default_factory=dict)
+
+
+def _canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def encode(envelope: Envelope, identity: Identity) -> bytes:
+    """Serialize and sign ``envelope`` as ``identity`` (which must be its sender)."""
+    if envelope.sender != identity.party_id:
+        raise ProtocolError(f"envelope sender {envelope.sender!r} is not the signing identity {identity.party_id!r}")
+    arrays, array_specs = [], []
+    for name in sorted(envelope.arrays):
+        array = envelope.arrays[name]
+        if not isinstance(array, np.ndarray) or array.dtype.name not in DTYPES:
+            raise ProtocolError(f"array {name!r} must be a numpy array of one of {', '.join(DTYPES)}")
+        array_specs.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape)})
+        arrays.append(np.ascontiguousarray(array, dtype=DTYPES[array.dtype.name]).tobytes())
+    blobs = [bytes(envelope.blobs[name]) for name in sorted(envelope.blobs)]
+    header = {
+        "protocol": envelope.protocol, "round": envelope.round, "stage": envelope.stage,
+        "sender": envelope.sender, "recipient": envelope.recipient, "fields": dict(envelope.fields),
+        "arrays": array_specs,
+        "blobs": [{"name": name, "size": len(blob)} for name, blob in zip(sorted(envelope.blobs), blobs)],
+    }
+    try:
+        header_bytes = _canonical_json(header)
+    except (TypeError, ValueError) as error:
+        raise ProtocolError(f"envelope fields are not finite JSON values: {error}") from None
+    try:
+        _check_header(header)
+        _check_header_size(len(header_bytes))
+    except MessageRejected as error:  # the same rules as decode: we never send what we would refuse
+        raise ProtocolError(f"cannot encode message: {error.reason}") from None
+    body = b"".join([_PREFIX.pack(MAGIC, VERSION, len(header_bytes)), header_bytes, *arrays, *blobs])
+    if len(body) + SIGNATURE_BYTES > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(body) + SIGNATURE_BYTES} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return body + identity.sign(body)
+
+
+def decode(data: bytes, roster: Roster, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
+    """Parse and verify ``data``; any problem raises MessageRejected naming it.
+
+    Checks, in order: size limit, framing, header schema, exact payload length, sender on the
+    roster, signature. Arrays come back as writable native-endian copies.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MessageRejected(f"a message must be bytes, not {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise MessageRejected(f"oversized message: {len(data)} bytes, the limit is {max_bytes}")
+    if len(data) < _PREFIX.size + SIGNATURE_BYTES:
+        raise MessageRejected(f"truncated message: {len(data)} bytes is shorter than the smallest message")
+    magic, version, header_length = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise MessageRejected(f"not a protocol message: magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise MessageRejected(f"unsupported message version {version}; this code reads version {VERSION}")
+    _check_header_size(header_length)
+    payload_start = _PREFIX.size + header_length
+    if payload_start + SIGNATURE_BYTES > len(data):
+        raise MessageRejected(f"truncated message: the header claims {header_length} bytes, "
+                              f"{len(data) - _PREFIX.size - SIGNATURE_BYTES} are there")
+    header_bytes = data[_PREFIX.size:payload_start]
+    header = _parse_header(header_bytes)
+    sender = header["sender"]
+    sizes = [_array_bytes(spec) for spec in header["arrays"]] + [spec["size"] for spec in header["blobs"]]
+    payload_length = len(data) - payload_start - SIGNATURE_BYTES
+    if sum(sizes) > payload_length:
+        raise MessageRejected(f"truncated message: the header announces {sum(sizes)} payload bytes, "
+                              f"{payload_length} are there", sender)
+    if sum(sizes) < payload_length:
+        raise MessageRejected(f"{payload_length - sum(sizes)} unexpected bytes after the payload", sender)
+    signed = memoryview(data)[:-SIGNATURE_BYTES]
+    roster.verify(sender, data[-SIGNATURE_BYTES:], signed)
+    offset, arrays, blobs = payload_start, {}, {}
+    for spec, size in zip(header["arrays"], sizes):
+        dtype = DTYPES[spec["dtype"]]
+        flat = np.frombuffer(data, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+        arrays[spec["name"]] = flat.astype(dtype.newbyteorder("="), copy=True).reshape(spec["shape"])
+        offset += size
+    for spec in header["blobs"]:
+        blobs[spec["name"]] = data[offset:offset + spec["size"]]
+        offset += spec["size"]
+    return Envelope(header["protocol"], header["round"], header["stage"], sender, header["recipient"],
+                    header["fields"], arrays, blobs)
+
+
+def expect(envelope: Envelope, *, protocol: str | None = None, round: int | None = None, stage: str | None = None,
+           recipient: str | None = None, sender: str | None = None) -> Envelope:
+    """Return ``envelope`` if it matches every given value; otherwise reject it naming the mismatch.
+
+    This is what refuses replays: a validly signed message from another round, stage or
+    protocol, or one addressed to someone else, fails here.
+    """
+    for name, wanted in (("protocol", protocol), ("round", round), ("stage", stage), ("recipient", recipient),
+                         ("sender", sender)):
+        actual = getattr(envelope, name)
+        if wanted is not None and actual != wanted:
+            raise MessageRejected(f"unexpected {name} {actual!r}, expected {wanted!r} (replayed, stale or "
+                                  "misdirected message)", envelope.sender)
+    return envelope
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _parse_header(header_bytes: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(header_bytes.decode("ascii"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise MessageRejected(f"header is not ASCII JSON: {error}") from None
+    _check_header(header)
+    try:
+        canonical = _canonical_json(header)
+    except (ValueError, RecursionError):
+        canonical = b""
+    if canonical != header_bytes:
+        raise MessageRejected("header is not in canonical form (sorted keys, no spaces, no duplicates)",
+                              header.get("sender") if isinstance(header.get("sender"), str) else None)
+    return header
+
+
+def _check_header_size(length: int) -> None:
+    if length > MAX_HEADER_BYTES:
+        raise MessageRejected(f"oversized header: {length} bytes, the limit is {MAX_HEADER_BYTES}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_header(header: Any) -> None:
+    if not isinstance(header, dict):
+        raise MessageRejected("header must be a JSON object")
+    sender = header.get("sender") if isinstance(header.get("sender"), str) else None
+    if set(header) != HEADER_KEYS:
+        missing, extra = sorted(HEADER_KEYS - set(header)), sorted(set(header) - HEADER_KEYS)
+        raise MessageRejected(f"header keys wrong: missing {missing}, unexpected {extra}", sender)
+    for key in ("protocol", "stage"):
+        if not isinstance(header[key], str) or not 0 < len(header[key]) <= MAX_NAME_CHARS:
+            raise MessageRejected(f"header field {key!r} must be a string of 1-{MAX_NAME_CHARS} characters", sender)
+    for key in ("sender", "recipient"):
+        try:
+            check_party_id(header[key])
+        except ProtocolError:
+            raise MessageRejected(f"header field {key!r} must be a party id, not {header[key]!r}", sender) from None
+    if not _is_int(header["round"]) or not 0 <= header["round"] <= _MAX_ROUND:
+        raise MessageRejected("header field 'round' must be an integer >= 0", sender)
+    if not isinstance(header["fields"], dict):
+        raise MessageRejected("header field 'fields' must be an object", sender)
+    _check_float_values(header["fields"], sender)
+    _check_items(header["arrays"], "arrays", {"name", "dtype", "shape"}, sender)
+    for spec in header["arrays"]:
+        if spec["dtype"] not in DTYPES:
+            raise MessageRejected(f"array {spec['name']!r}: dtype must be one of {', '.join(DTYPES)}", sender)
+        shape = spec["shape"]
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMENSIONS
+                or not all(_is_int(n) and 0 <= n < MAX_MESSAGE_BYTES for n in shape)):
+            raise MessageRejected(f"array {spec['name']!r}: shape must be a list of at most {MAX_DIMENSIONS} "
+                                  "non-negative integers", sender)
+    _check_items(header["blobs"], "blobs", {"name", "size"}, sender)
+    for spec in header["blobs"]:
+        if not _is_int(spec["size"]) or not 0 <= spec["size"] < MAX_MESSAGE_BYTES:
+            raise MessageRejected(f"blob {spec['name']!r}: size must be a non-negative integer", sender)
+
+
+def _check_items(items: Any, kind: str, keys: set[str], sender: str | None) -> None:
+    if not isinstance(items, list):
+        raise MessageRejected(f"header field {kind!r} must be a list", sender)
+    previous = None
+    for spec in items:
+        if not isinstance(spec, dict) or set(spec) != keys:
+            raise MessageRejected(f"each entry of {kind!r} must be an object with exactly {sorted(keys)}", sender)
+        name = spec["name"]
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+            raise MessageRejected(f"{kind} names must be strings of 1-{MAX_NAME_CHARS} characters", sender)
+        if previous is not None and name <= previous:
+            raise MessageRejected(f"{kind} names must be unique and sorted; {name!r} follows {previous!r}", sender)
+        previous = name
+
+
+def _check_float_values(value: Any, sender: str | None) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise MessageRejected("header fields must hold finite numbers only", sender)
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _array_bytes(spec: dict[str, Any]) -> int:
+    return math.prod(spec["shape"]) * DTYPES[spec["dtype"]].itemsize

@@ -1,0 +1,210 @@
+"""Client-level DP: clipping bound, noise scales, distributed Skellam shares, adaptive clipping,
+and the run's ledgers (budget stop, resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from feddat_secure.config import ConfigError, config_from_dict
+from feddat_secure.privacy import BudgetExceeded, GaussianEvent, compute_epsilon
+from feddat_secure.privacy.client_level import (
+    SKELLAM_RDP_ORDERS,
+    AdaptiveClipping,
+    central_noise,
+    clip_update,
+    distributed_noise_share,
+    epsilon_for_surviving_shares,
+    local_noise,
+    poisson_participants,
+    quantized_sensitivity,
+    skellam_gaussian_equivalent,
+    update_noise_multiplier,
+)
+from feddat_secure.privacy.run_privacy import make_run_privacy
+
+SITES = {"site-0": 40, "site-1": 30, "site-2": 20}
+
+
+def run_config(**privacy):
+    return config_from_dict({"federation": {"rounds": 8, "aggregation": "uniform"}, "data": {"num_clients": 3},
+                             "training": {"local_steps": 5, "batch_size": 8},
+                             "secure_aggregation": {"protocol": privacy.pop("protocol", "plain")},
+                             "privacy": privacy})
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float64, st.integers(1, 300), elements=st.floats(-1e6, 1e6)), st.floats(1e-4, 1e3))
+def test_no_clipped_update_leaves_with_a_norm_above_the_bound(vector, bound):
+    clipped, norm = clip_update(vector, bound)
+    assert np.linalg.norm(clipped) <= bound
+    assert norm == pytest.approx(np.linalg.norm(vector))
+    if norm <= bound:
+        np.testing.assert_array_equal(clipped, vector)
+    else:  # scaled, not reshaped
+        np.testing.assert_allclose(clipped * norm, vector * np.linalg.norm(clipped), rtol=1e-9, atol=1e-9)
+
+
+def test_clipping_refuses_non_finite_updates():
+    with pytest.raises(ValueError, match="finite"):
+        clip_update(np.array([1.0, np.nan]), 1.0)
+
+
+@pytest.mark.parametrize("noise", [central_noise, local_noise])
+def test_gaussian_noise_has_the_configured_standard_deviation(noise):
+    n = 200_000
+    sample = noise(n, clip_norm=0.1, noise_multiplier=1.7, rng=np.random.default_rng(0))
+    std = 0.17
+    assert abs(sample.std() / std - 1) < 3.3 / math.sqrt(2 * n)  # 99.9% interval of a sample std
+    assert abs(sample.mean()) < 3.3 * std / math.sqrt(n)
+
+
+def test_distributed_noise_shares_sum_to_the_target_variance():
+    """s sites' Skellam shares add up to integer noise whose variance is (σ·Δ2)², Δ2 the quantized
+    sensitivity: the same noise multiplier as central noise, in grid steps."""
+    dimension, sigma, clip, step, sites = 50_000, 1.1, 0.1, 2 * 0.25 / (2**16 - 1), 5
+    l2, _ = quantized_sensitivity(clip, step, dimension)
+    assert l2 == pytest.approx(clip / step + 1.5 * math.sqrt(dimension))
+    rng = np.random.default_rng(1)
+    shares = [distributed_noise_share(dimension, noise_multiplier=sigma, clip_norm=clip, quantization_step=step,
+                                      planned_shares=sites, rng=rng) for _ in range(sites)]
+    assert all(s.dtype == np.int64 for s in shares)
+    total = np.sum(shares, axis=0)
+    target = (sigma * l2) ** 2
+    assert abs(total.var() / target - 1) < 4.0 * math.sqrt(2 / dimension)
+    assert abs(shares[0].var() / (target / sites) - 1) < 4.0 * math.sqrt(2 / dimension)
+
+
+def test_fewer_surviving_shares_mean_less_noise_and_more_epsilon():
+    arguments = dict(noise_multiplier=1.0, clip_norm=0.1, quantization_step=1e-5, dimension=1000, planned_shares=4)
+    full = epsilon_for_surviving_shares(surviving_shares=4, **arguments)
+    fewer = epsilon_for_surviving_shares(surviving_shares=3, **arguments)
+    assert full.sample_rate == 1.0 and full.steps == 1
+    assert fewer.noise_multiplier == pytest.approx(full.noise_multiplier * math.sqrt(3 / 4), rel=1e-4)
+    assert compute_epsilon([fewer] * 10, 1e-5, rdp_orders=SKELLAM_RDP_ORDERS) > \
+        compute_epsilon([full] * 10, 1e-5, rdp_orders=SKELLAM_RDP_ORDERS)
+    with pytest.raises(ValueError):
+        epsilon_for_surviving_shares(surviving_shares=0, **arguments)
+
+
+@pytest.mark.parametrize("variance, l2", [(1e8, 1e4), (400.0, 10.0), (30.0, 3.0)])
+def test_the_gaussian_equivalent_dominates_the_skellam_rdp_bound_at_every_integer_order(variance, l2):
+    l1 = 5 * l2
+    s = skellam_gaussian_equivalent(variance, l2, l1)
+    assert s <= math.sqrt(variance) / l2  # never more noise than is there
+    for alpha in SKELLAM_RDP_ORDERS:  # Agarwal et al. 2021, Thm 3.5
+        skellam = alpha * l2**2 / (2 * variance) + min(((2 * alpha - 1) * l2**2 + 6 * l1) / (4 * variance**2),
+                                                       3 * l1 / (2 * variance))
+        assert alpha / (2 * s**2) >= skellam * (1 - 1e-12)
+    if variance == 1e8:  # fine grids: Skellam is as good as the Gaussian
+        assert s == pytest.approx(math.sqrt(variance) / l2, rel=1e-6)
+
+
+def test_adaptive_clipping_spends_one_gaussian_and_moves_the_clip_norm_towards_the_quantile():
+    z_update = update_noise_multiplier(1.0, 2.0)
+    assert z_update**-2 + (2 * 2.0) ** -2 == pytest.approx(1.0)  # (update, count) = one Gaussian of multiplier 1
+    with pytest.raises(ConfigError):
+        update_noise_multiplier(1.0, 0.4)
+    clipping = AdaptiveClipping(clip_norm=1.0, target_quantile=0.5, learning_rate=0.2, count_noise_std=0.0,
+                                expected_participants=10)
+    all_clipped = sum(AdaptiveClipping.indicator(5.0, clipping.clip_norm) for _ in range(10))
+    assert clipping.server_update(all_clipped, np.random.default_rng(0)) > 1.0  # norms above C: C grows
+    none_clipped = sum(AdaptiveClipping.indicator(0.1, clipping.clip_norm) for _ in range(10))
+    before = clipping.clip_norm
+    assert clipping.server_update(none_clipped, np.random.default_rng(0)) < before
+    restored = AdaptiveClipping(1.0, 0.5, 0.2, 0.0, 10)
+    restored.load_state_dict(json.loads(json.dumps(clipping.state_dict())))
+    assert restored.clip_norm == clipping.clip_norm
+
+
+def test_poisson_participation():
+    ids = [f"site-{i}" for i in range(1000)]
+    chosen = poisson_participants(ids, 0.3, np.random.default_rng(0))
+    assert len(chosen) == pytest.approx(300, abs=50)
+    assert poisson_participants(ids, 1.0, np.random.default_rng(0)) == ids
+
+
+def test_client_level_target_epsilon_is_met_for_every_placement():
+    for placement, protocol in (("central", "plain"), ("local", "plain"), ("distributed", "masked")):
+        config = run_config(client={"placement": placement, "target_epsilon": 4.0, "clip_norm": 0.1},
+                            protocol=protocol)
+        privacy = make_run_privacy(config, SITES, update_dimension=2000)
+        (accountant,) = set(privacy.client_accountants.values()) if placement != "local" else \
+            {privacy.client_accountants["site-0"]}
+        for round_index in range(8):
+            accountant.spend(accountant.planned_events(round_index), round_index)
+        assert 3.8 < accountant.epsilon() <= 4.0, placement
+
+
+def test_client_level_configuration_errors_name_the_key():
+    with pytest.raises(ConfigError, match="masked"):
+        make_run_privacy(run_config(client={"placement": "distributed"}), SITES, update_dimension=10)
+    with pytest.raises(ConfigError, match="rdp"):
+        make_run_privacy(run_config(client={"placement": "distributed", "accountant": "prv"}, protocol="masked"),
+                         SITES, update_dimension=10)
+    with pytest.raises(ConfigError, match="adaptive_clipping"):
+        make_run_privacy(run_config(client={"placement": "local", "adaptive_clipping": True}), SITES,
+                         update_dimension=10)
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        make_run_privacy(run_config(record={"enabled": True, "noise_multiplier": 0.0}), SITES, update_dimension=10)
+
+
+def test_the_run_stops_before_a_round_that_would_exceed_a_budget_and_resume_does_not_double_count():
+    config = run_config(record={"enabled": True, "noise_multiplier": 3.0, "budget_epsilon": 4.0},
+                        client={"placement": "central", "noise_multiplier": 2.0, "budget_epsilon": 50.0})
+    privacy = make_run_privacy(config, SITES, update_dimension=100)
+    participants = list(SITES)
+    spent = 0
+    with pytest.raises(BudgetExceeded) as stopped:
+        while True:
+            privacy.check_round(spent, participants)
+            for cid in participants:
+                privacy.spend_record(cid, privacy.record[cid].round_events(), spent)
+            privacy.spend_client(spent, participants)
+            spent += 1
+    assert stopped.value.round_index == spent and 0 < spent < 8
+    assert "site-2" in str(stopped.value)  # the smallest site has the largest q, hence the largest ε
+    assert all(a.epsilon() <= a.budget_epsilon for a in privacy.accountants)
+    state = json.loads(json.dumps(privacy.state_dict()))
+    resumed = make_run_privacy(config, SITES, update_dimension=100)
+    resumed.load_state_dict(state)
+    assert [a.epsilon() for a in resumed.accountants] == [a.epsilon() for a in privacy.accountants]
+    with pytest.raises(BudgetExceeded):  # a resumed run does not forget what was spent
+        resumed.check_round(spent, participants)
+    with pytest.raises(ValueError, match="already recorded"):
+        resumed.spend_record("site-0", resumed.record["site-0"].round_events(), spent - 1)
+
+
+def test_distributed_rounds_are_charged_for_the_noise_actually_present():
+    config = run_config(client={"placement": "distributed", "noise_multiplier": 1.0, "tolerated_dropouts": 1},
+                        protocol="masked")
+    privacy = make_run_privacy(config, SITES, update_dimension=1000)
+    client = privacy.client
+    assert client.planned_shares(3) == 2
+    l2, _ = quantized_sensitivity(0.1, client.quantization_step, 1000)
+    assert client.noise_bound(3) == math.ceil(12 * l2 / math.sqrt(2))  # 12 standard deviations of a share
+    assert np.abs(client.noise_share(3, np.random.default_rng(0))).max() < client.noise_bound(3)
+    privacy.spend_client(0, list(SITES), surviving=2)  # one dropout: within tolerance, target noise present
+    privacy.spend_client(1, list(SITES), surviving=1)  # two dropouts: less noise than planned
+    (ledger,) = privacy.client_accountants.values()
+    first, second = (events[0] for _, events in ledger.rounds)
+    assert first.noise_multiplier == pytest.approx(1.0, rel=1e-3)
+    assert second.noise_multiplier == pytest.approx(1.0 / math.sqrt(2), rel=1e-3)
+    assert ledger.applicable_accountants == ("rdp",)
+
+
+def test_a_prv_ledger_far_out_of_range_falls_back_to_rdp_without_exhausting_memory():
+    events = [GaussianEvent(0.05, 0.05, 300)]
+    from feddat_secure.privacy import AccountingError, PrivacyAccountant
+
+    with pytest.raises(AccountingError, match="range"):
+        compute_epsilon(events, 1e-5, "prv")
+    ledger = PrivacyAccountant(level="record", client="x", accountant="prv", delta=1e-5, budget_epsilon=1.0,
+                               per_round=events)
+    assert ledger.would_exceed(events, 0) is not None

@@ -1,0 +1,128 @@
+"""The privacy budget report: three files, a stable JSON shape, ε recomputable from the events."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import re
+
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.rdp import RdpAccountant
+from PIL import Image
+
+from feddat_secure.config import config_from_dict, to_dict, to_toml
+from feddat_secure.privacy.cli import add_privacy_report_command
+from feddat_secure.privacy.report import write_privacy_report
+from feddat_secure.privacy.run_privacy import make_run_privacy
+
+SITES = {"site-0": 40, "site-1": 30, "site-2": 20}
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    config = config_from_dict({
+        "name": "dp-run", "federation": {"rounds": 4, "aggregation": "uniform", "clients_per_round": 2},
+        "data": {"num_clients": 3}, "training": {"local_steps": 5, "batch_size": 8},
+        "privacy": {"record": {"enabled": True, "noise_multiplier": 2.0, "budget_epsilon": 20.0},
+                    "client": {"placement": "central", "noise_multiplier": 1.5, "budget_epsilon": 30.0}}})
+    privacy = make_run_privacy(config, SITES, update_dimension=100)
+    for round_index, participants in enumerate([["site-0", "site-1"], ["site-1", "site-2"], ["site-0", "site-2"]]):
+        privacy.check_round(round_index, participants)
+        for cid in participants:
+            privacy.spend_record(cid, privacy.record[cid].round_events(), round_index)
+        privacy.spend_client(round_index, participants)
+    folder = tmp_path / "dp-run"
+    privacy.write(folder)
+    (folder / "config.toml").write_text(to_toml(config))
+    manifest = {"base_model": {"sha256": "a" * 64}, "data": {"sha256": "b" * 64},
+                "config": {"sha256": config.digest(), "resolved": to_dict(config)},
+                "files": {"global_adapter/adapter_model.safetensors": "c" * 64}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "audit").mkdir()
+    heads = [{"event": "log_opened", "party": "server"},
+             {"event": "tree_head", "party": "server", "meta": {},
+              "sth": {"party": "server", "tree_size": 3, "root": "1" * 64, "time": "t1", "sig": "0" * 128}},
+             {"event": "tree_head", "party": "server", "meta": {"final": True},
+              "sth": {"party": "server", "tree_size": 9, "root": "2" * 64, "time": "t2", "sig": "0" * 128}}]
+    (folder / "audit" / "server.audit.jsonl").write_text("".join(json.dumps(h) + "\n" for h in heads))
+    return folder
+
+
+def test_the_report_writes_three_files_tied_to_the_run(run_dir):
+    paths = write_privacy_report(run_dir)
+    assert [p.name for p in paths] == ["privacy_report.html", "privacy_report.md", "privacy_report.json"]
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    run = report["run"]
+    assert run["config_sha256"] == json.loads((run_dir / "manifest.json").read_text())["config"]["sha256"]
+    assert run["base_model_sha256"] == "a" * 64 and run["global_adapter_sha256"] == "c" * 64
+    assert run["audit_tree_heads"] == [{"log": "audit/server.audit.jsonl", "party": "server", "tree_size": 9,
+                                        "root": "2" * 64, "time": "t2", "signature": "0" * 128, "final": True}]
+    markdown = (run_dir / "privacy_report.md").read_text()
+    for needle in ("config SHA-256", "2" * 64, "Participation is visible to the server", "σ/√2", "site-2"):
+        assert needle in markdown
+
+
+def test_one_ledger_per_level_per_client_per_accountant_with_the_documented_keys(run_dir):
+    write_privacy_report(run_dir)
+    ledgers = json.loads((run_dir / "privacy_report.json").read_text())["ledgers"]
+    keys = {(e["level"], e["client"], e["accountant"]) for e in ledgers}
+    assert keys == {(level, cid, a) for level, cid in [("record", c) for c in SITES] + [("client", None)]
+                    for a in ("rdp", "prv")}
+    for entry in ledgers:
+        assert {"level", "client", "accountant", "delta", "epsilon", "budget_epsilon", "events"} <= set(entry)
+        for event in entry["events"]:
+            assert set(event) == {"round", "noise_multiplier", "sample_rate", "steps"}
+        if entry["accountant"] == "prv":
+            rdp = next(e for e in ledgers if e["accountant"] == "rdp" and e["level"] == entry["level"]
+                       and e["client"] == entry["client"])
+            assert entry["epsilon"] <= rdp["epsilon"]
+    site_2 = next(e for e in ledgers if e["client"] == "site-2" and e["accountant"] == "rdp")
+    assert [e["round"] for e in site_2["events"]] == [2, 3]  # it took part in rounds 2 and 3 only
+    assert site_2["remaining_epsilon"] == pytest.approx(20.0 - site_2["epsilon"])
+    central = next(e for e in ledgers if e["level"] == "client" and e["accountant"] == "rdp")
+    assert central["epsilon_if_participation_known"] > central["epsilon"]  # q = 2/3 amplification
+
+
+def test_anyone_can_recompute_epsilon_from_the_published_events(run_dir):
+    write_privacy_report(run_dir)
+    ledgers = json.loads((run_dir / "privacy_report.json").read_text())["ledgers"]
+    for entry in (e for e in ledgers if e["accountant"] == "rdp"):
+        accountant = RdpAccountant()
+        for event in entry["events"]:
+            gaussian = dp_event.GaussianDpEvent(event["noise_multiplier"])
+            accountant.compose(dp_event.PoissonSampledDpEvent(event["sample_rate"], gaussian), event["steps"])
+        assert entry["epsilon"] == pytest.approx(accountant.get_epsilon(entry["delta"]), rel=0.02)
+
+
+def test_the_html_is_one_self_contained_file_with_the_plot_embedded(run_dir):
+    write_privacy_report(run_dir)
+    page = (run_dir / "privacy_report.html").read_text()
+    assert not re.search(r"(src|href)=\"(?!data:)", page)  # nothing to fetch
+    png = base64.b64decode(re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page).group(1))
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and image.size[0] >= 600
+    assert "What is protected, and what is not" in page
+
+
+def test_a_run_without_differential_privacy_says_so(tmp_path):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "config.toml").write_text(to_toml(config_from_dict({"name": "plain"})))
+    write_privacy_report(folder)
+    report = json.loads((folder / "privacy_report.json").read_text())
+    assert report["ledgers"] == [] and not report["run"]["finished"]
+    assert "No differential privacy" in (folder / "privacy_report.md").read_text()
+
+
+def test_the_command_writes_the_report_and_refuses_a_folder_that_is_no_run(run_dir, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_privacy_report_command(parser.add_subparsers())
+    args = parser.parse_args(["privacy-report", str(run_dir)])
+    assert args.handler(args) == 0
+    assert (run_dir / "privacy_report.html").is_file()
+    args = parser.parse_args(["privacy-report", str(tmp_path / "missing")])
+    assert args.handler(args) == 2
+    assert "error" in capsys.readouterr().err

@@ -1,0 +1,276 @@
+"""The masked protocol under bad input: every rejection is clean and leaves the party as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from protocols import (
+    Envelope,
+    Identity,
+    MessageRejected,
+    ProtocolError,
+    Roster,
+    RoundAborted,
+    decode,
+    encode,
+    make_protocol,
+)
+from protocols.masked import keys as masked_keys
+from protocols.masked.stages import ADVERTISE, CONSISTENCY, MASKED, SHARE, UNMASK
+
+
+class Harness:
+    """Runs a masked round one stage at a time, so tests can tamper between stages."""
+
+    def __init__(self, n: int = 5, length: int = 8, **options):
+        options = {"graph": "complete", "threshold": 3, **options}
+        self.protocol = make_protocol("masked", **options)
+        self.server_identity = Identity.generate("server")
+        self.identities = {f"client-{i}": Identity.generate(f"client-{i}") for i in range(n)}
+        self.roster = Roster.from_identities(self.server_identity, list(self.identities.values()))
+        self.server = self.protocol.server(self.server_identity, self.roster)
+        self.clients = {name: self.protocol.client(identity, self.roster) for name, identity in self.identities.items()}
+        self.length, self.round_id = length, 0
+        for client in self.clients.values():
+            client.set_input(0, np.linspace(-0.2, 0.2, length), 1)
+        self.requests = {o.recipient: o.data for o in self.server.begin_round(0, list(self.clients), length)}
+        self.answers: dict[str, bytes] = {}
+
+    def answer(self, skip=()) -> dict[str, bytes]:
+        """Every client (but ``skip``) answers its pending request; nothing is sent to the server yet."""
+        self.answers = {name: self.clients[name].handle(data)[0].data for name, data in self.requests.items()
+                        if name not in skip}
+        return self.answers
+
+    def submit(self) -> None:
+        for data in self.answers.values():
+            self.server.receive(data)
+
+    def advance(self) -> None:
+        self.requests = {o.recipient: o.data for o in self.server.advance()}
+
+    def stage(self, skip=()) -> None:
+        self.answer(skip)
+        self.submit()
+        self.advance()
+
+    def forge(self, sender: str, recipient: str, stage: str, fields=None, arrays=None, blobs=None,
+              round_id: int = 0) -> bytes:
+        identity = self.server_identity if sender == "server" else self.identities[sender]
+        return encode(Envelope("masked", round_id, stage, sender, recipient, fields or {}, arrays or {}, blobs or {}),
+                      identity)
+
+
+def test_forged_signature_is_rejected_and_changes_nothing():
+    h = Harness()
+    answers = h.answer()
+    impostor = Identity.generate("client-1")
+    original = decode(answers["client-1"], h.roster)
+    forged = encode(Envelope("masked", 0, ADVERTISE, "client-1", "server", {}, {}, dict(original.blobs)), impostor)
+    with pytest.raises(MessageRejected, match="bad signature from 'client-1'"):
+        h.server.receive(forged)
+    h.submit()  # the genuine message is still accepted afterwards
+    h.advance()
+    assert h.server.stage == SHARE
+
+
+def test_unknown_sender_is_rejected():
+    h = Harness()
+    stranger = Identity.generate("client-99")
+    data = encode(Envelope("masked", 0, ADVERTISE, "client-99", "server", {}, {}, {}), stranger)
+    with pytest.raises(MessageRejected, match="unknown sender 'client-99'"):
+        h.server.receive(data)
+
+
+def test_duplicate_sender_is_rejected():
+    h = Harness()
+    answers = h.answer()
+    h.server.receive(answers["client-0"])
+    with pytest.raises(MessageRejected, match="duplicate"):
+        h.server.receive(answers["client-0"])
+
+
+def test_messages_from_another_stage_or_round_are_rejected_as_replays():
+    h = Harness()
+    advertise_answers = h.answer()
+    h.submit()
+    h.advance()
+    with pytest.raises(MessageRejected, match="unexpected stage 'advertise_keys', expected 'share_keys'"):
+        h.server.receive(advertise_answers["client-0"])
+    # a client replays nothing either: the old advertise request is for a stage it has left
+    old_request = h.forge("server", "client-0", ADVERTISE, {"ring": [], "terms": {}})
+    with pytest.raises(MessageRejected, match="unexpected stage"):
+        h.clients["client-0"].handle(old_request)
+    with pytest.raises(MessageRejected, match="round 7"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", SHARE, round_id=7))
+
+
+def test_truncated_or_oversized_messages_are_rejected():
+    h = Harness()
+    data = h.answer()["client-0"]
+    with pytest.raises(MessageRejected, match="truncated"):
+        h.server.receive(data[:-70])
+    with pytest.raises(MessageRejected, match="oversized"):
+        decode(data, h.roster, max_bytes=100)
+
+
+def test_wrong_vector_length_or_word_type_is_rejected_by_the_server():
+    h = Harness()
+    h.stage()
+    h.stage()
+    for arrays, match in [({"masked": np.zeros(h.length + 1, np.uint32)}, "expected 8 words"),
+                          ({"masked": np.zeros(h.length, np.uint64)}, "expected 8 words of uint32")]:
+        with pytest.raises(MessageRejected, match=match):
+            h.server.receive(h.forge("client-0", "server", MASKED, {"weight": 1}, arrays))
+    with pytest.raises(MessageRejected, match="weight"):
+        h.server.receive(h.forge("client-0", "server", MASKED, {"weight": 0}, {"masked": np.zeros(8, np.uint32)}))
+
+
+def test_a_client_refuses_a_round_that_does_not_match_its_input_or_options():
+    h = Harness()
+    request = decode(h.requests["client-0"], h.roster)
+    wrong_length = dict(request.fields["terms"], vector_length=h.length + 1)
+    with pytest.raises(MessageRejected, match="differ"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", ADVERTISE,
+                                             {"ring": request.fields["ring"], "terms": wrong_length}))
+    weaker = dict(request.fields["terms"], threshold=1)  # t <= k/2 would let a server collect both share kinds
+    with pytest.raises(MessageRejected, match="differ"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", ADVERTISE,
+                                             {"ring": request.fields["ring"], "terms": weaker}))
+    h.answer()  # the genuine request still works
+
+
+def test_nan_or_inf_is_rejected_on_the_client_before_masking():
+    h = Harness()
+    for bad in (np.array([0.0, np.nan]), np.array([np.inf, 0.0]), np.array([-np.inf, 1.0])):
+        with pytest.raises(ProtocolError, match="NaN or infinite"):
+            h.clients["client-0"].set_input(1, bad, 1)
+
+
+def test_substituted_neighbour_keys_are_detected_by_the_client():
+    h = Harness()
+    h.stage()
+    request = decode(h.requests["client-0"], h.roster)
+    relayed = dict(request.blobs)
+    # the server swaps in keys of its own, signed by itself: the relayed message must be the neighbour's
+    own = h.forge("server", "server", ADVERTISE, blobs={"cipher_key": b"\x09" * 32, "mask_key": b"\x07" * 32})
+    relayed["client-1"] = own
+    with pytest.raises(MessageRejected, match="relayed message of 'client-1'"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", SHARE, blobs=relayed))
+    h.answer()  # unchanged: the genuine request is answered
+
+
+def test_tampered_share_ciphertexts_do_not_decrypt():
+    h = Harness()
+    h.stage()
+    h.stage()
+    request = decode(h.requests["client-0"], h.roster)
+    blobs = dict(request.blobs)
+    blobs["client-1"] = blobs["client-1"][:-1] + bytes([blobs["client-1"][-1] ^ 1])
+    with pytest.raises(MessageRejected, match="do not decrypt"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", MASKED, blobs=blobs))
+    # shares meant for client-2 offered to client-0 fail too (keys and associated data bind the ids)
+    blobs = dict(request.blobs)
+    other = decode(h.requests["client-2"], h.roster).blobs["client-1"]
+    blobs["client-1"] = other
+    with pytest.raises(MessageRejected, match="do not decrypt"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", MASKED, blobs=blobs))
+
+
+def unmask_ready(skip_masked=("client-4",)) -> Harness:
+    h = Harness()
+    for _ in range(2):
+        h.stage()
+    h.stage(skip=skip_masked)  # client-4 shared keys but never sent a masked input
+    h.stage()
+    assert h.server.stage == UNMASK
+    return h
+
+
+def test_a_client_never_reveals_both_shares_of_one_peer():
+    h = unmask_ready()
+    request = decode(h.requests["client-0"], h.roster)
+    both = {"self_mask_of": ["client-1", "client-4"], "mask_key_of": ["client-4"]}
+    with pytest.raises(MessageRejected, match="both the self-mask and the mask-key share of \\['client-4'\\]"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", UNMASK, both, blobs=dict(request.blobs)))
+    survivor_key = {"self_mask_of": [], "mask_key_of": ["client-1"]}
+    with pytest.raises(MessageRejected, match="mask-key share of 'client-1'"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", UNMASK, survivor_key, blobs=dict(request.blobs)))
+    dropped_self = {"self_mask_of": ["client-4"], "mask_key_of": []}
+    with pytest.raises(MessageRejected, match="self-mask share of 'client-4'"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", UNMASK, dropped_self, blobs=dict(request.blobs)))
+    answer = decode(h.clients["client-0"].handle(h.requests["client-0"])[0].data, h.roster)
+    assert sorted(answer.blobs) == ["mask_key/client-4", "self_mask/client-1", "self_mask/client-2",
+                                    "self_mask/client-3"]
+    # having answered, the client answers no second unmask request (that could ask for the other share)
+    swapped = {"self_mask_of": [], "mask_key_of": ["client-1"]}
+    with pytest.raises(MessageRejected, match="over for this client"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", UNMASK, swapped, blobs=dict(request.blobs)))
+
+
+def test_a_client_checks_the_signed_survivor_sets_before_revealing_anything():
+    h = unmask_ready()
+    request = decode(h.requests["client-0"], h.roster)
+    blobs = dict(request.blobs)
+    blobs["client-1"] = h.forge("client-1", "server", CONSISTENCY, {"survivors": ["client-0", "client-1"]})
+    with pytest.raises(MessageRejected, match="different survivor set"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", UNMASK, dict(request.fields), blobs=blobs))
+    too_few = {peer: blobs[peer] for peer in list(request.blobs)[:2]}
+    with pytest.raises(MessageRejected, match="fewer than the threshold"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", UNMASK, dict(request.fields), blobs=too_few))
+
+
+def test_a_client_refuses_a_survivor_set_that_would_expose_it():
+    h = Harness()
+    for _ in range(3):
+        h.stage()
+    assert h.server.stage == CONSISTENCY
+    tiny = {"survivors": ["client-0", "client-1"]}
+    with pytest.raises(MessageRejected, match="fewer than the threshold"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", CONSISTENCY, tiny))
+
+
+def test_an_aborted_round_yields_no_result_and_accepts_nothing_more():
+    h = Harness()
+    answers = h.answer(skip=("client-0", "client-1", "client-2"))
+    h.submit()
+    with pytest.raises(RoundAborted, match="advertise_keys"):
+        h.advance()
+    with pytest.raises(ProtocolError):
+        h.server.result()
+    with pytest.raises(MessageRejected, match="no round in progress"):
+        h.server.receive(answers["client-3"])
+
+
+def chi_square(counts: np.ndarray) -> float:
+    expected = counts.sum() / len(counts)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def critical_value(df: int, z: float = 3.719) -> float:
+    """Upper 1e-4 quantile of chi-square(df), Wilson–Hilferty approximation."""
+    return df * (1 - 2 / (9 * df) + z * np.sqrt(2 / (9 * df))) ** 3
+
+
+def test_what_the_server_sees_of_one_masked_input_is_indistinguishable_from_uniform(monkeypatch):
+    # deterministic key material, so the test is reproducible; the input is as structured as it gets
+    counter = iter(range(1, 10_000))
+    monkeypatch.setattr("protocols.masked.client.os.urandom", lambda size: bytes([next(counter) % 256]) * size)
+    monkeypatch.setattr(masked_keys, "fresh_pair", lambda: masked_keys.X25519PrivateKey.from_private_bytes(
+        bytes([next(counter) % 256]) * 32))
+    h = Harness(n=3, length=16384, threshold=2)
+    for client in h.clients.values():
+        client.set_input(0, np.zeros(h.length), 1)
+    h.stage()
+    h.stage()
+    masked = decode(h.answer()["client-0"], h.roster).arrays["masked"]
+    raw_bytes = np.frombuffer(masked.tobytes(), np.uint8)
+    assert chi_square(np.bincount(raw_bytes, minlength=256)) < critical_value(255)
+    for shift in (0, 8, 16, 24):  # each byte lane of the words, bucketed by value
+        lane = (masked >> np.uint32(shift)) & np.uint32(0xFF)
+        assert chi_square(np.bincount(lane, minlength=256)) < critical_value(255)
+    top = masked >> np.uint32(26)  # 64 buckets of the word range
+    assert chi_square(np.bincount(top, minlength=64)) < critical_value(63)
+    # the unmasked encoding, by contrast, is a single value: the test has power
+    assert chi_square(np.bincount(np.full(h.length, 32767 & 0xFF), minlength=256)) > critical_value(255)

@@ -1,0 +1,184 @@
+"""The masked protocol's building blocks: Shamir sharing, the PRG, quantization, the graph, the defaults."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_protocols_masked_adversarial import Harness
+
+from protocols import ConfigurationError, MessageRejected, ProtocolError
+from protocols.masked import MaskedConfig, Quantizer, default_parameters, shamir
+from protocols.masked.graph import resolve_parameters, ring_neighbours
+from protocols.masked.prg import MaskExpander
+from protocols.masked.quantize import largest_safe_weight
+from protocols.masked.stages import STAGES
+
+
+def test_any_t_shares_reconstruct_and_fewer_do_not():
+    secret = bytes(range(32))
+    shares = shamir.split(secret, 3, [2, 5, 7, 11, 12])
+    for subset in itertools.combinations(shares.items(), 3):
+        assert shamir.combine(dict(subset), 3) == secret
+    with pytest.raises(ProtocolError):
+        shamir.combine(dict(list(shares.items())[:2]), 3)
+
+
+def test_prg_is_deterministic_per_seed_and_independent_across_seeds():
+    expander = MaskExpander(1000, np.dtype(np.uint32))
+    first = expander.words(b"\x01" * 32).copy()
+    assert np.array_equal(first, expander.words(b"\x01" * 32))
+    assert not np.array_equal(first, expander.words(b"\x02" * 32))
+    accumulator = np.zeros(1000, np.uint32)
+    expander.add(accumulator, b"\x03" * 32)
+    expander.subtract(accumulator, b"\x03" * 32)
+    assert not accumulator.any()
+    with pytest.raises(ValueError):
+        expander.words(b"\x01" * 4)  # never a folded 32-bit seed
+
+
+def test_stochastic_rounding_is_unbiased_and_stays_on_the_grid():
+    quantizer = Quantizer(1.0, 4)
+    x = np.full(200_000, 0.123)
+    q = quantizer.quantize(x, np.random.default_rng(0))
+    assert q.min() >= 0 and q.max() <= quantizer.levels
+    assert abs((q * quantizer.scale - 1.0).mean() - 0.123) < 1e-3
+    assert set(np.unique(q)) <= {8, 9}
+
+
+def test_clipping_maps_the_range_ends_to_the_grid_ends():
+    quantizer = Quantizer(0.25, 8)
+    q = quantizer.quantize(np.array([-5.0, -0.25, 0.25, 7.0]), np.random.default_rng(0))
+    assert q.tolist() == [0, 0, 255, 255]
+
+
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=6), st.integers(1, 12))
+def test_dequantized_sums_are_exact_for_any_counted_subset(weights, bits):
+    quantizer = Quantizer(0.5, bits)
+    rng = np.random.default_rng(len(weights))
+    inputs = [quantizer.quantize(rng.uniform(-1, 1, 4), rng) for _ in weights]
+    expected = sum(w * (q * quantizer.scale - 0.5) for w, q in zip(weights, inputs))
+    total = sum(w * q for w, q in zip(weights, inputs))
+    np.testing.assert_allclose(quantizer.dequantize_sum(total, sum(weights)), expected, atol=1e-9)
+
+
+def test_largest_safe_weight_is_tight():
+    for n, bits, modulus, noise in [(4, 16, 32, 0), (100, 16, 32, 0), (10, 8, 24, 100)]:
+        weight = largest_safe_weight(n, bits, modulus, noise)
+        levels = 2**bits - 1
+        assert n * (weight * levels + 2 * noise) <= 2**modulus - 1 < n * ((weight + 1) * levels + 2 * noise)
+
+
+@pytest.mark.parametrize("n", [12, 30, 101])
+def test_harary_graph_is_k_regular_and_symmetric(n):
+    ring = tuple(f"c{i}" for i in np.random.default_rng(n).permutation(n))
+    for k in (2, 4, 10):
+        near = ring_neighbours(ring, k)
+        assert all(len(set(peers)) == k and client not in peers for client, peers in near.items())
+        assert all(client in near[peer] for client, peers in near.items() for peer in peers)
+    assert all(len(peers) == n - 1 for peers in ring_neighbours(ring, n - 1).values())
+
+
+def test_bell_defaults_grow_slowly_and_keep_a_safe_threshold():
+    table = {n: default_parameters(n) for n in (10, 100, 1000, 10_000)}
+    assert table[100].neighbours == 26 and table[100].threshold == 16
+    assert [table[n].neighbours for n in sorted(table)] == sorted(table[n].neighbours for n in table)
+    assert table[10_000].neighbours < 120
+    for parameters in table.values():
+        assert parameters.neighbours // 2 < parameters.threshold <= parameters.neighbours
+    assert default_parameters(5) == default_parameters(5, "complete")  # small federations: the complete graph
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(neighbours=5), "even"),
+    (dict(neighbours=6, threshold=3), "k/2 < t <= k"),
+    (dict(neighbours=6, threshold=7), "k/2 < t <= k"),
+])
+def test_unsafe_graph_parameters_are_refused(kwargs, message):
+    with pytest.raises(ConfigurationError, match=message):
+        resolve_parameters(20, "sparse", kwargs.get("neighbours", 0), kwargs.get("threshold", 0), 0.05, 0.1)
+
+
+@pytest.mark.parametrize("options", [dict(modulus_bits=63), dict(quantization_bits=32, modulus_bits=32),
+                                     dict(clip_range=float("nan")), dict(graph="ring"), dict(threshold=-1),
+                                     dict(dropout_rate=0.5)])
+def test_bad_options_are_configuration_errors(options):
+    with pytest.raises(ConfigurationError):
+        MaskedConfig(**options)
+
+
+VICTIM = Harness(n=4, threshold=3)
+VICTIM_ANSWERS = VICTIM.answer()
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.sampled_from(sorted(VICTIM_ANSWERS)), st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 80))
+def test_mutated_client_messages_only_ever_raise_message_rejected_at_the_server(sender, position, value, cut):
+    data = bytearray(VICTIM_ANSWERS[sender])
+    data[position % len(data)] = value
+    mutated = bytes(data[:len(data) - cut])
+    if mutated == VICTIM_ANSWERS[sender]:
+        return
+    with pytest.raises(MessageRejected):
+        VICTIM.server.receive(mutated)
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 80))
+def test_mutated_server_requests_only_ever_raise_message_rejected_at_a_client(position, value, cut):
+    request = VICTIM.requests["client-0"]
+    data = bytearray(request)
+    data[position % len(data)] = value
+    mutated = bytes(data[:len(data) - cut])
+    if mutated == request:
+        return
+    with pytest.raises(MessageRejected):
+        VICTIM.clients["client-0"].handle(mutated)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=12),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=9), inner, max_size=3),
+                    max_leaves=8)
+CLIENT_NAMES = st.sampled_from(["client-0", "client-1", "client-2", "client-3", "server", "x"])
+
+
+def stage_harness(stages_done: int) -> Harness:
+    h = Harness(n=4, threshold=3)
+    for _ in range(stages_done):
+        h.stage()
+    return h
+
+
+HARNESSES = {done: stage_harness(done) for done in range(5)}
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 4), st.dictionaries(st.sampled_from(["ring", "terms", "survivors", "self_mask_of", "mask_key_of",
+                                                           "weight", "x"]), JSON, max_size=3),
+       st.dictionaries(CLIENT_NAMES, st.binary(max_size=200), max_size=3))
+def test_well_signed_nonsense_from_the_server_never_raises_anything_but_a_rejection(done, fields, blobs):
+    h = HARNESSES[done]
+    data = h.forge("server", "client-0", STAGES[done], fields, blobs=blobs)
+    try:
+        h.clients["client-0"].handle(data)
+    except MessageRejected:
+        pass  # the only way to refuse; anything else escaping is a bug
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 4), st.dictionaries(st.sampled_from(["weight", "survivors", "self_mask_commitment", "x"]), JSON,
+                                          max_size=2),
+       st.dictionaries(st.sampled_from(["cipher_key", "mask_key", "client-1", "self_mask/client-1", "masked"]),
+                       st.binary(max_size=80), max_size=3),
+       st.sampled_from([None, "uint32", "uint64", "float64"]))
+def test_well_signed_nonsense_from_a_client_never_raises_anything_but_a_rejection(done, fields, blobs, dtype):
+    h = HARNESSES[done]
+    arrays = {} if dtype is None else {"masked": np.zeros(h.length, dtype)}
+    data = h.forge("client-3", "server", STAGES[done], fields, arrays, blobs)
+    try:
+        h.server.receive(data)  # a well-formed one may even be accepted
+    except MessageRejected:
+        pass

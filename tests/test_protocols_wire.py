@@ -1,0 +1,236 @@
+"""The wire format: canonical, signed, and strict about everything it accepts."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocols import Envelope, Identity, MessageRejected, ProtocolError, Roster, decode, encode, expect
+from protocols.wire import MAGIC, SIGNATURE_BYTES
+
+SERVER = Identity.generate("server")
+ALICE = Identity.generate("client-0")
+MALLORY = Identity.generate("client-0")  # same id, key not on the roster
+ROSTER = Roster.from_identities(SERVER, [ALICE])
+
+
+def envelope(**changes) -> Envelope:
+    values = dict(protocol="masked", round=3, stage="masked_input", sender="client-0", recipient="server",
+                  fields={"weight": 2, "note": "x", "scale": 0.5, "ids": ["a", "b"]},
+                  arrays={"vector": np.arange(5, dtype=np.uint32), "noise": np.array([[1.5, -2.0]])},
+                  blobs={"share": b"\x00\x01secret", "empty": b""})
+    values.update(changes)
+    return Envelope(**values)
+
+
+def same(a: Envelope, b: Envelope) -> bool:
+    return (
+        (a.protocol, a.round, a.stage, a.sender, a.recipient) == (b.protocol, b.round, b.stage, b.sender, b.recipient)
+        and json.dumps(a.fields, sort_keys=True) == json.dumps(b.fields, sort_keys=True)
+        and a.arrays.keys() == b.arrays.keys()
+        and all(a.arrays[k].dtype == b.arrays[k].dtype and np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+        and {k: bytes(v) for k, v in a.blobs.items()} == {k: bytes(v) for k, v in b.blobs.items()}
+    )
+
+
+def test_round_trip_keeps_every_field_array_and_blob():
+    original = envelope()
+    decoded = decode(encode(original, ALICE), ROSTER)
+    assert same(original, decoded)
+    assert decoded.arrays["noise"].shape == (1, 2)
+
+
+def test_decoded_arrays_are_writable_copies():
+    decoded = decode(encode(envelope(), ALICE), ROSTER)
+    decoded.arrays["vector"][0] = 7
+    assert decoded.arrays["vector"].flags.writeable
+
+
+def test_same_content_gives_the_same_bytes_whatever_the_insertion_order():
+    first = envelope(fields={"a": 1, "b": [1, 2]}, arrays={"x": np.zeros(2), "y": np.ones(3, np.uint8)},
+                     blobs={"p": b"1", "q": b"2"})
+    second = envelope(fields={"b": [1, 2], "a": 1}, arrays={"y": np.ones(3, np.uint8), "x": np.zeros(2)},
+                      blobs={"q": b"2", "p": b"1"})
+    assert encode(first, ALICE) == encode(second, ALICE)
+
+
+def test_big_endian_input_arrays_encode_like_native_ones():
+    native = envelope(arrays={"v": np.arange(4, dtype=np.uint32)})
+    swapped = envelope(arrays={"v": np.arange(4, dtype=np.dtype(">u4")).astype(np.dtype(">u4"))})
+    assert encode(native, ALICE) == encode(swapped, ALICE)
+
+
+def test_unknown_sender_is_rejected_by_name():
+    stranger = Identity.generate("client-9")
+    with pytest.raises(MessageRejected, match="unknown sender 'client-9'"):
+        decode(encode(envelope(sender="client-9"), stranger), ROSTER)
+
+
+def test_forged_signature_is_rejected():
+    with pytest.raises(MessageRejected, match="bad signature from 'client-0'") as caught:
+        decode(encode(envelope(), MALLORY), ROSTER)
+    assert caught.value.sender == "client-0"
+
+
+def test_a_single_flipped_payload_bit_breaks_the_signature():
+    data = bytearray(encode(envelope(), ALICE))
+    data[-SIGNATURE_BYTES - 3] ^= 1
+    with pytest.raises(MessageRejected, match="bad signature"):
+        decode(bytes(data), ROSTER)
+
+
+@pytest.mark.parametrize("cut", [1, SIGNATURE_BYTES, SIGNATURE_BYTES + 5])
+def test_truncated_messages_are_rejected(cut):
+    data = encode(envelope(), ALICE)
+    with pytest.raises(MessageRejected):
+        decode(data[:-cut], ROSTER)
+
+
+def test_trailing_bytes_are_rejected():
+    data = encode(envelope(), ALICE)
+    with pytest.raises(MessageRejected):
+        decode(data + b"\x00", ROSTER)
+
+
+def test_oversized_message_is_rejected_before_parsing():
+    data = encode(envelope(), ALICE)
+    with pytest.raises(MessageRejected, match="oversized message"):
+        decode(data, ROSTER, max_bytes=len(data) - 1)
+
+
+def test_bad_magic_and_version_are_named():
+    data = encode(envelope(), ALICE)
+    with pytest.raises(MessageRejected, match="magic"):
+        decode(b"XXXX" + data[4:], ROSTER)
+    with pytest.raises(MessageRejected, match="version 2"):
+        decode(data[:4] + struct.pack("<H", 2) + data[6:], ROSTER)
+
+
+def forge(header: dict, payload: bytes = b"", identity: Identity = ALICE) -> bytes:
+    """A correctly framed and signed message with an arbitrary header."""
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    body = MAGIC + struct.pack("<HI", 1, len(raw)) + raw + payload
+    return body + identity.sign(body)
+
+
+def good_header(**changes) -> dict:
+    header = {"protocol": "plain", "round": 0, "stage": "input", "sender": "client-0", "recipient": "server",
+              "fields": {}, "arrays": [], "blobs": []}
+    header.update(changes)
+    return header
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"round": "1"}, "'round' must be an integer"),
+    ({"round": -1}, "'round' must be an integer"),
+    ({"round": True}, "'round' must be an integer"),
+    ({"stage": ""}, "'stage' must be a string"),
+    ({"recipient": "../etc"}, "'recipient' must be a party id"),
+    ({"fields": []}, "'fields' must be an object"),
+    ({"arrays": [{"name": "v", "dtype": "object", "shape": [1]}]}, "dtype must be one of"),
+    ({"arrays": [{"name": "v", "dtype": "uint8", "shape": [-1]}]}, "shape must be"),
+    ({"arrays": [{"name": "v", "dtype": "uint8", "shape": [1], "x": 0}]}, "exactly"),
+    ({"blobs": [{"name": "b", "size": 1}, {"name": "a", "size": 1}]}, "unique and sorted"),
+    ({"blobs": [{"name": "a", "size": 0}, {"name": "a", "size": 0}]}, "unique and sorted"),
+])
+def test_header_schema_violations_are_named(changes, message):
+    with pytest.raises(MessageRejected, match=message):
+        decode(forge(good_header(**changes)), ROSTER)
+
+
+def test_missing_or_extra_header_keys_are_rejected():
+    header = good_header()
+    del header["stage"]
+    with pytest.raises(MessageRejected, match="missing \\['stage'\\]"):
+        decode(forge(header), ROSTER)
+    with pytest.raises(MessageRejected, match="unexpected \\['extra'\\]"):
+        decode(forge(good_header(extra=1)), ROSTER)
+
+
+def test_non_canonical_header_is_rejected_even_when_signed():
+    raw = json.dumps(good_header(), sort_keys=True, indent=1).encode()
+    body = MAGIC + struct.pack("<HI", 1, len(raw)) + raw
+    with pytest.raises(MessageRejected, match="canonical"):
+        decode(body + ALICE.sign(body), ROSTER)
+
+
+def test_non_finite_json_numbers_are_rejected():
+    raw = b'{"arrays":[],"blobs":[],"fields":{"x":NaN},"protocol":"p","recipient":"server","round":0,' \
+          b'"sender":"client-0","stage":"s"}'
+    body = MAGIC + struct.pack("<HI", 1, len(raw)) + raw
+    with pytest.raises(MessageRejected, match="not ASCII JSON|finite"):
+        decode(body + ALICE.sign(body), ROSTER)
+
+
+def test_array_sizes_must_match_the_payload_exactly():
+    spec = [{"name": "v", "dtype": "uint32", "shape": [4]}]
+    with pytest.raises(MessageRejected, match="truncated"):
+        decode(forge(good_header(arrays=spec), b"\x00" * 15), ROSTER)
+    assert decode(forge(good_header(arrays=spec), b"\x00" * 16), ROSTER).arrays["v"].shape == (4,)
+
+
+def test_a_huge_declared_shape_is_refused_without_allocating():
+    spec = [{"name": "v", "dtype": "float64", "shape": [2**30, 2**30]}]
+    with pytest.raises(MessageRejected, match="truncated"):
+        decode(forge(good_header(arrays=spec)), ROSTER)
+
+
+def test_encode_refuses_what_decode_would_reject():
+    with pytest.raises(ProtocolError):
+        encode(envelope(fields={"x": float("nan")}), ALICE)
+    with pytest.raises(ProtocolError):
+        encode(envelope(arrays={"v": np.array(["a"])}), ALICE)
+    with pytest.raises(ProtocolError, match="signing identity"):
+        encode(envelope(sender="server"), ALICE)
+
+
+def test_expect_names_the_mismatch_which_stops_replays():
+    decoded = decode(encode(envelope(), ALICE), ROSTER)
+    assert expect(decoded, protocol="masked", round=3, stage="masked_input", recipient="server") is decoded
+    with pytest.raises(MessageRejected, match="unexpected round 3, expected 4"):
+        expect(decoded, round=4)
+    with pytest.raises(MessageRejected, match="unexpected stage 'masked_input', expected 'unmask'"):
+        expect(decoded, stage="unmask")
+
+
+VALID = encode(envelope(), ALICE)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=600))
+def test_arbitrary_bytes_only_ever_raise_message_rejected(data):
+    with pytest.raises(MessageRejected):
+        decode(data, ROSTER)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8),
+       st.integers(0, len(VALID)), st.binary(max_size=16))
+def test_mutated_valid_messages_only_ever_raise_message_rejected(edits, cut, tail):
+    data = bytearray(VALID)
+    for position, value in edits:
+        data[position] = value
+    mutated = bytes(data[:cut]) + tail
+    if mutated == VALID:
+        return
+    with pytest.raises(MessageRejected):
+        decode(mutated, ROSTER)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    max_leaves=10), max_size=4),
+    st.lists(st.integers(0, 2**32 - 1), max_size=20))
+def test_any_fields_and_vectors_round_trip_to_identical_bytes(fields, values):
+    original = envelope(fields=fields, arrays={"v": np.array(values, dtype=np.uint32)})
+    data = encode(original, ALICE)
+    decoded = decode(data, ROSTER)
+    assert same(original, decoded)
+    assert encode(decoded, ALICE) == data

@@ -1,0 +1,170 @@
+"""Runs through `feddat-secure run`'s code path with secure aggregation, audit logs, checkpoints and budgets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import small_config
+from safetensors.numpy import load_file
+
+from audits import reconcile, verify_path
+from feddat_secure.cli import _roster_keys, main
+from feddat_secure.config import ConfigError
+from feddat_secure.federation import client as client_module
+from feddat_secure.federation.runner import run
+from feddat_secure.federation.transport import InProcessTransport
+
+pytestmark = pytest.mark.slow
+
+QUIET = {"progress": False, "echo": lambda _: None}
+
+
+def two_rounds(tmp_path, protocol: str, **sections):
+    """3 sites, 2 rounds, uniform weights (so a site's protocol input is exactly its update)."""
+    return small_config(tmp_path, secure_aggregation={"protocol": protocol}, federation={"aggregation": "uniform"},
+                        **sections)
+
+
+@pytest.fixture
+def server_inbox(monkeypatch):
+    """Every byte string delivered to the server (train reports, protocol messages), and every update
+    the sites computed, captured around the runner's real code."""
+    inbox, updates = [], []
+
+    def send(self, recipient, data, original=InProcessTransport.send):
+        if recipient == "server":
+            inbox.append(data)
+        return original(self, recipient, data)
+
+    def account(self, recipient, data, original=InProcessTransport.account):
+        if recipient == "server":
+            inbox.append(data)
+        return original(self, recipient, data)
+
+    def update_vector(*args, original=client_module.update_vector):
+        vector = original(*args)
+        updates.append(vector.copy())
+        return vector
+
+    monkeypatch.setattr(InProcessTransport, "send", send)
+    monkeypatch.setattr(InProcessTransport, "account", account)
+    monkeypatch.setattr(client_module, "update_vector", update_vector)
+    return inbox, updates
+
+
+def contains_update(inbox: list[bytes], updates: list[np.ndarray]) -> bool:
+    """Does any 8-value window of any site's update (float64 or float32) appear in what the server got?"""
+    received = b"".join(inbox)
+    for update in updates:
+        start = int(np.flatnonzero(update)[len(np.flatnonzero(update)) // 2])
+        window = update[start:start + 8]
+        if window.astype("<f8").tobytes() in received or window.astype("<f4").tobytes() in received:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("protocol, server_sees_updates", [("plain", True), ("masked", False), ("he", False)])
+def test_the_server_side_gets_only_protocol_messages_never_a_sites_plain_update(tmp_path, server_inbox, protocol,
+                                                                                server_sees_updates):
+    inbox, updates = server_inbox
+    result = run(two_rounds(tmp_path, protocol), **QUIET)
+    assert len(updates) == 6 and all(np.any(u != 0) for u in updates)
+    assert contains_update(inbox, updates) == server_sees_updates
+    record = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["aggregation"]["protocol"] == protocol
+    assert record["aggregation"]["counted"] == ["client0", "client1", "client2"]
+
+
+def test_masked_aggregation_moves_the_global_adapter_as_plain_does_within_one_quantization_step(tmp_path):
+    one_round = {"rounds": 1, "aggregation": "uniform"}
+    plain = run(small_config(tmp_path / "p", secure_aggregation={"protocol": "plain"}, federation=one_round), **QUIET)
+    masked = run(small_config(tmp_path / "m", secure_aggregation={"protocol": "masked"}, federation=one_round),
+                 **QUIET)
+    a = load_file(str(plain.run_dir / "global_adapter" / "adapter_model.safetensors"))
+    b = load_file(str(masked.run_dir / "global_adapter" / "adapter_model.safetensors"))
+    step = 2 * 0.25 / (2**16 - 1)  # one step of the default quantization grid; the rounding error is below it
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=step + 1e-7)
+    assert any(not np.array_equal(a[key], b[key]) for key in a)  # quantization really happened
+
+
+def test_a_runs_audit_logs_verify_and_reconcile_and_show_tampering(tmp_path):
+    result = run(two_rounds(tmp_path, "masked"), **QUIET)
+    audit = result.run_dir / "audit"
+    roster = _roster_keys(result.run_dir / "roster.json")
+    report = verify_path(audit, roster, require_closed=True)
+    assert report.ok, report.summary()
+    assert reconcile(audit).ok
+    assert main(["audit", "verify", str(audit)]) == 0
+    assert main(["audit", "reconcile", str(result.run_dir)]) == 0
+    log = audit / "server.audit.jsonl"
+    lines = log.read_text().splitlines()
+    edited = lines[5].replace('"round":0', '"round":1') if '"round":0' in lines[5] else lines[5].replace("1", "2", 1)
+    log.write_text("\n".join(lines[:5] + [edited] + lines[6:]) + "\n")
+    assert main(["audit", "verify", str(audit)]) == 1
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_run_ends(tmp_path):
+    config = small_config(tmp_path / "whole", secure_aggregation={"protocol": "masked"})
+    whole = run(config, **QUIET)
+
+    interrupted = small_config(tmp_path / "parts", secure_aggregation={"protocol": "masked"})
+
+    class Crash(Exception):
+        pass
+
+    def crash_in_round_2(text: str) -> None:
+        if text.startswith("round   2"):
+            raise Crash  # after round 2 is logged, before it is checkpointed: a crash mid-round
+
+    with pytest.raises(Crash):
+        run(interrupted, progress=False, echo=crash_in_round_2)
+    with pytest.raises(ConfigError, match="already exists"):
+        run(interrupted, **QUIET)
+    resumed = run(interrupted, resume=True, **QUIET)
+
+    assert [r["round"] for r in resumed.history] == [1, 2]
+    lines = (resumed.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2]  # round 2's first attempt is not kept
+    for name in ("global_adapter/adapter_model.safetensors",
+                 "clients/client1/client_adapter/adapter_model.safetensors"):
+        a, b = load_file(str(whole.run_dir / name)), load_file(str(resumed.run_dir / name))
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    roster = _roster_keys(resumed.run_dir / "roster.json")
+    assert verify_path(resumed.run_dir / "audit", roster, require_closed=True).ok
+    with pytest.raises(ConfigError, match="finished"):
+        run(interrupted, resume=True, **QUIET)
+
+
+def test_a_round_that_would_exceed_the_record_level_budget_is_not_run(tmp_path):
+    # one round spends ε ≈ 7.9 at these settings (q = 8/32, σ/√2 per MKD batch, 3 batches): the second
+    # would pass the budget of 10, so the run stops cleanly before it
+    config = small_config(tmp_path, federation={"rounds": 3}, privacy={"record": {
+        "enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "budget_epsilon": 10.0}})
+    result = run(config, **QUIET)
+    assert result.stopped.startswith("stopped before round 2") and "over the budget" in result.stopped
+    assert [r["round"] for r in result.history] == [1]
+    ledger = json.loads((result.run_dir / "privacy" / "ledger.json").read_text())
+    record = [s for s in ledger["ledgers"] if s["level"] == "record"]
+    assert len(record) == 3 and all(len(s["rounds"]) == 1 for s in record)
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["finished"].startswith("stopped early")
+    events = [json.loads(line)["event"] for line in (result.run_dir / "audit" / "server.audit.jsonl").open()]
+    assert "budget_exceeded" in events
+    assert (result.run_dir / "global_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_identities_from_a_keys_folder_are_used_and_checked(tmp_path):
+    keys = tmp_path / "keys"
+    assert main(["keys", "create", "--out", str(keys), "--clients", "client0,client1,client2"]) == 0
+    config = small_config(tmp_path, secure_aggregation={"protocol": "masked", "keys": str(keys)},
+                          federation={"rounds": 1})
+    result = run(config, **QUIET)
+    assert (result.run_dir / "roster.json").read_text() == (keys / "roster.json").read_text()
+    assert not (result.run_dir / "identities").exists()
+    (keys / "client1.pem").unlink()
+    with pytest.raises(ConfigError, match="client1"):
+        run(small_config(tmp_path / "again", secure_aggregation={"protocol": "masked", "keys": str(keys)}), **QUIET)
