@@ -17,12 +17,14 @@ Two measurements, written to docs/results_privacy.md (raw numbers to a JSON file
 
     python benchmarks/privacy_tradeoff.py cost
     python benchmarks/privacy_tradeoff.py accuracy
+    python benchmarks/privacy_tradeoff.py accuracy --epsilons 0 --append   # σ = 0: clipping alone
     python benchmarks/privacy_tradeoff.py all --quick      # smoke run of the script itself
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -71,12 +73,14 @@ def encoded_sites(foundation, clients: int, train: int, test: int, seed: int):
 
 
 def record_privacy(target_epsilon: float, dataset_size: int, training: TrainingConfig, rounds: int, method: str):
+    """DP-SGD settings for a target ε; ∞: no DP; 0: the DP-SGD path with σ = 0 (clipping only, no privacy)."""
     if math.isinf(target_epsilon):
         return None
-    config = RecordPrivacyConfig(enabled=True, target_epsilon=target_epsilon, max_grad_norm=CLIP, delta=DELTA,
-                                 reproducible=True)  # seeded noise: reproducible numbers, no privacy claim
-    return make_record_privacy(config, dataset_size=dataset_size, batch_size=training.batch_size,
-                               local_steps=training.local_steps, rounds=rounds, algorithm=method)
+    config = RecordPrivacyConfig(enabled=True, target_epsilon=target_epsilon or 8.0, max_grad_norm=CLIP,
+                                 delta=DELTA, reproducible=True)  # seeded noise: reproducible numbers, no privacy claim
+    settings = make_record_privacy(config, dataset_size=dataset_size, batch_size=training.batch_size,
+                                   local_steps=training.local_steps, rounds=rounds, algorithm=method)
+    return settings if target_epsilon else dataclasses.replace(settings, noise_multiplier=0.0)
 
 
 # ---------------------------------------------------------------- cost of a local step
@@ -159,13 +163,19 @@ def measure_accuracy(foundation, epsilons, seeds, clients: int, rounds: int, ste
 
 # ---------------------------------------------------------------- the report
 
+def column(epsilon: float) -> str:
+    if epsilon == 0:
+        return "σ = 0 (clipping only, no privacy)"
+    return "ε = ∞ (no DP)" if math.isinf(epsilon) else f"ε = {epsilon:g}"
+
+
 def markdown(results: dict, command: str) -> str:
     lines = ["# Results: differential privacy", "",
              f"Measured by `benchmarks/privacy_tradeoff.py` on the embedded foundation (CPU: {platform.machine()}, "
              f"{torch.get_num_threads()} torch thread, shared machine). Reproduce with:", "", "```", command, "```", ""]
     accuracy = results.get("accuracy")
     if accuracy:
-        eps_values = sorted({r["target_epsilon"] for r in accuracy["runs"]}, key=lambda e: (math.isinf(e), e))
+        eps_values = sorted({r["target_epsilon"] for r in accuracy["runs"]}, key=lambda e: (e == 0, math.isinf(e), e))
         seeds = sorted({r["seed"] for r in accuracy["runs"]})
         lines += [
             "## Accuracy against ε (record-level DP, function benchmark)", "",
@@ -183,7 +193,7 @@ def markdown(results: dict, command: str) -> str:
             "",
             "Accuracy (%) on each site's test split after the last round, mean over sites; mean ± std over seeds "
             "(in brackets: the per-step noise multiplier σ, mean over sites and seeds).", "",
-            "| method | " + " | ".join(f"ε = {'∞' if math.isinf(e) else f'{e:g}'}" for e in eps_values) + " |",
+            "| method | " + " | ".join(column(e) for e in eps_values) + " |",
             "|---|" + "---|" * len(eps_values)]
         for method, label in METHODS.items():
             cells = []
@@ -192,10 +202,11 @@ def markdown(results: dict, command: str) -> str:
                 values = [100 * r["accuracy"] for r in runs]
                 sigma = np.mean([np.mean(r["noise_multiplier"]) for r in runs])
                 spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-                cells.append(f"{np.mean(values):.1f}{spread}" + ("" if math.isinf(epsilon) else f" (σ {sigma:.2f})"))
+                cells.append(f"{np.mean(values):.1f}{spread}" + ("" if math.isinf(epsilon) or not epsilon
+                                                                 else f" (σ {sigma:.2f})"))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         seconds = sum(r["seconds"] for r in accuracy["runs"])
-        within = all(r["epsilon_spent"] <= r["target_epsilon"] + 1e-9 for r in accuracy["runs"])
+        within = all(r["epsilon_spent"] <= r["target_epsilon"] + 1e-9 for r in accuracy["runs"] if r["target_epsilon"])
         lines += ["", "ε actually spent (largest site, recomputed from each run's events with the RDP accountant) "
                       + ("stayed within its target in every run. " if within else "EXCEEDED its target in some run. ")
                       + f"The {len(accuracy['runs'])} runs took {seconds / 60:.1f} minutes in total.", ""]
@@ -229,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per trainer (cost)")
     parser.add_argument("--output", default="docs/results_privacy.md")
+    parser.add_argument("--append", action="store_true", help="add these accuracy runs to the saved ones")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     foundation = load_foundation()
@@ -238,15 +250,19 @@ def main(argv: list[str] | None = None) -> int:
         results["cost"] = measure_cost(foundation, 1 if args.quick else args.repeats, 2 if args.quick else args.steps,
                                        args.quick)
     if args.what in ("accuracy", "all"):
-        results["accuracy"] = measure_accuracy(foundation, args.epsilons, args.seeds[:1] if args.quick else args.seeds,
-                                               args.clients, 2 if args.quick else args.rounds,
-                                               2 if args.quick else args.steps, args.quick)
+        measured = measure_accuracy(foundation, args.epsilons, args.seeds[:1] if args.quick else args.seeds,
+                                    args.clients, 2 if args.quick else args.rounds, 2 if args.quick else args.steps,
+                                    args.quick)
+        if args.append and "accuracy" in results:
+            measured["runs"] = results["accuracy"]["runs"] + measured["runs"]
+        results["accuracy"] = measured
     if args.quick:
         print(markdown(results, "python benchmarks/privacy_tradeoff.py all --quick"))
         return 0
     raw_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     command = "OMP_NUM_THREADS=1 python benchmarks/privacy_tradeoff.py cost\n" \
-              "OMP_NUM_THREADS=1 python benchmarks/privacy_tradeoff.py accuracy"
+              "OMP_NUM_THREADS=1 python benchmarks/privacy_tradeoff.py accuracy\n" \
+              "OMP_NUM_THREADS=1 python benchmarks/privacy_tradeoff.py accuracy --epsilons 0 --append"
     Path(args.output).write_text(markdown(results, command))
     print(f"wrote {args.output} and {raw_path}")
     return 0
