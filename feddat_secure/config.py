@@ -99,7 +99,7 @@ class HEOptions:
 
 @dataclass(frozen=True)
 class SecureAggregationConfig:
-    protocol: str = _choice("plain", "masked", "he", default="plain")  # plain: the insecure reference
+    protocol: str = _choice("plain", "masked", "he", default="masked")  # plain: the insecure reference
     keys: str = ""  # folder from `feddat-secure keys create`; empty: fresh identities in the run folder
     masked: MaskedOptions = MaskedOptions()
     he: HEOptions = HEOptions()

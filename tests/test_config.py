@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from feddat_secure.cli import main, unused_run_name
@@ -13,6 +15,12 @@ from feddat_secure.config import ConfigError, RunConfig, config_from_dict, load_
     ({"modle": {}}, "unknown key 'modle'"),
     ({"federation": {"rounds": "5"}}, "'federation.rounds' must be an integer"),
     ({"federation": {"rounds": True}}, "'federation.rounds' must be an integer"),
+    ({"secure_aggregation": {"protocol": "rot13"}}, "'secure_aggregation.protocol' must be one of plain, masked, he"),
+    ({"secure_aggregation": {"he": {"coeff_mod_bit_sizes": [60, 0]}}}, "list of positive integers"),
+    ({"privacy": {"client": {"placement": "central"}}}, "'federation.aggregation' must be 'uniform'"),
+    ({"federation": {"algorithm": "centralized"}, "privacy": {"record": {"enabled": True}}},
+     "differential privacy is for federated runs"),
+    ({"privacy": {"record": {"delta": 0}}}, "'privacy.record.delta' must be > 0"),
     ({"training": {"learning_rate": "fast"}}, "'training.learning_rate' must be a number"),
     ({"federation": {"rounds": 0}}, "'federation.rounds' must be >= 1"),
     ({"training": {"temperature": 0}}, "'training.temperature' must be > 0"),
@@ -63,3 +71,9 @@ def test_a_second_demo_gets_a_fresh_run_folder_instead_of_replacing_the_first(tm
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo-2").mkdir()
     assert unused_run_name(tmp_path, "demo") == "demo-3"
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).parent.parent / "examples").glob("*.toml")),
+                         ids=lambda path: path.name)
+def test_every_example_config_is_valid(example):
+    load_config(example)

@@ -175,3 +175,10 @@ def test_identities_from_a_keys_folder_are_used_and_checked(tmp_path):
     (keys / "client1.pem").unlink()
     with pytest.raises(ConfigError, match="client1"):
         run(small_config(tmp_path / "again", secure_aggregation={"protocol": "masked", "keys": str(keys)}), **QUIET)
+
+
+def test_secure_aggregation_over_a_single_site_is_refused_before_anything_runs(tmp_path):
+    config = small_config(tmp_path, federation={"clients_per_round": 1})
+    with pytest.raises(ConfigError, match="secure_aggregation"):
+        run(config, **QUIET)
+    assert not (tmp_path / "runs" / "tiny").exists()  # no half-made run folder left behind

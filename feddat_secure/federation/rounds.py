@@ -11,9 +11,9 @@ where an uninterrupted run would.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +37,8 @@ from .updates import StateLayout
 class RoundLog:
     """What the runner writes and prints; supplied by runner.py."""
 
-    write: Any
-    echo: Any
+    write: Callable[[dict], dict]  # records a finished round (metrics.jsonl, the printed table); returns it
+    echo: Callable[[str], None]
 
 
 @dataclass
@@ -79,6 +79,7 @@ class FederatedRun:
             self.next_round = round_index + 1
             self._exchange_tree_heads(round_index, participants)
             self.checkpoint()
+            self.privacy.write(self.run_dir)
         bar.close()
 
     def stop(self, round_index: int, reason: str, log: RoundLog) -> None:
@@ -121,8 +122,13 @@ class FederatedRun:
     def _aggregate(self, round_index: int, participants: list[str]) -> dict:
         if self.aggregation is None:
             return {"protocol": "none (local training)"}
-        if not participants:  # Poisson sampling of sites drew nobody: nothing to aggregate or apply
-            return {"protocol": self.aggregation.name, "rejections": [], "counted": [], "counted_sites": 0}
+        if len(participants) < self.aggregation.min_participants:
+            # Poisson sampling of sites (central client-level DP) drew too few for the protocol: nothing is
+            # aggregated or applied, but the round is charged as if its mechanism had run (docs/privacy.md).
+            reason = f"{len(participants)} sites sampled, the protocol needs {self.aggregation.min_participants}"
+            self.audit.event(SERVER_ID, "round_finished", round=round_index, meta={"outcome": "skipped"})
+            return {"protocol": self.aggregation.name, "rejections": [], "skipped": reason, "counted": [],
+                    "counted_sites": 0}
         outcome = self.aggregation.aggregate(round_index, participants)
         summary = {"protocol": self.aggregation.name, "rejections": list(outcome.rejections)}
         if outcome.result is None:

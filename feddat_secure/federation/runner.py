@@ -82,8 +82,13 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
         history, global_state = _run_centralized(config, foundation, benchmark, splits, lora, run_dir, progress,
                                                  echo)
     else:
-        federation = build_federated_run(config, foundation, benchmark, splits, label_spaces, lora, run_dir,
-                                         resume=resume)
+        try:
+            federation = build_federated_run(config, foundation, benchmark, splits, label_spaces, lora, run_dir,
+                                             resume=resume)
+        except ConfigError:
+            if not resume:  # refused before any round: leave no half-made run folder behind
+                shutil.rmtree(run_dir)
+            raise
         if resume:
             _keep_metrics_until(run_dir, federation.next_round)
             echo(f"feddat-secure: resuming {run_dir} after round {federation.next_round}")

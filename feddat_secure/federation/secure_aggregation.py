@@ -75,6 +75,13 @@ class SecureAggregation:
         self._rejections: list[str] = []
 
     @property
+    def min_participants(self) -> int:
+        """Fewer sites than this in a round and the protocol cannot run (a sum of one site is its update)."""
+        if self.name == "plain":
+            return 1
+        return max(2, getattr(self.protocol, "min_clients", 2))
+
+    @property
     def parties(self) -> tuple[str, ...]:
         """Who takes part besides the clients: the server, and the key holder where there is one."""
         return (SERVER_ID, KEYHOLDER_ID) if self.keyholder is not None else (SERVER_ID,)

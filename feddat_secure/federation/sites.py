@@ -74,7 +74,8 @@ def build_federated_run(config: RunConfig, foundation: Foundation, benchmark: Be
     transport = InProcessTransport()
     aggregation = None
     if sends_updates:
-        aggregation = SecureAggregation(config.secure_aggregation, identities, roster, ids, per_round=per_round,
+        largest_round = len(ids) if privacy.client is not None and privacy.client.poisson_sampling else per_round
+        aggregation = SecureAggregation(config.secure_aggregation, identities, roster, ids, per_round=largest_round,
                                         vector_length=layout.size + privacy.extra_coordinates, seed=config.seed,
                                         max_weight=max(weights.values()), audit=audit,
                                         count_bytes=transport.account, noise_bound=privacy.noise_bound)

@@ -2,8 +2,8 @@
 
 A site's update (its travelling state after the round minus the global state it received,
 as a flat float64 vector) is clipped to L2 norm C. The sum of clipped updates then changes
-by at most C when one site is added or removed, and noise of standard deviation σ·C hides
-any one site. Three placements of the noise:
+by at most C when one site's update is replaced by zero (the adjacency used: who takes part
+is visible to the server anyway), and noise of standard deviation σ·C hides any one site. Three placements of the noise:
 
 ``central``
     the server adds N(0, σ²C²) to the sum of the clipped updates. Protects against everyone
