@@ -182,3 +182,23 @@ def test_secure_aggregation_over_a_single_site_is_refused_before_anything_runs(t
     with pytest.raises(ConfigError, match="secure_aggregation"):
         run(config, **QUIET)
     assert not (tmp_path / "runs" / "tiny").exists()  # no half-made run folder left behind
+
+
+def test_a_resumed_dp_run_spends_exactly_what_an_uninterrupted_one_spends(tmp_path):
+    privacy = {"record": {"enabled": True, "noise_multiplier": 1.5, "reproducible": True},
+               "client": {"placement": "central", "clip_norm": 0.05, "noise_multiplier": 1.0, "reproducible": True}}
+    whole = run(small_config(tmp_path / "whole", privacy=privacy, federation={"aggregation": "uniform"}), **QUIET)
+    parts = small_config(tmp_path / "parts", privacy=privacy, federation={"aggregation": "uniform"})
+
+    def crash_in_round_2(text: str) -> None:
+        if text.startswith("round   2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(parts, progress=False, echo=crash_in_round_2)
+    resumed = run(parts, resume=True, **QUIET)
+    ledgers = [json.loads((r.run_dir / "privacy" / "ledger.json").read_text())["ledgers"] for r in (whole, resumed)]
+    assert ledgers[0] == ledgers[1]
+    assert all([spent["round"] for spent in ledger["rounds"]] == [0, 1] for ledger in ledgers[1])
+    report = json.loads((resumed.run_dir / "privacy_report.json").read_text())
+    assert {ledger["level"] for ledger in report["ledgers"]} == {"record", "client"}
