@@ -126,3 +126,13 @@ def test_the_command_writes_the_report_and_refuses_a_folder_that_is_no_run(run_d
     args = parser.parse_args(["privacy-report", str(tmp_path / "missing")])
     assert args.handler(args) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_the_plot_draws_sites_with_identical_epsilon_as_one_labelled_line():
+    from feddat_secure.privacy.report import _merge_identical
+
+    same = [(1, 2.0), (2, 3.0)]
+    series = [("record: a", same, False, 8.0), ("record: b", same, False, 8.0),
+              ("record: c", [(1, 2.5)], False, 8.0), ("client: federation", same, True, 10.0)]
+    merged = _merge_identical(series)
+    assert [label for label, *_ in merged] == ["record: 2 sites (same)", "record: c", "client: federation"]

@@ -438,6 +438,7 @@ def plot_epsilon(report: dict[str, Any], *, width: int = 900, height: int = 460)
             points = [(p["round"], p["epsilon"]) for p in entry["epsilon_per_round"] if p["epsilon"] is not None]
             label = f"{entry['level']}: {entry['client'] or 'federation'}"
             series.append((label, points, entry["level"] == "client", entry["budget_epsilon"]))
+    series = _merge_identical(series)
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=14)
@@ -489,6 +490,19 @@ def plot_epsilon(report: dict[str, Any], *, width: int = 900, height: int = 460)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
+
+
+def _merge_identical(series: list[tuple]) -> list[tuple]:
+    """Ledgers with the same ε after every round (sites of equal size and settings) would draw on top
+    of each other: one line for them, labelled with how many there are."""
+    groups: dict[tuple, list[str]] = {}
+    for label, points, thick, budget in series:
+        groups.setdefault((label.split(":")[0], tuple(points), thick, budget), []).append(label)
+    merged = []
+    for (level, points, thick, budget), labels in groups.items():
+        label = labels[0] if len(labels) == 1 else f"{level}: {len(labels)} sites (same)"
+        merged.append((label, list(points), thick, budget))
+    return merged
 
 
 def _nice_ceiling(value: float) -> float:
