@@ -99,6 +99,7 @@ class Protocol(ABC):
     stages: tuple[str, ...]
     needs_keyholder: bool = False
     insecure: bool = False
+    min_clients: int = 1  # the fewest clients a round can aggregate
 
     @abstractmethod
     def client(self, identity: Identity, roster: Roster, server_id: str = "server") -> ClientSession: ...

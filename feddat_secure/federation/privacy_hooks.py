@@ -54,7 +54,8 @@ class PrivacyHooks:
         return sorted(sampler.choice(ids, size=per_round, replace=False).tolist(), key=list(ids).index)
 
     def refuse_round(self, round_index: int, participants: Sequence[str]) -> str | None:
-        """Why the round must not run (a budget it would exceed, or nobody sampled), or None."""
+        """Why the round must not run (a budget it would exceed), or None. Also sizes this round's
+        distributed noise shares by its number of participants."""
         self._participants = len(participants)
         try:
             self.ledgers.check_round(round_index, participants)
@@ -67,7 +68,7 @@ class PrivacyHooks:
     def record_settings(self, client_id: str) -> RecordPrivacy | None:
         return self.ledgers.record.get(client_id)
 
-    def update_step(self, client_id: str):
+    def update_step(self):
         """The site's client-level step on its update, or None when client-level DP is off."""
         if self.client is None:
             return None

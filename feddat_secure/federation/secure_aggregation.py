@@ -76,10 +76,9 @@ class SecureAggregation:
 
     @property
     def min_participants(self) -> int:
-        """Fewer sites than this in a round and the protocol cannot run (a sum of one site is its update)."""
-        if self.name == "plain":
-            return 1
-        return max(2, getattr(self.protocol, "min_clients", 2))
+        """Fewer sites than this in a round and the round is not aggregated: the protocol's own minimum,
+        and at least 2 for a secure protocol (the sum over one site is that site's update)."""
+        return self.protocol.min_clients if self.protocol.insecure else max(2, self.protocol.min_clients)
 
     @property
     def parties(self) -> tuple[str, ...]:

@@ -88,7 +88,7 @@ def build_federated_run(config: RunConfig, foundation: Foundation, benchmark: Be
             batch_size=config.training.batch_size, local_steps=config.training.local_steps,
             seed=config.seed * 1000 + index, weight=weights[cid],
             aggregation=aggregation.client_session(cid) if aggregation else None, layout=layout,
-            update_privacy=privacy.update_step(cid))
+            update_privacy=privacy.update_step())
     run = FederatedRun(config, run_dir, clients, FederationServer(initial_state, aggregate=sends_updates), layout,
                        aggregation, audit, privacy, transport)
     if resume:

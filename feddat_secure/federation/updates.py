@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -32,9 +33,13 @@ class StateLayout:
     def size(self) -> int:
         return int(sum(np.prod(shape, dtype=np.int64) for shape in self.shapes))
 
+    @cached_property
+    def _reference(self) -> dict[str, np.ndarray]:
+        """Zero-cost arrays of the layout's shapes, for check_state_matches."""
+        return {k: np.broadcast_to(np.float32(0), s) for k, s in zip(self.keys, self.shapes)}
+
     def flatten(self, state: Mapping[str, np.ndarray]) -> np.ndarray:
-        reference = {k: np.empty(s, dtype=np.float32) for k, s in zip(self.keys, self.shapes)}
-        check_state_matches(state, reference, what="state to flatten")
+        check_state_matches(state, self._reference, what="state to flatten")
         return np.concatenate([np.asarray(state[k], dtype=np.float64).ravel() for k in self.keys])
 
     def unflatten(self, vector: np.ndarray) -> AdapterState:

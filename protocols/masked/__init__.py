@@ -21,6 +21,7 @@ class MaskedProtocol(Protocol):
 
     name = NAME
     stages = STAGES
+    min_clients = 2  # the sum of one client's input is that input
 
     def __init__(self, **options):
         self.config = MaskedConfig(**options)
