@@ -39,6 +39,7 @@ import torch
 from feddat_secure.config import RecordPrivacyConfig, TrainingConfig
 from feddat_secure.data import build_benchmark
 from feddat_secure.data.batching import encode_split
+from feddat_secure.federation.algorithms import dp_steps_per_batch
 from feddat_secure.model.adapters import LoraSettings
 from feddat_secure.model.backbone import load_foundation
 from feddat_secure.privacy import compute_epsilon, make_record_privacy
@@ -79,7 +80,8 @@ def record_privacy(target_epsilon: float, dataset_size: int, training: TrainingC
     config = RecordPrivacyConfig(enabled=True, target_epsilon=target_epsilon or 8.0, max_grad_norm=CLIP,
                                  delta=DELTA, reproducible=True)  # seeded noise: reproducible numbers, no privacy claim
     settings = make_record_privacy(config, dataset_size=dataset_size, batch_size=training.batch_size,
-                                   local_steps=training.local_steps, rounds=rounds, algorithm=method)
+                                   local_steps=training.local_steps, rounds=rounds,
+                                   steps_per_batch=dp_steps_per_batch(method))
     return settings if target_epsilon else dataclasses.replace(settings, noise_multiplier=0.0)
 
 

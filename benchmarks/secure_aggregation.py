@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocols import Identity, ProtocolError, Roster, make_protocol  # noqa: E402
 from protocols.identity import KEYHOLDER_ID, SERVER_ID  # noqa: E402
+from protocols.wire import new_session_id
 
 OURS = ("plain", "masked", "he")
 ALL = (*OURS, "flower")
@@ -107,9 +108,11 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int) -> tuple
     client_identities = [Identity.generate(client) for client in names]
     keyholder_identity = Identity.generate(KEYHOLDER_ID) if protocol.needs_keyholder else None
     roster = Roster.from_identities(server_identity, client_identities, keyholder_identity)
-    server = protocol.server(server_identity, roster)
-    clients = {identity.party_id: protocol.client(identity, roster, SERVER_ID) for identity in client_identities}
-    keyholder = protocol.keyholder(keyholder_identity, roster) if keyholder_identity else None
+    session = new_session_id()
+    server = protocol.server(server_identity, roster, session=session)
+    clients = {identity.party_id: protocol.client(identity, roster, SERVER_ID, session=session)
+               for identity in client_identities}
+    keyholder = protocol.keyholder(keyholder_identity, roster, session=session) if keyholder_identity else None
     meter = Meter()
     dropped = dropped_clients(n, dropout, seed)
     vanish_at = {names[index]: server.stages.index(DROP_STAGE[name]) for index in dropped}
@@ -301,7 +304,7 @@ def measure(protocols: Sequence[str], n: int, params: int, dropout: float, seed:
         try:
             if name == "flower":
                 masked = make_protocol("masked", seed=seed, **options_for("masked", dropout))
-                graph = masked.config.graph_parameters(n)
+                graph = masked.options.graph_parameters(n)
                 shares = graph.neighbours + 1 if graph.neighbours % 2 == 0 else graph.neighbours + 2
                 row, average = run_flower(n, params, dropout, seed, shares, graph.threshold)
                 row.max_error = float(np.max(np.abs(average * total_weight - exact)))

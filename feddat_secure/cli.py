@@ -1,7 +1,9 @@
 """The ``feddat-secure`` command line.
 
 Errors a user can fix (config, data, model folder, run folder) print one line and exit 2;
-nothing else is swallowed.
+nothing else is swallowed. Importing this module loads no deep-learning library: the commands that
+train (``run``, ``demo``, ``pretrain-foundation``) and ``privacy-report`` (whose accountants need Opacus)
+import theirs when they run, so ``--help``, ``keys``, ``roster`` and ``audit`` start at once.
 """
 
 from __future__ import annotations
@@ -11,26 +13,25 @@ import sys
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from audits.cli import add_audit_commands
 from protocols import ConfigurationError
-from protocols.identity import KEYHOLDER_ID, SERVER_ID, create_identities, load_roster
+from protocols.enrolment import ENROLMENT_FILE, IDENTITY_FILE, build_roster, save_party_identity
+from protocols.identity import ROLES, load_roster
 
-from .config import ConfigError, load_config
-from .data import DataError
-from .federation.checkpoint import CheckpointError
-from .model.backbone import EMBEDDED_FOUNDATION, ModelLoadError
-from .privacy.cli import add_privacy_report_command
+from .config import RunConfig, config_from_dict, load_config, to_dict
+from .errors import FeddatError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, ConfigurationError, CheckpointError)
+USER_ERRORS = (FeddatError, ConfigurationError)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .federation.runner import run
-
     config = load_config(args.config)
     if args.output_dir:
-        config = replace(config, output_dir=args.output_dir)
+        config = _with_keys(config, output_dir=args.output_dir)
+    from .federation.runner import run  # torch and the rest: only once the configuration is known to be valid
+
     result = run(config, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     print(f"run folder: {result.run_dir}")
     if result.stopped:
@@ -40,16 +41,21 @@ def _run(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """The embedded demo; a second demo goes to demo-2, demo-3, ... so no earlier run is lost."""
+    config = load_config(resources.files("feddat_secure") / "configs" / "demo.toml")
+    config = _with_keys(config, output_dir=args.output_dir or config.output_dir)
+    if not args.overwrite:
+        config = _with_keys(config, name=unused_run_name(Path(config.output_dir), config.name))
     from .federation.runner import run
 
-    config = load_config(resources.files("feddat_secure") / "configs" / "demo.toml")
-    config = replace(config, output_dir=args.output_dir or config.output_dir)
-    if not args.overwrite:
-        config = replace(config, name=unused_run_name(Path(config.output_dir), config.name))
     result = run(config, overwrite=args.overwrite, progress=not args.quiet)
     print(f"run folder: {result.run_dir}")
     _print_audit_check(result.run_dir)
     return 0
+
+
+def _with_keys(config: RunConfig, **values: Any) -> RunConfig:
+    """``config`` with top-level keys replaced (from command-line options), validated like a config file's."""
+    return config_from_dict({**to_dict(config), **values})
 
 
 def _print_audit_check(run_dir: Path) -> None:
@@ -57,8 +63,8 @@ def _print_audit_check(run_dir: Path) -> None:
     from audits import reconcile, verify_path
 
     roster = _roster_keys(run_dir / "roster.json")
-    print("audit:", verify_path(run_dir / "audit", roster, require_closed=True).summary())
-    print("audit:", reconcile(run_dir / "audit").summary())
+    print("audit:", verify_path(run_dir / "parties", roster, require_closed=True).summary())
+    print("audit:", reconcile(run_dir / "parties").summary())
 
 
 def unused_run_name(output_dir: Path, name: str) -> str:
@@ -71,20 +77,38 @@ def unused_run_name(output_dir: Path, name: str) -> str:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from .model.backbone import EMBEDDED_FOUNDATION
     from .pretraining import PretrainSettings, pretrain
 
     settings = replace(PretrainSettings(), steps=args.steps or PretrainSettings.steps, seed=args.seed)
-    summary = pretrain(Path(args.out), settings)
-    print(f"foundation written to {args.out}: {summary}")
+    out = Path(args.out) if args.out else EMBEDDED_FOUNDATION
+    summary = pretrain(out, settings)
+    print(f"foundation written to {out}: {summary}")
     return 0
 
 
+def _privacy_report(args: argparse.Namespace) -> int:
+    from .privacy.cli import run_privacy_report_command
+
+    return run_privacy_report_command(args)
+
+
 def _create_keys(args: argparse.Namespace) -> int:
-    clients = [c.strip() for c in args.clients.split(",") if c.strip()] if args.clients else \
-        [f"client{i}" for i in range(args.num_clients)]
-    roster = create_identities(args.out, SERVER_ID, clients, KEYHOLDER_ID)
-    print(f"{len(roster)} identities in {args.out}: private keys <id>.pem (give each party only its own), "
-          f"public roster roster.json (give every party a copy)")
+    """One party's identity, made where it will be used: no one else ever holds its private key."""
+    out = Path(args.out)
+    save_party_identity(out, args.party, args.role)
+    print(f"private key of {args.party!r} ({args.role}): {out / IDENTITY_FILE} (keep it there; it never leaves)")
+    print(f"public enrolment file: {out / ENROLMENT_FILE} (hand it to whoever builds the roster)")
+    return 0
+
+
+def _build_roster(args: argparse.Namespace) -> int:
+    """The roster from public enrolment files only; its SHA-256 is what every party pins."""
+    roster = build_roster(args.enrolments)
+    roster.save(args.out)
+    counts = ", ".join(f"{role}: {len(roster.ids(role))}" for role in ROLES)
+    print(f"roster {args.out}: {len(roster)} parties ({counts})")
+    print(f"sha256 {roster.digest} (every party pins this value)")
     return 0
 
 
@@ -111,19 +135,31 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--quiet", action="store_true", help="no progress bar")
         command.set_defaults(handler=handler)
     pretrain = commands.add_parser("pretrain-foundation", help="re-create the embedded foundation checkpoint")
-    pretrain.add_argument("--out", default=str(EMBEDDED_FOUNDATION))
+    pretrain.add_argument("--out", help="the folder to write (default: the embedded foundation's, in the package)")
     pretrain.add_argument("--steps", type=int, help="training steps (default: the committed recipe's)")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.set_defaults(handler=_pretrain)
-    keys = commands.add_parser("keys", help="enrol parties: Ed25519 identity keys and the roster")
+    keys = commands.add_parser("keys", help="enrol one party: its Ed25519 identity key, made locally")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    create = key_commands.add_parser("create", help="create identity keys for a server, a key holder and clients")
-    create.add_argument("--out", required=True, help="folder to write <id>.pem files and roster.json into")
-    create.add_argument("--clients", help="comma-separated client ids (the run's site ids, e.g. client0,client1)")
-    create.add_argument("--num-clients", type=int, default=5, help="or this many clients client0, client1, ...")
+    create = key_commands.add_parser("create", help="create this party's identity key and public enrolment file")
+    create.add_argument("--party", required=True, help="the party's id (1-64 of A-Z a-z 0-9 . _ -)")
+    create.add_argument("--role", default="client", help=f"{' | '.join(ROLES)} (default: client)")
+    create.add_argument("--out", required=True,
+                        help="the party's own folder (created 0700): identity.pem (0600) and enrolment.json")
     create.set_defaults(handler=_create_keys)
+    roster = commands.add_parser("roster", help="the roster of enrolled parties, from public enrolment files")
+    roster_commands = roster.add_subparsers(dest="roster_command", required=True)
+    build = roster_commands.add_parser("build", help="build roster.json from the parties' enrolment files")
+    build.add_argument("enrolments", nargs="+", metavar="ENROLMENT_FILE", help="a party's enrolment.json")
+    build.add_argument("--out", required=True, help="the roster file to write (never overwritten)")
+    build.set_defaults(handler=_build_roster)
     add_audit_commands(commands, _roster_keys)
-    add_privacy_report_command(commands)
+    report = commands.add_parser(
+        "privacy-report", help="write the privacy budget report (HTML, Markdown, JSON) of a run folder",
+        description="Recompute every privacy ledger of a run and write privacy_report.html, privacy_report.md and "
+                    "privacy_report.json into the run folder.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (runs/<name>)")
+    report.set_defaults(handler=_privacy_report)
     return parser
 
 
@@ -132,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except USER_ERRORS as error:
-        print(f"feddat-secure: error: {error}", file=sys.stderr)
+        print(f"feddat-secure: error: {' '.join(str(error).splitlines())}", file=sys.stderr)  # always one line
         return 2
 
 

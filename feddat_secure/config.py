@@ -1,7 +1,11 @@
 """The run configuration: dataclasses, strict TOML validation, and a resolved TOML dump.
 
-Every mistake is reported as one :class:`ConfigError` line that names the key, so the CLI
-can print it and exit 2 without a traceback.
+Every mistake is reported as one :class:`ConfigError` line that names the key, so the CLI can print it and
+exit 2 without a traceback. Everything that depends on the configuration alone is checked when it loads
+(:func:`load_config`, :func:`config_from_dict`): types, ranges (every number finite), strings, sizes and the
+rules that join keys. What needs the model or the data (:func:`check_against_model`,
+:func:`check_against_data`) is checked by the runner before it creates the run folder. The code that uses a
+configuration therefore never has to refuse one; it raises plain ``ValueError`` for impossible arguments.
 """
 
 from __future__ import annotations
@@ -9,19 +13,48 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import tomllib
 import typing
+import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .model.adapters import DEFAULT_TARGET_MODULES
+from protocols import ConfigurationError, options_class, registered_protocols
+from protocols.he import HEOptions
+from protocols.masked import MaskedOptions
+
+from .errors import FeddatError
+from .federation.algorithms import get_algorithm, registered_algorithms
+from .model.lora_targets import DEFAULT_TARGET_MODULES, matches_target
 
 BENCHMARKS = ("function", "domain", "scene", "digits", "digits-skew", "folder")
-ALGORITHMS = ("feddat", "fedavg", "fedprox", "local", "centralized")
+ALGORITHMS = (*registered_algorithms(), "centralized")  # "centralized" is a run mode of its own (pooled data)
+
+# Bounds on what a run may ask for. The simulation holds every site's copy of the model and every generated
+# example in one process, so these stop a typo (num_clients = 1000000) before it exhausts the machine.
+MAX_CLIENTS = 1_000
+MAX_GENERATED_EXAMPLES = 200_000  # num_clients × (train_per_client + test_per_client) of a generated benchmark
+MAX_ROUNDS = 10_000
+MAX_LOCAL_STEPS = 10_000
+MAX_BATCH_SIZE = 4_096
+MAX_LORA_RANK = 1_024  # and at most the model's hidden size, checked against the model
+MAX_SEED = 2**32 - 1  # what numpy's legacy seeding accepts; seed × 1000 + site also stays within torch's range
+MAX_NAME_BYTES = 255  # a folder name on common file systems
+
+# Adaptive clipping sends each site's clipping indicator as one more coordinate of its protocol input, scaled
+# by this factor (feddat_secure/privacy/run_privacy.py imports it from here); the masked protocol clips every
+# coordinate to its clip_range, which must therefore hold it.
+INDICATOR_SCALE = 0.2
+
+UNBOUNDED = "unbounded"  # a privacy budget_epsilon with no limit (what a missing key means too)
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
-class ConfigError(ValueError):
+class ConfigError(FeddatError, ValueError):
     """A configuration value is unknown, of the wrong type or impossible."""
 
 
@@ -29,8 +62,22 @@ def _choice(*options: str, default: str) -> Any:
     return field(default=default, metadata={"choices": options})
 
 
-def _at_least(minimum: float, default: Any, *, above: bool = False) -> Any:
-    return field(default=default, metadata={"minimum": minimum, "strict": above})
+def _range(default: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Any:
+    """A number field and its allowed range (``low_open``/``high_open``: the bound itself is excluded). The
+    keys ``minimum`` and ``strict`` are the ones the protocols' options classes use too."""
+    metadata: dict[str, Any] = {}
+    if low is not None:
+        metadata.update(minimum=low, strict=low_open)
+    if high is not None:
+        metadata.update(maximum=high, strict_maximum=high_open)
+    return field(default=default, metadata=metadata)
+
+
+def _budget() -> Any:
+    """A privacy budget ε: a positive number, or ``"unbounded"`` (the default: a missing key means no budget).
+    Held as ``math.inf``; 0 is refused, as it once meant "no budget" and hid runs that spent without limit."""
+    return field(default=math.inf, metadata={"minimum": 0, "strict": True, "unbounded": True})
 
 
 @dataclass(frozen=True)
@@ -38,9 +85,9 @@ class ModelConfig:
     path: str = "embedded"  # "embedded" or a local folder with a ViLT checkpoint and its tokenizer
     random_init: bool = False  # build from the folder's config only, ignoring its weights
     head: str = _choice("local", "shared", default="local")
-    lora_rank: int = _at_least(1, 8)
-    lora_alpha: float = _at_least(0, 16.0, above=True)
-    lora_dropout: float = _at_least(0, 0.0)
+    lora_rank: int = _range(8, low=1, high=MAX_LORA_RANK)
+    lora_alpha: float = _range(16.0, low=0, low_open=True, high=4096)
+    lora_dropout: float = _range(0.0, low=0, high=1, high_open=True)
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
 
 
@@ -48,67 +95,56 @@ class ModelConfig:
 class DataConfig:
     benchmark: str = _choice(*BENCHMARKS, default="function")
     path: str = ""  # root folder of the "folder" benchmark
-    num_clients: int = _at_least(1, 5)
-    train_per_client: int = _at_least(1, 200)
-    test_per_client: int = _at_least(1, 100)
+    num_clients: int = _range(5, low=1, high=MAX_CLIENTS)
+    train_per_client: int = _range(200, low=1, high=MAX_GENERATED_EXAMPLES)
+    test_per_client: int = _range(100, low=1, high=MAX_GENERATED_EXAMPLES)
 
 
 @dataclass(frozen=True)
 class FederationConfig:
     algorithm: str = _choice(*ALGORITHMS, default="feddat")
-    rounds: int = _at_least(1, 5)
-    clients_per_round: int = _at_least(0, 0)  # 0: every client, every round
+    rounds: int = _range(5, low=1, high=MAX_ROUNDS)
+    clients_per_round: int = _range(0, low=0, high=MAX_CLIENTS)  # 0: every client, every round
     aggregation: str = _choice("examples", "uniform", default="examples")
-    fedprox_mu: float = _at_least(0, 0.01)
+    fedprox_mu: float = _range(0.01, low=0, high=100)
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    local_steps: int = _at_least(1, 20)
-    batch_size: int = _at_least(1, 16)
-    learning_rate: float = _at_least(0, 1e-3, above=True)
-    weight_decay: float = _at_least(0, 0.0)
+    local_steps: int = _range(20, low=1, high=MAX_LOCAL_STEPS)
+    batch_size: int = _range(16, low=1, high=MAX_BATCH_SIZE)  # and at most a site's training examples
+    learning_rate: float = _range(1e-3, low=0, low_open=True, high=1)
+    weight_decay: float = _range(0.0, low=0)  # with learning_rate × weight_decay < 1
     schedule: str = _choice("constant", "linear", default="constant")
-    temperature: float = _at_least(0, 3.0, above=True)
-    task_weight: float = _at_least(0, 0.5)
-    distill_weight: float = _at_least(0, 0.5)
-    eval_batch_size: int = _at_least(1, 256)
-
-
-@dataclass(frozen=True)
-class MaskedOptions:
-    """SecAgg+ (protocols.masked); 0 means "the documented default for this many clients"."""
-
-    clip_range: float = _at_least(0, 0.25, above=True)  # each update value is clipped to [-r, r]
-    quantization_bits: int = _at_least(1, 16)
-    modulus_bits: int = _at_least(8, 32)
-    neighbours: int = _at_least(0, 0)
-    threshold: int = _at_least(0, 0)
-    graph: str = _choice("sparse", "complete", default="sparse")
-
-
-@dataclass(frozen=True)
-class HEOptions:
-    """CKKS through TenSEAL (protocols.he)."""
-
-    poly_modulus_degree: int = _at_least(1024, 8192)
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40)
-    global_scale_bits: int = _at_least(1, 40)
-    min_clients: int = _at_least(1, 2)
+    temperature: float = _range(3.0, low=0.01, high=100)  # logits / T and T² stay far from float32's limits
+    task_weight: float = _range(0.5, low=0, high=100)
+    distill_weight: float = _range(0.5, low=0, high=100)
+    eval_batch_size: int = _range(256, low=1, high=MAX_BATCH_SIZE)
 
 
 @dataclass(frozen=True)
 class SecureAggregationConfig:
-    protocol: str = _choice("plain", "masked", "he", default="masked")  # plain: the insecure reference
+    """The protocol and its options. Each options table is the protocol's own options dataclass (defined once,
+    in protocols/), so a key is checked here exactly as the protocol checks it; the fields the runner
+    supplies (``metadata={"runtime": True}``: seeds, weight and noise bounds) are no configuration keys."""
+
+    # any registered protocol (protocols.registry); "plain" is the insecure reference
+    protocol: str = field(default="masked", metadata={"choices": registered_protocols})
     keys: str = ""  # folder from `feddat-secure keys create`; empty: fresh identities in the run folder
-    masked: MaskedOptions = MaskedOptions()
-    he: HEOptions = HEOptions()
+    masked: MaskedOptions = MaskedOptions()  # [secure_aggregation.masked]: SecAgg+, 0 = the default for n clients
+    he: HEOptions = HEOptions()  # [secure_aggregation.he]: CKKS through TenSEAL
+
+    @property
+    def protocol_options(self) -> Any:
+        """The chosen protocol's options from its table, or None when it has no table here (its defaults)."""
+        options = getattr(self, self.protocol, None)
+        return options if isinstance(options, options_class(self.protocol)) else None
 
 
 @dataclass(frozen=True)
 class AuditConfig:
     enabled: bool = True
-    tree_head_every: int = _at_least(1, 64)
+    tree_head_every: int = _range(64, low=1)
 
 
 @dataclass(frozen=True)
@@ -116,11 +152,11 @@ class RecordPrivacyConfig:
     """Record-level DP-SGD (Opacus) on every parameter a site trains on its data."""
 
     enabled: bool = False
-    noise_multiplier: float = _at_least(0, 1.0)
-    max_grad_norm: float = _at_least(0, 1.0, above=True)
-    target_epsilon: float = _at_least(0, 0.0)  # > 0: calibrate noise_multiplier for the planned rounds
-    delta: float = _at_least(0, 1e-5, above=True)
-    budget_epsilon: float = _at_least(0, 0.0)  # > 0: a round that would exceed it is not run
+    noise_multiplier: float = _range(1.0, low=0)
+    max_grad_norm: float = _range(1.0, low=0, low_open=True)
+    target_epsilon: float = _range(0.0, low=0)  # > 0: calibrate noise_multiplier for the planned rounds
+    delta: float = _range(1e-5, low=0, low_open=True, high=1, high_open=True)
+    budget_epsilon: float = _budget()  # a round that would exceed it is not run
     accountant: str = _choice("rdp", "prv", default="rdp")
     reproducible: bool = False  # true: sampling and noise from the run seed (tests only: no privacy if it is known)
 
@@ -130,17 +166,18 @@ class ClientPrivacyConfig:
     """Client-level DP (DP-FedAvg): clip each site's update, add Gaussian (or distributed discrete) noise."""
 
     placement: str = _choice("off", "central", "local", "distributed", default="off")
-    clip_norm: float = _at_least(0, 0.1, above=True)
-    noise_multiplier: float = _at_least(0, 1.0)
-    target_epsilon: float = _at_least(0, 0.0)
-    delta: float = _at_least(0, 1e-5, above=True)
-    budget_epsilon: float = _at_least(0, 0.0)
+    clip_norm: float = _range(0.1, low=0, low_open=True)
+    noise_multiplier: float = _range(1.0, low=0)
+    target_epsilon: float = _range(0.0, low=0)
+    delta: float = _range(1e-5, low=0, low_open=True, high=1, high_open=True)
+    budget_epsilon: float = _budget()
     accountant: str = _choice("rdp", "prv", default="rdp")
-    tolerated_dropouts: int = _at_least(0, 0)  # distributed: noise shares sized so this many may drop out
+    # distributed: noise shares sized so this many may drop out
+    tolerated_dropouts: int = _range(0, low=0, high=MAX_CLIENTS - 1)
     adaptive_clipping: bool = False  # central: clip norm follows a quantile of update norms (Andrew et al. 2021)
-    target_quantile: float = _at_least(0, 0.5, above=True)
-    clip_learning_rate: float = _at_least(0, 0.2, above=True)
-    count_noise_std: float = _at_least(0, 0.0)  # σ_b, noise std of the unclipped count; 0: max(m/20, noise_multiplier)
+    target_quantile: float = _range(0.5, low=0, low_open=True, high=1, high_open=True)
+    clip_learning_rate: float = _range(0.2, low=0, low_open=True, high=10)  # C ← C·exp(−η(b̄ − γ)) stays finite
+    count_noise_std: float = _range(0.0, low=0)  # σ_b, noise std of the unclipped count; 0: max(m/20, noise_multiplier)
     reproducible: bool = False  # true: noise from the run seed (tests only: no privacy if it is known)
 
 
@@ -153,7 +190,7 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
-    seed: int = 0
+    seed: int = _range(0, low=0, high=MAX_SEED)
     output_dir: str = "runs"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -177,6 +214,10 @@ def load_config(path: str | Path) -> RunConfig:
             raw = tomllib.load(stream)
     except FileNotFoundError:
         raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
     return config_from_dict(raw)
@@ -192,7 +233,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("runtime")}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown key {prefix + key!r}; known keys here: {', '.join(known)}")
@@ -205,17 +246,23 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             values[name] = _build(hints[name], raw[name], prefix=key + ".")
         else:
             values[name] = _check_value(key, raw[name], hints[name], spec.metadata)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigurationError as error:  # a protocol options class's own checks (cross-field ones too)
+        key = prefix + error.option if error.option in known else prefix.rstrip(".")
+        raise ConfigError(f"key {key!r}: {error}") from None
 
 
 def _check_value(key: str, value: Any, hint: Any, metadata: Any) -> Any:
+    if metadata.get("unbounded") and (value == UNBOUNDED or (isinstance(value, float) and value == math.inf)):
+        return math.inf
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        value = _as_float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)
     elif hint == tuple[int, ...]:
@@ -228,45 +275,264 @@ def _check_value(key: str, value: Any, hint: Any, metadata: Any) -> Any:
     if not ok:
         expected = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
                     tuple[int, ...]: "a non-empty list of positive integers"}.get(hint, "a non-empty list of strings")
-        raise ConfigError(f"key {key!r} must be {expected}, got {value!r}")
-    if "choices" in metadata and value not in metadata["choices"]:
-        raise ConfigError(f"key {key!r} must be one of {', '.join(metadata['choices'])}; got {value!r}")
-    if "minimum" in metadata:
-        low, strict = metadata["minimum"], metadata["strict"]
-        if value < low or (strict and value == low):
-            raise ConfigError(f"key {key!r} must be {'>' if strict else '>='} {low}, got {value!r}")
+        if metadata.get("unbounded"):
+            expected = f'a positive number or "{UNBOUNDED}"'
+        raise ConfigError(f"key {key!r} must be {expected}, got {_shown(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        alternative = f' (or "{UNBOUNDED}")' if metadata.get("unbounded") else ""
+        raise ConfigError(f"key {key!r} must be a finite number{alternative}, got {_shown(value)}")
+    for text in value if isinstance(value, tuple) else (value,):
+        if isinstance(text, str) and any(unicodedata.category(c) == "Cc" for c in text):
+            raise ConfigError(f"key {key!r} must not contain control characters (NUL, newline, tab, ...), "
+                              f"got {_shown(value)}")
+    if "choices" in metadata:
+        choices = metadata["choices"]() if callable(metadata["choices"]) else metadata["choices"]
+        if value not in choices:
+            raise ConfigError(f"key {key!r} must be one of {', '.join(choices)}; got {_shown(value)}")
+    _check_range(key, value, metadata)
     return value
 
 
+def _check_range(key: str, value: Any, metadata: Any) -> None:
+    low, high = metadata.get("minimum"), metadata.get("maximum")
+    below = low is not None and (value < low or (metadata["strict"] and value == low))
+    above = high is not None and (value > high or (metadata["strict_maximum"] and value == high))
+    if not (below or above):
+        return
+    if high is None:
+        allowed = f"{'>' if metadata['strict'] else '>='} {low}"
+    elif isinstance(value, int):
+        allowed = f"an integer in {low}..{high}"
+    else:
+        allowed = f"in {'(' if metadata['strict'] else '['}{low}, {high}{')' if metadata['strict_maximum'] else ']'}"
+    hint = f' (leave it out or write "{UNBOUNDED}" for no budget)' if metadata.get("unbounded") else ""
+    raise ConfigError(f"key {key!r} must be {allowed}{hint}, got {_shown(value)}")
+
+
+def _as_float(number: int | float) -> float:
+    """The number as a float; an integer too large for one becomes inf (and is refused as not finite)."""
+    try:
+        return float(number)
+    except OverflowError:
+        return math.inf if number > 0 else -math.inf
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut short so the message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
 def _check_consistency(config: RunConfig) -> None:
-    data, federation = config.data, config.federation
-    if data.benchmark != "folder" and federation.clients_per_round > data.num_clients:
-        raise ConfigError(f"key 'federation.clients_per_round' is {federation.clients_per_round}, more than "
-                          f"the {data.num_clients} clients of 'data.num_clients'")
-    if data.benchmark == "folder" and not data.path:
-        raise ConfigError("key 'data.path' must name the data folder when data.benchmark is 'folder'")
-    if data.benchmark != "folder" and data.path:
-        raise ConfigError(f"key 'data.path' is only used by the 'folder' benchmark, not {data.benchmark!r}")
-    private = config.privacy
-    if config.federation.algorithm == "centralized" and (private.record.enabled or private.client.placement != "off"):
+    _check_name(config.name)
+    data, federation, training = config.data, config.federation, config.training
+    if data.benchmark == "folder":
+        if not data.path:
+            raise ConfigError("key 'data.path' must name the data folder when data.benchmark is 'folder'")
+    else:
+        if data.path:
+            raise ConfigError(f"key 'data.path' is only used by the 'folder' benchmark, not {data.benchmark!r}")
+        if federation.clients_per_round > data.num_clients:
+            raise ConfigError(f"key 'federation.clients_per_round' is {federation.clients_per_round}, more than "
+                              f"the {data.num_clients} clients of 'data.num_clients'")
+        examples = data.num_clients * (data.train_per_client + data.test_per_client)
+        if examples > MAX_GENERATED_EXAMPLES:
+            raise ConfigError(f"keys 'data.num_clients' × ('data.train_per_client' + 'data.test_per_client') ask "
+                              f"for {examples:,} generated examples; at most {MAX_GENERATED_EXAMPLES:,} are made "
+                              "(all are held in memory)")
+    if training.learning_rate * training.weight_decay >= 1:
+        raise ConfigError(f"key 'training.weight_decay' is {training.weight_decay:g}: with learning_rate "
+                          f"{training.learning_rate:g} their product must be < 1 (AdamW multiplies every weight by "
+                          "1 − learning_rate × weight_decay each step)")
+    if federation.algorithm == "feddat" and training.task_weight == 0:
+        raise ConfigError("key 'training.task_weight' must be > 0 with FedDAT: without the cross-entropy term no "
+                          "adapter learns from the labels")
+    _check_target_modules(config.model.target_modules)
+    _check_privacy(config)
+
+
+def _check_name(name: str) -> None:
+    """The run folder's name: one plain folder inside output_dir, as typed (no path, nothing hidden)."""
+    problem = None
+    if not name.strip():
+        problem = "must not be empty or only spaces"
+    elif name != name.strip():
+        problem = "must not begin or end with spaces"
+    elif "/" in name or "\\" in name:
+        problem = "must be a plain folder name (no '/' or '\\')"
+    elif name.startswith("."):
+        problem = "must not begin with '.' (a hidden folder, or a path such as '..')"
+    elif len(name.encode()) > MAX_NAME_BYTES:
+        problem = f"must be at most {MAX_NAME_BYTES} bytes long (a folder name)"
+    if problem:
+        raise ConfigError(f"key 'name' {problem}, got {_shown(name)}")
+
+
+def _check_target_modules(targets: tuple[str, ...]) -> None:
+    for target in targets:
+        if not _MODULE_NAME.fullmatch(target):
+            raise ConfigError(f"key 'model.target_modules': {_shown(target)} is no module name (dot-separated parts of "
+                              "letters, digits and '_', e.g. 'query' or 'output.dense')")
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"key 'model.target_modules' names a module twice: {list(targets)}")
+
+
+def _check_privacy(config: RunConfig) -> None:
+    record, client = config.privacy.record, config.privacy.client
+    federation = config.federation
+    if federation.algorithm == "centralized" and (record.enabled or client.placement != "off"):
         raise ConfigError("differential privacy is for federated runs; the 'centralized' reference pools the data "
                           "and has none (set privacy.record.enabled = false and privacy.client.placement = 'off')")
-    if private.client.placement != "off":
-        if federation.algorithm == "local":
-            raise ConfigError("key 'privacy.client.placement': 'local' training sends no updates to protect")
-        if federation.aggregation != "uniform":
-            raise ConfigError("key 'federation.aggregation' must be 'uniform' with client-level DP (a site's weight "
-                              "would multiply its sensitivity)")
-    if not config.name or "/" in config.name or config.name.startswith("."):
-        raise ConfigError(f"key 'name' must be a plain folder name, got {config.name!r}")
+    if record.enabled:
+        _check_noise_and_budget("privacy.record", record.noise_multiplier, record.target_epsilon,
+                                record.budget_epsilon)
+    if client.placement == "off":
+        return
+    if federation.algorithm != "centralized" and not get_algorithm(federation.algorithm).sends_updates:
+        raise ConfigError("key 'privacy.client.placement': 'local' training sends no updates to protect")
+    if federation.aggregation != "uniform":
+        raise ConfigError("key 'federation.aggregation' must be 'uniform' with client-level DP (a site's weight "
+                          "would multiply its sensitivity)")
+    _check_noise_and_budget("privacy.client", client.noise_multiplier, client.target_epsilon, client.budget_epsilon)
+    protocol = config.secure_aggregation.protocol
+    if client.placement == "distributed":
+        if protocol != "masked":
+            raise ConfigError(f"key 'privacy.client.placement': distributed noise is added inside the masked protocol; "
+                              f"set secure_aggregation.protocol = 'masked' (not {protocol!r})")
+        if client.accountant != "rdp":
+            raise ConfigError("key 'privacy.client.accountant' must be 'rdp' with the distributed placement (the "
+                              "Skellam noise is accounted with RDP only)")
+        per_round = federation.clients_per_round or (config.data.num_clients if config.data.benchmark != "folder"
+                                                     else 0)
+        if per_round:  # a folder's site count is known only at run time (check_against_data)
+            _check_tolerated_dropouts(client.tolerated_dropouts, per_round)
+    if client.adaptive_clipping:
+        if client.placement != "central":
+            raise ConfigError("key 'privacy.client.adaptive_clipping' needs placement 'central' (the server adds the "
+                              f"noise to the clipped count), not {client.placement!r}")
+        if client.count_noise_std and not client.target_epsilon:  # a calibrated multiplier: check_against_data
+            _check_count_noise(client.count_noise_std, client.noise_multiplier)
+        clip_range = config.secure_aggregation.masked.clip_range
+        if protocol == "masked" and clip_range < INDICATOR_SCALE:
+            raise ConfigError(f"key 'secure_aggregation.masked.clip_range' is {clip_range:g}: adaptive clipping needs "
+                              f"at least {INDICATOR_SCALE:g} (the clipping indicator travels in the masked sum)")
+
+
+def _check_noise_and_budget(table: str, noise_multiplier: float, target_epsilon: float, budget: float) -> None:
+    if noise_multiplier == 0 and target_epsilon == 0:
+        raise ConfigError(f"key '{table}.noise_multiplier' must be > 0 when this level of DP is on "
+                          f"(or set '{table}.target_epsilon' to calibrate it)")
+    if budget < target_epsilon:
+        raise ConfigError(f"key '{table}.budget_epsilon' is {budget:g}, smaller than '{table}.target_epsilon' "
+                          f"{target_epsilon:g}: the run would stop before its planned rounds")
+
+
+def _check_tolerated_dropouts(tolerated: int, per_round: int) -> None:
+    if tolerated >= per_round:
+        raise ConfigError(f"key 'privacy.client.tolerated_dropouts' is {tolerated}: at least one of the {per_round} "
+                          "participants of a round must survive")
+
+
+def _check_count_noise(count_noise_std: float, noise_multiplier: float) -> None:
+    if 2 * count_noise_std <= noise_multiplier:
+        raise ConfigError(f"key 'privacy.client.count_noise_std' is {count_noise_std:g}: adaptive clipping needs "
+                          f"more than half the noise multiplier {noise_multiplier:g} (else the count takes all "
+                          "of the round's privacy and the update none)")
+
+
+def check_against_model(config: RunConfig, modules: Mapping[str, bool], hidden_size: int) -> None:
+    """What only the model tells: every target module names linear projections of it, and the LoRA rank is at
+    most its hidden size (above it a LoRA update adds nothing). ``modules`` maps every module name of the
+    backbone to whether LoRA can adapt it (a linear projection)."""
+    for target in config.model.target_modules:
+        matched = [name for name in modules if matches_target(name, target)]
+        if not matched:
+            known = sorted({name.rsplit(".", 1)[-1] for name, linear in modules.items() if linear})
+            raise ConfigError(f"key 'model.target_modules': {_shown(target)} names no module of the model (its "
+                              f"linear projections end in {', '.join(known)})")
+        other = [name for name in matched if not modules[name]]
+        if other:
+            raise ConfigError(f"key 'model.target_modules': {_shown(target)} matches {other[0]!r}, which is not a "
+                              "linear projection (LoRA adapts linear projections)")
+    if config.model.lora_rank > hidden_size:
+        raise ConfigError(f"key 'model.lora_rank' is {config.model.lora_rank}, more than the model's hidden size "
+                          f"{hidden_size}")
+
+
+def check_against_data(config: RunConfig, train_sizes: Mapping[str, int]) -> None:
+    """What only the data tells: the number of sites, a batch no larger than a site's data, and privacy terms
+    these data sizes can meet (a calibrated noise multiplier exists; the count noise leaves the update some).
+    ``train_sizes``: each site's number of training examples. The distributed placement's calibration also
+    needs the update's length; the runner checks it when it plans the run."""
+    sites = len(train_sizes)
+    if sites > MAX_CLIENTS:
+        raise ConfigError(f"key 'data.path': the data folder holds {sites} sites; at most {MAX_CLIENTS} take part "
+                          "in a run")
+    per_round = config.participants_per_round(sites)
+    if per_round > sites:
+        raise ConfigError(f"key 'federation.clients_per_round' is {per_round}, more than the {sites} sites of the "
+                          "data")
+    batch = config.training.batch_size
+    if config.federation.algorithm == "centralized":
+        pooled = sum(train_sizes.values())
+        if batch > pooled:
+            raise ConfigError(f"key 'training.batch_size' is {batch}, more than the {pooled} pooled training "
+                              "examples")
+    else:
+        site, smallest = min(train_sizes.items(), key=lambda item: item[1])
+        if batch > smallest:
+            raise ConfigError(f"key 'training.batch_size' is {batch}, more than the {smallest} training examples "
+                              f"of site {site!r}")
+    _check_privacy_against_data(config, train_sizes, per_round)
+
+
+def _check_privacy_against_data(config: RunConfig, train_sizes: Mapping[str, int], per_round: int) -> None:
+    # The accountants import torch (Opacus): only a run, which needs it anyway, gets here. The runner's plan
+    # computes the same settings again; the accountant caches every ε, so that second calibration is free.
+    from .federation.algorithms import dp_steps_per_batch
+    from .privacy.client_level import make_client_privacy
+    from .privacy.record import make_record_privacy
+
+    record, client, rounds = config.privacy.record, config.privacy.client, config.federation.rounds
+    if record.enabled and record.target_epsilon:
+        for site, size in train_sizes.items():
+            try:
+                make_record_privacy(record, dataset_size=size, batch_size=config.training.batch_size,
+                                    local_steps=config.training.local_steps, rounds=rounds,
+                                    steps_per_batch=dp_steps_per_batch(config.federation.algorithm))
+            except ValueError as error:
+                raise ConfigError(f"key 'privacy.record.target_epsilon' ({record.target_epsilon:g}) cannot be met "
+                                  f"at site {site!r} ({size} training examples): {error}") from None
+    if client.placement == "distributed":
+        _check_tolerated_dropouts(client.tolerated_dropouts, per_round)
+    if client.placement in ("central", "local") and client.target_epsilon:
+        try:  # calibrated without adaptive clipping (which changes no ε), to check the count noise on its own
+            calibrated = make_client_privacy(dataclasses.replace(client, adaptive_clipping=False),
+                                             num_clients=len(train_sizes), clients_per_round=per_round,
+                                             rounds=rounds, dimension=1)
+        except ValueError as error:
+            raise ConfigError(f"key 'privacy.client.target_epsilon' ({client.target_epsilon:g}) cannot be met: "
+                              f"{error}") from None
+        if client.adaptive_clipping and client.count_noise_std:
+            _check_count_noise(client.count_noise_std, calibrated.noise_multiplier)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    return {
-        f.name: to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
-        for f in dataclasses.fields(config)
-        for v in [getattr(config, f.name)]
-    }
+    """The configuration keys and their values (fields the runner supplies at run time are no keys; a budget
+    without limit is ``"unbounded"``, so the result is plain JSON and TOML)."""
+    values = {}
+    for spec in dataclasses.fields(config):
+        if spec.metadata.get("runtime"):
+            continue
+        value = getattr(config, spec.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif spec.metadata.get("unbounded") and value == math.inf:
+            value = UNBOUNDED
+        values[spec.name] = value
+    return values
 
 
 def to_toml(config: RunConfig) -> str:

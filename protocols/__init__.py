@@ -3,19 +3,12 @@
 A package of its own: it works on flat numeric vectors with numpy and ``cryptography`` (TenSEAL
 for the HE protocol, imported only when used) and never imports torch or ``feddat_secure``, so
 it can be reviewed and deployed on its own. Parties are state machines exchanging signed,
-canonical messages (``wire``); ``simulate_round`` runs a whole round in one process.
+canonical messages (``wire``) within one session; ``registry`` builds protocols by name;
+``simulate_round`` runs a whole round in one process.
 """
 
-from .base import (
-    PROTOCOLS,
-    AggregateResult,
-    ClientSession,
-    KeyHolderSession,
-    Outgoing,
-    Protocol,
-    ServerSession,
-    make_protocol,
-)
+from .base import AggregateResult, ClientSession, KeyHolderSession, Outgoing, Protocol, ServerSession
+from .enrolment import build_roster, enrol_parties, load_party_identity, read_enrolment, save_party_identity
 from .errors import ConfigurationError, MessageRejected, ProtocolError, RoundAborted
 from .identity import (
     KEYHOLDER_ID,
@@ -23,17 +16,17 @@ from .identity import (
     Identity,
     Roster,
     RosterEntry,
-    create_identities,
-    load_identity,
     load_roster,
 )
+from .registry import make_protocol, options_class, register_protocol, registered_protocols
 from .simulation import drive_round, setup_keyholder, simulate_round
-from .wire import MAX_MESSAGE_BYTES, Envelope, decode, encode, expect
+from .wire import MAX_MESSAGE_BYTES, Envelope, check_session_id, decode, encode, expect, new_session_id, peek
 
 __all__ = [
-    "KEYHOLDER_ID", "MAX_MESSAGE_BYTES", "PROTOCOLS", "SERVER_ID", "AggregateResult", "ClientSession",
-    "ConfigurationError", "Envelope", "Identity", "KeyHolderSession", "MessageRejected", "Outgoing", "Protocol",
-    "ProtocolError", "Roster", "RosterEntry", "RoundAborted", "ServerSession", "create_identities", "decode",
-    "drive_round", "encode", "expect", "load_identity", "load_roster", "make_protocol", "setup_keyholder",
-    "simulate_round",
+    "KEYHOLDER_ID", "MAX_MESSAGE_BYTES", "SERVER_ID", "AggregateResult", "ClientSession", "ConfigurationError",
+    "Envelope", "Identity", "KeyHolderSession", "MessageRejected", "Outgoing", "Protocol", "ProtocolError", "Roster",
+    "RosterEntry", "RoundAborted", "ServerSession", "build_roster", "check_session_id", "decode", "drive_round",
+    "encode", "enrol_parties", "expect", "load_party_identity", "load_roster", "make_protocol", "new_session_id",
+    "options_class", "peek", "read_enrolment", "register_protocol", "registered_protocols", "save_party_identity",
+    "setup_keyholder", "simulate_round",
 ]

@@ -1,24 +1,34 @@
-"""The party interface every protocol implements, and the registry that builds protocols by name.
+"""The party interface every protocol implements.
 
 Parties are transport-agnostic state machines: they consume serialized messages and return the
 messages to send (``Outgoing``). Who carries the bytes (the in-process driver in
 ``simulation.py``, or a real network) is not their concern, and neither is time: a stage closes
 when the caller calls ``ServerSession.advance``.
+
+Every party is bound to one session (the run's random id) and one roster: every message it signs
+carries both, and it reads only messages that carry both (relayed and nested ones included), so
+nothing crosses between runs, or between parties that enrolled their peers differently. Every party
+exports its whole state as plain values (``state_dict()``) and is rebuilt from it (``state=``) at
+any point, between two messages of a round too: a deployment may checkpoint a party after every
+message, or handle each message in a fresh process. Building the registry of protocols by name is
+``registry.py``'s job.
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
-from .errors import ConfigurationError, ProtocolError
+from .errors import ConfigurationError, MessageRejected, ProtocolError
 from .identity import Identity, Roster
+from .wire import Envelope, check_session_id, decode, encode
 
-PROTOCOLS = ("plain", "masked", "he")
+STATE_FORMAT = "feddat-secure/protocol-state/1"
 
 
 @dataclass(frozen=True)
@@ -38,10 +48,99 @@ class AggregateResult:
     total_weight: float
 
 
-class ClientSession(ABC):
+def options_record(options: Any) -> dict[str, Any]:
+    """An options dataclass as plain values (tuples as lists): what a saved state records, so that a state is
+    never restored under other options (a changed modulus would silently corrupt a restored round)."""
+    return {item.name: _plain(getattr(options, item.name)) for item in dataclasses.fields(options)}
+
+
+def _plain(value: Any) -> Any:
+    return [_plain(item) for item in value] if isinstance(value, tuple | list) else value
+
+
+class Party(ABC):
+    """What every session shares: who it is, the session and roster it is bound to, how it signs and reads
+    messages, and the frame of its exported state. Subclasses set ``protocol_name`` and write their own
+    ``_export`` / ``_import``; a subclass constructor ends with ``self._load(state)``."""
+
+    protocol_name: ClassVar[str]
+    role: ClassVar[str]
+
+    def __init__(self, identity: Identity, roster: Roster, session: str, options: Any) -> None:
+        self.party_id = identity.party_id
+        self.session = check_session_id(session)
+        self.options = options
+        self._identity, self._roster = identity, roster
+        self._roster_digest = roster.digest
+
+    def _envelope(self, round_id: int, stage: str, recipient: str, fields: Mapping[str, Any] | None = None,
+                  arrays: Mapping[str, np.ndarray] | None = None, blobs: Mapping[str, bytes] | None = None) -> Envelope:
+        """A message from this party, in this session, under this roster."""
+        return Envelope(self.protocol_name, round_id, stage, self.party_id, recipient, fields or {}, arrays or {},
+                        blobs or {}, self.session, self._roster_digest)
+
+    def _sign(self, envelope: Envelope) -> bytes:
+        return encode(envelope, self._identity)
+
+    def _send(self, envelope: Envelope) -> Outgoing:
+        return Outgoing(envelope.recipient, self._sign(envelope))
+
+    def _decode(self, data: bytes) -> Envelope:
+        """Verify a message (or a relayed or nested one) of this session under this roster."""
+        return decode(data, self._roster, session=self.session)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild this party, as plain values: str, int, float, bool, None, lists, dicts with
+        str keys and numpy arrays (short byte strings as hex, long ones as uint8 arrays). A snapshot: later
+        messages do not change it.
+
+        It holds the party's secrets of the current round (masking keys and seeds, Shamir shares, the key
+        holder's CKKS secret key): store it like the identity key, where only this party can read it. Restore
+        only the latest state: an older one forgets what the party has already answered, so a rolled-back masked
+        client would answer a stage again (sign a second survivor set) and a rolled-back key holder decrypt twice.
+        """
+        return {"format": STATE_FORMAT, "protocol": self.protocol_name, "role": self.role, "party": self.party_id,
+                "session": self.session, "roster": self._roster_digest, "options": options_record(self.options),
+                "state": self._export()}
+
+    def _load(self, state: Mapping[str, Any] | None) -> None:
+        """Restore from ``state_dict()``'s output; refuses a state of another party, session, roster or options."""
+        if state is None:
+            return
+        what = f"cannot restore the {self.protocol_name} {self.role} state of {self.party_id!r}"
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            raise ConfigurationError(f"{what}: not a protocol state (format {STATE_FORMAT!r})")
+        saved = (state.get("protocol"), state.get("role"))
+        if saved != (self.protocol_name, self.role):
+            raise ConfigurationError(f"{what}: it is the state of a {saved[0]} {saved[1]}")
+        for key, mine, meaning in (("party", self.party_id, "party"), ("session", self.session, "session"),
+                                   ("roster", self._roster_digest, "roster digest")):
+            if state.get(key) != mine:
+                raise ConfigurationError(f"{what}: it was saved with {meaning} {state.get(key)!r}, not {mine!r}")
+        saved_options, current = state.get("options"), options_record(self.options)
+        if saved_options != current:
+            saved_options = saved_options if isinstance(saved_options, Mapping) else {}
+            differ = sorted(set(current) ^ set(saved_options) | {name for name in current.keys() & saved_options.keys()
+                                                                  if current[name] != saved_options[name]})
+            raise ConfigurationError(f"{what}: it was saved under other protocol options ({', '.join(differ)} differ)")
+        try:
+            self._import(state["state"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, MessageRejected) as error:
+            raise ConfigurationError(f"{what}: the state is malformed ({type(error).__name__}: {error})") from None
+
+    @abstractmethod
+    def _export(self) -> dict[str, Any]:
+        """This party's own state (``state_dict`` adds who it belongs to)."""
+
+    @abstractmethod
+    def _import(self, state: Mapping[str, Any]) -> None:
+        """Replace the fresh state with ``_export()``'s output."""
+
+
+class ClientSession(Party):
     """One client's side of a protocol; lives across rounds."""
 
-    party_id: str
+    role = "client"
 
     @abstractmethod
     def set_input(self, round_id: int, vector: np.ndarray, weight: float) -> None:
@@ -54,9 +153,10 @@ class ClientSession(ABC):
         MessageRejected and leaves the session as it was."""
 
 
-class ServerSession(ABC):
+class ServerSession(Party):
     """The server's side of a protocol; one per run, one round at a time."""
 
+    role = "server"
     stages: tuple[str, ...]
     stage: str
     round_done: bool
@@ -80,8 +180,10 @@ class ServerSession(ABC):
         """The aggregate, once ``round_done``."""
 
 
-class KeyHolderSession(ABC):
+class KeyHolderSession(Party):
     """The party that holds a decryption key the server must not have (the HE protocol only)."""
+
+    role = "keyholder"
 
     @abstractmethod
     def setup(self, recipients: Sequence[str]) -> list[Outgoing]:
@@ -93,21 +195,30 @@ class KeyHolderSession(ABC):
 
 
 class Protocol(ABC):
-    """A configured protocol: builds the parties and knows its stage names and limits."""
+    """A configured protocol: builds the parties of one session and knows its stage names and limits.
+
+    ``options`` is the protocol's options dataclass (registered with it in ``registry.py``). Every party is
+    bound to ``session`` (``wire.new_session_id()``, one per run) and is rebuilt from a saved
+    ``state_dict()`` when ``state`` is given.
+    """
 
     name: str
     stages: tuple[str, ...]
+    options: Any
     needs_keyholder: bool = False
     insecure: bool = False
     min_clients: int = 1  # the fewest clients a round can aggregate
 
     @abstractmethod
-    def client(self, identity: Identity, roster: Roster, server_id: str = "server") -> ClientSession: ...
+    def client(self, identity: Identity, roster: Roster, server_id: str = "server", *, session: str,
+               state: Mapping[str, Any] | None = None) -> ClientSession: ...
 
     @abstractmethod
-    def server(self, identity: Identity, roster: Roster) -> ServerSession: ...
+    def server(self, identity: Identity, roster: Roster, *, session: str,
+               state: Mapping[str, Any] | None = None) -> ServerSession: ...
 
-    def keyholder(self, identity: Identity, roster: Roster) -> KeyHolderSession | None:
+    def keyholder(self, identity: Identity, roster: Roster, *, session: str,
+                  state: Mapping[str, Any] | None = None) -> KeyHolderSession | None:
         return None
 
     def check(self, num_clients: int, vector_length: int) -> None:
@@ -163,37 +274,25 @@ def checked_round(roster: Roster, round_id: object, clients: Sequence[str], vect
     return clients
 
 
-def _plain(**options) -> Protocol:
-    from .plain import PlainProtocol
-
-    return PlainProtocol(**options)
-
-
-def _masked(**options) -> Protocol:
-    from .masked import MaskedProtocol
-
-    return MaskedProtocol(**options)
+def export_inputs(inputs: Mapping[int, tuple[np.ndarray, float]]) -> list[dict[str, Any]]:
+    """A client's waiting inputs ({round: (vector, weight)}) as plain values, for ``state_dict``."""
+    return [{"round": round_id, "vector": vector.copy(), "weight": weight} for round_id, (vector, weight) in
+            inputs.items()]
 
 
-def _he(**options) -> Protocol:
-    module = importlib.import_module("protocols.he")  # lazily: TenSEAL is heavy and only the HE runs need it
-    return module.HEProtocol(**options)
+def import_inputs(saved: Sequence[Mapping[str, Any]]) -> dict[int, tuple[np.ndarray, float]]:
+    """The inverse of ``export_inputs``."""
+    return {int(item["round"]): (np.array(item["vector"], dtype=np.float64), float(item["weight"])) for item in saved}
 
 
-_FACTORIES: dict[str, Callable[..., Protocol]] = {"plain": _plain, "masked": _masked, "he": _he}
+def bytes_array(data: bytes) -> np.ndarray:
+    """Long bytes (ciphertexts, CKKS contexts) as a uint8 array for ``state_dict``: checkpoints store arrays as
+    tensors, while a hex string would double the size and land in the checkpoint's JSON header."""
+    return np.frombuffer(data, dtype=np.uint8).copy()
 
 
-def make_protocol(name: str, **options) -> Protocol:
-    """Build the protocol ``name`` ("plain" | "masked" | "he") from its options.
-
-    Every protocol accepts ``seed`` (the non-cryptographic randomness: graph, stochastic rounding)
-    besides its own options; unknown options raise ConfigurationError.
-    """
-    if name not in _FACTORIES:
-        raise ConfigurationError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)}")
-    try:
-        return _FACTORIES[name](**options)
-    except TypeError as error:
-        if "keyword argument" not in str(error):
-            raise
-        raise ConfigurationError(f"protocol {name!r}: {error}") from None
+def array_bytes(value: np.ndarray) -> bytes:
+    """The inverse of ``bytes_array``."""
+    if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 1:
+        raise TypeError("saved bytes must be a 1-D uint8 array")
+    return value.tobytes()

@@ -36,4 +36,12 @@ class RoundAborted(ProtocolError):
 
 
 class ConfigurationError(ProtocolError):
-    """Options or inputs that cannot work (an overflowing modulus, a bad weight); raised before a round starts."""
+    """Options or inputs that cannot work (an overflowing modulus, a bad weight); raised before a round starts.
+
+    ``option`` names the protocol option at fault when one is (a configuration file reports it as its
+    key, e.g. ``secure_aggregation.masked.quantization_bits``), else None.
+    """
+
+    def __init__(self, reason: str, option: str | None = None):
+        super().__init__(reason)
+        self.option = option

@@ -1,19 +1,23 @@
 """Long-term Ed25519 identities and the roster of enrolled parties.
 
 Every message a party sends is signed with its identity key; receivers accept only senders on
-the roster, under the public key the roster lists. Private keys live in ``<party_id>.pem``
-(PKCS#8, unencrypted, file mode 0600: the folder is the trust boundary); the roster is a JSON
-file of public keys that every party holds a copy of.
+the roster, under the public key the roster lists. The roster is a JSON file of public keys that
+every party holds a copy of; it records its own SHA-256 (``Roster.digest``), which every party
+pins, so two parties holding different rosters find out at the first message. How a party's
+private key is kept on disk, and how a roster is assembled from public enrolment files without
+anyone ever holding another party's key, is ``protocols.enrolment``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -26,8 +30,9 @@ ROSTER_VERSION = 1
 ROSTER_FILE = "roster.json"
 SERVER_ID = "server"
 KEYHOLDER_ID = "keyholder"
-# Ids become file names and appear in messages and logs: keep them short and unambiguous.
+# Ids become folder names and appear in messages and logs: keep them short and unambiguous.
 _PARTY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def check_party_id(party_id: object) -> str:
@@ -38,12 +43,63 @@ def check_party_id(party_id: object) -> str:
     return party_id
 
 
-def _raw_public(key: Ed25519PublicKey) -> bytes:
+def check_role(role: object, party_id: str) -> str:
+    """Return ``role`` if it is one of :data:`ROLES`."""
+    if role not in ROLES:
+        raise ConfigurationError(f"party {party_id!r}: role must be one of {', '.join(ROLES)}, not {role!r}")
+    return role  # type: ignore[return-value]
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def parse_strict_json(text: str, source: str) -> Any:
+    """Parse ``text``, refusing a key repeated in any object.
+
+    Python's ``json`` keeps the last of two equal keys without a word; in a roster or an enrolment
+    file that would let a second entry for a party silently replace the first one.
+    """
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except _DuplicateKey as duplicate:
+        raise ConfigurationError(f"{source}: the key {duplicate.key!r} appears twice in one JSON object") from None
+    except ValueError as error:
+        raise ConfigurationError(f"{source} is not valid JSON: {error}") from None
+
+
+def raw_public(key: Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of ``key``: what two enrolments are compared by."""
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def _public_pem(key: Ed25519PublicKey) -> str:
+def public_pem(key: Ed25519PublicKey) -> str:
+    """``key`` as SubjectPublicKeyInfo PEM text, the spelling of public keys in JSON files."""
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def parse_public_pem(text: object, source: str) -> Ed25519PublicKey:
+    """The Ed25519 public key spelled as PEM ``text``; ``source`` names where it came from in errors."""
+    if not isinstance(text, str):
+        raise ConfigurationError(f"{source}: 'public_key' must be PEM text")
+    try:
+        key = serialization.load_pem_public_key(text.encode())
+    except (ValueError, TypeError, UnicodeEncodeError) as error:
+        raise ConfigurationError(f"{source}: unreadable public key: {error}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigurationError(f"{source}: the public key is a {type(key).__name__}, not an Ed25519 key")
+    return key
 
 
 @dataclass(frozen=True)
@@ -70,58 +126,46 @@ class Identity:
         return self.private_key.sign(data)
 
     def private_pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM: the folder that holds it is the trust boundary."""
         return self.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                               serialization.NoEncryption())
-
-    def save(self, path: str | Path) -> None:
-        """Write the private key to a new file readable by its owner only; never overwrites."""
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise ConfigurationError(f"key file {str(path)!r} already exists; refusing to overwrite it") from None
-        with os.fdopen(descriptor, "wb") as stream:
-            os.fchmod(stream.fileno(), 0o600)
-            stream.write(self.private_pem())
-
-    @classmethod
-    def load(cls, path: str | Path, party_id: str | None = None) -> Identity:
-        """Read ``path`` (PKCS#8 PEM); the id defaults to the file name without ``.pem``."""
-        path = Path(path)
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except FileNotFoundError:
-            raise ConfigurationError(f"key file {str(path)!r} does not exist") from None
-        except (ValueError, TypeError) as error:
-            raise ConfigurationError(f"key file {str(path)!r} is not an unencrypted PEM private key: {error}") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigurationError(f"key file {str(path)!r} holds a {type(key).__name__}, not an Ed25519 key")
-        return cls(party_id if party_id is not None else path.stem, key)
 
 
 @dataclass(frozen=True)
 class RosterEntry:
+    """One enrolled party: what its enrolment file declares and the roster lists."""
+
     party_id: str
     role: str
     public_key: Ed25519PublicKey = field(repr=False, compare=False)
 
     def __post_init__(self):
         check_party_id(self.party_id)
-        if self.role not in ROLES:
-            raise ConfigurationError(f"party {self.party_id!r}: role must be one of {', '.join(ROLES)}, "
-                                     f"not {self.role!r}")
+        check_role(self.role, self.party_id)
         if not isinstance(self.public_key, Ed25519PublicKey):
             raise ConfigurationError(f"party {self.party_id!r}: the key must be an Ed25519 public key")
 
 
 class Roster:
-    """The enrolled parties: id -> (role, Ed25519 public key). Immutable once built."""
+    """The enrolled parties: id -> (role, Ed25519 public key). Immutable once built.
+
+    A party id appears once, a public key belongs to one party only (otherwise one key holder could
+    speak as two parties, and a site's own messages could be replayed as another's), and there is at
+    most one server and one key holder.
+    """
 
     def __init__(self, entries: Iterable[RosterEntry]):
         parties: dict[str, RosterEntry] = {}
+        owners: dict[bytes, str] = {}
         for entry in entries:
             if entry.party_id in parties:
                 raise ConfigurationError(f"party {entry.party_id!r} is listed twice in the roster")
+            key = raw_public(entry.public_key)
+            if key in owners:
+                raise ConfigurationError(f"parties {owners[key]!r} and {entry.party_id!r} are enrolled with the "
+                                         "same public key")
             parties[entry.party_id] = entry
+            owners[key] = entry.party_id
         for role in ("server", "keyholder"):
             holders = [entry.party_id for entry in parties.values() if entry.role == role]
             if len(holders) > 1:
@@ -151,7 +195,7 @@ class Roster:
     __hash__ = None  # type: ignore[assignment]
 
     def _canonical(self) -> list[tuple[str, str, bytes]]:
-        return [(e.party_id, e.role, _raw_public(e.public_key)) for e in self._parties.values()]
+        return [(e.party_id, e.role, raw_public(e.public_key)) for e in self._parties.values()]
 
     @property
     def entries(self) -> tuple[RosterEntry, ...]:
@@ -192,38 +236,80 @@ class Roster:
         except InvalidSignature:
             raise MessageRejected(f"bad signature from {party_id!r}", party_id) from None
 
+    def check_identity(self, identity: Identity, role: str | None = None) -> None:
+        """Raise ConfigurationError unless the roster enrols ``identity`` (as ``role``, when given) under its key.
+
+        A party runs this on its own key before it sends anything, so a key that does not belong to the
+        roster it pinned fails at start-up with a clear reason rather than as rejections at its peers.
+        """
+        entry = self._parties.get(identity.party_id)
+        if entry is None:
+            raise ConfigurationError(f"party {identity.party_id!r} is not on the roster")
+        if role is not None and entry.role != role:
+            raise ConfigurationError(f"the roster enrols {identity.party_id!r} as a {entry.role}, not a {role}")
+        if raw_public(entry.public_key) != raw_public(identity.public_key):
+            raise ConfigurationError(f"the private key of {identity.party_id!r} does not match its public key on "
+                                     "the roster")
+
+    def _content(self) -> dict:
+        parties = {pid: {"role": e.role, "public_key": public_pem(e.public_key)} for pid, e in self._parties.items()}
+        return {"version": ROSTER_VERSION, "parties": parties}
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 (hex) of the roster's canonical JSON (sorted keys, no spaces): what every party pins and
+        every signed message carries, so a message signed under another roster is refused."""
+        canonical = json.dumps(self._content(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
     def to_json(self) -> str:
-        parties = {pid: {"role": e.role, "public_key": _public_pem(e.public_key)} for pid, e in self._parties.items()}
-        return json.dumps({"version": ROSTER_VERSION, "parties": parties}, sort_keys=True, indent=2) + "\n"
+        """The roster file: its content plus its own ``sha256``, so a reader can tell an altered copy."""
+        return json.dumps({**self._content(), "sha256": self.digest}, sort_keys=True, indent=2) + "\n"
 
     @classmethod
     def from_json(cls, text: str, source: str = "roster") -> Roster:
-        try:
-            raw = json.loads(text)
-        except ValueError as error:
-            raise ConfigurationError(f"{source} is not valid JSON: {error}") from None
-        if not isinstance(raw, dict) or set(raw) != {"version", "parties"}:
-            raise ConfigurationError(f"{source} must be an object with exactly the keys 'version' and 'parties'")
-        if raw["version"] != ROSTER_VERSION:
+        """Parse a roster file, refusing repeated keys, malformed entries and a ``sha256`` its content does not have."""
+        raw = parse_strict_json(text, source)
+        if not isinstance(raw, dict):
+            raise ConfigurationError(f"{source} must be a JSON object")
+        if "version" in raw and raw["version"] != ROSTER_VERSION:
             raise ConfigurationError(f"{source} has version {raw['version']!r}; this code reads version "
                                      f"{ROSTER_VERSION}")
+        if set(raw) != {"version", "parties", "sha256"}:
+            raise ConfigurationError(f"{source} must be an object with exactly the keys 'version', 'parties' and "
+                                     "'sha256'")
         if not isinstance(raw["parties"], dict):
             raise ConfigurationError(f"{source}: 'parties' must be an object")
+        recorded = raw["sha256"]
+        if not isinstance(recorded, str) or not _SHA256_HEX.fullmatch(recorded):
+            raise ConfigurationError(f"{source}: 'sha256' must be 64 lower-case hexadecimal digits")
         entries = []
         for party_id, item in raw["parties"].items():
             if not isinstance(item, dict) or set(item) != {"role", "public_key"}:
                 raise ConfigurationError(f"{source}: party {party_id!r} needs exactly 'role' and 'public_key'")
-            if not isinstance(item["public_key"], str):
-                raise ConfigurationError(f"{source}: party {party_id!r}: 'public_key' must be PEM text")
-            try:
-                key = serialization.load_pem_public_key(item["public_key"].encode())
-            except (ValueError, TypeError, UnicodeEncodeError) as error:
-                raise ConfigurationError(f"{source}: party {party_id!r}: unreadable public key: {error}") from None
+            key = parse_public_pem(item["public_key"], f"{source}: party {party_id!r}")
             entries.append(RosterEntry(party_id, item["role"], key))
-        return cls(entries)
+        roster = cls(entries)
+        if roster.digest != recorded:
+            raise ConfigurationError(f"{source} records sha256 {recorded} but its content has sha256 "
+                                     f"{roster.digest}: the file was altered")
+        return roster
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        """Write the roster file; never overwrites (a pinned roster is replaced only on purpose)."""
+        path = Path(path)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise ConfigurationError(f"roster file {str(path)!r} already exists; refusing to overwrite it") from None
+        except OSError as error:
+            raise ConfigurationError(f"cannot write roster file {str(path)!r}: {error.strerror}") from None
+        try:
+            with os.fdopen(descriptor, "w") as stream:
+                stream.write(self.to_json())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | Path) -> Roster:
@@ -234,39 +320,9 @@ class Roster:
             raise ConfigurationError(f"roster file {str(path)!r} does not exist") from None
         except UnicodeDecodeError:
             raise ConfigurationError(f"roster file {str(path)!r} is not UTF-8 text") from None
+        except OSError as error:
+            raise ConfigurationError(f"cannot read roster file {str(path)!r}: {error.strerror}") from None
         return cls.from_json(text, source=f"roster file {str(path)!r}")
-
-
-def create_identities(folder: str | Path, server_id: str, client_ids: Sequence[str],
-                      keyholder_id: str | None = None) -> Roster:
-    """Generate a key pair per party: ``<folder>/<id>.pem`` (0600) and ``<folder>/roster.json``.
-
-    Refuses (before writing anything) to overwrite existing files or to reuse an id.
-    """
-    folder = Path(folder)
-    parties = [(server_id, "server")] + [(client_id, "client") for client_id in client_ids]
-    if keyholder_id is not None:
-        parties.append((keyholder_id, "keyholder"))
-    ids = [check_party_id(party_id) for party_id, _ in parties]
-    duplicates = sorted({party_id for party_id in ids if ids.count(party_id) > 1})
-    if duplicates:
-        raise ConfigurationError(f"party ids must be unique; repeated: {', '.join(duplicates)}")
-    targets = [folder / f"{party_id}.pem" for party_id in ids] + [folder / ROSTER_FILE]
-    existing = [str(path) for path in targets if path.exists()]
-    if existing:
-        raise ConfigurationError(f"refusing to overwrite existing files: {', '.join(existing)}")
-    folder.mkdir(parents=True, exist_ok=True)
-    identities = {party_id: Identity.generate(party_id) for party_id in ids}
-    roster = Roster(RosterEntry(party_id, role, identities[party_id].public_key) for party_id, role in parties)
-    for party_id, identity in identities.items():
-        identity.save(folder / f"{party_id}.pem")
-    roster.save(folder / ROSTER_FILE)
-    return roster
-
-
-def load_identity(folder: str | Path, party_id: str) -> Identity:
-    """The identity ``party_id`` from a folder written by :func:`create_identities`."""
-    return Identity.load(Path(folder) / f"{check_party_id(party_id)}.pem", party_id)
 
 
 def load_roster(folder_or_file: str | Path) -> Roster:

@@ -7,8 +7,9 @@ Messages are still signed and validated like everywhere else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,45 +21,62 @@ from .base import (
     ServerSession,
     checked_input,
     checked_round,
+    export_inputs,
+    import_inputs,
 )
 from .errors import MessageRejected, RoundAborted
 from .identity import Identity, Roster
-from .wire import Envelope, decode, encode, expect
+from .wire import expect
 
 NAME = "plain"
 INPUT = "input"
 
 
 @dataclass(frozen=True)
+class PlainOptions:
+    """Nothing to configure. ``seed`` is accepted because the runner passes one to every protocol; nothing
+    here is random."""
+
+    seed: int | None = field(default=0, metadata={"runtime": True})
+
+
 class PlainProtocol(Protocol):
     """Insecure: the server learns every client's weighted input."""
 
-    seed: int = 0  # accepted like every protocol's; nothing here is random
     name = NAME
     stages = (INPUT,)
     insecure = True
 
-    def client(self, identity: Identity, roster: Roster, server_id: str = "server") -> PlainClient:
-        return PlainClient(identity, roster, server_id)
+    def __init__(self, options: PlainOptions):
+        self.options = options
 
-    def server(self, identity: Identity, roster: Roster) -> PlainServer:
-        return PlainServer(identity, roster)
+    def client(self, identity: Identity, roster: Roster, server_id: str = "server", *, session: str,
+               state: Mapping[str, Any] | None = None) -> PlainClient:
+        return PlainClient(self.options, identity, roster, server_id, session=session, state=state)
+
+    def server(self, identity: Identity, roster: Roster, *, session: str,
+               state: Mapping[str, Any] | None = None) -> PlainServer:
+        return PlainServer(self.options, identity, roster, session=session, state=state)
 
     def bytes_per_parameter(self) -> float:
         return 8.0
 
 
 class PlainClient(ClientSession):
-    def __init__(self, identity: Identity, roster: Roster, server_id: str):
-        self.party_id = identity.party_id
-        self._identity, self._roster, self._server_id = identity, roster, server_id
+    protocol_name = NAME
+
+    def __init__(self, options: PlainOptions, identity: Identity, roster: Roster, server_id: str, *, session: str,
+                 state: Mapping[str, Any] | None = None):
+        super().__init__(identity, roster, session, options)
+        self._server_id = server_id
         self._inputs: dict[int, tuple[np.ndarray, float]] = {}
+        self._load(state)
 
     def set_input(self, round_id: int, vector: np.ndarray, weight: float) -> None:
         self._inputs = {round_id: checked_input(vector, weight)}
 
     def handle(self, data: bytes) -> list[Outgoing]:
-        envelope = expect(decode(data, self._roster), protocol=NAME, stage=INPUT, sender=self._server_id,
+        envelope = expect(self._decode(data), protocol=NAME, stage=INPUT, sender=self._server_id,
                           recipient=self.party_id)
         if envelope.round not in self._inputs:
             raise MessageRejected(f"no input is waiting for round {envelope.round} (replayed or stale request)",
@@ -68,36 +86,43 @@ class PlainClient(ClientSession):
             raise MessageRejected(f"request does not match this client's input of length {len(vector)}: "
                                   f"{dict(envelope.fields)}", envelope.sender)
         del self._inputs[envelope.round]  # answer once: a replayed request finds nothing
-        answer = Envelope(NAME, envelope.round, INPUT, self.party_id, self._server_id, {"weight": weight},
-                          {"vector": vector * weight})
-        return [Outgoing(self._server_id, encode(answer, self._identity))]
+        return [self._send(self._envelope(envelope.round, INPUT, self._server_id, {"weight": weight},
+                                          {"vector": vector * weight}))]
+
+    def _export(self) -> dict[str, Any]:
+        return {"inputs": export_inputs(self._inputs)}
+
+    def _import(self, state: Mapping[str, Any]) -> None:
+        self._inputs = import_inputs(state["inputs"])
 
 
 class PlainServer(ServerSession):
+    protocol_name = NAME
     stages = (INPUT,)
 
-    def __init__(self, identity: Identity, roster: Roster):
-        self._identity, self._roster = identity, roster
+    def __init__(self, options: PlainOptions, identity: Identity, roster: Roster, *, session: str,
+                 state: Mapping[str, Any] | None = None):
+        super().__init__(identity, roster, session, options)
         self.stage = INPUT
         self.round_done = False
         self._round = -1
         self._clients: tuple[str, ...] = ()
         self._length = 0
         self._received: dict[str, tuple[np.ndarray, float]] = {}
+        self._load(state)
 
     def begin_round(self, round_id: int, clients: Sequence[str], vector_length: int) -> list[Outgoing]:
         clients = checked_round(self._roster, round_id, clients, vector_length)
         self._round, self._clients, self._length = round_id, clients, vector_length
         self._received, self.stage, self.round_done = {}, INPUT, False
-        me = self._identity.party_id
-        return [Outgoing(c, encode(Envelope(NAME, round_id, INPUT, me, c, {"vector_length": vector_length}),
-                                   self._identity)) for c in clients]
+        return [self._send(self._envelope(round_id, INPUT, client, {"vector_length": vector_length}))
+                for client in clients]
 
     def receive(self, data: bytes) -> None:
         if self.round_done:
             raise MessageRejected("the round is over")
-        envelope = expect(decode(data, self._roster), protocol=NAME, round=self._round, stage=INPUT,
-                          recipient=self._identity.party_id)
+        envelope = expect(self._decode(data), protocol=NAME, round=self._round, stage=INPUT,
+                          recipient=self.party_id)
         sender = envelope.sender
         if sender not in self._clients:
             raise MessageRejected("not a client of this round", sender)
@@ -131,3 +156,15 @@ class PlainServer(ServerSession):
         for client in counted:
             total += self._received[client][0]
         return AggregateResult(total, counted, sum(self._received[c][1] for c in counted))
+
+    def _export(self) -> dict[str, Any]:
+        return {"round": self._round, "clients": list(self._clients), "vector_length": self._length,
+                "round_done": self.round_done,
+                "received": {client: {"vector": vector.copy(), "weight": weight}
+                             for client, (vector, weight) in self._received.items()}}
+
+    def _import(self, state: Mapping[str, Any]) -> None:
+        self._round, self._clients = int(state["round"]), tuple(state["clients"])
+        self._length, self.round_done = int(state["vector_length"]), bool(state["round_done"])
+        self._received = {client: (np.array(item["vector"], dtype=np.float64), float(item["weight"]))
+                          for client, item in state["received"].items()}

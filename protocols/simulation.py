@@ -12,9 +12,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .base import AggregateResult, ClientSession, KeyHolderSession, Outgoing, ServerSession, make_protocol
+from .base import AggregateResult, ClientSession, KeyHolderSession, Outgoing, ServerSession
 from .errors import ConfigurationError, MessageRejected, ProtocolError
 from .identity import KEYHOLDER_ID, SERVER_ID, Identity, Roster
+from .registry import make_protocol
+from .wire import new_session_id
 
 Deliver = Callable[[str, str, bytes], None]
 OnRejection = Callable[[str | None, str], None]
@@ -93,7 +95,8 @@ def _route(outgoing: Sequence[Outgoing], sender: str, server: ServerSession | No
 
 def simulate_round(protocol: str, updates: Sequence[np.ndarray], weights: Sequence[float] | None = None, *,
                    dropouts: Mapping[int, str] | None = None, seed: int = 0, **options) -> np.ndarray:
-    """Σ w_i·x_i over the clients the protocol counted, computed by running the protocol in-process.
+    """Σ w_i·x_i over the clients the protocol counted, computed by running the protocol in-process, in a
+    fresh session with fresh identities.
 
     ``dropouts`` maps a client's index to the stage before which it vanishes (``make_protocol(protocol)
     .stages`` lists the names). ``seed`` fixes every non-cryptographic random choice; key material
@@ -117,12 +120,16 @@ def simulate_round(protocol: str, updates: Sequence[np.ndarray], weights: Sequen
     client_identities = [Identity.generate(name) for name in names]
     keyholder_identity = Identity.generate(KEYHOLDER_ID) if instance.needs_keyholder else None
     roster = Roster.from_identities(server_identity, client_identities, keyholder_identity)
-    clients = {identity.party_id: instance.client(identity, roster, SERVER_ID) for identity in client_identities}
-    keyholder = instance.keyholder(keyholder_identity, roster) if keyholder_identity is not None else None
+    session = new_session_id()
+    clients = {identity.party_id: instance.client(identity, roster, SERVER_ID, session=session)
+               for identity in client_identities}
+    keyholder = (instance.keyholder(keyholder_identity, roster, session=session)
+                 if keyholder_identity is not None else None)
     if keyholder is not None:
         setup_keyholder(keyholder, clients)
     for name, update, weight in zip(names, updates, weights):
         clients[name].set_input(0, update, weight)
-    result = drive_round(instance.server(server_identity, roster), clients, keyholder, 0, vector_length,
+    server = instance.server(server_identity, roster, session=session)
+    result = drive_round(server, clients, keyholder, 0, vector_length,
                          dropouts={names[index]: stage for index, stage in dropouts.items()})
     return result.vector

@@ -5,17 +5,24 @@ Layout (all integers little-endian)::
     b"FDSP" | u16 version | u32 header length | header | payload | 64-byte Ed25519 signature
 
 The header is canonical JSON (sorted keys, no spaces, ASCII) with exactly the keys ``protocol``,
-``round``, ``stage``, ``sender``, ``recipient``, ``fields``, ``arrays`` and ``blobs``; the payload
-is the arrays' bytes then the blobs' bytes, each list sorted by name. The signature covers
-everything before it. Because the header is canonical, the lists are sorted and Ed25519 is
-deterministic, the same content always encodes to the same bytes (audit logs hash them), and
-``decode`` refuses any other spelling of it.
+``round``, ``stage``, ``sender``, ``recipient``, ``session``, ``roster``, ``fields``, ``arrays`` and
+``blobs``; the payload is the arrays' bytes then the blobs' bytes, each list sorted by name. The
+signature covers everything before it. Because the header is canonical, the lists are sorted and
+Ed25519 is deterministic, the same content always encodes to the same bytes (audit logs hash them),
+and ``decode`` refuses any other spelling of it.
+
+``session`` (the run's random 128-bit id) and ``roster`` (the SHA-256 of the roster the sender
+pinned) are signed with everything else, so a message cannot be replayed into another run, nor be
+accepted by a party that enrolled its peers differently: round and stage numbers repeat across
+runs, session ids do not.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import secrets
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MessageRejected, ProtocolError
+from .errors import ConfigurationError, MessageRejected, ProtocolError
 from .identity import Identity, Roster, check_party_id
 
 MAGIC = b"FDSP"
-VERSION = 1
+VERSION = 2  # 2: the signed header carries the session id and the roster digest
 MAX_MESSAGE_BYTES = 1 << 31
 MAX_HEADER_BYTES = 1 << 20
 MAX_NAME_CHARS = 128
@@ -35,14 +42,22 @@ MAX_DIMENSIONS = 8
 SIGNATURE_BYTES = 64
 DTYPES = {name: np.dtype(name).newbyteorder("<") for name in
           ("uint8", "uint16", "uint32", "uint64", "int64", "float32", "float64")}
-HEADER_KEYS = frozenset({"protocol", "round", "stage", "sender", "recipient", "fields", "arrays", "blobs"})
+HEADER_KEYS = frozenset({"protocol", "round", "stage", "sender", "recipient", "session", "roster", "fields",
+                         "arrays", "blobs"})
+SESSION_BYTES = 16  # 128 random bits: collisions between runs are out of reach
+_SESSION = re.compile(f"[0-9a-f]{{{2 * SESSION_BYTES}}}")
+_ROSTER_DIGEST = re.compile("[0-9a-f]{64}")
 _PREFIX = struct.Struct("<4sHI")
 _MAX_ROUND = (1 << 63) - 1
 
 
 @dataclass(frozen=True, eq=False)
 class Envelope:
-    """One protocol message. ``fields`` holds JSON values (tuples come back as lists)."""
+    """One protocol message. ``fields`` holds JSON values (tuples come back as lists).
+
+    ``session`` and ``roster`` default to "" only so that the content fields can be given by position;
+    ``encode`` refuses an envelope without a valid session id and roster digest.
+    """
 
     protocol: str
     round: int
@@ -52,6 +67,21 @@ class Envelope:
     fields: Mapping[str, Any] = field(default_factory=dict)
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
     blobs: Mapping[str, bytes] = field(default_factory=dict)
+    session: str = ""
+    roster: str = ""
+
+
+def new_session_id() -> str:
+    """A fresh session id: 128 bits from the OS generator, as 32 lowercase hex characters."""
+    return secrets.token_hex(SESSION_BYTES)
+
+
+def check_session_id(value: object) -> str:
+    """Return ``value`` if it is a session id (32 lowercase hex characters); otherwise raise ConfigurationError."""
+    if not isinstance(value, str) or not _SESSION.fullmatch(value):
+        raise ConfigurationError(f"invalid session id {value!r}: a session id is {2 * SESSION_BYTES} lowercase "
+                                 "hex characters (new_session_id() makes one)")
+    return value
 
 
 def _canonical_json(value: Any) -> bytes:
@@ -72,8 +102,8 @@ def encode(envelope: Envelope, identity: Identity) -> bytes:
     blobs = [bytes(envelope.blobs[name]) for name in sorted(envelope.blobs)]
     header = {
         "protocol": envelope.protocol, "round": envelope.round, "stage": envelope.stage,
-        "sender": envelope.sender, "recipient": envelope.recipient, "fields": dict(envelope.fields),
-        "arrays": array_specs,
+        "sender": envelope.sender, "recipient": envelope.recipient, "session": envelope.session,
+        "roster": envelope.roster, "fields": dict(envelope.fields), "arrays": array_specs,
         "blobs": [{"name": name, "size": len(blob)} for name, blob in zip(sorted(envelope.blobs), blobs)],
     }
     try:
@@ -91,31 +121,24 @@ def encode(envelope: Envelope, identity: Identity) -> bytes:
     return body + identity.sign(body)
 
 
-def decode(data: bytes, roster: Roster, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
+def decode(data: bytes, roster: Roster, *, session: str | None, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
     """Parse and verify ``data``; any problem raises MessageRejected naming it.
 
-    Checks, in order: size limit, framing, header schema, exact payload length, sender on the
-    roster, signature. Arrays come back as writable native-endian copies.
+    ``session`` is required so that every receiver decides: the session id the message must carry, or
+    None for "any session" (only a party's first contact, which learns the session from it, passes None).
+
+    Checks, in order: size limit, framing, header schema, exact payload length, the roster digest
+    (before the expensive signature: a message signed under another roster is refused outright),
+    the session, sender on the roster, signature. Arrays come back as writable native-endian copies.
     """
+    if session is not None:
+        check_session_id(session)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MessageRejected(f"a message must be bytes, not {type(data).__name__}")
     data = bytes(data)
     if len(data) > max_bytes:
         raise MessageRejected(f"oversized message: {len(data)} bytes, the limit is {max_bytes}")
-    if len(data) < _PREFIX.size + SIGNATURE_BYTES:
-        raise MessageRejected(f"truncated message: {len(data)} bytes is shorter than the smallest message")
-    magic, version, header_length = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise MessageRejected(f"not a protocol message: magic {magic!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise MessageRejected(f"unsupported message version {version}; this code reads version {VERSION}")
-    _check_header_size(header_length)
-    payload_start = _PREFIX.size + header_length
-    if payload_start + SIGNATURE_BYTES > len(data):
-        raise MessageRejected(f"truncated message: the header claims {header_length} bytes, "
-                              f"{len(data) - _PREFIX.size - SIGNATURE_BYTES} are there")
-    header_bytes = data[_PREFIX.size:payload_start]
-    header = _parse_header(header_bytes)
+    payload_start, header = _frame(data)
     sender = header["sender"]
     sizes = [_array_bytes(spec) for spec in header["arrays"]] + [spec["size"] for spec in header["blobs"]]
     payload_length = len(data) - payload_start - SIGNATURE_BYTES
@@ -124,6 +147,12 @@ def decode(data: bytes, roster: Roster, *, max_bytes: int = MAX_MESSAGE_BYTES) -
                               f"{payload_length} are there", sender)
     if sum(sizes) < payload_length:
         raise MessageRejected(f"{payload_length - sum(sizes)} unexpected bytes after the payload", sender)
+    pinned = roster.digest
+    if header["roster"] != pinned:
+        raise MessageRejected(f"signed under roster {header['roster']}, this party pins {pinned}", sender)
+    if session is not None and header["session"] != session:
+        raise MessageRejected(f"message of session {header['session']}, this party is in session {session} "
+                              "(replayed from another run, or misdirected)", sender)
     signed = memoryview(data)[:-SIGNATURE_BYTES]
     roster.verify(sender, data[-SIGNATURE_BYTES:], signed)
     offset, arrays, blobs = payload_start, {}, {}
@@ -136,7 +165,41 @@ def decode(data: bytes, roster: Roster, *, max_bytes: int = MAX_MESSAGE_BYTES) -
         blobs[spec["name"]] = data[offset:offset + spec["size"]]
         offset += spec["size"]
     return Envelope(header["protocol"], header["round"], header["stage"], sender, header["recipient"],
-                    header["fields"], arrays, blobs)
+                    header["fields"], arrays, blobs, header["session"], header["roster"])
+
+
+def peek(data: object) -> Envelope | None:
+    """The header values of ``data`` (protocol, round, stage, sender, recipient, session, roster, fields),
+    parsed WITHOUT checking the signature, the payload or the roster; None when framing or header do not parse.
+
+    For audit-log metadata only: anyone can write any header, so nothing may act on what this returns
+    (``decode`` is the only way to a message a party may act on). Arrays and blobs are left out.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        return None
+    try:
+        _, header = _frame(bytes(data))
+    except MessageRejected:
+        return None
+    return Envelope(header["protocol"], header["round"], header["stage"], header["sender"], header["recipient"],
+                    header["fields"], session=header["session"], roster=header["roster"])
+
+
+def _frame(data: bytes) -> tuple[int, dict[str, Any]]:
+    """Check the prefix and parse the header; returns (where the payload starts, the header)."""
+    if len(data) < _PREFIX.size + SIGNATURE_BYTES:
+        raise MessageRejected(f"truncated message: {len(data)} bytes is shorter than the smallest message")
+    magic, version, header_length = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise MessageRejected(f"not a protocol message: magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise MessageRejected(f"unsupported message version {version}; this code reads version {VERSION}")
+    _check_header_size(header_length)
+    payload_start = _PREFIX.size + header_length
+    if payload_start + SIGNATURE_BYTES > len(data):
+        raise MessageRejected(f"truncated message: the header claims {header_length} bytes, "
+                              f"{len(data) - _PREFIX.size - SIGNATURE_BYTES} are there")
+    return payload_start, _parse_header(data[_PREFIX.size:payload_start])
 
 
 def expect(envelope: Envelope, *, protocol: str | None = None, round: int | None = None, stage: str | None = None,
@@ -201,6 +264,11 @@ def _check_header(header: Any) -> None:
             raise MessageRejected(f"header field {key!r} must be a party id, not {header[key]!r}", sender) from None
     if not _is_int(header["round"]) or not 0 <= header["round"] <= _MAX_ROUND:
         raise MessageRejected("header field 'round' must be an integer >= 0", sender)
+    if not isinstance(header["session"], str) or not _SESSION.fullmatch(header["session"]):
+        raise MessageRejected(f"header field 'session' must be a session id ({2 * SESSION_BYTES} lowercase hex "
+                              "characters)", sender)
+    if not isinstance(header["roster"], str) or not _ROSTER_DIGEST.fullmatch(header["roster"]):
+        raise MessageRejected("header field 'roster' must be a roster digest (64 lowercase hex characters)", sender)
     if not isinstance(header["fields"], dict):
         raise MessageRejected("header field 'fields' must be an object", sender)
     _check_float_values(header["fields"], sender)

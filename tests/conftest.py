@@ -1,14 +1,24 @@
-"""Shared fixtures: the embedded foundation (loaded once) and small benchmarks."""
+"""Shared fixtures: the embedded foundation (loaded once), small benchmarks, and a small simulated federation."""
 
 from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from feddat_secure.config import RunConfig, config_from_dict
+from feddat_secure.data import build_benchmark
 from feddat_secure.data.batching import encode_split
 from feddat_secure.data.synthetic import synthetic_benchmark
 from feddat_secure.model.adapters import LoraSettings
 from feddat_secure.model.backbone import Foundation, load_foundation
+from protocols import enrol_parties
+from protocols.identity import ROSTER_FILE
+
+if TYPE_CHECKING:
+    from feddat_secure.federation.simulation import Federation
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +56,35 @@ def small_config(tmp_path, **sections) -> RunConfig:
     for table, values in sections.items():
         raw.setdefault(table, {}).update(values)
     return config_from_dict(raw)
+
+
+def simulated_federation(config: RunConfig, foundation: Foundation) -> Federation:
+    """Every party of ``config``'s run as ``feddat-secure run`` builds them: each enrolled with its own key in
+    ``runs/<name>/parties/<party>/`` (with a copy of the roster it pins), built from that folder, wired in
+    memory, and the run's session opened; no round has run yet. Tests drive the parties from here."""
+    # imported here, so that a broken federation package fails only the tests that use it
+    from feddat_secure.federation.parties import plan_run
+    from feddat_secure.federation.party_folder import PARTIES_DIR
+    from feddat_secure.federation.simulation import simulate_federation
+
+    benchmark = build_benchmark(config.data.benchmark, path=config.data.path, num_clients=config.data.num_clients,
+                                train_per_client=config.data.train_per_client,
+                                test_per_client=config.data.test_per_client, image_size=foundation.image_size,
+                                seed=config.seed)
+    answers = {client.client_id: client.answers if config.model.head == "local" else benchmark.answers
+               for client in benchmark.clients}
+    splits = {}
+    for client in benchmark.clients:
+        index = {answer: i for i, answer in enumerate(answers[client.client_id])}
+        splits[client.client_id] = tuple(encode_split(split, foundation.tokenizer, index, foundation.max_text_length,
+                                                      foundation.image_size) for split in (client.train, client.test))
+    lora = LoraSettings(config.model.lora_rank, config.model.lora_alpha, config.model.lora_dropout,
+                        config.model.target_modules)
+    plan = plan_run(config, foundation, lora, {cid: len(train) for cid, (train, _) in splits.items()},
+                    len(benchmark.answers))
+    run_dir = Path(config.output_dir) / config.name
+    parties = run_dir / PARTIES_DIR
+    enrol_parties(parties, plan.parties())
+    for party, _ in plan.parties():
+        shutil.copyfile(parties / ROSTER_FILE, parties / party / ROSTER_FILE)
+    return simulate_federation(plan, run_dir, foundation, lora, splits, answers, resume=False)

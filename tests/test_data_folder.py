@@ -331,3 +331,145 @@ def test_a_client_folder_name_too_long_for_a_site_id_is_an_error(root):
     make_client(root, "s" * 65, rows=[row(), row(split="test")])
     with pytest.raises(DataError, match="longer than 64 characters"):
         load_folder_benchmark(root, image_size=8)
+
+
+# --- symlinks: every file read really lies inside its folder -------------------------------------
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder next to the data root holding an image and a complete site."""
+    folder = tmp_path / "outside"
+    png(folder / "red.png")
+    make_client(folder, "site_c")
+    return folder
+
+
+def test_an_image_symlinked_from_outside_the_site_folder_is_refused(root, outside):
+    make_client(root, "site", rows=[row(), row(split="test", image="images/linked.png")])
+    (root / "site" / "images" / "linked.png").symlink_to(outside / "red.png")
+    with pytest.raises(DataError, match=r"manifest.jsonl line 2: image 'images/linked.png' resolves to "
+                                        r".*outside.red\.png, outside the client folder .*site \(a symlink"):
+        load_folder_benchmark(root, image_size=8)
+
+
+def test_an_image_under_a_symlinked_sub_folder_leading_outside_is_refused(root, outside):
+    make_client(root, "site", rows=[row(), row(split="test", image="scans/red.png")])
+    (root / "site" / "scans").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(DataError, match=r"line 2: image 'scans/red.png' resolves to .*, outside the client folder"):
+        load_folder_benchmark(root, image_size=8)
+
+
+def test_a_client_folder_symlinked_from_outside_the_data_folder_is_refused(valid, outside):
+    (valid / "site_c").symlink_to(outside / "site_c", target_is_directory=True)
+    with pytest.raises(DataError, match=r"site_c: client folder resolves to .*outside.site_c, outside the data "
+                                        r"folder .*hospitals"):
+        load_folder_benchmark(valid, image_size=8)
+
+
+def test_a_manifest_symlinked_from_outside_is_refused(root, outside):
+    make_client(root, "site")
+    (root / "site" / "manifest.jsonl").unlink()
+    (root / "site" / "manifest.jsonl").symlink_to(outside / "site_c" / "manifest.jsonl")
+    with pytest.raises(DataError, match=r"manifest.jsonl: manifest resolves to .*, outside the client folder"):
+        load_folder_benchmark(root, image_size=8)
+
+
+def test_an_answers_file_symlinked_from_outside_is_refused(root, tmp_path):
+    (tmp_path / "vocabulary.txt").write_text("red\nblue\n")
+    (root / "answers.txt").unlink()
+    (root / "answers.txt").symlink_to(tmp_path / "vocabulary.txt")
+    make_client(root, "site")
+    with pytest.raises(DataError, match=r"answers.txt: answers.txt resolves to .*vocabulary.txt, outside the data"):
+        load_folder_benchmark(root, image_size=8)
+
+
+def test_symlinks_that_stay_inside_their_folder_are_followed(root):
+    make_client(root, "_store/site_b")  # '_store' is not a site; site_b is reached through a symlink to it
+    (root / "site_b").symlink_to(root / "_store" / "site_b", target_is_directory=True)
+    make_client(root, "site_a", rows=[row(image="images/alias.png"), row(split="test")])
+    (root / "site_a" / "images" / "alias.png").symlink_to(root / "site_a" / "images" / "red.png")
+    bench = load_folder_benchmark(root, image_size=8)
+    assert [c.client_id for c in bench.clients] == ["site_a", "site_b"]
+    assert tuple(bench.clients[0].train[0].image[0, 0]) == RED
+
+
+def test_a_data_folder_reached_through_a_symlink_loads(valid, tmp_path):
+    (tmp_path / "link").symlink_to(valid, target_is_directory=True)
+    assert [c.client_id for c in load_folder_benchmark(tmp_path / "link", image_size=8).clients] == ["site_a",
+                                                                                                     "site_b"]
+
+
+def test_two_client_folders_that_are_one_folder_are_refused(valid):
+    (valid / "site_c").symlink_to(valid / "site_a", target_is_directory=True)
+    with pytest.raises(DataError, match=r"site_c: client folder is the same folder as .*site_a \(through a symlink\)"):
+        load_folder_benchmark(valid, image_size=8)
+
+
+# --- one rule for names and labels: compared ignoring case; '.' and '_' folders are not sites ---------
+
+
+def test_split_names_are_compared_ignoring_case_and_surrounding_spaces(root):
+    make_client(root, "site", rows=[row(split="Train"), row(split=" TEST ", image="images/blue.png")])
+    site = load_folder_benchmark(root, image_size=8).clients[0]
+    assert (len(site.train), len(site.test)) == (1, 1)
+
+
+def test_answers_are_compared_ignoring_case_and_take_the_spelling_of_answers_txt(root):
+    (root / "answers.txt").write_text("Red\nlight  blue\n")
+    make_client(root, "site", rows=[row(answer=" RED "), row(split="test", image="images/blue.png",
+                                                              answer="Light Blue")])
+    bench = load_folder_benchmark(root, image_size=8)
+    assert bench.answers == ("Red", "light blue")
+    assert [ex.answer for ex in bench.clients[0].train + bench.clients[0].test] == ["Red", "light blue"]
+
+
+def test_answers_that_differ_only_by_case_are_one_answer_listed_twice(root):
+    (root / "answers.txt").write_text("red\nblue\nRed\n")
+    make_client(root, "site")
+    with pytest.raises(DataError, match=r"answers.txt line 3: duplicate answer 'Red' \(already on line 1 as 'red'; "
+                                        "answers are compared ignoring case\\)"):
+        load_folder_benchmark(root, image_size=8)
+
+
+def test_column_names_and_json_keys_are_compared_ignoring_case(root):
+    make_client(root, "site_a", fmt="csv", rows=two_split_rows())
+    (root / "site_a" / "manifest.csv").write_text((root / "site_a" / "manifest.csv").read_text().replace(
+        "image,question,answer,split", "Image, Question ,ANSWER,Split"))
+    make_client(root, "site_b", rows=[{k.title(): v for k, v in r.items()} for r in two_split_rows()])
+    site_a, site_b = load_folder_benchmark(root, image_size=8).clients
+    assert [ex.answer for ex in site_a.train + site_a.test] == ["red", "blue"]
+    assert [ex.answer for ex in site_b.train + site_b.test] == ["red", "blue"]
+
+
+def test_two_json_keys_that_differ_only_by_case_are_a_duplicate(root):
+    make_client(root, "site", rows=[{**row(), "Image": "images/blue.png"}, row(split="test")])
+    with pytest.raises(DataError, match=r"line 1: duplicate key\(s\) 'Image', 'image'"):
+        load_folder_benchmark(root, image_size=8)
+
+
+@pytest.mark.parametrize("name", ["__pycache__", "_archive", ".ipynb_checkpoints"])
+def test_folders_starting_with_a_dot_or_underscore_are_not_sites(valid, name):
+    (valid / name).mkdir()
+    bench = load_folder_benchmark(valid, image_size=8)
+    assert [c.client_id for c in bench.clients] == ["site_a", "site_b"]
+    assert bench.skipped_sites == ()
+
+
+def test_a_skipped_folder_that_holds_a_manifest_is_listed_for_the_data_report(valid):
+    make_client(valid, "_site_c")
+    assert load_folder_benchmark(valid, image_size=8).skipped_sites == ("_site_c",)
+
+
+@pytest.mark.parametrize("name", ["-site", "site a", "server", "KeyHolder"])
+def test_any_other_folder_must_be_a_valid_site_id(valid, name):
+    make_client(valid, name)
+    with pytest.raises(DataError, match="client folder name must be a site id .* folders starting with '.' or '_' "
+                                        "are skipped"):
+        load_folder_benchmark(valid, image_size=8)
+
+
+def test_site_folders_that_differ_only_by_case_are_refused(valid):
+    make_client(valid, "Site_A")
+    with pytest.raises(DataError, match="client folders 'Site_A' and 'site_a' differ only by case"):
+        load_folder_benchmark(valid, image_size=8)

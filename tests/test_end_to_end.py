@@ -31,9 +31,10 @@ def test_feddat_run_writes_every_output(feddat_run):
     _, result = feddat_run
     folder = result.run_dir
     for name in ("config.toml", "metrics.jsonl", "manifest.json", "global_adapter/adapter_model.safetensors",
-                 "global_adapter/adapter_config.json", "clients/client0/client_adapter/adapter_model.safetensors",
-                 "clients/client1/shared_adapter/adapter_config.json", "clients/client0/head.safetensors",
-                 "clients/client0/answers.json"):
+                 "global_adapter/adapter_config.json", "roster.json",
+                 "parties/client0/client_adapter/adapter_model.safetensors",
+                 "parties/client1/shared_adapter/adapter_config.json", "parties/client0/head.safetensors",
+                 "parties/client0/answers.json", "parties/server/server.audit.jsonl"):
         assert (folder / name).is_file(), name
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
@@ -41,13 +42,14 @@ def test_feddat_run_writes_every_output(feddat_run):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert {"base_model", "data", "config", "files"} <= set(manifest)
     assert "global_adapter/adapter_model.safetensors" in manifest["files"]
+    assert "parties/client0/client_adapter/adapter_model.safetensors" in manifest["files"]
 
 
 def test_local_heads_answer_over_their_own_sites_answer_set(feddat_run):
     _, result = feddat_run
-    answers = json.loads((result.run_dir / "clients/client2/answers.json").read_text())
+    answers = json.loads((result.run_dir / "parties/client2/answers.json").read_text())
     assert answers == ["no", "yes"]  # client2 asks existence questions only
-    head = load_file(str(result.run_dir / "clients/client2/head.safetensors"))
+    head = load_file(str(result.run_dir / "parties/client2/head.safetensors"))
     assert head["head.layers.3.weight"].shape[0] == 2
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -11,12 +10,6 @@ import torch
 from feddat_secure.data.digits import digits_benchmark
 from feddat_secure.model.backbone import EMBEDDED_FOUNDATION, ModelLoadError, folder_digest, load_foundation
 from feddat_secure.pretraining import PretrainSettings, pretrain
-
-
-def test_package_runs_with_the_hub_offline():
-    import feddat_secure  # noqa: F401  (sets the variables on import)
-
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def test_embedded_foundation_is_a_small_pretrained_vilt(foundation):

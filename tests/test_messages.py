@@ -1,126 +1,168 @@
-"""The wire format: canonical bytes, and strict decoding of anything else."""
+"""The runner's own messages are signed envelopes: the model a request carries is bound to a digest the server
+signed, and a site acts only on a request of its run's session, under its roster, from the server, for a round
+it has not trained yet."""
 
 from __future__ import annotations
 
-import struct
+import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from conftest import simulated_federation, small_config
 
-from feddat_secure.federation.messages import MAGIC, Message, MessageError, decode, encode, expect
+from feddat_secure.federation import envelopes as E
+from protocols import Envelope, Identity, MessageRejected, Outgoing, Roster, RosterEntry, new_session_id
 
-TENSORS = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.ones(4, dtype=np.float32)}
-
-
-def sample(**changes) -> Message:
-    fields = dict(kind="update", round=3, sender="client0", recipient="server", tensors=TENSORS,
-                  meta={"num_examples": 10})
-    fields.update(changes)
-    return Message(**fields)
+STATE = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.ones(4, dtype=np.float32)}
 
 
-def test_round_trip_keeps_every_field():
-    decoded = decode(encode(sample()))
-    assert (decoded.kind, decoded.round, decoded.sender, decoded.recipient) == ("update", 3, "client0", "server")
-    assert decoded.meta == {"num_examples": 10}
-    for name, value in TENSORS.items():
-        np.testing.assert_array_equal(decoded.tensors[name], value)
+def test_the_model_digest_depends_on_every_value_shape_and_name_and_nothing_else():
+    digest = E.model_digest(STATE)
+    assert digest == E.model_digest(dict(reversed(list(STATE.items()))))  # not on the order of the mapping
+    assert digest == E.model_digest({k: v.astype(np.float64) for k, v in STATE.items()})  # the float32 values
+    changed_value = {**STATE, "a": np.array([1, 1, 1, np.nextafter(np.float32(1), np.float32(2))], np.float32)}
+    same_bytes_other_shape = {**STATE, "b": STATE["b"].reshape(3, 2)}
+    swapped_names = {"a": STATE["b"].ravel()[:4].copy(), "b": np.concatenate([STATE["a"], [4, 5]]).reshape(2, 3)}
+    renamed = {"a": STATE["a"], "c": STATE["b"]}
+    assert same_bytes_other_shape["b"].tobytes() == STATE["b"].tobytes()
+    digests = {E.model_digest(s) for s in (changed_value, same_bytes_other_shape, swapped_names, renamed)}
+    assert digest not in digests and len(digests) == 4
 
 
-def test_same_content_gives_the_same_bytes():
-    reordered = sample(tensors=dict(reversed(list(TENSORS.items()))), meta={"num_examples": 10})
-    assert encode(sample()) == encode(reordered)
+def request(arrays, **fields) -> Envelope:
+    return Envelope(E.PROTOCOL, 0, E.TRAIN, "server", "client0", fields, arrays)
 
 
-def test_decoded_tensors_are_writable_copies():
-    decoded = decode(encode(sample()))
-    decoded.tensors["a"][0] = 5.0
+def test_checked_model_returns_the_model_only_when_it_matches_its_signed_digest():
+    model = E.checked_model(request(STATE, model_sha256=E.model_digest(STATE)))
+    assert set(model) == set(STATE) and all(np.array_equal(model[k], STATE[k]) for k in STATE)
+    tampered = {**STATE, "a": STATE["a"] + 1}
+    with pytest.raises(MessageRejected, match="does not match its signed digest"):
+        E.checked_model(request(tampered, model_sha256=E.model_digest(STATE)))
+    with pytest.raises(MessageRejected, match="SHA-256"):
+        E.checked_model(request(STATE))
 
 
-@pytest.mark.parametrize("cut", [3, 12, 40])
-def test_truncated_message_is_rejected(cut):
-    data = encode(sample())
-    with pytest.raises(MessageError):
-        decode(data[: len(data) - cut])
+def test_checked_model_refuses_nan_and_inf_even_under_a_matching_digest():
+    for bad in (np.nan, np.inf):
+        poisoned = {**STATE, "a": np.array([1, bad, 1, 1], np.float32)}
+        with pytest.raises(MessageRejected, match="NaN or inf"):
+            E.checked_model(request(poisoned, model_sha256=E.model_digest(poisoned)))
 
 
-def test_trailing_bytes_are_rejected():
-    with pytest.raises(MessageError, match="unexpected bytes"):
-        decode(encode(sample()) + b"\x00\x00\x00\x00")
+@pytest.fixture(scope="module")
+def federation(foundation, tmp_path_factory):
+    """A 3-site run (plain aggregation) whose session is open and which has not trained yet."""
+    return simulated_federation(small_config(tmp_path_factory.mktemp("messages"),
+                                             secure_aggregation={"protocol": "plain"}), foundation)
 
 
-def test_wrong_magic_and_unknown_version_are_rejected():
-    data = encode(sample())
-    with pytest.raises(MessageError, match="magic"):
-        decode(b"XXXX" + data[4:])
-    with pytest.raises(MessageError, match="version 9"):
-        decode(MAGIC + struct.pack("<H", 9) + data[6:])
+def train_fields(server, arrays) -> dict:
+    return {"model_sha256": E.model_digest(arrays), "send_update": True, **server.privacy.train_terms(3)}
 
 
-def test_oversized_message_is_rejected_before_parsing():
-    with pytest.raises(MessageError, match="exceeds the limit"):
-        decode(encode(sample()), max_bytes=64)
+def train_request(stamp: E.Stamp, server, recipient: str = "client0", round_index: int = 0, arrays=None,
+                  fields=None) -> bytes:
+    arrays = E.state_arrays(server.global_state) if arrays is None else arrays
+    return stamp.envelope(E.TRAIN, round_index, recipient, train_fields(server, arrays) if fields is None else fields,
+                          arrays)
 
 
-def test_nan_or_inf_is_refused_on_both_ends():
-    with pytest.raises(MessageError, match="NaN"):
-        encode(sample(tensors={"a": np.array([1.0, np.nan], dtype=np.float32)}))
-    data = bytearray(encode(sample(tensors={"a": np.zeros(1, dtype=np.float32)})))
-    data[-4:] = np.array([np.inf], dtype=np.float32).tobytes()
-    with pytest.raises(MessageError, match="NaN or inf"):
-        decode(bytes(data))
+def stamp_of(identity: Identity, roster: Roster, session: str) -> E.Stamp:
+    stamp = E.Stamp(identity, roster)
+    stamp.session = session
+    return stamp
 
 
-def test_non_canonical_header_is_rejected():
-    data = encode(sample(tensors={}))
-    header_length = struct.unpack_from("<I", data, 6)[0]
-    header = data[10:10 + header_length].replace(b'"kind":', b'"kind" :')
-    forged = data[:6] + struct.pack("<I", len(header)) + header
-    with pytest.raises(MessageError, match="canonical"):
-        decode(forged)
+def flip_last_byte(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
 
 
-@pytest.mark.parametrize("changes, problem", [
-    ({"kind": "bogus"}, "unknown message kind"),
-    ({"round": -1}, "non-negative"),
-    ({"sender": ""}, "sender"),
-    ({"recipient": "x" * 65}, "recipient"),
-])
-def test_bad_envelope_is_refused_when_encoding(changes, problem):
-    with pytest.raises(MessageError, match=problem):
-        encode(sample(**changes))
+def with_key(roster: Roster, party: str, identity: Identity) -> Roster:
+    """``roster`` with ``party`` enrolled under ``identity``'s key instead (another roster digest)."""
+    return Roster([RosterEntry(e.party_id, e.role, identity.public_key if e.party_id == party else e.public_key)
+                   for e in roster.entries])
 
 
-def test_replay_from_another_round_or_kind_is_rejected_by_the_receiver():
-    message = decode(encode(sample()))
-    expect(message, kind="update", round_index=3, recipient="server")
-    with pytest.raises(MessageError, match="round 3"):
-        expect(message, kind="update", round_index=4, recipient="server")
-    with pytest.raises(MessageError, match="expected a 'metrics'"):
-        expect(message, kind="metrics", round_index=3, recipient="server")
-    with pytest.raises(MessageError, match="addressed to"):
-        expect(message, kind="update", round_index=3, recipient="client1")
+def tampered_model(server) -> bytes:
+    """The server's own signature over a model whose bytes differ from the digest it signs with them."""
+    arrays = E.state_arrays(server.global_state)
+    first = sorted(arrays)[0]
+    return train_request(server.stamp, server, arrays={**arrays, first: arrays[first] + 0.5},
+                         fields=train_fields(server, arrays))
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=300))
-def test_arbitrary_bytes_raise_only_message_error(data):
-    try:
-        decode(MAGIC + data[:6] + data[6:])
-    except MessageError:
-        pass
+IMPOSTOR = Identity.generate("server")
+FORGERIES = {  # train requests for client0 that it must refuse: how to make one, and the reason it must give
+    "another session": (lambda s: train_request(stamp_of(s.identity, s.roster, new_session_id()), s),
+                        "this party is in session"),
+    "another roster, signed by the real server": (
+        lambda s: train_request(stamp_of(s.identity, with_key(s.roster, "client1", Identity.generate("client1")),
+                                         s.stamp.session), s), "signed under roster"),
+    "an impostor server's roster": (
+        lambda s: train_request(stamp_of(IMPOSTOR, with_key(s.roster, "server", IMPOSTOR), s.stamp.session), s),
+        "signed under roster"),
+    "an impostor server under the real roster": (
+        lambda s: train_request(stamp_of(IMPOSTOR, s.roster, s.stamp.session), s), "bad signature"),
+    "a bad signature": (lambda s: flip_last_byte(train_request(s.stamp, s)), "bad signature"),
+    "addressed to another site": (lambda s: train_request(s.stamp, s, recipient="client1"), "addressed to 'client1'"),
+    "bytes that differ from the signed digest": (tampered_model, "does not match its signed digest"),
+}
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(min_value=0, max_value=200), st.binary(min_size=1, max_size=8))
-def test_any_corruption_of_a_valid_message_is_rejected_or_decodes_cleanly(position, junk):
-    data = bytearray(encode(sample()))
-    position = position % len(data)
-    data[position:position + len(junk)] = junk
-    try:
-        decoded = decode(bytes(data))
-    except MessageError:
-        return
-    assert all(np.all(np.isfinite(t)) for t in decoded.tensors.values())
+def snapshot(site) -> dict:
+    model = site.trainer.model
+    return {"shared": site.trainer.shared_state(), "head": model.head_state(),
+            **{name: model.adapters.get_state(name) for name in site.trainer.kept}}
+
+
+def assert_unchanged(site, before: dict, *, last_trained_round: int = -1) -> None:
+    after = snapshot(site)
+    for part, state in before.items():
+        for key, value in state.items():
+            np.testing.assert_array_equal(after[part][key], value, err_msg=f"{part}/{key}")
+    assert site.last_trained_round == last_trained_round
+
+
+@pytest.mark.parametrize("case", FORGERIES)
+def test_a_site_refuses_a_train_request_it_must_not_act_on_and_changes_nothing(federation, case):
+    forge, reason = FORGERIES[case]
+    site = federation.sites["client0"]
+    before = snapshot(site)
+    with pytest.raises(MessageRejected, match=reason):
+        site.handle(forge(federation.server))
+    assert_unchanged(site, before)
+
+
+def test_a_site_takes_requests_from_the_server_only(federation):
+    site = federation.sites["client0"]
+    before = snapshot(site)
+    with pytest.raises(MessageRejected, match="only the server sends requests"):
+        site.handle(train_request(federation.sites["client1"].stamp, federation.server))  # signed by client1
+    assert_unchanged(site, before)
+
+
+def test_a_refused_request_gets_no_answer_and_is_recorded_in_the_sites_own_log(federation):
+    site = federation.sites["client0"]
+    data = FORGERIES["another session"][0](federation.server)
+    before = snapshot(site)
+    [reply] = federation.channel.exchange([Outgoing("client0", data)], deadline_s=1.0)
+    assert reply.party == "client0" and reply.messages == ()
+    assert_unchanged(site, before)
+    entries = [json.loads(line) for line in site.folder.audit_log.read_text().splitlines()]
+    assert entries[-2]["event"] == "message_received" and entries[-1]["event"] == "message_rejected"
+    assert "session" in entries[-1]["meta"]["reason"]
+    assert not site.folder.audit_log.with_name("server.audit.jsonl").exists()  # no other party's log here
+
+
+def test_a_site_trains_a_round_once_and_refuses_its_replay(foundation, tmp_path):
+    federation = simulated_federation(small_config(tmp_path, secure_aggregation={"protocol": "plain"}), foundation)
+    server, site = federation.server, federation.sites["client0"]
+    data = train_request(server.stamp, server)
+    reply = server.stamp.open(site.handle(data)[0].data, session=server.stamp.session)
+    assert reply.stage == E.UPDATE and reply.fields["refused"] is None and site.last_trained_round == 0
+    trained = snapshot(site)
+    for replay in (data, train_request(server.stamp, server)):  # the same bytes, and a fresh signature
+        with pytest.raises(MessageRejected, match="replay"):
+            site.handle(replay)
+    assert_unchanged(site, trained, last_trained_round=0)

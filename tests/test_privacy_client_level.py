@@ -1,5 +1,5 @@
 """Client-level DP: clipping bound, noise scales, distributed Skellam shares, adaptive clipping,
-and the run's ledgers (budget stop, resume)."""
+and each party's own ledgers (budget stop, resume)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from feddat_secure.config import ConfigError, config_from_dict
-from feddat_secure.privacy import BudgetExceeded, GaussianEvent, compute_epsilon
+from feddat_secure.privacy import GaussianEvent, compute_epsilon
 from feddat_secure.privacy.client_level import (
     SKELLAM_RDP_ORDERS,
     AdaptiveClipping,
@@ -27,7 +27,7 @@ from feddat_secure.privacy.client_level import (
     skellam_gaussian_equivalent,
     update_noise_multiplier,
 )
-from feddat_secure.privacy.run_privacy import make_run_privacy
+from feddat_secure.privacy.run_privacy import ServerPrivacy, SitePrivacy, privacy_settings
 
 SITES = {"site-0": 40, "site-1": 30, "site-2": 20}
 
@@ -109,7 +109,7 @@ def test_the_gaussian_equivalent_dominates_the_skellam_rdp_bound_at_every_intege
 def test_adaptive_clipping_spends_one_gaussian_and_moves_the_clip_norm_towards_the_quantile():
     z_update = update_noise_multiplier(1.0, 2.0)
     assert z_update**-2 + (2 * 2.0) ** -2 == pytest.approx(1.0)  # (update, count) = one Gaussian of multiplier 1
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match="count noise"):  # the configuration is refused when it loads
         update_noise_multiplier(1.0, 0.4)
     clipping = AdaptiveClipping(clip_norm=1.0, target_quantile=0.5, learning_rate=0.2, count_noise_std=0.0,
                                 expected_participants=10)
@@ -130,69 +130,94 @@ def test_poisson_participation():
     assert poisson_participants(ids, 1.0, np.random.default_rng(0)) == ids
 
 
+def site_privacy(settings, cid: str) -> SitePrivacy:
+    return SitePrivacy(cid, settings.record.get(cid), settings.client)
+
+
 def test_client_level_target_epsilon_is_met_for_every_placement():
     for placement, protocol in (("central", "plain"), ("local", "plain"), ("distributed", "masked")):
         config = run_config(client={"placement": placement, "target_epsilon": 4.0, "clip_norm": 0.1},
                             protocol=protocol)
-        privacy = make_run_privacy(config, SITES, update_dimension=2000)
-        (accountant,) = set(privacy.client_accountants.values()) if placement != "local" else \
-            {privacy.client_accountants["site-0"]}
+        settings = privacy_settings(config, SITES, update_dimension=2000)
+        server = ServerPrivacy(settings.client)
+        sites = [site_privacy(settings, cid) for cid in SITES]
+        if placement == "local":  # each site's own noise: each site holds its client-level ledger
+            assert server.accountants == [] and all(site.client_accountant is not None for site in sites)
+            accountant = sites[0].client_accountant
+        else:  # the federation's noise: the server holds the one client-level ledger
+            assert all(site.client_accountant is None for site in sites)
+            (accountant,) = server.accountants
         for round_index in range(8):
             accountant.spend(accountant.planned_events(round_index), round_index)
         assert 3.8 < accountant.epsilon() <= 4.0, placement
 
 
-def test_client_level_configuration_errors_name_the_key():
-    with pytest.raises(ConfigError, match="masked"):
-        make_run_privacy(run_config(client={"placement": "distributed"}), SITES, update_dimension=10)
-    with pytest.raises(ConfigError, match="rdp"):
-        make_run_privacy(run_config(client={"placement": "distributed", "accountant": "prv"}, protocol="masked"),
-                         SITES, update_dimension=10)
-    with pytest.raises(ConfigError, match="adaptive_clipping"):
-        make_run_privacy(run_config(client={"placement": "local", "adaptive_clipping": True}), SITES,
-                         update_dimension=10)
-    with pytest.raises(ConfigError, match="noise_multiplier"):
-        make_run_privacy(run_config(record={"enabled": True, "noise_multiplier": 0.0}), SITES, update_dimension=10)
+@pytest.mark.parametrize("privacy, key", [
+    ({"client": {"placement": "distributed"}}, "masked"),
+    ({"client": {"placement": "distributed", "accountant": "prv"}, "protocol": "masked"}, "rdp"),
+    ({"client": {"placement": "local", "adaptive_clipping": True}}, "adaptive_clipping"),
+    ({"record": {"enabled": True, "noise_multiplier": 0.0}}, "noise_multiplier"),
+    ({"client": {"placement": "central", "adaptive_clipping": True, "noise_multiplier": 1.0,
+                 "count_noise_std": 0.4}}, "count_noise_std"),
+])
+def test_client_level_configuration_errors_name_the_key(privacy, key):
+    with pytest.raises(ConfigError, match=key):
+        privacy_settings(run_config(**privacy), SITES, update_dimension=10)
 
 
-def test_the_run_stops_before_a_round_that_would_exceed_a_budget_and_resume_does_not_double_count():
+def test_each_party_stops_before_a_round_that_would_exceed_its_budget_and_resume_does_not_double_count():
     config = run_config(record={"enabled": True, "noise_multiplier": 3.0, "budget_epsilon": 4.0},
                         client={"placement": "central", "noise_multiplier": 2.0, "budget_epsilon": 50.0})
-    privacy = make_run_privacy(config, SITES, update_dimension=100)
-    participants = list(SITES)
+    settings = privacy_settings(config, SITES, update_dimension=100)
+    sites = {cid: site_privacy(settings, cid) for cid in SITES}
+    server = ServerPrivacy(settings.client)
+    assert all(site.record_accountant is not None and site.client_accountant is None for site in sites.values())
+    assert [a.level for a in server.accountants] == ["client"]  # the server holds no site's record ledger
     spent = 0
-    with pytest.raises(BudgetExceeded) as stopped:
-        while True:
-            privacy.check_round(spent, participants)
-            for cid in participants:
-                privacy.spend_record(cid, privacy.record[cid].round_events(), spent)
-            privacy.spend_client(spent, participants)
-            spent += 1
-    assert stopped.value.round_index == spent and 0 < spent < 8
-    assert "site-2" in str(stopped.value)  # the smallest site has the largest q, hence the largest ε
-    assert all(a.epsilon() <= a.budget_epsilon for a in privacy.accountants)
-    state = json.loads(json.dumps(privacy.state_dict()))
-    resumed = make_run_privacy(config, SITES, update_dimension=100)
-    resumed.load_state_dict(state)
-    assert [a.epsilon() for a in resumed.accountants] == [a.epsilon() for a in privacy.accountants]
-    with pytest.raises(BudgetExceeded):  # a resumed run does not forget what was spent
-        resumed.check_round(spent, participants)
+    while server.refusal(spent) is None and not any(site.refusal(spent) for site in sites.values()):
+        for cid, site in sites.items():
+            site.charge_training(settings.record[cid].round_events(), spent)
+        server.charge(spent, len(sites), len(sites))
+        spent += 1
+    assert 0 < spent < 8
+    refusals = {cid: site.refusal(spent) for cid, site in sites.items()}
+    # the smallest site has the largest q, hence the largest ε: it stops first; the largest site could go on
+    assert refusals["site-2"] is not None and "over the budget" in refusals["site-2"]
+    assert refusals["site-0"] is None
+    assert server.refusal(spent) is None  # the client-level budget is far from spent
+    for party in [*sites.values(), server]:
+        assert all(a.epsilon() <= a.budget_epsilon for a in party.accountants)
+
+    for cid, site in sites.items():
+        resumed = site_privacy(settings, cid)
+        resumed.load_state_dict(json.loads(json.dumps(site.state_dict())))
+        assert [a.epsilon() for a in resumed.accountants] == [a.epsilon() for a in site.accountants]
+        assert resumed.refusal(spent) == refusals[cid]  # a resumed site does not forget what it spent
+        with pytest.raises(ValueError, match="already recorded"):
+            resumed.charge_training(settings.record[cid].round_events(), spent - 1)
+    resumed_server = ServerPrivacy(settings.client)
+    resumed_server.load_state_dict(json.loads(json.dumps(server.state_dict())))
+    assert resumed_server.accountant.epsilon() == server.accountant.epsilon()
     with pytest.raises(ValueError, match="already recorded"):
-        resumed.spend_record("site-0", resumed.record["site-0"].round_events(), spent - 1)
+        resumed_server.charge(spent - 1, len(sites), len(sites))
+    with pytest.raises(ValueError, match="do not match"):  # one party's checkpoint does not restore another's
+        site_privacy(settings, "site-0").load_state_dict(json.loads(json.dumps(sites["site-1"].state_dict())))
 
 
 def test_distributed_rounds_are_charged_for_the_noise_actually_present():
     config = run_config(client={"placement": "distributed", "noise_multiplier": 1.0, "tolerated_dropouts": 1},
                         protocol="masked")
-    privacy = make_run_privacy(config, SITES, update_dimension=1000)
-    client = privacy.client
+    settings = privacy_settings(config, SITES, update_dimension=1000)
+    client = settings.client
     assert client.planned_shares(3) == 2
     l2, _ = quantized_sensitivity(0.1, client.quantization_step, 1000)
     assert client.noise_bound(3) == math.ceil(12 * l2 / math.sqrt(2))  # 12 standard deviations of a share
     assert np.abs(client.noise_share(3, np.random.default_rng(0))).max() < client.noise_bound(3)
-    privacy.spend_client(0, list(SITES), surviving=2)  # one dropout: within tolerance, target noise present
-    privacy.spend_client(1, list(SITES), surviving=1)  # two dropouts: less noise than planned
-    (ledger,) = privacy.client_accountants.values()
+    server = ServerPrivacy(client)
+    assert server.train_terms(3) == {"clip_norm": client.clip_norm, "noise_shares": 3}  # sent to the sites
+    server.charge(0, 3, 2)  # one dropout: within tolerance, target noise present
+    server.charge(1, 3, 1)  # two dropouts: less noise than planned
+    (ledger,) = server.accountants
     first, second = (events[0] for _, events in ledger.rounds)
     assert first.noise_multiplier == pytest.approx(1.0, rel=1e-3)
     assert second.noise_multiplier == pytest.approx(1.0 / math.sqrt(2), rel=1e-3)

@@ -15,6 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from feddat_secure.config import RecordPrivacyConfig, TrainingConfig
 from feddat_secure.data.batching import EncodedSplit
+from feddat_secure.federation.algorithms import dp_steps_per_batch
 from feddat_secure.privacy import PrivacyError, make_record_privacy
 from feddat_secure.privacy.dp_sgd import PrivateOptimizer
 from feddat_secure.training.local_model import LocalModel
@@ -45,7 +46,7 @@ def feddat_model(foundation, lora, num_answers, seed=1) -> LocalModel:
 def privacy_for(split: EncodedSplit, *, batch_size: int, steps: int, noise: float, clip: float, algorithm="feddat"):
     config = RecordPrivacyConfig(enabled=True, noise_multiplier=1.0, max_grad_norm=clip, reproducible=True)
     settings = make_record_privacy(config, dataset_size=len(split), batch_size=batch_size, local_steps=steps,
-                                   rounds=3, algorithm=algorithm)
+                                   rounds=3, steps_per_batch=dp_steps_per_batch(algorithm))
     return dataclasses.replace(settings, noise_multiplier=noise)  # σ = 0 only for the tests that need it
 
 

@@ -1,8 +1,8 @@
-"""The privacy budget report: three files, a stable JSON shape, ε recomputable from the events."""
+"""The privacy budget report: three files, a stable JSON shape, ε recomputable from the events, merged from the
+ledger every party keeps in its own folder."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import io
 import json
@@ -13,10 +13,17 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 from PIL import Image
 
+from feddat_secure.cli import main
 from feddat_secure.config import config_from_dict, to_dict, to_toml
-from feddat_secure.privacy.cli import add_privacy_report_command
 from feddat_secure.privacy.report import write_privacy_report
-from feddat_secure.privacy.run_privacy import make_run_privacy
+from feddat_secure.privacy.run_privacy import (
+    LEDGER_FILE,
+    ServerPrivacy,
+    SitePrivacy,
+    load_run_ledgers,
+    privacy_settings,
+    write_ledger,
+)
 
 SITES = {"site-0": 40, "site-1": 30, "site-2": 20}
 
@@ -28,26 +35,29 @@ def run_dir(tmp_path):
         "data": {"num_clients": 3}, "training": {"local_steps": 5, "batch_size": 8},
         "privacy": {"record": {"enabled": True, "noise_multiplier": 2.0, "budget_epsilon": 20.0},
                     "client": {"placement": "central", "noise_multiplier": 1.5, "budget_epsilon": 30.0}}})
-    privacy = make_run_privacy(config, SITES, update_dimension=100)
+    settings = privacy_settings(config, SITES, update_dimension=100)
+    sites = {cid: SitePrivacy(cid, settings.record[cid], settings.client) for cid in SITES}
+    server = ServerPrivacy(settings.client)
     for round_index, participants in enumerate([["site-0", "site-1"], ["site-1", "site-2"], ["site-0", "site-2"]]):
-        privacy.check_round(round_index, participants)
+        assert server.refusal(round_index) is None
         for cid in participants:
-            privacy.spend_record(cid, privacy.record[cid].round_events(), round_index)
-        privacy.spend_client(round_index, participants)
+            assert sites[cid].refusal(round_index) is None
+            sites[cid].charge_training(settings.record[cid].round_events(), round_index)
+        server.charge(round_index, len(participants), len(participants))
     folder = tmp_path / "dp-run"
-    privacy.write(folder)
+    for party, privacy in [*sites.items(), ("server", server)]:  # each party writes only its own ledger
+        write_ledger(folder / "parties" / party / LEDGER_FILE, privacy.ledger())
     (folder / "config.toml").write_text(to_toml(config))
     manifest = {"base_model": {"sha256": "a" * 64}, "data": {"sha256": "b" * 64},
                 "config": {"sha256": config.digest(), "resolved": to_dict(config)},
                 "files": {"global_adapter/adapter_model.safetensors": "c" * 64}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    (folder / "audit").mkdir()
     heads = [{"event": "log_opened", "party": "server"},
              {"event": "tree_head", "party": "server", "meta": {},
               "sth": {"party": "server", "tree_size": 3, "root": "1" * 64, "time": "t1", "sig": "0" * 128}},
              {"event": "tree_head", "party": "server", "meta": {"final": True},
               "sth": {"party": "server", "tree_size": 9, "root": "2" * 64, "time": "t2", "sig": "0" * 128}}]
-    (folder / "audit" / "server.audit.jsonl").write_text("".join(json.dumps(h) + "\n" for h in heads))
+    (folder / "parties" / "server" / "server.audit.jsonl").write_text("".join(json.dumps(h) + "\n" for h in heads))
     return folder
 
 
@@ -58,7 +68,7 @@ def test_the_report_writes_three_files_tied_to_the_run(run_dir):
     run = report["run"]
     assert run["config_sha256"] == json.loads((run_dir / "manifest.json").read_text())["config"]["sha256"]
     assert run["base_model_sha256"] == "a" * 64 and run["global_adapter_sha256"] == "c" * 64
-    assert run["audit_tree_heads"] == [{"log": "audit/server.audit.jsonl", "party": "server", "tree_size": 9,
+    assert run["audit_tree_heads"] == [{"log": "parties/server/server.audit.jsonl", "party": "server", "tree_size": 9,
                                         "root": "2" * 64, "time": "t2", "signature": "0" * 128, "final": True}]
     markdown = (run_dir / "privacy_report.md").read_text()
     for needle in ("config SHA-256", "2" * 64, "Participation is visible to the server", "σ/√2", "site-2"):
@@ -84,6 +94,19 @@ def test_one_ledger_per_level_per_client_per_accountant_with_the_documented_keys
     assert site_2["remaining_epsilon"] == pytest.approx(20.0 - site_2["epsilon"])
     central = next(e for e in ledgers if e["level"] == "client" and e["accountant"] == "rdp")
     assert central["epsilon_if_participation_known"] > central["epsilon"]  # q = 2/3 amplification
+
+
+def test_the_report_merges_every_partys_ledger_file_and_refuses_one_of_another_format(run_dir):
+    merged = load_run_ledgers(run_dir)
+    assert merged["files"] == [f"parties/{party}/{LEDGER_FILE}" for party in ("server", *SITES)]
+    assert set(merged["levels"]["record"]) == set(SITES) and merged["levels"]["client"]["placement"] == "central"
+    assert sorted((s["level"], s["client"] or "") for s in merged["ledgers"]) == \
+        [("client", ""), *(("record", cid) for cid in SITES)]
+    assert load_run_ledgers(run_dir / "parties" / "site-0") is None  # no parties/ folder there
+    stale = run_dir / "parties" / "site-1" / LEDGER_FILE
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "format": "feddat-secure-privacy-ledger/1"}))
+    with pytest.raises(ValueError, match="site-1"):
+        load_run_ledgers(run_dir)
 
 
 def test_anyone_can_recompute_epsilon_from_the_published_events(run_dir):
@@ -118,13 +141,9 @@ def test_a_run_without_differential_privacy_says_so(tmp_path):
 
 
 def test_the_command_writes_the_report_and_refuses_a_folder_that_is_no_run(run_dir, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_privacy_report_command(parser.add_subparsers())
-    args = parser.parse_args(["privacy-report", str(run_dir)])
-    assert args.handler(args) == 0
+    assert main(["privacy-report", str(run_dir)]) == 0
     assert (run_dir / "privacy_report.html").is_file()
-    args = parser.parse_args(["privacy-report", str(tmp_path / "missing")])
-    assert args.handler(args) == 2
+    assert main(["privacy-report", str(tmp_path / "missing")]) == 2
     assert "error" in capsys.readouterr().err
 
 

@@ -7,6 +7,8 @@ forge and replay messages.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tenseal as ts
@@ -21,9 +23,10 @@ from protocols import (
     decode,
     encode,
     make_protocol,
+    new_session_id,
     simulate_round,
 )
-from protocols.he import HEConfig, HEProtocol
+from protocols.he import HEOptions, HEProtocol
 from protocols.he.chunks import Layout, ciphertexts_digest
 from protocols.wire import Envelope
 
@@ -52,9 +55,11 @@ class Harness:
         self.identities = {i.party_id: i for i in [self.server_identity, self.keyholder_identity,
                                                    *self.client_identities]}
         self.roster = Roster.from_identities(self.server_identity, self.client_identities, self.keyholder_identity)
-        self.server = self.protocol.server(self.server_identity, self.roster)
-        self.keyholder = self.protocol.keyholder(self.keyholder_identity, self.roster)
-        self.clients = {i.party_id: self.protocol.client(i, self.roster) for i in self.client_identities}
+        self.session = new_session_id()
+        self.server = self.protocol.server(self.server_identity, self.roster, session=self.session)
+        self.keyholder = self.protocol.keyholder(self.keyholder_identity, self.roster, session=self.session)
+        self.clients = {i.party_id: self.protocol.client(i, self.roster, session=self.session)
+                        for i in self.client_identities}
         self.xs = updates(n, length)
         self.ws = [float(w) for w in np.random.default_rng(1).integers(1, 300, size=n)]
 
@@ -82,10 +87,15 @@ class Harness:
         return self.server.result()
 
     def public_context(self) -> ts.Context:
-        return ts.context_from(decode(self.contexts["server"], self.roster).blobs["context"])
+        return ts.context_from(self.read(self.contexts["server"]).blobs["context"])
+
+    def read(self, data: bytes) -> Envelope:
+        return decode(data, self.roster, session=self.session)
 
     def sign(self, envelope: Envelope) -> bytes:
-        return encode(envelope, self.identities[envelope.sender])
+        """``envelope`` signed by its sender's own key, in this session unless it names another."""
+        stamped = dataclasses.replace(envelope, session=envelope.session or self.session, roster=self.roster.digest)
+        return encode(stamped, self.identities[envelope.sender])
 
     def forged_aggregate(self, round_id: int, chunks: list[bytes], receipts: dict[str, bytes],
                          counted: list[str] | None = None) -> bytes:
@@ -97,12 +107,12 @@ class Harness:
 
 
 def chunks_of(harness: Harness, data: bytes) -> list[bytes]:
-    envelope = decode(data, harness.roster)
+    envelope = harness.read(data)
     return [envelope.blobs[name] for name in sorted(envelope.blobs) if name.startswith("c")]
 
 
 def receipt_of(harness: Harness, data: bytes) -> bytes:
-    return decode(data, harness.roster).blobs["receipt"]
+    return harness.read(data).blobs["receipt"]
 
 
 def summed(context: ts.Context, *chunk_lists: list[bytes]) -> list[bytes]:
@@ -117,12 +127,12 @@ def summed(context: ts.Context, *chunk_lists: list[bytes]) -> list[bytes]:
 
 def test_default_parameters_meet_the_documented_precision_and_size():
     """10 clients, values in [-0.5, 0.5], integer weights up to 300, the default N = 8192."""
-    config = HEConfig()
+    options = HEOptions()
     xs = updates(10, length=5000)
     ws = [float(w) for w in np.random.default_rng(2).integers(1, 301, size=10)]
     error = np.abs(simulate_round("he", xs, ws) - weighted_sum(xs, ws)).max()
-    assert error <= config.output_step / 2 + 1e-6  # 2^-17 from rounding the release, ~1e-7 of CKKS noise
-    assert config.output_step == 2.0**-16
+    assert error <= options.output_step / 2 + 1e-6  # 2^-17 from rounding the release, ~1e-7 of CKKS noise
+    assert options.output_step == 2.0**-16
     assert make_protocol("he").bytes_per_parameter() <= 10 * 4  # at most 10x float32 (measured: 32.07)
 
 
@@ -174,7 +184,7 @@ def test_the_server_context_is_public_and_cannot_decrypt():
 def test_the_server_refuses_a_context_that_carries_the_secret_key():
     harness = Harness(2)
     [request] = harness.server.begin_round(0, list(harness.clients), harness.length)
-    honest = decode(harness.keyholder.handle(request.data)[0].data, harness.roster)
+    honest = harness.read(harness.keyholder.handle(request.data)[0].data)
     secret = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[60, 40])
     leaky = Envelope("he", 0, "context", "keyholder", "server", honest.fields,
                      blobs={"context": secret.serialize(save_secret_key=True), "seal_key": honest.blobs["seal_key"]})
@@ -223,7 +233,7 @@ def test_the_key_holder_accepts_the_honest_sum_of_a_listed_subset():
     receipts = {name: receipt_of(harness, inputs[name]) for name in ("client-0", "client-2")}
     [result] = harness.keyholder.handle(harness.forged_aggregate(0, summed(harness.public_context(), *chunks),
                                                                  receipts))
-    released = decode(result.data, harness.roster).arrays["sum"]
+    released = harness.read(result.data).arrays["sum"]
     np.testing.assert_allclose(released, weighted_sum(harness.xs, harness.ws, skip={1}), atol=1e-5)
 
 
@@ -259,7 +269,7 @@ def test_the_key_holder_refuses_a_list_without_the_listed_clients_receipts():
 def forge_receipt(harness: Harness, signer: Identity) -> bytes:
     return encode(Envelope("he", 0, "receipt", signer.party_id, "keyholder",
                            {"ciphertexts": "0" * 64, "context": "0" * 64, "vector_length": harness.length},
-                           blobs={"seed": bytes(80)}), signer)
+                           blobs={"seed": bytes(80)}, session=harness.session, roster=harness.roster.digest), signer)
 
 
 @pytest.mark.parametrize("case, reason", [
@@ -345,9 +355,9 @@ def test_the_server_rejects_a_wrong_vector_length():
     harness = Harness(2)
     harness.start(skip={1})
     [answer] = harness.clients["client-1"].handle(harness.contexts["client-1"])
-    envelope = decode(answer.data, harness.roster)
+    envelope = harness.read(answer.data)
     short = ts.ckks_vector(harness.public_context(), [0.0] * 10).serialize()
-    receipt = decode(envelope.blobs["receipt"], harness.roster)
+    receipt = harness.read(envelope.blobs["receipt"])
     chunks = [short, envelope.blobs["c000001"]]
     fields = {**receipt.fields, "ciphertexts": ciphertexts_digest(chunks)}
     resigned = harness.sign(Envelope("he", 0, "receipt", "client-1", "keyholder", fields, blobs=receipt.blobs))
@@ -361,11 +371,27 @@ def test_the_server_rejects_a_wrong_vector_length():
         harness.server.receive(harness.sign(one_chunk))
 
 
+def test_receipts_from_another_session_are_refused_by_the_server_and_the_key_holder():
+    harness = Harness(2)
+    inputs = harness.start(skip={1})
+    [answer] = harness.clients["client-1"].handle(harness.contexts["client-1"])
+    envelope = harness.read(answer.data)
+    genuine = harness.read(envelope.blobs["receipt"])
+    elsewhere = harness.sign(dataclasses.replace(genuine, session=new_session_id()))  # the client's own signature
+    with pytest.raises(MessageRejected, match="bad receipt: message of session"):
+        harness.server.receive(harness.sign(dataclasses.replace(envelope, blobs={**envelope.blobs,
+                                                                                 "receipt": elsewhere})))
+    chunks = summed(harness.public_context(), chunks_of(harness, inputs["client-0"]), chunks_of(harness, answer.data))
+    receipts = {"client-0": receipt_of(harness, inputs["client-0"]), "client-1": elsewhere}
+    with pytest.raises(MessageRejected, match="receipt listed for 'client-1' refused: message of session"):
+        harness.keyholder.handle(harness.forged_aggregate(0, chunks, receipts))
+
+
 def test_the_server_rejects_input_whose_receipt_does_not_match_its_ciphertexts():
     harness = Harness(2)
     inputs = harness.start(skip={1})
     [answer] = harness.clients["client-1"].handle(harness.contexts["client-1"])
-    envelope = decode(answer.data, harness.roster)
+    envelope = harness.read(answer.data)
     swapped = dict(envelope.blobs, receipt=receipt_of(harness, inputs["client-0"]))
     with pytest.raises(MessageRejected, match="bad receipt"):
         harness.server.receive(harness.sign(Envelope("he", 0, "input", "client-1", "server", envelope.fields,
@@ -399,7 +425,7 @@ def test_a_client_refuses_a_tampered_public_context():
 def test_a_client_accepts_a_context_only_from_the_key_holder():
     """Whoever made the key could decrypt the client's input: a server's own context must be refused."""
     harness = Harness(2, length=10)
-    genuine = decode(context_for(harness), harness.roster)
+    genuine = harness.read(context_for(harness))
     own = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[60, 40])
     public = own.serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
     forged = Envelope("he", 0, "context", "server", "client-0", genuine.fields,
@@ -413,7 +439,7 @@ def test_a_client_accepts_a_context_only_from_the_key_holder():
                                             ("garbage", "does not parse")])
 def test_a_client_refuses_a_signed_context_that_is_not_a_public_context_of_the_parameters(change, reason):
     harness = Harness(2, length=10)
-    genuine = decode(context_for(harness), harness.roster)
+    genuine = harness.read(context_for(harness))
     if change == "secret key":
         context = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[60, 40]).serialize(save_secret_key=True)
     elif change == "other parameters":
@@ -435,9 +461,9 @@ def test_a_client_answers_a_context_once():
 
 
 def test_a_client_refuses_input_that_could_overflow_the_modulus():
-    config = HEConfig(**SMALL)
+    options = HEOptions(**SMALL)
     with pytest.raises(ConfigurationError, match="input too large"):
-        simulate_round("he", [np.full(4, 0.5), np.full(4, 0.5)], [1.0, config.capacity], **SMALL)
+        simulate_round("he", [np.full(4, 0.5), np.full(4, 0.5)], [1.0, options.capacity], **SMALL)
 
 
 # --- configuration -------------------------------------------------------------------------------------------
@@ -445,7 +471,7 @@ def test_a_client_refuses_input_that_could_overflow_the_modulus():
 def test_options_by_name_and_their_validation():
     protocol = make_protocol("he", poly_modulus_degree=4096, coeff_mod_bit_sizes=[50, 40], global_scale_bits=35,
                              min_clients=3)
-    assert isinstance(protocol, HEProtocol) and protocol.config.coeff_mod_bit_sizes == (50, 40)
+    assert isinstance(protocol, HEProtocol) and protocol.options.coeff_mod_bit_sizes == (50, 40)
     assert protocol.stages == ("input", "decrypt") and protocol.needs_keyholder
     with pytest.raises(ConfigurationError, match="128-bit security"):
         make_protocol("he", poly_modulus_degree=4096, coeff_mod_bit_sizes=[60, 60])

@@ -1,79 +1,141 @@
-"""Identities on disk and the roster: what the CLI's `keys create` writes and every party loads."""
+"""Identities and the roster: the file every party holds a copy of, pins by its SHA-256, and trusts for keys."""
 
 from __future__ import annotations
 
+import hashlib
 import json
-import stat
 
 import pytest
 
-from protocols import (
-    ConfigurationError,
-    Identity,
-    MessageRejected,
-    Roster,
-    create_identities,
-    load_identity,
-    load_roster,
-)
+from protocols import ConfigurationError, Identity, MessageRejected, Roster, RosterEntry, load_roster
 
 
-def test_create_identities_writes_private_keys_0600_and_a_roster(tmp_path):
-    folder = tmp_path / "keys"
-    roster = create_identities(folder, "server", ["site-a", "site-b"], keyholder_id="keyholder")
-    assert sorted(p.name for p in folder.iterdir()) == ["keyholder.pem", "roster.json", "server.pem", "site-a.pem",
-                                                        "site-b.pem"]
-    for key_file in folder.glob("*.pem"):
-        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
-    assert roster.server_id == "server" and roster.keyholder_id == "keyholder"
-    assert roster.client_ids == ("site-a", "site-b")
-    assert load_roster(folder) == roster == load_roster(folder / "roster.json")
+def make_roster(*clients: str, keyholder: bool = True) -> tuple[Roster, dict[str, Identity]]:
+    identities = {pid: Identity.generate(pid) for pid in ("server", *clients, *(["keyholder"] if keyholder else []))}
+    roster = Roster.from_identities(identities["server"], [identities[c] for c in clients],
+                                    identities.get("keyholder"))
+    return roster, identities
 
 
-def test_loaded_identity_signs_what_the_roster_verifies(tmp_path):
-    roster = create_identities(tmp_path, "server", ["site-a"])
-    identity = load_identity(tmp_path, "site-a")
-    roster.verify("site-a", identity.sign(b"hello"), b"hello")
-    with pytest.raises(MessageRejected, match="bad signature from 'site-a'"):
-        roster.verify("site-a", identity.sign(b"hello"), b"hellO")
-
-
-def test_roster_file_format_is_versioned_json_of_pem_public_keys(tmp_path):
-    create_identities(tmp_path, "server", ["site-a"])
+def test_roster_file_is_versioned_json_of_pem_keys_recording_its_own_sha256(tmp_path):
+    roster, _ = make_roster("site-a", "site-b")
+    roster.save(tmp_path / "roster.json")
     raw = json.loads((tmp_path / "roster.json").read_text())
+    assert set(raw) == {"version", "parties", "sha256"}
     assert raw["version"] == 1
-    assert raw["parties"]["site-a"]["role"] == "client"
+    assert raw["parties"]["site-a"]["role"] == "client" and raw["parties"]["keyholder"]["role"] == "keyholder"
     assert raw["parties"]["server"]["public_key"].startswith("-----BEGIN PUBLIC KEY-----")
+    assert raw["sha256"] == roster.digest
+    assert load_roster(tmp_path) == roster == load_roster(tmp_path / "roster.json")
+    assert load_roster(tmp_path).digest == roster.digest
 
 
-def test_existing_files_are_never_overwritten_and_nothing_is_half_written(tmp_path):
-    create_identities(tmp_path, "server", ["site-a"])
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(ConfigurationError, match="refusing to overwrite"):
-        create_identities(tmp_path, "server", ["site-a", "site-new"])
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+def test_digest_is_sha256_of_the_canonical_json_of_version_and_parties():
+    roster, _ = make_roster("site-a")
+    content = {key: value for key, value in json.loads(roster.to_json()).items() if key != "sha256"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    assert roster.digest == hashlib.sha256(canonical).hexdigest()
+    assert make_roster("site-a")[0].digest != roster.digest  # fresh keys, another roster
 
 
-@pytest.mark.parametrize(("server", "clients"), [("server", ["a", "a"]), ("server", ["server"]),
-                                                  ("server", ["../evil"]), ("", ["a"]), ("server", [".hidden"])])
-def test_bad_or_repeated_ids_are_refused(tmp_path, server, clients):
-    with pytest.raises(ConfigurationError):
-        create_identities(tmp_path / "k", server, clients)
-    assert not (tmp_path / "k").exists()
+def test_loaded_roster_verifies_what_an_identity_signs(tmp_path):
+    roster, identities = make_roster("site-a")
+    roster.save(tmp_path / "roster.json")
+    loaded = load_roster(tmp_path)
+    loaded.verify("site-a", identities["site-a"].sign(b"hello"), b"hello")
+    with pytest.raises(MessageRejected, match="bad signature from 'site-a'"):
+        loaded.verify("site-a", identities["site-a"].sign(b"hello"), b"hellO")
+
+
+def altered(roster: Roster, change) -> str:
+    raw = json.loads(roster.to_json())
+    change(raw)
+    return json.dumps(raw, indent=2)
+
+
+def test_an_altered_roster_is_refused_quoting_both_digests(tmp_path):
+    roster, _ = make_roster("site-a", "site-b")
+
+    def promote(raw):
+        raw["parties"]["site-a"]["role"] = "keyholder"
+        del raw["parties"]["keyholder"]
+
+    text = altered(roster, promote)
+    content = Roster([RosterEntry("server", "server", roster.public_key("server")),
+                      RosterEntry("site-a", "keyholder", roster.public_key("site-a")),
+                      RosterEntry("site-b", "client", roster.public_key("site-b"))])
+    with pytest.raises(ConfigurationError) as refused:
+        Roster.from_json(text)
+    assert roster.digest in str(refused.value) and content.digest in str(refused.value)
+    assert "altered" in str(refused.value)
+
+
+def test_a_tampered_sha256_is_refused_quoting_both_digests():
+    roster, _ = make_roster("site-a")
+    forged = "0" * 64
+    text = altered(roster, lambda raw: raw.update(sha256=forged))
+    with pytest.raises(ConfigurationError, match=f"records sha256 {forged} but its content has sha256 "
+                                                 f"{roster.digest}"):
+        Roster.from_json(text)
+
+
+def test_a_roster_without_its_sha256_is_refused():
+    roster, _ = make_roster("site-a")
+    with pytest.raises(ConfigurationError, match="exactly the keys 'version', 'parties' and 'sha256'"):
+        Roster.from_json(altered(roster, lambda raw: raw.pop("sha256")))
+
+
+def test_a_party_listed_twice_in_the_json_text_is_refused():
+    roster, _ = make_roster("site-a")
+    text = roster.to_json()
+    entry = json.dumps(json.loads(text)["parties"]["site-a"])
+    twice = text.replace('"parties": {', f'"parties": {{\n    "site-a": {entry},', 1)
+    assert twice.count('"site-a"') == 2
+    with pytest.raises(ConfigurationError, match="the key 'site-a' appears twice"):
+        Roster.from_json(twice)
+
+
+def test_a_key_repeated_anywhere_in_the_json_text_is_refused():
+    roster, _ = make_roster("site-a")
+    text = roster.to_json().replace('"role": "client"', '"role": "server", "role": "client"', 1)
+    with pytest.raises(ConfigurationError, match="the key 'role' appears twice"):
+        Roster.from_json(text)
+
+
+def test_the_same_public_key_for_two_parties_is_refused():
+    key = Identity.generate("site-a").public_key
+    with pytest.raises(ConfigurationError, match="'site-a' and 'site-b' are enrolled with the same public key"):
+        Roster([RosterEntry("site-a", "client", key), RosterEntry("site-b", "client", key)])
+    roster, _ = make_roster("site-a", "site-b")
+    text = altered(roster, lambda raw: raw["parties"]["site-b"].update(raw["parties"]["site-a"]))
+    with pytest.raises(ConfigurationError, match="same public key"):
+        Roster.from_json(text)
+
+
+@pytest.mark.parametrize("role", ["server", "keyholder"])
+def test_roster_allows_one_server_and_one_key_holder_only(role):
+    entries = [RosterEntry(pid, role, Identity.generate(pid).public_key) for pid in ("p1", "p2")]
+    with pytest.raises(ConfigurationError, match=f"more than one {role}: p1, p2"):
+        Roster(entries)
 
 
 def test_unknown_party_is_a_rejection_naming_it():
-    roster = Roster.from_identities(Identity.generate("server"), [Identity.generate("site-a")])
+    roster, _ = make_roster("site-a")
     with pytest.raises(MessageRejected, match="unknown sender 'site-z'"):
         roster.public_key("site-z")
 
 
 @pytest.mark.parametrize(("text", "message"), [
     ("not json", "not valid JSON"),
-    ('{"version": 2, "parties": {}}', "version 2"),
+    ("[]", "must be a JSON object"),
+    ('{"version": 2, "parties": {}, "sha256": ""}', "version 2"),
     ('{"version": 1}', "exactly the keys"),
-    ('{"version": 1, "parties": {"a": {"role": "client", "public_key": "garbage"}}}', "unreadable public key"),
-    ('{"version": 1, "parties": {"a": {"role": "king", "public_key": "x"}}}', "unreadable public key|role"),
+    ('{"version": 1, "parties": [], "sha256": ""}', "'parties' must be an object"),
+    ('{"version": 1, "parties": {}, "sha256": "ABC"}', "'sha256' must be 64 lower-case hexadecimal digits"),
+    ('{"version": 1, "parties": {"a": {"role": "client"}}, "sha256": "' + "0" * 64 + '"}',
+     "party 'a' needs exactly 'role' and 'public_key'"),
+    ('{"version": 1, "parties": {"a": {"role": "client", "public_key": "garbage"}}, "sha256": "' + "0" * 64 + '"}',
+     "party 'a': unreadable public key"),
 ])
 def test_malformed_rosters_are_refused_clearly(tmp_path, text, message):
     (tmp_path / "roster.json").write_text(text)
@@ -81,16 +143,38 @@ def test_malformed_rosters_are_refused_clearly(tmp_path, text, message):
         load_roster(tmp_path)
 
 
-def test_roster_allows_one_server_only():
-    twice = [*Roster.from_identities(Identity.generate("s1"), []).entries,
-             *Roster.from_identities(Identity.generate("s2"), []).entries]
-    with pytest.raises(ConfigurationError, match="more than one server"):
-        Roster(twice)
+def test_a_roster_with_an_unknown_role_is_refused():
+    roster, _ = make_roster("site-a")
+    with pytest.raises(ConfigurationError, match="role must be one of server, client, keyholder, not 'king'"):
+        Roster.from_json(altered(roster, lambda raw: raw["parties"]["site-a"].update(role="king")))
 
 
-def test_missing_key_file_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigurationError, match="does not exist"):
-        load_identity(tmp_path, "nobody")
-    (tmp_path / "bad.pem").write_text("not a key")
-    with pytest.raises(ConfigurationError, match="not an unencrypted PEM"):
-        load_identity(tmp_path, "bad")
+def test_missing_roster_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigurationError, match="roster file .* does not exist"):
+        load_roster(tmp_path / "nowhere.json")
+
+
+def test_saving_never_overwrites_a_roster(tmp_path):
+    first, _ = make_roster("site-a")
+    first.save(tmp_path / "roster.json")
+    with pytest.raises(ConfigurationError, match="already exists; refusing to overwrite"):
+        make_roster("site-a")[0].save(tmp_path / "roster.json")
+    assert load_roster(tmp_path) == first
+
+
+def test_check_identity_accepts_only_the_enrolled_key_in_the_enrolled_role():
+    roster, identities = make_roster("site-a")
+    roster.check_identity(identities["site-a"], "client")
+    roster.check_identity(identities["server"])
+    with pytest.raises(ConfigurationError, match="enrols 'site-a' as a client, not a server"):
+        roster.check_identity(identities["site-a"], "server")
+    with pytest.raises(ConfigurationError, match="private key of 'site-a' does not match"):
+        roster.check_identity(Identity.generate("site-a"))
+    with pytest.raises(ConfigurationError, match="'site-z' is not on the roster"):
+        roster.check_identity(Identity.generate("site-z"))
+
+
+@pytest.mark.parametrize("party_id", ["", "../evil", ".hidden", "-x", "a" * 65, "a/b", None])
+def test_bad_party_ids_are_refused(party_id):
+    with pytest.raises(ConfigurationError, match="invalid party id"):
+        Identity.generate(party_id)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protocols import ConfigurationError, Identity, Roster, RoundAborted, drive_round, make_protocol, simulate_round
+from protocols import (
+    ConfigurationError,
+    Identity,
+    Roster,
+    RoundAborted,
+    drive_round,
+    make_protocol,
+    new_session_id,
+    simulate_round,
+)
 from protocols.masked import MaskedAggregate, largest_safe_weight
 from protocols.masked.stages import STAGES
 
@@ -16,21 +25,23 @@ def run_masked(updates, weights=None, *, dropouts=None, noise=None, round_id=0, 
     names = [f"client-{i}" for i in range(len(updates))]
     server_identity, identities = Identity.generate("server"), [Identity.generate(name) for name in names]
     roster = Roster.from_identities(server_identity, identities)
-    clients = {identity.party_id: protocol.client(identity, roster) for identity in identities}
+    session = new_session_id()
+    clients = {identity.party_id: protocol.client(identity, roster, session=session) for identity in identities}
     for index, name in enumerate(names):
         clients[name].set_input(round_id, updates[index], 1 if weights is None else weights[index],
                                 noise=None if noise is None else noise[index])
-    return drive_round(protocol.server(server_identity, roster), clients, None, round_id, len(updates[0]),
+    return drive_round(protocol.server(server_identity, roster, session=session), clients, None, round_id,
+                       len(updates[0]),
                        dropouts={names[i]: stage for i, stage in (dropouts or {}).items()})
 
 
 def expected_integer_sum(protocol, updates, weights, counted, round_id=0, noise=None) -> np.ndarray:
     """Σ w_i q_i (+ z_i) over the counted clients, quantizing exactly as each client does."""
-    config = protocol.config
+    options = protocol.options
     total = np.zeros(len(updates[0]), np.int64)
     for index in counted:
-        q = config.quantizer.quantize(np.asarray(updates[index], np.float64),
-                                      config.rng("rounding", round_id, f"client-{index}"))
+        q = options.quantizer.quantize(np.asarray(updates[index], np.float64),
+                                       options.rng("rounding", round_id, f"client-{index}"))
         total += weights[index] * q + (0 if noise is None else noise[index])
     return total
 
@@ -58,7 +69,7 @@ def test_masked_sum_equals_the_plain_sum_of_quantized_inputs_exactly(case):
     result = run_masked(updates, weights, **options)
     assert result.counted == tuple(f"client-{i}" for i in range(n))
     np.testing.assert_array_equal(result.integer_sum, expected_integer_sum(protocol, updates, weights, range(n)))
-    quantizer = protocol.config.quantizer
+    quantizer = protocol.options.quantizer
     offset = quantizer.clip_range * sum(weights)
     np.testing.assert_allclose(result.vector, result.integer_sum * quantizer.scale - offset)
     # and within quantization error of the float weighted sum (clipped)
@@ -70,7 +81,7 @@ def test_simulate_round_returns_the_weighted_sum_within_quantization():
     updates, weights = random_updates(6, 50, 1, scale=0.2), [3, 1, 4, 1, 5, 9]
     result = simulate_round("masked", updates, weights, seed=3)
     expected = sum(w * x for w, x in zip(weights, updates))
-    step = make_protocol("masked").config.quantizer.scale
+    step = make_protocol("masked").options.quantizer.scale
     assert np.abs(result - expected).max() <= step * sum(weights)
 
 
@@ -116,9 +127,9 @@ def test_dropouts_spread_over_several_stages():
 def neighbourhoods(options: dict, n: int, round_id: int = 0) -> dict[str, tuple[str, ...]]:
     from protocols.masked.graph import ring_neighbours
 
-    config = make_protocol("masked", **options).config
+    masked = make_protocol("masked", **options).options
     names = [f"client-{i}" for i in range(n)]
-    return ring_neighbours(config.ring(round_id, names), config.graph_parameters(n).neighbours)
+    return ring_neighbours(masked.ring(round_id, names), masked.graph_parameters(n).neighbours)
 
 
 @pytest.mark.parametrize("stage", ["share_keys", "masked_input", "unmask"])
@@ -197,7 +208,8 @@ def test_masked_vectors_travel_in_the_smallest_word_holding_the_modulus(modulus_
     assert run.integer_sum.shape == (length,)
     server_identity, identities = Identity.generate("server"), [Identity.generate(f"c{i}") for i in range(3)]
     roster = Roster.from_identities(server_identity, identities)
-    clients = {i.party_id: protocol.client(i, roster) for i in identities}
+    session = new_session_id()
+    clients = {i.party_id: protocol.client(i, roster, session=session) for i in identities}
     for client in clients.values():
         client.set_input(0, np.zeros(length), 1)
 
@@ -205,7 +217,7 @@ def test_masked_vectors_travel_in_the_smallest_word_holding_the_modulus(modulus_
         if recipient == "server":
             sizes.append(len(data))
 
-    drive_round(protocol.server(server_identity, roster), clients, None, 0, length, deliver=record)
+    drive_round(protocol.server(server_identity, roster, session=session), clients, None, 0, length, deliver=record)
     assert max(sizes) <= width * length + 1024
 
 
@@ -213,8 +225,9 @@ def test_rounds_follow_one_another_with_fresh_keys():
     protocol = make_protocol("masked", graph="complete", threshold=2)
     server_identity, identities = Identity.generate("server"), [Identity.generate(f"c{i}") for i in range(3)]
     roster = Roster.from_identities(server_identity, identities)
-    server = protocol.server(server_identity, roster)
-    clients = {i.party_id: protocol.client(i, roster) for i in identities}
+    session = new_session_id()
+    server = protocol.server(server_identity, roster, session=session)
+    clients = {i.party_id: protocol.client(i, roster, session=session) for i in identities}
     for round_id in (4, 5):
         for client in clients.values():
             client.set_input(round_id, np.full(6, 0.01 * round_id), 2)

@@ -15,6 +15,7 @@ from protocols import (
     decode,
     encode,
     make_protocol,
+    new_session_id,
 )
 from protocols.masked import keys as masked_keys
 from protocols.masked.stages import ADVERTISE, CONSISTENCY, MASKED, SHARE, UNMASK
@@ -29,8 +30,10 @@ class Harness:
         self.server_identity = Identity.generate("server")
         self.identities = {f"client-{i}": Identity.generate(f"client-{i}") for i in range(n)}
         self.roster = Roster.from_identities(self.server_identity, list(self.identities.values()))
-        self.server = self.protocol.server(self.server_identity, self.roster)
-        self.clients = {name: self.protocol.client(identity, self.roster) for name, identity in self.identities.items()}
+        self.session = new_session_id()
+        self.server = self.protocol.server(self.server_identity, self.roster, session=self.session)
+        self.clients = {name: self.protocol.client(identity, self.roster, session=self.session)
+                        for name, identity in self.identities.items()}
         self.length, self.round_id = length, 0
         for client in self.clients.values():
             client.set_input(0, np.linspace(-0.2, 0.2, length), 1)
@@ -55,19 +58,24 @@ class Harness:
         self.submit()
         self.advance()
 
+    def read(self, data: bytes) -> Envelope:
+        return decode(data, self.roster, session=self.session)
+
     def forge(self, sender: str, recipient: str, stage: str, fields=None, arrays=None, blobs=None,
-              round_id: int = 0) -> bytes:
+              round_id: int = 0, session: str | None = None) -> bytes:
+        """A message signed by ``sender``'s own key, in this session unless ``session`` says otherwise."""
         identity = self.server_identity if sender == "server" else self.identities[sender]
-        return encode(Envelope("masked", round_id, stage, sender, recipient, fields or {}, arrays or {}, blobs or {}),
-                      identity)
+        return encode(Envelope("masked", round_id, stage, sender, recipient, fields or {}, arrays or {}, blobs or {},
+                               session or self.session, self.roster.digest), identity)
 
 
 def test_forged_signature_is_rejected_and_changes_nothing():
     h = Harness()
     answers = h.answer()
     impostor = Identity.generate("client-1")
-    original = decode(answers["client-1"], h.roster)
-    forged = encode(Envelope("masked", 0, ADVERTISE, "client-1", "server", {}, {}, dict(original.blobs)), impostor)
+    original = h.read(answers["client-1"])
+    forged = encode(Envelope("masked", 0, ADVERTISE, "client-1", "server", {}, {}, dict(original.blobs), h.session,
+                             h.roster.digest), impostor)
     with pytest.raises(MessageRejected, match="bad signature from 'client-1'"):
         h.server.receive(forged)
     h.submit()  # the genuine message is still accepted afterwards
@@ -78,7 +86,8 @@ def test_forged_signature_is_rejected_and_changes_nothing():
 def test_unknown_sender_is_rejected():
     h = Harness()
     stranger = Identity.generate("client-99")
-    data = encode(Envelope("masked", 0, ADVERTISE, "client-99", "server", {}, {}, {}), stranger)
+    data = encode(Envelope("masked", 0, ADVERTISE, "client-99", "server", {}, {}, {}, h.session, h.roster.digest),
+                  stranger)
     with pytest.raises(MessageRejected, match="unknown sender 'client-99'"):
         h.server.receive(data)
 
@@ -112,7 +121,7 @@ def test_truncated_or_oversized_messages_are_rejected():
     with pytest.raises(MessageRejected, match="truncated"):
         h.server.receive(data[:-70])
     with pytest.raises(MessageRejected, match="oversized"):
-        decode(data, h.roster, max_bytes=100)
+        decode(data, h.roster, session=h.session, max_bytes=100)
 
 
 def test_wrong_vector_length_or_word_type_is_rejected_by_the_server():
@@ -129,7 +138,7 @@ def test_wrong_vector_length_or_word_type_is_rejected_by_the_server():
 
 def test_a_client_refuses_a_round_that_does_not_match_its_input_or_options():
     h = Harness()
-    request = decode(h.requests["client-0"], h.roster)
+    request = h.read(h.requests["client-0"])
     wrong_length = dict(request.fields["terms"], vector_length=h.length + 1)
     with pytest.raises(MessageRejected, match="differ"):
         h.clients["client-0"].handle(h.forge("server", "client-0", ADVERTISE,
@@ -151,7 +160,7 @@ def test_nan_or_inf_is_rejected_on_the_client_before_masking():
 def test_substituted_neighbour_keys_are_detected_by_the_client():
     h = Harness()
     h.stage()
-    request = decode(h.requests["client-0"], h.roster)
+    request = h.read(h.requests["client-0"])
     relayed = dict(request.blobs)
     # the server swaps in keys of its own, signed by itself: the relayed message must be the neighbour's
     own = h.forge("server", "server", ADVERTISE, blobs={"cipher_key": b"\x09" * 32, "mask_key": b"\x07" * 32})
@@ -161,18 +170,32 @@ def test_substituted_neighbour_keys_are_detected_by_the_client():
     h.answer()  # unchanged: the genuine request is answered
 
 
+def test_a_neighbour_message_relayed_from_another_session_is_refused():
+    h = Harness()
+    h.stage()
+    request = h.read(h.requests["client-0"])
+    relayed = dict(request.blobs)
+    # client-1's own signed key advertisement, for this round and stage, but from another run
+    relayed["client-1"] = h.forge("client-1", "server", ADVERTISE, blobs={"cipher_key": b"\x09" * 32,
+                                                                         "mask_key": b"\x07" * 32},
+                                  session=new_session_id())
+    with pytest.raises(MessageRejected, match="relayed message of 'client-1': message of session"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", SHARE, blobs=relayed))
+    h.answer()  # unchanged: the genuine request is answered
+
+
 def test_tampered_share_ciphertexts_do_not_decrypt():
     h = Harness()
     h.stage()
     h.stage()
-    request = decode(h.requests["client-0"], h.roster)
+    request = h.read(h.requests["client-0"])
     blobs = dict(request.blobs)
     blobs["client-1"] = blobs["client-1"][:-1] + bytes([blobs["client-1"][-1] ^ 1])
     with pytest.raises(MessageRejected, match="do not decrypt"):
         h.clients["client-0"].handle(h.forge("server", "client-0", MASKED, blobs=blobs))
     # shares meant for client-2 offered to client-0 fail too (keys and associated data bind the ids)
     blobs = dict(request.blobs)
-    other = decode(h.requests["client-2"], h.roster).blobs["client-1"]
+    other = h.read(h.requests["client-2"]).blobs["client-1"]
     blobs["client-1"] = other
     with pytest.raises(MessageRejected, match="do not decrypt"):
         h.clients["client-0"].handle(h.forge("server", "client-0", MASKED, blobs=blobs))
@@ -190,7 +213,7 @@ def unmask_ready(skip_masked=("client-4",)) -> Harness:
 
 def test_a_client_never_reveals_both_shares_of_one_peer():
     h = unmask_ready()
-    request = decode(h.requests["client-0"], h.roster)
+    request = h.read(h.requests["client-0"])
     both = {"self_mask_of": ["client-1", "client-4"], "mask_key_of": ["client-4"]}
     with pytest.raises(MessageRejected, match="both the self-mask and the mask-key share of \\['client-4'\\]"):
         h.clients["client-0"].handle(h.forge("server", "client-0", UNMASK, both, blobs=dict(request.blobs)))
@@ -200,7 +223,7 @@ def test_a_client_never_reveals_both_shares_of_one_peer():
     dropped_self = {"self_mask_of": ["client-4"], "mask_key_of": []}
     with pytest.raises(MessageRejected, match="self-mask share of 'client-4'"):
         h.clients["client-0"].handle(h.forge("server", "client-0", UNMASK, dropped_self, blobs=dict(request.blobs)))
-    answer = decode(h.clients["client-0"].handle(h.requests["client-0"])[0].data, h.roster)
+    answer = h.read(h.clients["client-0"].handle(h.requests["client-0"])[0].data)
     assert sorted(answer.blobs) == ["mask_key/client-4", "self_mask/client-1", "self_mask/client-2",
                                     "self_mask/client-3"]
     # having answered, the client answers no second unmask request (that could ask for the other share)
@@ -211,7 +234,7 @@ def test_a_client_never_reveals_both_shares_of_one_peer():
 
 def test_a_client_checks_the_signed_survivor_sets_before_revealing_anything():
     h = unmask_ready()
-    request = decode(h.requests["client-0"], h.roster)
+    request = h.read(h.requests["client-0"])
     blobs = dict(request.blobs)
     blobs["client-1"] = h.forge("client-1", "server", CONSISTENCY, {"survivors": ["client-0", "client-1"]})
     with pytest.raises(MessageRejected, match="different survivor set"):
@@ -264,7 +287,7 @@ def test_what_the_server_sees_of_one_masked_input_is_indistinguishable_from_unif
         client.set_input(0, np.zeros(h.length), 1)
     h.stage()
     h.stage()
-    masked = decode(h.answer()["client-0"], h.roster).arrays["masked"]
+    masked = h.read(h.answer()["client-0"]).arrays["masked"]
     raw_bytes = np.frombuffer(masked.tobytes(), np.uint8)
     assert chi_square(np.bincount(raw_bytes, minlength=256)) < critical_value(255)
     for shift in (0, 8, 16, 24):  # each byte lane of the words, bucketed by value

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from test_protocols_masked_adversarial import Harness
 
 from protocols import ConfigurationError, MessageRejected, ProtocolError
-from protocols.masked import MaskedConfig, Quantizer, default_parameters, shamir
+from protocols.masked import MaskedOptions, Quantizer, default_parameters, shamir
 from protocols.masked.graph import resolve_parameters, ring_neighbours
 from protocols.masked.prg import MaskExpander
 from protocols.masked.quantize import largest_safe_weight
@@ -107,7 +107,7 @@ def test_unsafe_graph_parameters_are_refused(kwargs, message):
                                      dict(dropout_rate=0.5)])
 def test_bad_options_are_configuration_errors(options):
     with pytest.raises(ConfigurationError):
-        MaskedConfig(**options)
+        MaskedOptions(**options)
 
 
 VICTIM = Harness(n=4, threshold=3)

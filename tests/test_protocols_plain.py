@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from protocols import (
-    PROTOCOLS,
     ConfigurationError,
     Identity,
     MessageRejected,
@@ -15,6 +14,8 @@ from protocols import (
     RoundAborted,
     drive_round,
     make_protocol,
+    new_session_id,
+    registered_protocols,
     simulate_round,
 )
 
@@ -42,7 +43,7 @@ def test_plain_aborts_when_nobody_answers():
 
 def test_plain_is_labelled_insecure():
     assert make_protocol("plain").insecure
-    assert PROTOCOLS == ("plain", "masked", "he")
+    assert registered_protocols() == ("plain", "masked", "he")
 
 
 @pytest.mark.parametrize("bad", [np.array([1.0, np.nan]), np.array([np.inf, 0.0])])
@@ -63,13 +64,14 @@ def test_unknown_protocol_option_or_stage_are_configuration_errors():
 
 
 class Parties:
-    def __init__(self, n: int = 2):
+    def __init__(self, n: int = 2, session: str | None = None):
         self.protocol = make_protocol("plain")
+        self.session = session or new_session_id()
         self.server_id = Identity.generate("server")
         self.ids = [Identity.generate(f"client-{i}") for i in range(n)]
         self.roster = Roster.from_identities(self.server_id, self.ids)
-        self.server = self.protocol.server(self.server_id, self.roster)
-        self.clients = {i.party_id: self.protocol.client(i, self.roster) for i in self.ids}
+        self.server = self.protocol.server(self.server_id, self.roster, session=self.session)
+        self.clients = {i.party_id: self.protocol.client(i, self.roster, session=self.session) for i in self.ids}
 
 
 def test_driver_reports_every_message_and_rejection():
@@ -118,3 +120,31 @@ def test_server_refuses_clients_not_on_the_roster():
     parties = Parties()
     with pytest.raises(ConfigurationError, match="not enrolled"):
         parties.server.begin_round(0, ["client-0", "client-7"], 3)
+
+
+def test_a_party_reads_only_messages_of_its_own_session():
+    parties = Parties()
+    other_run = parties.protocol.server(parties.server_id, parties.roster, session=new_session_id())
+    request = {o.recipient: o.data for o in other_run.begin_round(0, ["client-0"], 3)}["client-0"]
+    client = parties.clients["client-0"]
+    client.set_input(0, np.ones(3), 1.0)
+    with pytest.raises(MessageRejected, match="this party is in session"):
+        client.handle(request)  # same server, same key, same round: only the session differs
+    answer = client.handle({o.recipient: o.data for o in parties.server.begin_round(0, ["client-0"], 3)}["client-0"])
+    assert answer[0].recipient == "server"
+
+
+def test_a_party_reads_only_messages_signed_under_its_roster():
+    parties = Parties(session=new_session_id())
+    larger = Roster.from_identities(parties.server_id, [*parties.ids, Identity.generate("client-9")])
+    server = parties.protocol.server(parties.server_id, larger, session=parties.session)
+    request = {o.recipient: o.data for o in server.begin_round(0, ["client-0"], 3)}["client-0"]
+    parties.clients["client-0"].set_input(0, np.ones(3), 1.0)
+    with pytest.raises(MessageRejected, match=f"signed under roster {larger.digest}"):
+        parties.clients["client-0"].handle(request)
+
+
+def test_a_session_id_must_be_well_formed():
+    parties = Parties()
+    with pytest.raises(ConfigurationError, match="invalid session id"):
+        parties.protocol.client(parties.ids[0], parties.roster, session="run-1")

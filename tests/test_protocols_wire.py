@@ -10,27 +10,47 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocols import Envelope, Identity, MessageRejected, ProtocolError, Roster, decode, encode, expect
-from protocols.wire import MAGIC, SIGNATURE_BYTES
+from protocols import (
+    ConfigurationError,
+    Envelope,
+    Identity,
+    MessageRejected,
+    ProtocolError,
+    Roster,
+    check_session_id,
+    decode,
+    encode,
+    expect,
+    new_session_id,
+    peek,
+)
+from protocols.wire import MAGIC, SIGNATURE_BYTES, VERSION
 
 SERVER = Identity.generate("server")
 ALICE = Identity.generate("client-0")
 MALLORY = Identity.generate("client-0")  # same id, key not on the roster
 ROSTER = Roster.from_identities(SERVER, [ALICE])
+SESSION = new_session_id()
 
 
 def envelope(**changes) -> Envelope:
     values = dict(protocol="masked", round=3, stage="masked_input", sender="client-0", recipient="server",
                   fields={"weight": 2, "note": "x", "scale": 0.5, "ids": ["a", "b"]},
                   arrays={"vector": np.arange(5, dtype=np.uint32), "noise": np.array([[1.5, -2.0]])},
-                  blobs={"share": b"\x00\x01secret", "empty": b""})
+                  blobs={"share": b"\x00\x01secret", "empty": b""}, session=SESSION, roster=ROSTER.digest)
     values.update(changes)
     return Envelope(**values)
 
 
+def read(data: bytes, **options) -> Envelope:
+    """``decode`` as a party of SESSION that pins ROSTER."""
+    return decode(data, ROSTER, session=SESSION, **options)
+
+
 def same(a: Envelope, b: Envelope) -> bool:
     return (
-        (a.protocol, a.round, a.stage, a.sender, a.recipient) == (b.protocol, b.round, b.stage, b.sender, b.recipient)
+        (a.protocol, a.round, a.stage, a.sender, a.recipient, a.session, a.roster)
+        == (b.protocol, b.round, b.stage, b.sender, b.recipient, b.session, b.roster)
         and json.dumps(a.fields, sort_keys=True) == json.dumps(b.fields, sort_keys=True)
         and a.arrays.keys() == b.arrays.keys()
         and all(a.arrays[k].dtype == b.arrays[k].dtype and np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
@@ -40,13 +60,13 @@ def same(a: Envelope, b: Envelope) -> bool:
 
 def test_round_trip_keeps_every_field_array_and_blob():
     original = envelope()
-    decoded = decode(encode(original, ALICE), ROSTER)
+    decoded = read(encode(original, ALICE))
     assert same(original, decoded)
     assert decoded.arrays["noise"].shape == (1, 2)
 
 
 def test_decoded_arrays_are_writable_copies():
-    decoded = decode(encode(envelope(), ALICE), ROSTER)
+    decoded = read(encode(envelope(), ALICE))
     decoded.arrays["vector"][0] = 7
     assert decoded.arrays["vector"].flags.writeable
 
@@ -68,12 +88,12 @@ def test_big_endian_input_arrays_encode_like_native_ones():
 def test_unknown_sender_is_rejected_by_name():
     stranger = Identity.generate("client-9")
     with pytest.raises(MessageRejected, match="unknown sender 'client-9'"):
-        decode(encode(envelope(sender="client-9"), stranger), ROSTER)
+        read(encode(envelope(sender="client-9"), stranger))
 
 
 def test_forged_signature_is_rejected():
     with pytest.raises(MessageRejected, match="bad signature from 'client-0'") as caught:
-        decode(encode(envelope(), MALLORY), ROSTER)
+        read(encode(envelope(), MALLORY))
     assert caught.value.sender == "client-0"
 
 
@@ -81,46 +101,48 @@ def test_a_single_flipped_payload_bit_breaks_the_signature():
     data = bytearray(encode(envelope(), ALICE))
     data[-SIGNATURE_BYTES - 3] ^= 1
     with pytest.raises(MessageRejected, match="bad signature"):
-        decode(bytes(data), ROSTER)
+        read(bytes(data))
 
 
 @pytest.mark.parametrize("cut", [1, SIGNATURE_BYTES, SIGNATURE_BYTES + 5])
 def test_truncated_messages_are_rejected(cut):
     data = encode(envelope(), ALICE)
     with pytest.raises(MessageRejected):
-        decode(data[:-cut], ROSTER)
+        read(data[:-cut])
 
 
 def test_trailing_bytes_are_rejected():
     data = encode(envelope(), ALICE)
     with pytest.raises(MessageRejected):
-        decode(data + b"\x00", ROSTER)
+        read(data + b"\x00")
 
 
 def test_oversized_message_is_rejected_before_parsing():
     data = encode(envelope(), ALICE)
     with pytest.raises(MessageRejected, match="oversized message"):
-        decode(data, ROSTER, max_bytes=len(data) - 1)
+        read(data, max_bytes=len(data) - 1)
 
 
 def test_bad_magic_and_version_are_named():
     data = encode(envelope(), ALICE)
     with pytest.raises(MessageRejected, match="magic"):
-        decode(b"XXXX" + data[4:], ROSTER)
-    with pytest.raises(MessageRejected, match="version 2"):
-        decode(data[:4] + struct.pack("<H", 2) + data[6:], ROSTER)
+        read(b"XXXX" + data[4:])
+    with pytest.raises(MessageRejected, match=f"version {VERSION + 1}"):
+        read(data[:4] + struct.pack("<H", VERSION + 1) + data[6:])
+    with pytest.raises(MessageRejected, match="version 1"):  # before session ids: such a message is refused whole
+        read(data[:4] + struct.pack("<H", 1) + data[6:])
 
 
 def forge(header: dict, payload: bytes = b"", identity: Identity = ALICE) -> bytes:
     """A correctly framed and signed message with an arbitrary header."""
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    body = MAGIC + struct.pack("<HI", 1, len(raw)) + raw + payload
+    body = MAGIC + struct.pack("<HI", VERSION, len(raw)) + raw + payload
     return body + identity.sign(body)
 
 
 def good_header(**changes) -> dict:
     header = {"protocol": "plain", "round": 0, "stage": "input", "sender": "client-0", "recipient": "server",
-              "fields": {}, "arrays": [], "blobs": []}
+              "session": SESSION, "roster": ROSTER.digest, "fields": {}, "arrays": [], "blobs": []}
     header.update(changes)
     return header
 
@@ -137,47 +159,53 @@ def good_header(**changes) -> dict:
     ({"arrays": [{"name": "v", "dtype": "uint8", "shape": [1], "x": 0}]}, "exactly"),
     ({"blobs": [{"name": "b", "size": 1}, {"name": "a", "size": 1}]}, "unique and sorted"),
     ({"blobs": [{"name": "a", "size": 0}, {"name": "a", "size": 0}]}, "unique and sorted"),
+    ({"session": SESSION.upper()}, "'session' must be a session id"),
+    ({"session": SESSION[:-1]}, "'session' must be a session id"),
+    ({"session": None}, "'session' must be a session id"),
+    ({"roster": ROSTER.digest[:32]}, "'roster' must be a roster digest"),
+    ({"roster": 7}, "'roster' must be a roster digest"),
 ])
 def test_header_schema_violations_are_named(changes, message):
     with pytest.raises(MessageRejected, match=message):
-        decode(forge(good_header(**changes)), ROSTER)
+        read(forge(good_header(**changes)))
 
 
 def test_missing_or_extra_header_keys_are_rejected():
     header = good_header()
     del header["stage"]
     with pytest.raises(MessageRejected, match="missing \\['stage'\\]"):
-        decode(forge(header), ROSTER)
+        read(forge(header))
     with pytest.raises(MessageRejected, match="unexpected \\['extra'\\]"):
-        decode(forge(good_header(extra=1)), ROSTER)
+        read(forge(good_header(extra=1)))
 
 
 def test_non_canonical_header_is_rejected_even_when_signed():
     raw = json.dumps(good_header(), sort_keys=True, indent=1).encode()
-    body = MAGIC + struct.pack("<HI", 1, len(raw)) + raw
+    body = MAGIC + struct.pack("<HI", VERSION, len(raw)) + raw
     with pytest.raises(MessageRejected, match="canonical"):
-        decode(body + ALICE.sign(body), ROSTER)
+        read(body + ALICE.sign(body))
 
 
 def test_non_finite_json_numbers_are_rejected():
     raw = b'{"arrays":[],"blobs":[],"fields":{"x":NaN},"protocol":"p","recipient":"server","round":0,' \
-          b'"sender":"client-0","stage":"s"}'
-    body = MAGIC + struct.pack("<HI", 1, len(raw)) + raw
+          b'"roster":"' + ROSTER.digest.encode() + b'","sender":"client-0","session":"' + SESSION.encode() + \
+          b'","stage":"s"}'
+    body = MAGIC + struct.pack("<HI", VERSION, len(raw)) + raw
     with pytest.raises(MessageRejected, match="not ASCII JSON|finite"):
-        decode(body + ALICE.sign(body), ROSTER)
+        read(body + ALICE.sign(body))
 
 
 def test_array_sizes_must_match_the_payload_exactly():
     spec = [{"name": "v", "dtype": "uint32", "shape": [4]}]
     with pytest.raises(MessageRejected, match="truncated"):
-        decode(forge(good_header(arrays=spec), b"\x00" * 15), ROSTER)
-    assert decode(forge(good_header(arrays=spec), b"\x00" * 16), ROSTER).arrays["v"].shape == (4,)
+        read(forge(good_header(arrays=spec), b"\x00" * 15))
+    assert read(forge(good_header(arrays=spec), b"\x00" * 16)).arrays["v"].shape == (4,)
 
 
 def test_a_huge_declared_shape_is_refused_without_allocating():
     spec = [{"name": "v", "dtype": "float64", "shape": [2**30, 2**30]}]
     with pytest.raises(MessageRejected, match="truncated"):
-        decode(forge(good_header(arrays=spec)), ROSTER)
+        read(forge(good_header(arrays=spec)))
 
 
 def test_encode_refuses_what_decode_would_reject():
@@ -190,12 +218,79 @@ def test_encode_refuses_what_decode_would_reject():
 
 
 def test_expect_names_the_mismatch_which_stops_replays():
-    decoded = decode(encode(envelope(), ALICE), ROSTER)
+    decoded = read(encode(envelope(), ALICE))
     assert expect(decoded, protocol="masked", round=3, stage="masked_input", recipient="server") is decoded
     with pytest.raises(MessageRejected, match="unexpected round 3, expected 4"):
         expect(decoded, round=4)
     with pytest.raises(MessageRejected, match="unexpected stage 'masked_input', expected 'unmask'"):
         expect(decoded, stage="unmask")
+
+
+# --- session and roster binding ---------------------------------------------------------------------------------
+
+OTHER_ROSTER = Roster.from_identities(SERVER, [ALICE, Identity.generate("client-1")])  # Alice is enrolled in both
+
+
+def test_a_message_signed_under_another_roster_is_refused_naming_both_digests():
+    data = encode(envelope(roster=OTHER_ROSTER.digest), ALICE)  # validly signed by Alice, but under the other roster
+    with pytest.raises(MessageRejected, match=f"signed under roster {OTHER_ROSTER.digest}, this party pins "
+                                              f"{ROSTER.digest}") as caught:
+        read(data)
+    assert caught.value.sender == "client-0"
+    assert decode(data, OTHER_ROSTER, session=SESSION).roster == OTHER_ROSTER.digest
+
+
+def test_the_roster_digest_is_checked_before_the_signature():
+    forged = encode(envelope(roster=OTHER_ROSTER.digest), MALLORY)  # wrong roster and a bad signature
+    with pytest.raises(MessageRejected, match="signed under roster"):
+        read(forged)
+
+
+def test_a_message_of_another_session_is_refused():
+    other = new_session_id()
+    data = encode(envelope(session=other), ALICE)
+    with pytest.raises(MessageRejected, match=f"message of session {other}, this party is in session {SESSION}"):
+        read(data)
+
+
+def test_only_a_first_contact_accepts_any_session_and_every_receiver_must_say_which():
+    other = new_session_id()
+    data = encode(envelope(session=other), ALICE)
+    assert decode(data, ROSTER, session=None).session == other
+    with pytest.raises(TypeError):
+        decode(data, ROSTER)  # no default: forgetting the session is a programming error, not "any session"
+    with pytest.raises(ConfigurationError, match="invalid session id"):
+        decode(data, ROSTER, session="not-a-session")
+
+
+@pytest.mark.parametrize("changes", [
+    {"session": ""}, {"session": "0" * 31}, {"session": "A" * 32}, {"session": "0" * 33}, {"roster": ""},
+    {"roster": "0" * 63}, {"roster": "G" * 64},
+], ids=["no session", "short session", "upper-case session", "long session", "no roster", "short roster",
+        "non-hex roster"])
+def test_malformed_session_ids_and_roster_digests_cannot_be_encoded(changes):
+    with pytest.raises(ProtocolError, match="cannot encode message"):
+        encode(envelope(**changes), ALICE)
+
+
+def test_session_ids_are_128_random_bits_in_lowercase_hex():
+    first, second = new_session_id(), new_session_id()
+    assert check_session_id(first) == first and len(first) == 32 and first != second
+    for bad in ("", first.upper(), first[:-1], 7, None):
+        with pytest.raises(ConfigurationError, match="invalid session id"):
+            check_session_id(bad)
+
+
+def test_peek_reads_the_header_without_verifying_anything():
+    data = encode(envelope(), ALICE)
+    header = peek(data)
+    assert (header.protocol, header.round, header.stage, header.sender, header.recipient, header.session,
+            header.roster) == ("masked", 3, "masked_input", "client-0", "server", SESSION, ROSTER.digest)
+    assert header.fields["weight"] == 2 and not header.arrays and not header.blobs
+    # it reads a forged message just as well: only decode decides what may be acted on
+    assert peek(encode(envelope(), MALLORY)).sender == "client-0"
+    for unreadable in (b"", b"XXXX" + data[4:], data[:20], "text"):
+        assert peek(unreadable) is None
 
 
 VALID = encode(envelope(), ALICE)
@@ -205,7 +300,7 @@ VALID = encode(envelope(), ALICE)
 @given(st.binary(max_size=600))
 def test_arbitrary_bytes_only_ever_raise_message_rejected(data):
     with pytest.raises(MessageRejected):
-        decode(data, ROSTER)
+        read(data)
 
 
 @settings(max_examples=300, deadline=None)
@@ -219,7 +314,7 @@ def test_mutated_valid_messages_only_ever_raise_message_rejected(edits, cut, tai
     if mutated == VALID:
         return
     with pytest.raises(MessageRejected):
-        decode(mutated, ROSTER)
+        read(mutated)
 
 
 @settings(max_examples=200, deadline=None)
@@ -231,6 +326,6 @@ def test_mutated_valid_messages_only_ever_raise_message_rejected(edits, cut, tai
 def test_any_fields_and_vectors_round_trip_to_identical_bytes(fields, values):
     original = envelope(fields=fields, arrays={"v": np.array(values, dtype=np.uint32)})
     data = encode(original, ALICE)
-    decoded = decode(data, ROSTER)
+    decoded = read(data)
     assert same(original, decoded)
     assert encode(decoded, ALICE) == data

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .digits import digits_benchmark
 from .folder import load_folder_benchmark
+from .images import load_image, to_rgb
+from .report import DataReport, SiteDataReport, TextCoverage, data_report, site_report, text_coverage
 from .synthetic import SITE_BUILDERS, synthetic_benchmark
 from .vqa import Benchmark, ClientData, DataError, VQAExample
 
@@ -19,4 +21,5 @@ def build_benchmark(name: str, *, path: str, num_clients: int, train_per_client:
     return digits_benchmark(name, **sizes)
 
 
-__all__ = ["Benchmark", "ClientData", "DataError", "VQAExample", "build_benchmark"]
+__all__ = ["Benchmark", "ClientData", "DataError", "DataReport", "SiteDataReport", "TextCoverage", "VQAExample",
+           "build_benchmark", "data_report", "load_image", "site_report", "text_coverage", "to_rgb"]

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import FeddatError
 
-class DataError(ValueError):
+
+class DataError(FeddatError, ValueError):
     """Raised for data that cannot be used: missing images, unknown answers, empty splits."""
 
 
@@ -21,6 +23,9 @@ class VQAExample:
     image: np.ndarray  # uint8, shape (H, W, 3)
     question: str
     answer: str
+    # Where the example came from ("manifest.jsonl line 7" for a folder), so that a data report can
+    # point at the rows it warns about; not part of the example's identity or of the data digest.
+    source: str = field(default="", compare=False)
 
 
 @dataclass
@@ -49,6 +54,9 @@ class Benchmark:
     name: str
     clients: list[ClientData]
     answers: tuple[str, ...]
+    # Folders of a data root that hold a manifest but are not sites by their name (they start with '.'
+    # or '_'): skipping them is how a site is left out on purpose, and the data report says so.
+    skipped_sites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.clients:

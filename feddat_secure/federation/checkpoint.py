@@ -1,4 +1,4 @@
-"""Round checkpoints: one safetensors file, replaced atomically after every round.
+"""A party's round checkpoints: safetensors files, each written atomically.
 
 A checkpoint holds a nested structure of plain values (JSON) and arrays (numpy or torch),
 stored as tensors plus a JSON skeleton in the file's metadata. Safetensors rather than a
@@ -19,18 +19,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..errors import FeddatError
+
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "feddat-secure-checkpoint/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FeddatError, ValueError):
     """A checkpoint is missing, unreadable or does not belong to this run."""
 
 
-def save_checkpoint(run_dir: Path, tree: Any) -> Path:
+def save_checkpoint(path: Path, tree: Any) -> Path:
+    """Write ``tree`` (nested dicts/lists of plain values, numpy arrays and torch tensors) to ``path``."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(tree, tensors, "")
-    path = run_dir / CHECKPOINT_FILE
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     save_file(tensors, str(temporary), metadata={"format": FORMAT, "skeleton": json.dumps(skeleton)})
     with open(temporary, "rb") as stream:
@@ -39,10 +43,10 @@ def save_checkpoint(run_dir: Path, tree: Any) -> Path:
     return path
 
 
-def load_checkpoint(run_dir: Path) -> Any:
-    path = run_dir / CHECKPOINT_FILE
+def load_checkpoint(path: Path) -> Any:
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint in {str(run_dir)!r}: the run has not finished a round yet")
+        raise CheckpointError(f"no checkpoint {str(path)!r}: the party has not finished that round")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

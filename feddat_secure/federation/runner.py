@@ -1,12 +1,12 @@
-"""The in-process federation: builds every party, moves only bytes between them, records a run.
+"""A simulated run: every party built from its own folder, joined in memory, and the run folder around them.
 
-Output folder ``<output_dir>/<name>/``: ``config.toml`` (resolved), ``metrics.jsonl`` (one
-line per round), ``global_adapter/`` (PEFT format), ``clients/<id>/`` (each site's
-adapters, and its head when heads stay local), ``roster.json`` and ``audit/`` (every
-party's signed audit log), ``privacy/ledger.json`` when DP is on, ``checkpoint.safetensors``
-(the last finished round) and ``manifest.json`` with SHA-256 digests of the base model,
-data, config and every file written. The manifest is written last: a run folder without one
-did not finish, and ``resume=True`` continues it from its checkpoint.
+Run folder ``<output_dir>/<name>/``: the run's own files at the top — ``config.toml`` (resolved),
+``metrics.jsonl`` (one line per round), ``global_adapter/`` (PEFT format), ``roster.json`` (the parties'
+public keys; its SHA-256 is in every message), ``privacy_report.*`` with DP, and ``manifest.json`` (SHA-256
+of the base model, data, config and every file written; written last: a run folder without one did not
+finish). Each party's own files are in ``parties/<party>/`` (:mod:`.party_folder`): its identity, audit log,
+privacy ledger, checkpoints and, for a site, its adapters and head. ``resume=True`` continues an interrupted
+run with every party restored from its own checkpoint.
 """
 
 from __future__ import annotations
@@ -15,28 +15,32 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, RunConfig, load_config, to_dict, to_toml
-from ..data import Benchmark, ClientData, build_benchmark
-from ..data.batching import EncodedSplit, encode_split
+from protocols import ConfigurationError
+from protocols.enrolment import enrol_parties
+from protocols.identity import ROSTER_FILE, load_roster
+
+from ..config import ConfigError, RunConfig, check_against_data, check_against_model, load_config, to_dict, to_toml
+from ..data import Benchmark, build_benchmark
+from ..data.report import data_report
 from ..model.adapters import LoraSettings, save_peft_adapter
 from ..model.backbone import Foundation, load_foundation
 from ..privacy.report import write_privacy_report
-from ..privacy.run_privacy import LEDGER_FILE
-from ..training.local_model import LocalModel, split_head
-from ..training.trainers import SHARED
-from .checkpoint import CHECKPOINT_FILE
-from .rounds import RoundLog, round_record
-from .secure_aggregation import LABELS
-from .sites import build_federated_run, make_trainer
+from ..privacy.run_privacy import load_run_ledgers
+from ..training.local_model import split_head
+from .centralized import run_centralized
+from .parties import RunPlan, build_protocol, encode_site, plan_run, site_answers
+from .party_folder import PARTIES_DIR
+from .server_app import LABELS, RoundLog
+from .simulation import simulate_federation
+
+PROVENANCE_FILE = "provenance.json"  # what the run started from: config, data and base model digests
 
 
 @dataclass
@@ -52,91 +56,141 @@ class RunResult:
 
 def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, progress: bool = True,
         echo: Callable[[str], None] = tqdm.write) -> RunResult:
+    # Everything that needs the model or the data is checked here, before any folder exists (the configuration
+    # alone was checked when it loaded): a refused run leaves nothing behind.
     foundation = load_foundation(config.model.path, random_init=config.model.random_init, seed=config.seed)
+    check_against_model(config, foundation.lora_adaptable(), foundation.hidden_size)
     benchmark = build_benchmark(config.data.benchmark, path=config.data.path, num_clients=config.data.num_clients,
                                 train_per_client=config.data.train_per_client,
                                 test_per_client=config.data.test_per_client, image_size=foundation.image_size,
                                 seed=config.seed)
+    check_against_data(config, {c.client_id: len(c.train) for c in benchmark.clients})
+    data_quality = data_report(benchmark, foundation.tokenizer, foundation.max_text_length)
+    for warning in data_quality.warnings:
+        echo(f"feddat-secure: warning: {warning}")
     per_round = config.participants_per_round(len(benchmark.clients))
-    if per_round > len(benchmark.clients):
-        raise ConfigError(f"key 'federation.clients_per_round' is {per_round}, more than the "
-                          f"{len(benchmark.clients)} clients in {config.data.path!r}")
-    label_spaces = {c.client_id: _label_space(config, benchmark, c) for c in benchmark.clients}
-    splits = {c.client_id: _encode(foundation, label_spaces[c.client_id], c.train, c.test)
+    label_spaces = {c.client_id: site_answers(config, benchmark, c) for c in benchmark.clients}
+    splits = {c.client_id: encode_site(foundation, label_spaces[c.client_id], c)
               for c in benchmark.clients}
-    run_dir = Path(config.output_dir) / config.name
-    if resume:
-        _check_resumable(run_dir, config)
-    else:
-        _prepare_run_dir(run_dir, overwrite)
-        (run_dir / "config.toml").write_text(to_toml(config))
     lora = LoraSettings(config.model.lora_rank, config.model.lora_alpha, config.model.lora_dropout,
                         config.model.target_modules)
-    protocol = "none (pooled data)" if config.federation.algorithm == "centralized" else \
-        LABELS[config.secure_aggregation.protocol]
+    run_dir = Path(config.output_dir) / config.name
+    centralized = config.federation.algorithm == "centralized"
+    plan = None
+    provenance = {"config_sha256": config.digest(), "data_sha256": benchmark.digest(),
+                  "base_model_sha256": foundation.digest}
+    if centralized:
+        _check_new_or_resumable(run_dir, config, overwrite, resume, provenance)
+    else:
+        counts = {cid: len(train) for cid, (train, _) in splits.items()}
+        try:
+            plan = plan_run(config, foundation, lora, counts, len(benchmark.answers))
+        except ValueError as error:  # distributed noise is calibrated on the update's length, known only to the plan
+            client = config.privacy.client
+            if client.placement != "distributed" or not client.target_epsilon:
+                raise
+            raise ConfigError(f"key 'privacy.client.target_epsilon' ({client.target_epsilon:g}) cannot be met: "
+                              f"{error}") from None
+        try:  # an impossible protocol setting is refused before any folder exists
+            build_protocol(plan)
+        except ConfigurationError as error:
+            raise ConfigError(f"secure_aggregation ({config.secure_aggregation.protocol}): {error}") from None
+        _check_new_or_resumable(run_dir, config, overwrite, resume, provenance)
+    if not resume:
+        _prepare_run_dir(run_dir, overwrite)
+        (run_dir / "config.toml").write_text(to_toml(config))
+        (run_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
+    protocol = "none (pooled data)" if centralized else LABELS[config.secure_aggregation.protocol]
     echo(f"feddat-secure: {config.federation.algorithm} on {benchmark.name} ({len(benchmark.clients)} clients, "
          f"{per_round} per round, {config.federation.rounds} rounds), model {foundation.path.name}, "
          f"aggregation: {protocol}")
     stopped = None
-    if config.federation.algorithm == "centralized":
-        history, global_state = _run_centralized(config, foundation, benchmark, splits, lora, run_dir, progress,
-                                                 echo)
+    if centralized:
+        history, global_state = run_centralized(config, foundation, benchmark, splits, lora, run_dir, progress,
+                                                lambda record: _log_round(run_dir, record, echo))
     else:
         try:
-            federation = build_federated_run(config, foundation, benchmark, splits, label_spaces, lora, run_dir,
-                                             resume=resume)
-        except ConfigError:
-            if not resume:  # refused before any round: leave no half-made run folder behind
-                shutil.rmtree(run_dir)
+            if not resume:
+                _enrol(plan, run_dir)
+            federation = simulate_federation(plan, run_dir, foundation, lora, splits, label_spaces, resume=resume)
+            server = federation.server
+            if resume:
+                _keep_metrics_until(run_dir, server.next_round)
+                echo(f"feddat-secure: resuming {run_dir} after round {server.next_round}")
+            with tqdm(total=config.federation.rounds - server.next_round, disable=not progress, unit="round",
+                      leave=False) as bar:
+                def write(record: dict) -> dict:
+                    bar.update(1)
+                    return _log_round(run_dir, record, echo)
+
+                server.run(RoundLog(write=write, echo=echo))
+        except BaseException:
+            if not resume and not _resumable(run_dir):  # nothing to continue from: leave no half-made folder
+                shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        if resume:
-            _keep_metrics_until(run_dir, federation.next_round)
-            echo(f"feddat-secure: resuming {run_dir} after round {federation.next_round}")
-        federation.run(RoundLog(write=lambda record: _log_round(run_dir, record, echo), echo=echo), progress)
-        for cid, client in federation.clients.items():
-            client.save(run_dir / "clients" / cid, foundation.path)
-            _write_answers(run_dir / "clients" / cid, label_spaces[cid])
-        history, stopped = federation.history, federation.stopped
-        global_state = federation.server.global_state if federation.server.aggregate else None
-        federation.finish()
+        history, stopped = server.history, server.stopped
+        server.close()
+        global_state = server.global_state if plan.algorithm.sends_updates else None
     if global_state is not None:
         adapter, head = split_head(global_state)
         save_peft_adapter(adapter, lora, foundation.path, run_dir / "global_adapter")
         if head:
             save_file(head, str(run_dir / "global_adapter" / "head.safetensors"))
             _write_answers(run_dir / "global_adapter", benchmark.answers)
-    _write_manifest(run_dir, config, foundation, benchmark, stopped)
-    if (run_dir / LEDGER_FILE).exists():
+    _write_manifest(run_dir, config, foundation, benchmark, stopped, data_quality.to_dict())
+    if load_run_ledgers(run_dir) is not None:
         report = write_privacy_report(run_dir)
         echo(f"feddat-secure: privacy budget report: {report[0]}")
     return RunResult(run_dir, history, stopped)
 
 
-def _label_space(config: RunConfig, benchmark: Benchmark, client: ClientData) -> tuple[str, ...]:
-    """A local head answers over the site's own answer set (as in the paper); a head that is
-    aggregated, or the one centralized model, over the benchmark's whole vocabulary."""
-    local = config.model.head == "local" and config.federation.algorithm != "centralized"
-    return client.answers if local else benchmark.answers
-
-
-def _encode(foundation: Foundation, answers: tuple[str, ...], train, test) -> tuple[EncodedSplit, EncodedSplit]:
-    index = {answer: i for i, answer in enumerate(answers)}
-    return tuple(encode_split(split, foundation.tokenizer, index, foundation.max_text_length,
-                              foundation.image_size) for split in (train, test))
+def _enrol(plan: RunPlan, run_dir: Path) -> None:
+    """Every party gets its identity in its own folder (or uses the configured keys folder's); each party folder
+    gets a copy of the roster it pins, and the run folder one for whoever verifies its logs."""
+    keys = plan.config.secure_aggregation.keys
+    parties_dir = run_dir / PARTIES_DIR
+    if keys:
+        roster_file = Path(keys) / ROSTER_FILE
+        try:
+            roster = load_roster(roster_file)
+            for party, role in plan.parties():
+                if party not in roster or roster.role(party) != role:
+                    raise ConfigurationError(f"the roster does not enrol {party!r} as a {role}")
+        except ConfigurationError as error:
+            raise ConfigError(f"key 'secure_aggregation.keys' ({keys!r}): {error}") from None
+    else:
+        roster = enrol_parties(parties_dir, plan.parties())
+        roster_file = parties_dir / ROSTER_FILE
+    for party, _ in plan.parties():
+        (parties_dir / party).mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.copyfile(roster_file, parties_dir / party / ROSTER_FILE)
+    shutil.copyfile(roster_file, run_dir / ROSTER_FILE)
+    if not keys:
+        (parties_dir / ROSTER_FILE).unlink()
+    del roster
 
 
 def _prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
-    if run_dir.exists():
-        if not overwrite:
-            raise ConfigError(f"run folder {str(run_dir)!r} already exists; choose another 'name', pass "
-                              "--overwrite, or --resume an interrupted run")
+    if run_dir.exists() and overwrite:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     return run_dir
 
 
-def _check_resumable(run_dir: Path, config: RunConfig) -> None:
-    """Only an interrupted run of exactly this configuration continues; a finished run is sealed."""
+def _resumable(run_dir: Path) -> bool:
+    """Whether the server of the run in ``run_dir`` has checkpointed a round (a crash after that is resumed)."""
+    return any((run_dir / PARTIES_DIR / "server" / "checkpoints").glob("round-*.safetensors"))
+
+
+def _check_new_or_resumable(run_dir: Path, config: RunConfig, overwrite: bool, resume: bool,
+                            provenance: dict[str, str]) -> None:
+    """A new run needs a free folder (or --overwrite); only an interrupted run of exactly this configuration, data
+    and base model continues, and a finished run is sealed. Checked before anything is written."""
+    if not resume:
+        if run_dir.exists() and not overwrite:
+            raise ConfigError(f"run folder {str(run_dir)!r} already exists; choose another 'name', pass "
+                              "--overwrite, or --resume an interrupted run")
+        return
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"cannot resume {str(run_dir)!r}: it holds no run (no config.toml)")
     if (run_dir / "manifest.json").exists():
@@ -144,13 +198,34 @@ def _check_resumable(run_dir: Path, config: RunConfig) -> None:
                           "start a new run instead")
     if config.federation.algorithm == "centralized":
         raise ConfigError("cannot resume a centralized run (it keeps no checkpoint); run it again")
-    if not (run_dir / CHECKPOINT_FILE).is_file():
+    if not _resumable(run_dir):
         raise ConfigError(f"cannot resume {str(run_dir)!r}: it stopped before finishing its first round; "
                           "run it again with --overwrite")
     recorded = load_config(run_dir / "config.toml")
     if recorded.digest() != config.digest():
+        changed = _changed_keys(to_dict(recorded), to_dict(config))
         raise ConfigError(f"cannot resume {str(run_dir)!r} with a different configuration than the one it started "
-                          "with (its config.toml)")
+                          f"with (its config.toml): {', '.join(changed)} changed")
+    try:
+        started = json.loads((run_dir / PROVENANCE_FILE).read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: its {PROVENANCE_FILE} is missing or unreadable") from None
+    for key, what in (("data_sha256", "data"), ("base_model_sha256", "base model")):
+        if started.get(key) != provenance[key]:
+            raise ConfigError(f"cannot resume {str(run_dir)!r}: the {what} changed since the run started (SHA-256 "
+                              f"{started.get(key)} then, {provenance[key]} now)")
+
+
+def _changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two resolved configurations."""
+    changed = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_keys(old, new, f"{prefix}{key}.")
+        elif old != new:
+            changed.append(f"'{prefix}{key}' ({old!r} → {new!r})")
+    return changed
 
 
 def _keep_metrics_until(run_dir: Path, rounds: int) -> None:
@@ -163,27 +238,6 @@ def _keep_metrics_until(run_dir: Path, rounds: int) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text("".join(line + "\n" for line in kept))
     os.replace(temporary, path)
-
-
-def _run_centralized(config, foundation, benchmark, splits, lora, run_dir, progress, echo):
-    """The upper reference: one model on the pooled data, the same steps as the whole federation."""
-    model = LocalModel(foundation, lora, (SHARED,), (SHARED,), len(benchmark.answers), seed=config.seed)
-    steps = config.training.local_steps * config.participants_per_round(len(splits))
-    trainer = make_trainer(config, model, pooled_steps=steps)
-    pooled = EncodedSplit.concatenate([train for train, _ in splits.values()])
-    rng = np.random.default_rng(config.seed)
-    history = []
-    for round_index in tqdm(range(config.federation.rounds), disable=not progress, leave=False, unit="round"):
-        start = time.perf_counter()
-        batches = pooled.sample_batches(config.training.batch_size, steps, rng)
-        loss = trainer.train_round(batches, round_index)
-        metrics = {cid: trainer.evaluate(test) for cid, (_, test) in splits.items()}
-        record = round_record(round_index, list(splits), metrics, {"pooled": loss}, time.perf_counter() - start)
-        history.append(_log_round(run_dir, record, echo))
-    (run_dir / "clients").mkdir()
-    state = model.adapters.get_state(SHARED)
-    state.update(model.head_state())  # one model, one head: it is part of the result either way
-    return history, state
 
 
 def _write_answers(folder: Path, answers: tuple[str, ...]) -> None:
@@ -217,11 +271,11 @@ def _sha256(path: Path) -> str:
 
 
 def _write_manifest(run_dir: Path, config: RunConfig, foundation: Foundation, benchmark: Benchmark,
-                    stopped: str | None) -> None:
+                    stopped: str | None, data_quality: dict) -> None:
     files = {p.relative_to(run_dir).as_posix(): _sha256(p) for p in sorted(run_dir.rglob("*")) if p.is_file()}
     manifest = {
         "base_model": {"path": str(foundation.path), "sha256": foundation.digest},
-        "data": {"benchmark": benchmark.name, "sha256": benchmark.digest()},
+        "data": {"benchmark": benchmark.name, "sha256": benchmark.digest(), "report": data_quality},
         "config": {"sha256": config.digest(), "resolved": to_dict(config)},
         "files": files,
         "finished": "stopped early: " + stopped if stopped else "all rounds",

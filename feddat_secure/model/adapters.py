@@ -9,6 +9,7 @@ therefore re-applies the trainability fixed at construction after every switch.
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,11 +21,11 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from peft.tuners.lora import LoraLayer
 from safetensors.numpy import save_file
 
-# Attention (query, key, value, attention output) and feed-forward (intermediate, output)
-# projections of every ViLT encoder layer; "output.dense" matches both output projections.
-DEFAULT_TARGET_MODULES = ("query", "key", "value", "output.dense", "intermediate.dense")
+from .backbone import EMBEDDED_FOUNDATION, folder_digest, save_processor
+from .lora_targets import DEFAULT_TARGET_MODULES
 
 AdapterState = dict[str, np.ndarray]
+BASE_MODEL_DIR = "base_model"  # the copy of the embedded foundation beside saved adapters (portable_base_model)
 
 # peft 0.21 calls a transformers helper that transformers 5 has renamed; harmless, and not ours.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -128,14 +129,40 @@ def check_state_matches(state: Mapping[str, np.ndarray], reference: Mapping[str,
 
 def save_peft_adapter(state: Mapping[str, np.ndarray], settings: LoraSettings, base_model_path: Path,
                       folder: Path) -> None:
-    """Write an adapter exactly as ``PeftModel.save_pretrained`` does, from its state alone.
+    """Write an adapter exactly as ``PeftModel.save_pretrained`` does, from its state alone, with what the
+    Hugging Face libraries need to use it without feddat-secure.
 
     The server never holds a model, only the aggregated state; this lets it publish the
-    global adapter in the format ``peft.PeftModel.from_pretrained`` reads.
+    global adapter in the format ``peft.PeftModel.from_pretrained`` reads. The folder also holds the model's
+    processor (:func:`~feddat_secure.model.backbone.save_processor`: ``ViltProcessor.from_pretrained(folder)``
+    prepares inputs as training did), and ``base_model_name_or_path`` names the base model so that the folder
+    still finds it after a move: see :func:`portable_base_model`.
     """
     folder.mkdir(parents=True, exist_ok=True)
     config = settings.to_peft()
-    config.base_model_name_or_path = str(base_model_path)
+    config.base_model_name_or_path = portable_base_model(base_model_path, folder)
     config.save_pretrained(str(folder))
     arrays = {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in state.items()}
     save_file(arrays, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_processor(base_model_path, folder)
+
+
+def portable_base_model(base_model_path: Path, folder: Path) -> str:
+    """How the adapter saved in ``folder`` names its base model (``base_model_name_or_path``).
+
+    The embedded foundation lives inside the installed package, a path that means nothing on another machine
+    or after an upgrade; it is small (2.3 MB), so it is copied beside the adapter, into ``../base_model/``
+    (one copy for every adapter saved in the same parent folder: the run's, and each site's own), and named by
+    that path relative to the adapter folder, which survives moving the parent folder. A checkpoint of the
+    user's own (``model.path``, possibly gigabytes) is not copied: it is named by its absolute path, which
+    survives moving the run, and the run's ``manifest.json`` pins its SHA-256.
+    """
+    base = Path(base_model_path).resolve()
+    if base != EMBEDDED_FOUNDATION:
+        return str(base)
+    copy = folder.parent / BASE_MODEL_DIR
+    if not copy.is_dir() or folder_digest(copy) != folder_digest(base):
+        if copy.exists():
+            shutil.rmtree(copy)
+        shutil.copytree(base, copy)
+    return f"../{BASE_MODEL_DIR}"

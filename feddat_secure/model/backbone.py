@@ -1,19 +1,30 @@
-"""Loading the ViLT backbone and its tokenizer from a local folder, never from a hub."""
+"""Loading the ViLT backbone and its tokenizer from a local folder, never from a hub.
+
+Every load names a resolved local folder and passes ``local_files_only=True``, so nothing is downloaded
+whatever the caller's environment says (the package sets no ``HF_*_OFFLINE`` variable of its own).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, ViltConfig, ViltModel
 from transformers.utils import logging as transformers_logging
 
+from ..data.batching import IMAGE_MEAN, IMAGE_STD
+from ..errors import FeddatError
+
 EMBEDDED_FOUNDATION = Path(__file__).resolve().parent.parent / "assets" / "foundation"
+PROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(FeddatError, ValueError):
     """The model folder is missing, incomplete or not a ViLT checkpoint."""
 
 
@@ -37,6 +48,11 @@ class Foundation:
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
+
+    def lora_adaptable(self) -> dict[str, bool]:
+        """Every module name of the backbone, and whether LoRA can adapt it (a linear projection): what a
+        configuration's ``model.target_modules`` is checked against before a run starts."""
+        return {name: isinstance(module, torch.nn.Linear) for name, module in self.model.named_modules() if name}
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
@@ -79,3 +95,41 @@ def load_foundation(path: str | Path | None = None, *, random_init: bool = False
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return Foundation(model=model, tokenizer=tokenizer, path=folder, digest=folder_digest(folder))
+
+
+def processor_config(config: ViltConfig) -> dict[str, Any]:
+    """The ``ViltImageProcessor`` settings under which ``transformers.ViltProcessor`` turns an image into the
+    pixels training read: :func:`feddat_secure.data.images.load_image` resizes to the model's square image size
+    with PIL's bilinear filter, and :func:`feddat_secure.data.batching.images_to_pixels` scales to [0, 1] and
+    normalises with mean and std 0.5.
+
+    ViLT's processor keeps an image's aspect ratio (shortest edge to the image size) where feddat-secure
+    stretches it to a square, so the two agree exactly on square images; ``do_pad`` gives a batch of any sizes
+    a pixel mask, all ones for square images, as training's implicit one."""
+    return {
+        "processor_class": "ViltProcessor",
+        "image_processor_type": "ViltImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": int(config.image_size)},
+        "size_divisor": int(config.patch_size),
+        "resample": int(Image.Resampling.BILINEAR),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [IMAGE_MEAN] * 3,
+        "image_std": [IMAGE_STD] * 3,
+        "do_pad": True,
+    }
+
+
+def save_processor(model_folder: Path, folder: Path) -> None:
+    """Write the processor of the checkpoint in ``model_folder`` into ``folder``: ``preprocessor_config.json``
+    (:func:`processor_config`) and the tokenizer with ``model_max_length`` set to the model's text length, so
+    that ``ViltProcessor.from_pretrained(folder)`` prepares inputs as training did, without feddat-secure
+    (called with ``padding="max_length", truncation=True``, as training tokenizes)."""
+    config = ViltConfig.from_pretrained(model_folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_folder, local_files_only=True)
+    tokenizer.model_max_length = int(config.max_position_embeddings)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(folder))
+    (folder / PROCESSOR_CONFIG_FILE).write_text(json.dumps(processor_config(config), indent=2) + "\n")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from ..errors import FeddatError
 from .accounting import GaussianEvent, PrivacyAccountant
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(FeddatError, RuntimeError):
     """The next round would spend more than a privacy budget allows; every reason is listed."""
 
     def __init__(self, round_index: int, reasons: Sequence[str]) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ClientPrivacyConfig, ConfigError
+from ..config import ClientPrivacyConfig
 from .accounting import AccountingError, GaussianEvent, PrivacyAccountant, calibrate, compute_epsilon
 
 PLACEMENTS = ("central", "local", "distributed")
@@ -166,8 +166,8 @@ def update_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> 
     """z_Δ of the update when the count query takes its share of the privacy (Andrew et al. 2021):
     1/z² = 1/z_Δ² + 1/(2σ_b)², so the pair (update sum, centred count) is one Gaussian of multiplier z."""
     if 2 * count_noise_std <= noise_multiplier:
-        raise ConfigError(f"adaptive clipping: the count noise std {count_noise_std:g} must exceed half the noise "
-                          f"multiplier {noise_multiplier:g}")
+        raise ValueError(f"adaptive clipping: the count noise std {count_noise_std:g} must exceed half the noise "
+                         f"multiplier {noise_multiplier:g}")
     return (noise_multiplier**-2 - (2 * count_noise_std) ** -2) ** -0.5
 
 
@@ -222,7 +222,7 @@ class ClientPrivacy:
     rounds: int
     delta: float
     accountant: str
-    budget_epsilon: float
+    budget_epsilon: float  # 0: no budget (the configuration's "unbounded")
     target_epsilon: float
     dimension: int  # length of an update vector
     quantization_step: float = 0.0  # distributed: the value of one step of the masked protocol's grid
@@ -345,32 +345,32 @@ def make_client_privacy(config: ClientPrivacyConfig, *, num_clients: int, client
     q = clients_per_round / num_clients (participants drawn by :func:`poisson_participants`).
     ``quantization_step`` (the masked protocol's ``Quantizer.scale``) is needed with
     ``distributed``. With ``target_epsilon`` > 0 the noise multiplier is calibrated for
-    ``rounds`` rounds.
+    ``rounds`` rounds. The configuration was checked when it loaded (feddat_secure.config); impossible
+    arguments here raise ``ValueError``, and so does a target ε no noise multiplier reaches.
     """
     if config.placement == "off":
         return None
     sample_rate = min(1.0, clients_per_round / num_clients)
     if config.adaptive_clipping and config.placement != "central":
-        raise ConfigError("key 'privacy.client.adaptive_clipping' needs placement 'central' (the server adds the "
-                          "noise to the clipped count)")
+        raise ValueError(f"adaptive clipping needs the central placement, not {config.placement!r}")
     if not 0 < config.target_quantile < 1:
-        raise ConfigError(f"key 'privacy.client.target_quantile' must lie in (0, 1), got {config.target_quantile}")
+        raise ValueError(f"the target quantile must lie in (0, 1), got {config.target_quantile}")
     if config.placement == "distributed":
         if config.accountant != "rdp":
-            raise ConfigError("the distributed placement (Skellam noise) is accounted with RDP only; set "
-                              "'privacy.client.accountant' to 'rdp'")
+            raise ValueError(f"the distributed placement (Skellam noise) is accounted with RDP only, not "
+                             f"{config.accountant!r}")
         if quantization_step <= 0:
-            raise ConfigError("distributed client-level DP needs the masked protocol (secure_aggregation.protocol = "
-                              "'masked') to quantize the updates")
+            raise ValueError("the distributed placement needs the masked protocol's quantization step")
         if clients_per_round - config.tolerated_dropouts < 1:
-            raise ConfigError(f"key 'privacy.client.tolerated_dropouts' is {config.tolerated_dropouts}: at least one "
-                              f"of the {clients_per_round} participants must survive")
+            raise ValueError(f"{config.tolerated_dropouts} tolerated dropouts leave none of the {clients_per_round} "
+                             "participants")
     expected = sample_rate * num_clients
     count_std = config.count_noise_std or max(expected / 20, config.noise_multiplier)
     settings = ClientPrivacy(placement=config.placement, clip_norm=config.clip_norm,
                              noise_multiplier=config.noise_multiplier, sample_rate=sample_rate,
                              num_clients=num_clients, rounds=rounds, delta=config.delta, accountant=config.accountant,
-                             budget_epsilon=config.budget_epsilon, target_epsilon=config.target_epsilon,
+                             budget_epsilon=config.budget_epsilon if math.isfinite(config.budget_epsilon) else 0.0,
+                             target_epsilon=config.target_epsilon,
                              dimension=dimension, quantization_step=quantization_step,
                              tolerated_dropouts=config.tolerated_dropouts,
                              adaptive=config.adaptive_clipping, target_quantile=config.target_quantile,
@@ -390,9 +390,8 @@ def make_client_privacy(config: ClientPrivacyConfig, *, num_clients: int, client
         if settings.adaptive:
             settings = replace(settings, count_noise_std=config.count_noise_std or max(
                 expected / 20, settings.noise_multiplier))
-    if settings.noise_multiplier <= 0:
-        raise ConfigError("key 'privacy.client.noise_multiplier' must be > 0 when client-level DP is on "
-                          "(or set 'privacy.client.target_epsilon')")
-    if settings.adaptive:  # raises ConfigError if the count noise leaves nothing for the update
+    if not (settings.noise_multiplier > 0 and math.isfinite(settings.noise_multiplier)):
+        raise ValueError(f"client-level DP needs a finite noise multiplier > 0, got {settings.noise_multiplier}")
+    if settings.adaptive:  # raises ValueError if the count noise leaves nothing for the update
         update_noise_multiplier(settings.noise_multiplier, settings.count_noise_std)
     return settings

@@ -9,12 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import ConfigError, RecordPrivacyConfig
+from ..config import RecordPrivacyConfig
 from .accounting import GaussianEvent, PrivacyAccountant, calibrate_noise_multiplier, composed_noise_multiplier
-
-# FedDAT's Mutual Knowledge Distillation runs two DP-SGD steps on every Poisson batch (A_s and
-# the head on one loss, A_c on the other); the baselines run one.
-MECHANISMS_PER_BATCH = {"feddat": 2}
 
 
 @dataclass(frozen=True)
@@ -29,7 +25,7 @@ class RecordPrivacy:
     mechanisms_per_batch: int  # Gaussian mechanisms composed on each batch (2 under FedDAT)
     delta: float
     accountant: str
-    budget_epsilon: float  # 0: no budget
+    budget_epsilon: float  # 0: no budget (the configuration's "unbounded")
     target_epsilon: float  # > 0: noise_multiplier was calibrated to reach it over the planned rounds
     reproducible: bool = False  # sampling and noise from the caller's seeded generator (tests, benchmarks)
 
@@ -70,28 +66,30 @@ class RecordPrivacy:
 
 
 def make_record_privacy(config: RecordPrivacyConfig, *, dataset_size: int, batch_size: int, local_steps: int,
-                        rounds: int, algorithm: str) -> RecordPrivacy | None:
+                        rounds: int, steps_per_batch: int = 1) -> RecordPrivacy | None:
     """The site's DP-SGD settings, or None when record-level DP is off.
 
     q = batch_size / dataset_size (at most 1). With ``target_epsilon`` > 0 the noise
     multiplier is calibrated so that ``rounds`` rounds of ``local_steps`` batches (a site
-    that takes part in every round) stay within it under the configured accountant.
+    that takes part in every round) stay within it under the configured accountant. The configuration was
+    checked when it loaded (feddat_secure.config); impossible arguments here raise ``ValueError``, and so does a
+    target ε no noise multiplier reaches.
     """
     if not config.enabled:
         return None
     if dataset_size < 1:
         raise ValueError("record-level DP needs a non-empty local dataset")
     sample_rate = min(1.0, batch_size / dataset_size)
-    mechanisms = MECHANISMS_PER_BATCH.get(algorithm, 1)
+    mechanisms = steps_per_batch
     sigma = config.noise_multiplier
     if config.target_epsilon > 0:
         sigma = calibrate_noise_multiplier(config.target_epsilon, config.delta, sample_rate=sample_rate,
                                            steps=rounds * local_steps, accountant=config.accountant,
                                            mechanisms_per_step=mechanisms)
     if not (sigma > 0 and math.isfinite(sigma)):
-        raise ConfigError("key 'privacy.record.noise_multiplier' must be > 0 when record-level DP is on "
-                          "(or set 'privacy.record.target_epsilon')")
+        raise ValueError(f"record-level DP needs a finite noise multiplier > 0, got {sigma}")
     return RecordPrivacy(noise_multiplier=sigma, max_grad_norm=config.max_grad_norm, sample_rate=sample_rate,
                          dataset_size=dataset_size, local_steps=local_steps, mechanisms_per_batch=mechanisms,
-                         delta=config.delta, accountant=config.accountant, budget_epsilon=config.budget_epsilon,
+                         delta=config.delta, accountant=config.accountant,
+                         budget_epsilon=config.budget_epsilon if math.isfinite(config.budget_epsilon) else 0.0,
                          target_epsilon=config.target_epsilon, reproducible=config.reproducible)

@@ -1,8 +1,9 @@
 """The privacy budget report of a run: ``privacy_report.{html,md,json}`` in the run folder.
 
-Reads what the run left behind — ``privacy/ledger.json`` (:class:`RunPrivacy.write`),
-``manifest.json`` (digests of config, base model and data) or, for an unfinished run,
-``config.toml``, and the signed tree heads of ``audit/**/*.jsonl`` — and recomputes every ε
+Reads what the run left behind — every party's ``parties/<party>/privacy_ledger.json``
+(:func:`~feddat_secure.privacy.run_privacy.load_run_ledgers`), ``manifest.json`` (digests of config,
+base model and data) or, for an unfinished run, ``config.toml``, and the signed tree heads of the
+parties' audit logs — and recomputes every ε
 from the recorded events under every accountant that applies. The JSON shape is documented
 in docs/privacy.md; the HTML is one self-contained file (the plot is an embedded PNG).
 """
@@ -20,14 +21,15 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import FeddatError
 from .accounting import AccountingError, GaussianEvent, PrivacyAccountant, compute_epsilon
-from .run_privacy import LEDGER_FILE
+from .run_privacy import load_run_ledgers
 
 REPORT_FORMAT = "feddat-secure-privacy-report/1"
 HTML_FILE, MARKDOWN_FILE, JSON_FILE = "privacy_report.html", "privacy_report.md", "privacy_report.json"
 
 
-class ReportError(ValueError):
+class ReportError(FeddatError, ValueError):
     """The folder is not a run folder this report can describe."""
 
 
@@ -38,8 +40,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{str(run_dir)!r} is not a folder")
-    ledger_path = run_dir / LEDGER_FILE
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else None
+    ledger = load_run_ledgers(run_dir)
     accountants = [PrivacyAccountant.from_state_dict(s) for s in ledger["ledgers"]] if ledger else []
     levels = ledger["levels"] if ledger else {"record": {}, "client": None}
     entries = [entry for a in accountants for entry in _ledger_entries(a)]
@@ -136,7 +137,7 @@ def _run_identity(run_dir: Path, has_ledger: bool) -> dict[str, Any]:
         identity.update(name=config.name, config_sha256=config.digest(), algorithm=config.federation.algorithm)
     else:
         raise ReportError(f"{str(run_dir)!r} holds neither manifest.json nor config.toml: not a run folder")
-    identity["audit_tree_heads"] = _audit_tree_heads(run_dir / "audit")
+    identity["audit_tree_heads"] = _audit_tree_heads(run_dir / "parties")
     return identity
 
 
@@ -144,7 +145,7 @@ def _audit_tree_heads(folder: Path) -> list[dict[str, Any]]:
     """The last signed tree head of every audit log (docs/audit.md), as written; not verified here
     (``feddat-secure audit verify`` does that)."""
     heads = []
-    for path in sorted(folder.rglob("*.jsonl")) if folder.is_dir() else []:
+    for path in sorted(folder.rglob("*.audit.jsonl")) if folder.is_dir() else []:
         last = None
         with open(path, encoding="utf-8", errors="replace") as stream:
             for line in stream:

@@ -27,13 +27,10 @@ from ..model.adapters import AdapterState, check_state_matches
 from ..privacy.accounting import GaussianEvent
 from ..privacy.dp_sgd import PrivateOptimizer, attach_per_sample_gradients, expected_hook_warnings
 from ..privacy.record import RecordPrivacy
+from .adapter_names import CLIENT, FROZEN_GLOBAL, SHARED
 from .local_model import LocalModel, split_head
 from .losses import mkd_loss
 from .schedule import learning_rate
-
-SHARED = "shared"  # A_s: trained locally, the only adapter that leaves the site
-FROZEN_GLOBAL = "global_frozen"  # Â_s: the received global adapter, frozen, half of the teacher
-CLIENT = "client"  # A_c: trained locally, never leaves the site, kept across rounds
 
 SHARED_ONLY = {SHARED: 1.0}
 DUAL_ADAPTER_TEACHER = {CLIENT: 0.5, FROZEN_GLOBAL: 0.5}  # h + ½·A_c(h) + ½·Â_s(h)

@@ -14,10 +14,10 @@ import tenseal as ts
 import tenseal.sealapi  # noqa: F401  (registers SEAL's types, so coefficient moduli can be inspected)
 
 from ..errors import ConfigurationError, MessageRejected
-from .config import HEConfig
+from .config import HEOptions
 
 
-def secret_context(config: HEConfig) -> ts.Context:
+def secret_context(config: HEOptions) -> ts.Context:
     """A fresh CKKS key pair: what only the key holder ever holds."""
     try:
         context = ts.context(ts.SCHEME_TYPE.CKKS, config.poly_modulus_degree,
@@ -38,7 +38,7 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_public_context(data: bytes, config: HEConfig, sender: str) -> ts.Context:
+def load_public_context(data: bytes, config: HEOptions, sender: str) -> ts.Context:
     """Parse a public context and check it is public and uses exactly ``config``'s parameters."""
     try:
         context = ts.context_from(data, n_threads=1)
@@ -64,7 +64,7 @@ def encrypt(context: ts.Context, plaintexts: Sequence[np.ndarray]) -> list[bytes
     return [ts.ckks_vector(context, chunk.tolist()).serialize() for chunk in plaintexts]
 
 
-def load_ciphertext(context: ts.Context, data: bytes, size: int, config: HEConfig, sender: str,
+def load_ciphertext(context: ts.Context, data: bytes, size: int, config: HEOptions, sender: str,
                     name: str) -> ts.CKKSVector:
     """Parse one ciphertext and check it is a fresh-level, two-part ciphertext of ``size`` slots at the scale.
 
@@ -90,3 +90,23 @@ def load_ciphertext(context: ts.Context, data: bytes, size: int, config: HEConfi
 def decrypt(vector: ts.CKKSVector) -> np.ndarray:
     """The slots of a ciphertext loaded with the secret context."""
     return np.asarray(vector.decrypt(), dtype=np.float64)
+
+
+def ciphertext_from_state(context: ts.Context, data: bytes) -> ts.CKKSVector:
+    """A ciphertext from the party's own saved state (it was checked with ``load_ciphertext`` when it arrived)."""
+    return ts.ckks_vector_from(context, data)
+
+
+def secret_context_bytes(context: ts.Context) -> bytes:
+    """The key holder's whole context, secret key included, for its own saved state only: never sent."""
+    return context.serialize(save_public_key=True, save_secret_key=True, save_galois_keys=False,
+                             save_relin_keys=False)
+
+
+def secret_context_from_state(data: bytes, config: HEOptions) -> ts.Context:
+    """The inverse of ``secret_context_bytes``."""
+    context = ts.context_from(data, n_threads=1)
+    if not context.is_private():
+        raise ValueError("the saved key holder context has no secret key")
+    context.global_scale = config.scale
+    return context

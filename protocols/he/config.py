@@ -9,7 +9,7 @@ scale 2^40) were chosen by measurement (docs/protocols.md, "Homomorphic protocol
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigurationError
 
@@ -29,38 +29,50 @@ CANARIES = 4
 
 
 @dataclass(frozen=True)
-class HEConfig:
-    """CKKS parameters and the key holder's quorum.
+class HEOptions:
+    """CKKS parameters and the key holder's quorum: the HE protocol's options, validated once, by
+    ``make_protocol`` and by the run configuration (its ``[secure_aggregation.he]`` table). This module
+    never imports TenSEAL, so a configuration can be checked without it.
 
     ``coeff_mod_bit_sizes`` lists the primes: all but the last hold ciphertext data, the last is SEAL's
-    special (key-switching) prime, which only keys carry.
+    special (key-switching) prime, which only keys carry. The ``minimum`` metadata is what a configuration
+    file is checked against first; ``__post_init__`` then applies the security table.
     """
 
-    poly_modulus_degree: int = 8192
+    poly_modulus_degree: int = field(default=8192, metadata={"minimum": 1024, "strict": False})
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 40)
-    global_scale_bits: int = 40
-    min_clients: int = 2
+    global_scale_bits: int = field(default=40, metadata={"minimum": 1, "strict": False})
+    min_clients: int = field(default=2, metadata={"minimum": 1, "strict": False})
+    # accepted because the runner passes one to every protocol; keys and canary seeds always come from the OS
+    seed: int | None = field(default=0, metadata={"runtime": True})
 
     def __post_init__(self):
+        if not isinstance(self.coeff_mod_bit_sizes, list | tuple):
+            raise ConfigurationError(f"coeff_mod_bit_sizes must be a list of prime sizes in bits, not "
+                                     f"{self.coeff_mod_bit_sizes!r}", "coeff_mod_bit_sizes")
         object.__setattr__(self, "coeff_mod_bit_sizes", tuple(self.coeff_mod_bit_sizes))
         degree, bits, scale = self.poly_modulus_degree, self.coeff_mod_bit_sizes, self.global_scale_bits
         if _not_int(degree) or degree not in MAX_MODULUS_BITS_128:
             raise ConfigurationError(f"poly_modulus_degree must be one of {sorted(MAX_MODULUS_BITS_128)}, not "
-                                     f"{degree!r}")
+                                     f"{degree!r}", "poly_modulus_degree")
         if len(bits) < 2 or any(_not_int(b) or not 20 <= b <= 60 for b in bits):
             raise ConfigurationError(f"coeff_mod_bit_sizes must list at least two primes (data primes, then the "
-                                     f"special prime) of 20-60 bits each, not {list(bits)!r}")
+                                     f"special prime) of 20-60 bits each, not {list(bits)!r}", "coeff_mod_bit_sizes")
         if sum(bits) > MAX_MODULUS_BITS_128[degree]:
             raise ConfigurationError(f"coeff_mod_bit_sizes {list(bits)} total {sum(bits)} bits; 128-bit security "
-                                     f"allows at most {MAX_MODULUS_BITS_128[degree]} for N = {degree}")
+                                     f"allows at most {MAX_MODULUS_BITS_128[degree]} for N = {degree}",
+                                     "coeff_mod_bit_sizes")
         if _not_int(scale) or scale < NOISE_MARGIN_BITS + 6:
             raise ConfigurationError(f"global_scale_bits must be an integer >= {NOISE_MARGIN_BITS + 6} (the "
-                                     f"released precision is 2^({NOISE_MARGIN_BITS} - scale)), not {scale!r}")
+                                     f"released precision is 2^({NOISE_MARGIN_BITS} - scale)), not {scale!r}",
+                                     "global_scale_bits")
         if self.data_bits - scale < 8:
             raise ConfigurationError(f"the data primes {list(bits[:-1])} leave {self.data_bits - scale} bits above "
-                                     f"the scale 2^{scale}; at least 8 are needed to hold a sum")
+                                     f"the scale 2^{scale}; at least 8 are needed to hold a sum", "global_scale_bits")
         if _not_int(self.min_clients) or self.min_clients < 1:
-            raise ConfigurationError(f"min_clients must be a positive integer, not {self.min_clients!r}")
+            raise ConfigurationError(f"min_clients must be a positive integer, not {self.min_clients!r}", "min_clients")
+        if self.seed is not None and _not_int(self.seed):
+            raise ConfigurationError(f"seed must be an integer or None, not {self.seed!r}", "seed")
 
     @property
     def slots(self) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import MessageRejected
 from ..identity import Roster
 from ..wire import Envelope
-from .config import HEConfig
+from .config import HEOptions
 
 NAME = "he"
 # Server stages (the names ``dropouts`` use): clients answer in "input"; "decrypt" is the key holder's.
@@ -53,7 +53,7 @@ def seal_associated(round_id: int, client: str, context_digest: str) -> bytes:
     return f"{NAME}|{round_id}|{client}|{context_digest}".encode()
 
 
-def parameters(config: HEConfig) -> dict[str, Any]:
+def parameters(config: HEOptions) -> dict[str, Any]:
     return {"poly_modulus_degree": config.poly_modulus_degree,
             "coeff_mod_bit_sizes": list(config.coeff_mod_bit_sizes),
             "global_scale_bits": config.global_scale_bits, "min_clients": config.min_clients}
@@ -73,7 +73,7 @@ def round_fields(envelope: Envelope, roster: Roster) -> tuple[tuple[str, ...], i
     return tuple(clients), length
 
 
-def check_context_fields(envelope: Envelope, config: HEConfig, clients: Sequence[str] | None,
+def check_context_fields(envelope: Envelope, config: HEOptions, clients: Sequence[str] | None,
                          vector_length: int) -> tuple[str, ...]:
     """A context message's fields must name this round and exactly our parameters; returns its clients."""
     expected = {**parameters(config), "vector_length": vector_length}

@@ -24,6 +24,12 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def private_bytes(key: X25519PrivateKey) -> bytes:
+    """The raw private key, for the key holder's own saved state."""
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+
+
 def _key(shared: bytes, ephemeral: bytes, recipient: bytes) -> bytes:
     return HKDF(hashes.SHA256(), 32, salt=None, info=_INFO + ephemeral + recipient).derive(shared)
 

@@ -6,10 +6,13 @@ See docs/protocols.md for the message flow, the parameters and how to choose the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from ..base import Protocol
 from ..identity import Identity, Roster
 from .client import MaskedClient
-from .config import MaskedConfig
+from .config import MaskedOptions
 from .graph import GraphParameters, default_parameters
 from .quantize import Quantizer, largest_safe_weight
 from .server import MaskedAggregate, MaskedServer
@@ -17,32 +20,34 @@ from .stages import NAME, STAGES
 
 
 class MaskedProtocol(Protocol):
-    """Builds masked clients and servers sharing one validated MaskedConfig."""
+    """Builds masked clients and servers sharing one validated MaskedOptions."""
 
     name = NAME
     stages = STAGES
     min_clients = 2  # the sum of one client's input is that input
 
-    def __init__(self, **options):
-        self.config = MaskedConfig(**options)
+    def __init__(self, options: MaskedOptions):
+        self.options = options
 
-    def client(self, identity: Identity, roster: Roster, server_id: str = "server") -> MaskedClient:
-        return MaskedClient(self.config, identity, roster, server_id)
+    def client(self, identity: Identity, roster: Roster, server_id: str = "server", *, session: str,
+               state: Mapping[str, Any] | None = None) -> MaskedClient:
+        return MaskedClient(self.options, identity, roster, server_id, session=session, state=state)
 
-    def server(self, identity: Identity, roster: Roster) -> MaskedServer:
-        return MaskedServer(self.config, identity, roster)
+    def server(self, identity: Identity, roster: Roster, *, session: str,
+               state: Mapping[str, Any] | None = None) -> MaskedServer:
+        return MaskedServer(self.options, identity, roster, session=session, state=state)
 
     def check(self, num_clients: int, vector_length: int) -> None:
         super().check(num_clients, vector_length)
-        self.config.round_terms(num_clients, vector_length)
+        self.options.round_terms(num_clients, vector_length)
 
     def bytes_per_parameter(self) -> float:
-        return float(self.config.word_dtype.itemsize)
+        return float(self.options.word_dtype.itemsize)
 
     @property
     def quantizer(self) -> Quantizer:
-        return self.config.quantizer
+        return self.options.quantizer
 
 
-__all__ = ["GraphParameters", "MaskedAggregate", "MaskedClient", "MaskedConfig", "MaskedProtocol", "MaskedServer",
+__all__ = ["GraphParameters", "MaskedAggregate", "MaskedClient", "MaskedOptions", "MaskedProtocol", "MaskedServer",
            "Quantizer", "default_parameters", "largest_safe_weight"]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -16,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from ..base import ClientSession, Outgoing, checked_input
 from ..errors import ConfigurationError, MessageRejected
 from ..identity import Identity, Roster
-from ..wire import Envelope, decode, encode, expect
+from ..wire import Envelope, expect
 from . import keys, shamir
-from .config import MaskedConfig
+from .config import MaskedOptions
 from .graph import ring_neighbours
 from .prg import MaskExpander
 from .stages import (
@@ -60,11 +62,14 @@ class _Round:
 
 
 class MaskedClient(ClientSession):
-    def __init__(self, config: MaskedConfig, identity: Identity, roster: Roster, server_id: str):
-        self.party_id = identity.party_id
-        self.config = config
-        self._identity, self._roster, self._server_id = identity, roster, server_id
+    protocol_name = NAME
+
+    def __init__(self, options: MaskedOptions, identity: Identity, roster: Roster, server_id: str, *, session: str,
+                 state: Mapping[str, Any] | None = None):
+        super().__init__(identity, roster, session, options)
+        self._server_id = server_id
         self._round: _Round | None = None
+        self._load(state)
 
     def set_input(self, round_id: int, vector: np.ndarray, weight: float, *, noise: np.ndarray | None = None) -> None:
         """This round's input. ``weight`` must be a positive integer (an example count); ``noise`` (int64,
@@ -73,22 +78,22 @@ class MaskedClient(ClientSession):
         if not weight.is_integer():
             raise ConfigurationError(f"masked aggregation needs integer weights (example counts), not {weight}")
         weight = int(weight)
-        if self.config.max_weight and weight > self.config.max_weight:
-            raise ConfigurationError(f"weight {weight} exceeds max_weight {self.config.max_weight}")
-        quantized = self.config.quantizer.quantize(vector, self.config.rng("rounding", round_id, self.party_id))
+        if self.options.max_weight and weight > self.options.max_weight:
+            raise ConfigurationError(f"weight {weight} exceeds max_weight {self.options.max_weight}")
+        quantized = self.options.quantizer.quantize(vector, self.options.rng("rounding", round_id, self.party_id))
         encoded = quantized * weight
         if noise is not None:
             noise = np.asarray(noise)
             if noise.shape != vector.shape or noise.dtype.kind not in "iu":
                 raise ConfigurationError(f"noise must be an integer vector of length {len(vector)}")
-            if noise.size and int(np.abs(noise.astype(np.int64)).max()) > self.config.noise_bound:
-                raise ConfigurationError(f"noise exceeds noise_bound {self.config.noise_bound}; raise noise_bound "
+            if noise.size and int(np.abs(noise.astype(np.int64)).max()) > self.options.noise_bound:
+                raise ConfigurationError(f"noise exceeds noise_bound {self.options.noise_bound}; raise noise_bound "
                                          "(the overflow check accounts for it)")
             encoded = encoded + noise.astype(np.int64)
         self._round = _Round(round_id, encoded, weight)
 
     def handle(self, data: bytes) -> list[Outgoing]:
-        envelope = expect(decode(data, self._roster), protocol=NAME, sender=self._server_id, recipient=self.party_id)
+        envelope = expect(self._decode(data), protocol=NAME, sender=self._server_id, recipient=self.party_id)
         state = self._round
         if state is None or envelope.round != state.round_id:
             raise MessageRejected(f"no input is waiting for round {envelope.round} (replayed or stale request)",
@@ -103,11 +108,10 @@ class MaskedClient(ClientSession):
                    CONSISTENCY: self._consistency_check, UNMASK: self._unmask}[envelope.stage]
         new_state, answer = handler(state, envelope)
         self._round = new_state  # only now: a rejected request changed nothing
-        return [Outgoing(self._server_id, encode(answer, self._identity))]
+        return [self._send(answer)]
 
     def _answer(self, state: _Round, stage: str, fields=None, arrays=None, blobs=None) -> Envelope:
-        return Envelope(NAME, state.round_id, stage, self.party_id, self._server_id, fields or {}, arrays or {},
-                        blobs or {})
+        return self._envelope(state.round_id, stage, self._server_id, fields, arrays, blobs)
 
     def _reject(self, reason: str) -> MessageRejected:
         return MessageRejected(reason, self._server_id)
@@ -121,14 +125,14 @@ class MaskedClient(ClientSession):
                            for c in ring):
             raise self._reject("the ring must list distinct enrolled clients, this one included")
         try:
-            expected = self.config.round_terms(len(ring), len(state.encoded))
+            expected = self.options.round_terms(len(ring), len(state.encoded))
         except ConfigurationError as error:
             raise self._reject(f"this client cannot take part in a round of {len(ring)}: {error}") from None
         if terms != expected:
             raise self._reject(f"the announced terms {terms} differ from this client's {expected}")
         if state.weight > expected["max_weight"]:
             raise ConfigurationError(f"weight {state.weight} exceeds {expected['max_weight']}, the largest weight "
-                                     f"that cannot overflow 2^{self.config.modulus_bits} with {len(ring)} clients")
+                                     f"that cannot overflow 2^{self.options.modulus_bits} with {len(ring)} clients")
         cipher_key, mask_key = keys.fresh_pair(), keys.fresh_pair()
         new = replace(state, expecting=SHARE, ring=tuple(ring), threshold=expected["threshold"],
                       neighbours=ring_neighbours(tuple(ring), expected["neighbours"])[self.party_id],
@@ -143,7 +147,7 @@ class MaskedClient(ClientSession):
             if peer not in state.neighbours:
                 raise self._reject(f"relayed message from {peer!r}, who is not a neighbour")
             try:
-                inner = expect(decode(data, self._roster), protocol=NAME, round=state.round_id, stage=stage,
+                inner = expect(self._decode(data), protocol=NAME, round=state.round_id, stage=stage,
                                sender=peer, recipient=self._server_id)
             except MessageRejected as error:
                 raise self._reject(f"relayed message of {peer!r}: {error.reason}") from None
@@ -195,7 +199,7 @@ class MaskedClient(ClientSession):
 
     def _mask(self, state: _Round, partners: list[str]) -> np.ndarray:
         """(w·q + z + PRG(b) + Σ ±PRG(s_ij)) mod 2^m, in the smallest word type holding m bits."""
-        config = self.config
+        config = self.options
         words = (state.encoded.view(np.uint64) & np.uint64(config.word_mask)).astype(config.word_dtype)
         expander = MaskExpander(len(words), config.word_dtype)
         expander.add(words, state.self_seed)
@@ -246,3 +250,44 @@ class MaskedClient(ClientSession):
         # the round is over for this client: forget its secrets, answer nothing more
         done = _Round(state.round_id, np.zeros(0, np.int64), state.weight, expecting="done")
         return done, self._answer(state, UNMASK, blobs=blobs)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def _export(self) -> dict[str, Any]:
+        state = self._round
+        if state is None:
+            return {"round": None}
+        return {"round": {
+            "round_id": state.round_id, "encoded": state.encoded.copy(), "weight": state.weight,
+            "expecting": state.expecting, "ring": list(state.ring), "neighbours": list(state.neighbours),
+            "threshold": state.threshold,
+            "cipher_key": None if state.cipher_key is None else keys.raw_private(state.cipher_key).hex(),
+            "mask_key": None if state.mask_key is None else keys.raw_private(state.mask_key).hex(),
+            "self_seed": state.self_seed.hex(),
+            "peer_keys": {peer: [keys.raw_public(cipher).hex(), keys.raw_public(mask).hex()]
+                          for peer, (cipher, mask) in state.peer_keys.items()},
+            "held_shares": {peer: [self_mask.hex(), mask_key.hex()]
+                            for peer, (self_mask, mask_key) in state.held_shares.items()},
+            "survivors": list(state.survivors),
+        }}
+
+    def _import(self, state: Mapping[str, Any]) -> None:
+        saved = state["round"]
+        if saved is None:
+            self._round = None
+            return
+
+        def private(value: str | None) -> X25519PrivateKey | None:
+            return None if value is None else X25519PrivateKey.from_private_bytes(bytes.fromhex(value))
+
+        self._round = _Round(
+            round_id=int(saved["round_id"]), encoded=np.array(saved["encoded"], dtype=np.int64),
+            weight=int(saved["weight"]), expecting=str(saved["expecting"]), ring=tuple(saved["ring"]),
+            neighbours=tuple(saved["neighbours"]), threshold=int(saved["threshold"]),
+            cipher_key=private(saved["cipher_key"]), mask_key=private(saved["mask_key"]),
+            self_seed=bytes.fromhex(saved["self_seed"]),
+            peer_keys={peer: (X25519PublicKey.from_public_bytes(bytes.fromhex(cipher)),
+                              X25519PublicKey.from_public_bytes(bytes.fromhex(mask)))
+                       for peer, (cipher, mask) in saved["peer_keys"].items()},
+            held_shares={peer: (bytes.fromhex(self_mask), bytes.fromhex(mask_key))
+                         for peer, (self_mask, mask_key) in saved["held_shares"].items()},
+            survivors=tuple(saved["survivors"]))

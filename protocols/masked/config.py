@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -15,44 +16,59 @@ from .quantize import Quantizer, check_no_overflow, largest_safe_weight
 MAX_MODULUS_BITS = 62  # sums are decoded in int64
 
 
+def _option(default: Any, **metadata: Any) -> Any:
+    """A dataclass field with the metadata the run configuration validates a ``[secure_aggregation.masked]``
+    key by (``choices``, or ``minimum`` and ``strict``); ``runtime=True`` marks what the runner supplies."""
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
-class MaskedConfig:
-    clip_range: float = 0.25  # r: each input value is clipped to [-r, r]
-    quantization_bits: int = 16  # the grid 0..2^bits - 1 over [-r, r]
-    modulus_bits: int = 32  # masked sums live modulo 2^m; words are the smallest uint holding m bits
-    neighbours: int = 0  # k; 0: Bell et al.'s default for the round's client count
-    threshold: int = 0  # t (t-of-k Shamir); 0: the default
-    graph: str = "sparse"  # "sparse" (SecAgg+, random Harary graph) or "complete" (classic SecAgg)
-    max_weight: int = 0  # largest client weight; 0: the largest that cannot overflow for the round's n
-    noise_bound: int = 0  # B: largest |noise| a client may add before masking (distributed DP)
-    adversarial_rate: float = 0.05  # assumed corrupt fraction, for the default k and t
-    dropout_rate: float = 0.1  # assumed dropout fraction, for the default k and t
-    seed: int | None = 0  # non-cryptographic randomness (ring order, rounding); None: fresh from the OS
+class MaskedOptions:
+    """The masked protocol's options, validated once: by ``make_protocol`` and by the run configuration, which
+    reads its ``[secure_aggregation.masked]`` table from this class (the ``runtime`` fields excepted)."""
+
+    clip_range: float = _option(0.25, minimum=0, strict=True)  # r: each input value is clipped to [-r, r]
+    quantization_bits: int = _option(16, minimum=1, strict=False)  # the grid 0..2^bits - 1 over [-r, r]
+    # masked sums live modulo 2^m; words are the smallest uint holding m bits
+    modulus_bits: int = _option(32, minimum=8, strict=False)
+    neighbours: int = _option(0, minimum=0, strict=False)  # k; 0: Bell et al.'s default for the round's client count
+    threshold: int = _option(0, minimum=0, strict=False)  # t (t-of-k Shamir); 0: the default
+    # "sparse" (SecAgg+, random Harary graph) or "complete" (classic SecAgg)
+    graph: str = _option("sparse", choices=("sparse", "complete"))
+    # largest client weight; 0: the largest that cannot overflow for the round's n (the runner knows the data sizes)
+    max_weight: int = _option(0, runtime=True)
+    noise_bound: int = _option(0, runtime=True)  # B: largest |noise| a client may add before masking (distributed DP)
+    adversarial_rate: float = _option(0.05, runtime=True)  # assumed corrupt fraction, for the default k and t
+    dropout_rate: float = _option(0.1, runtime=True)  # assumed dropout fraction, for the default k and t
+    seed: int | None = _option(0, runtime=True)  # non-cryptographic randomness (ring, rounding); None: from the OS
 
     def __post_init__(self):
         def integer(name: str, low: int, high: int | None = None) -> None:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
                 span = f">= {low}" if high is None else f"in {low}..{high}"
-                raise ConfigurationError(f"masked option {name} must be an integer {span}, not {value!r}")
+                raise ConfigurationError(f"masked option {name} must be an integer {span}, not {value!r}", name)
 
         if isinstance(self.clip_range, bool) or not isinstance(self.clip_range, int | float) \
                 or not math.isfinite(self.clip_range) or self.clip_range <= 0:
-            raise ConfigurationError(f"masked option clip_range must be a positive number, not {self.clip_range!r}")
+            raise ConfigurationError(f"masked option clip_range must be a positive number, not {self.clip_range!r}",
+                                     "clip_range")
         integer("modulus_bits", 8, MAX_MODULUS_BITS)
         integer("quantization_bits", 1, self.modulus_bits - 1)
         for name in ("neighbours", "threshold", "max_weight", "noise_bound"):
             integer(name, 0)
         if self.graph not in ("sparse", "complete"):
-            raise ConfigurationError(f"masked option graph must be 'sparse' or 'complete', not {self.graph!r}")
+            raise ConfigurationError(f"masked option graph must be 'sparse' or 'complete', not {self.graph!r}",
+                                     "graph")
         for name in ("adversarial_rate", "dropout_rate"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0 <= value < 1:
-                raise ConfigurationError(f"masked option {name} must be in [0, 1), not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+                raise ConfigurationError(f"masked option {name} must be in [0, 1), not {value!r}", name)
         if self.adversarial_rate + 2 * self.dropout_rate > 0.9:
-            raise ConfigurationError("adversarial_rate + 2 × dropout_rate must be at most 0.9 (Bell et al.)")
+            raise ConfigurationError("adversarial_rate + 2 × dropout_rate must be at most 0.9 (Bell et al.)",
+                                     "dropout_rate")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ConfigurationError(f"seed must be an integer or None, not {self.seed!r}")
+            raise ConfigurationError(f"seed must be an integer or None, not {self.seed!r}", "seed")
 
     @property
     def quantizer(self) -> Quantizer:

@@ -8,8 +8,9 @@ summed as they arrive (modulo 2^m, in the word type), so memory stays at one vec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -17,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from ..base import AggregateResult, Outgoing, ServerSession, checked_round
 from ..errors import MessageRejected, ProtocolError, RoundAborted
 from ..identity import Identity, Roster
-from ..wire import Envelope, decode, encode, expect
+from ..wire import Envelope, expect
 from . import keys, shamir
 from .client import self_mask_commitment
-from .config import MaskedConfig
+from .config import MaskedOptions
 from .graph import ring_neighbours
 from .prg import MaskExpander
 from .stages import (
@@ -72,26 +73,28 @@ class _Round:
 
 
 class MaskedServer(ServerSession):
+    protocol_name = NAME
     stages = STAGES
 
-    def __init__(self, config: MaskedConfig, identity: Identity, roster: Roster):
-        self.config = config
-        self._identity, self._roster = identity, roster
+    def __init__(self, options: MaskedOptions, identity: Identity, roster: Roster, *, session: str,
+                 state: Mapping[str, Any] | None = None):
+        super().__init__(identity, roster, session, options)
         self._round: _Round | None = None
         self._result: MaskedAggregate | None = None
         self._aborted = False
         self.stage = ADVERTISE
         self.round_done = False
+        self._load(state)
 
     # -- round control ----------------------------------------------------------------------------------------
     def begin_round(self, round_id: int, clients: Sequence[str], vector_length: int) -> list[Outgoing]:
         clients = checked_round(self._roster, round_id, clients, vector_length)
-        terms = self.config.round_terms(len(clients), vector_length)  # refuses overflowing or unsafe settings
-        ring = self.config.ring(round_id, clients)
+        terms = self.options.round_terms(len(clients), vector_length)  # refuses overflowing or unsafe settings
+        ring = self.options.ring(round_id, clients)
         self._round = _Round(round_id, clients, vector_length, terms, ring,
                              ring_neighbours(ring, terms["neighbours"]), terms["threshold"], set(clients))
         self._result, self._aborted, self.stage, self.round_done = None, False, ADVERTISE, False
-        return [self._send(client, {"ring": list(ring), "terms": terms}) for client in clients]
+        return [self._request(client, {"ring": list(ring), "terms": terms}) for client in clients]
 
     def advance(self) -> list[Outgoing]:
         state = self._current()
@@ -113,10 +116,8 @@ class MaskedServer(ServerSession):
             raise ProtocolError("no round in progress")
         return self._round
 
-    def _send(self, client: str, fields=None, blobs=None) -> Outgoing:
-        envelope = Envelope(NAME, self._round.round_id, self.stage, self._identity.party_id, client, fields or {},
-                            {}, blobs or {})
-        return Outgoing(client, encode(envelope, self._identity))
+    def _request(self, client: str, fields=None, blobs=None) -> Outgoing:
+        return self._send(self._envelope(self._round.round_id, self.stage, client, fields, None, blobs))
 
     def _abort(self, reason: str) -> RoundAborted:
         return RoundAborted(self.stage, reason, self._round.round_id)
@@ -134,8 +135,8 @@ class MaskedServer(ServerSession):
         if self._round is None or self.round_done or self._aborted:
             raise MessageRejected("no round in progress")
         state = self._round
-        envelope = expect(decode(data, self._roster), protocol=NAME, round=state.round_id, stage=self.stage,
-                          recipient=self._identity.party_id)
+        envelope = expect(self._decode(data), protocol=NAME, round=state.round_id, stage=self.stage,
+                          recipient=self.party_id)
         sender = envelope.sender
         if sender not in state.live:
             raise MessageRejected(f"not expected at stage {self.stage!r} (not a live client of this round)", sender)
@@ -171,15 +172,15 @@ class MaskedServer(ServerSession):
         weight = envelope.fields.get("weight")
         if set(envelope.arrays) != {"masked"} or envelope.blobs or set(envelope.fields) != {"weight"}:
             raise MessageRejected("expected the array 'masked' and the field 'weight'", sender)
-        if masked.dtype != self.config.word_dtype or masked.shape != (state.length,):
-            raise MessageRejected(f"expected {state.length} words of {self.config.word_dtype}, got {masked.shape} "
+        if masked.dtype != self.options.word_dtype or masked.shape != (state.length,):
+            raise MessageRejected(f"expected {state.length} words of {self.options.word_dtype}, got {masked.shape} "
                                   f"{masked.dtype}", sender)
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= state.terms["max_weight"]:
             raise MessageRejected(f"weight must be an integer in 1..{state.terms['max_weight']}", sender)
-        if self.config.modulus_bits < 8 * masked.itemsize and int(masked.max(initial=0)) > self.config.word_mask:
-            raise MessageRejected(f"masked words must be below 2^{self.config.modulus_bits}", sender)
+        if self.options.modulus_bits < 8 * masked.itemsize and int(masked.max(initial=0)) > self.options.word_mask:
+            raise MessageRejected(f"masked words must be below 2^{self.options.modulus_bits}", sender)
         if state.total is None:
-            state.total = np.zeros(state.length, self.config.word_dtype)
+            state.total = np.zeros(state.length, self.options.word_dtype)
         np.add(state.total, masked, out=state.total)  # wraps modulo 2^width, a multiple of 2^m
         state.weights[sender] = weight
 
@@ -201,14 +202,14 @@ class MaskedServer(ServerSession):
         live = set(state.advertised)
         self._require_holders(state, live, live)
         state.live, self.stage = live, SHARE
-        return [self._send(client, blobs={peer: state.advertised[peer] for peer in state.neighbours[client]
+        return [self._request(client, blobs={peer: state.advertised[peer] for peer in state.neighbours[client]
                                           if peer in live}) for client in sorted(live)]
 
     def _after_share(self, state: _Round) -> list[Outgoing]:
         live = set(state.ciphertexts)
         self._require_holders(state, live, live)
         state.live, self.stage = live, MASKED
-        return [self._send(client, blobs={peer: state.ciphertexts[peer][client] for peer in state.neighbours[client]
+        return [self._request(client, blobs={peer: state.ciphertexts[peer][client] for peer in state.neighbours[client]
                                           if peer in live}) for client in sorted(live)]
 
     def _after_masked(self, state: _Round) -> list[Outgoing]:
@@ -220,7 +221,7 @@ class MaskedServer(ServerSession):
         state.dropped_needed = tuple(sorted(c for c in dropped if survivors.intersection(state.neighbours[c])))
         self._require_holders(state, survivors | set(state.dropped_needed), survivors)
         state.live, state.survivors, self.stage = survivors, tuple(sorted(survivors)), CONSISTENCY
-        return [self._send(client, {"survivors": list(state.survivors)}) for client in state.survivors]
+        return [self._request(client, {"survivors": list(state.survivors)}) for client in state.survivors]
 
     def _after_consistency(self, state: _Round) -> list[Outgoing]:
         live = set(state.consistency)
@@ -233,13 +234,13 @@ class MaskedServer(ServerSession):
                                                                              if p in state.dropped_needed))
             state.requests[client] = request
             signatures = {peer: state.consistency[peer] for peer in near if peer in live}
-            messages.append(self._send(client, {"self_mask_of": list(request[0]), "mask_key_of": list(request[1])},
+            messages.append(self._request(client, {"self_mask_of": list(request[0]), "mask_key_of": list(request[1])},
                                        signatures))
         return messages
 
     def _after_unmask(self, state: _Round) -> list[Outgoing]:
         order = tuple(sorted(state.clients))
-        expander = MaskExpander(state.length, self.config.word_dtype)
+        expander = MaskExpander(state.length, self.options.word_dtype)
         total = state.total
         for client in state.survivors:
             seed = self._reconstruct(state, order, client, SELF_MASK_SHARE)
@@ -255,9 +256,9 @@ class MaskedServer(ServerSession):
                     public = keys.public_key(state.mask_keys[survivor], survivor)
                     seed = keys.pairwise_seed(private, public, state.round_id, client, survivor)
                     (expander.subtract if survivor < client else expander.add)(total, seed)
-        integer_sum = self._decode(total, len(state.survivors))
+        integer_sum = self._signed_sum(total, len(state.survivors))
         total_weight = sum(state.weights.values())
-        vector = self.config.quantizer.dequantize_sum(integer_sum, total_weight)
+        vector = self.options.quantizer.dequantize_sum(integer_sum, total_weight)
         self._result = MaskedAggregate(vector, state.survivors, float(total_weight), integer_sum)
         self.round_done = True
         return []
@@ -273,9 +274,69 @@ class MaskedServer(ServerSession):
         except ProtocolError as error:
             raise self._abort(f"{client}'s shares: {error}") from None
 
-    def _decode(self, total: np.ndarray, counted: int) -> np.ndarray:
+    def _signed_sum(self, total: np.ndarray, counted: int) -> np.ndarray:
         """The signed integer sum from its residue mod 2^m: the counted sum lies in [-c·B, 2^m - c·B)."""
-        offset = np.uint64(counted * self.config.noise_bound)
-        mask = np.uint64(self.config.word_mask)
+        offset = np.uint64(counted * self.options.noise_bound)
+        mask = np.uint64(self.options.word_mask)
         shifted = (total.astype(np.uint64) + offset) & mask
         return shifted.astype(np.int64) - np.int64(offset)
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def _export(self) -> dict[str, Any]:
+        result = self._result
+        return {"stage": self.stage, "round_done": self.round_done, "aborted": self._aborted,
+                "round": None if self._round is None else _export_round(self._round),
+                "result": None if result is None else {
+                    "vector": result.vector.copy(), "counted": list(result.counted),
+                    "total_weight": result.total_weight, "integer_sum": result.integer_sum.copy()}}
+
+    def _import(self, state: Mapping[str, Any]) -> None:
+        self.stage, self.round_done, self._aborted = str(state["stage"]), bool(state["round_done"]), \
+            bool(state["aborted"])
+        self._round = None if state["round"] is None else _import_round(state["round"], self.options.word_dtype)
+        result = state["result"]
+        self._result = None if result is None else MaskedAggregate(
+            np.array(result["vector"], dtype=np.float64), tuple(result["counted"]), float(result["total_weight"]),
+            np.array(result["integer_sum"], dtype=np.int64))
+
+
+def _hex_map(values: Mapping[str, bytes]) -> dict[str, str]:
+    return {key: value.hex() for key, value in values.items()}
+
+
+def _bytes_map(values: Mapping[str, str]) -> dict[str, bytes]:
+    return {key: bytes.fromhex(value) for key, value in values.items()}
+
+
+def _export_round(state: _Round) -> dict[str, Any]:
+    """A round's state as plain values; the neighbourhoods are left out (they follow from ring and terms)."""
+    return {
+        "round_id": state.round_id, "clients": list(state.clients), "length": state.length, "terms": dict(state.terms),
+        "ring": list(state.ring), "live": sorted(state.live), "advertised": _hex_map(state.advertised),
+        "mask_keys": _hex_map(state.mask_keys),
+        "ciphertexts": {sender: _hex_map(shares) for sender, shares in state.ciphertexts.items()},
+        "commitments": dict(state.commitments), "weights": dict(state.weights),
+        "total": None if state.total is None else state.total.copy(),
+        "consistency": _hex_map(state.consistency), "survivors": list(state.survivors),
+        "dropped_needed": list(state.dropped_needed),
+        "requests": {client: [list(self_mask_of), list(mask_key_of)]
+                     for client, (self_mask_of, mask_key_of) in state.requests.items()},
+        "revealed": {holder: _hex_map(shares) for holder, shares in state.revealed.items()},
+    }
+
+
+def _import_round(saved: Mapping[str, Any], word_dtype: np.dtype) -> _Round:
+    terms, ring = dict(saved["terms"]), tuple(saved["ring"])
+    total = saved["total"]
+    return _Round(
+        round_id=int(saved["round_id"]), clients=tuple(saved["clients"]), length=int(saved["length"]), terms=terms,
+        ring=ring, neighbours=ring_neighbours(ring, int(terms["neighbours"])), threshold=int(terms["threshold"]),
+        live=set(saved["live"]), advertised=_bytes_map(saved["advertised"]), mask_keys=_bytes_map(saved["mask_keys"]),
+        ciphertexts={sender: _bytes_map(shares) for sender, shares in saved["ciphertexts"].items()},
+        commitments=dict(saved["commitments"]), weights={client: int(w) for client, w in saved["weights"].items()},
+        total=None if total is None else np.array(total, dtype=word_dtype),
+        consistency=_bytes_map(saved["consistency"]),
+        survivors=tuple(saved["survivors"]), dropped_needed=tuple(saved["dropped_needed"]),
+        requests={client: (tuple(self_mask_of), tuple(mask_key_of))
+                  for client, (self_mask_of, mask_key_of) in saved["requests"].items()},
+        revealed={holder: _bytes_map(shares) for holder, shares in saved["revealed"].items()})

@@ -1,0 +1,178 @@
+"""How parties talk: the server sends requests, every other party only replies, within a deadline.
+
+This is the shape of a real federated engine (Flower's ``Grid``: the ServerApp pushes messages to
+nodes and pulls their replies; nodes never call each other), so the same parties run in one process
+(:mod:`.simulation`), in one OS process each (tests) or on separate machines. A party that has not
+replied by the stage's deadline has dropped out for that stage. Messages a party addresses to another
+party than the server (the HE key holder's per-round context for the sites) travel back to the server
+inside its reply, and the server relays them: it sees only what it would see on a network.
+
+Audit logging happens here, at each party's own end of the channel and in its own log only:
+:class:`Served` records what a replying party received and sent, :class:`ServerLink` what the server
+sent and received. Each entry names the peer the bytes physically came from or went to, so a relayed
+message is recorded as two exchanges (key holder → server, server → site) that reconcile pairwise.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from audits import AuditLog, SignedTreeHead
+from protocols import MessageRejected, Outgoing
+from protocols.wire import peek
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What one party answered to one request: its messages, or None when it did not answer in time."""
+
+    party: str
+    messages: tuple[Outgoing, ...] | None
+
+    @property
+    def dropped(self) -> bool:
+        return self.messages is None
+
+
+class Channel(Protocol):
+    """The server's way to reach the other parties."""
+
+    def exchange(self, requests: Sequence[Outgoing], *, deadline_s: float) -> list[Reply]:
+        """Deliver every request (to ``request.recipient``) and return one :class:`Reply` per request, in
+        order; a party that has not answered within ``deadline_s`` seconds gets ``messages=None``."""
+        ...
+
+
+class Endpoint(Protocol):
+    """A replying party: consumes one message, returns the messages it answers with."""
+
+    party_id: str
+
+    def handle(self, data: bytes) -> list[Outgoing]: ...
+
+
+def _where(data: bytes) -> dict[str, Any]:
+    """Round and stage of a message for its log entry (from the unverified header: labels only)."""
+    header = peek(data)
+    if header is None:
+        return {"round": None, "stage": None}
+    return {"round": header.round, "stage": f"{header.protocol}:{header.stage}"}
+
+
+class PartyAudit:
+    """One party's own audit log (``log`` None: auditing off, nothing is recorded)."""
+
+    def __init__(self, log: AuditLog | None, public_keys: Mapping[str, Ed25519PublicKey]) -> None:
+        self.log = log
+        self._public_keys = dict(public_keys)
+        self._closing = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.log is not None
+
+    def sent(self, peer: str, data: bytes) -> None:
+        if self.log is not None:
+            self.log.record("message_sent", peer=peer, data=data, **_where(data))
+
+    def received(self, peer: str, data: bytes) -> None:
+        if self.log is not None:
+            self.log.record("message_received", peer=peer, data=data, **_where(data))
+
+    def rejected(self, peer: str, data: bytes, reason: str) -> None:
+        if self.log is not None:
+            self.log.record("message_rejected", peer=peer, data=data, meta={"reason": reason[:256]}, **_where(data))
+
+    def event(self, event: str, **fields: Any) -> None:
+        if self.log is not None:
+            self.log.record(event, **fields)
+
+    def tree_head(self) -> str | None:
+        """This party's signed tree head so far, as JSON for a peer (None when auditing is off)."""
+        return self.log.signed_tree_head().to_json() if self.log is not None else None
+
+    def record_peer_tree_head(self, peer: str, tree_head: str) -> None:
+        """Record a peer's tree head after checking its signature with the peer's roster key."""
+        if self.log is None:
+            return
+        try:
+            head = SignedTreeHead.from_bytes(tree_head)
+            self.log.record_peer_tree_head(peer, head, public_key=self._public_keys[peer])
+        except Exception as error:  # the audits package raises its own error types for a bad head
+            raise MessageRejected(f"the tree head from {peer!r} does not verify: {error}", peer) from None
+
+    def close(self, reason: str) -> str | None:
+        """``run_stopped`` and the final signed tree head; returns that head as JSON."""
+        if self.log is None or self.log.closed:
+            return None
+        self.log.record("run_stopped", meta={"reason": reason[:256]})
+        return self.log.close().to_json()
+
+    def close_after_reply(self, reason: str) -> str | None:
+        """For a replying party: record ``run_stopped`` now and close the log once the reply to the current
+        request is logged (:class:`Served` does it), so the log covers its own last message. Returns the tree
+        head so far (JSON), for the reply."""
+        if self.log is None or self.log.closed:
+            return None
+        self.log.record("run_stopped", meta={"reason": reason[:256]})
+        self._closing = True
+        return self.log.signed_tree_head().to_json()
+
+    def finish_reply(self) -> None:
+        if self._closing and self.log is not None and not self.log.closed:
+            self.log.close()
+
+
+class Served:
+    """A replying party's end of the channel: logs each request and reply in the party's own log; a request
+    the party refuses (MessageRejected) is logged as rejected and answered with nothing."""
+
+    def __init__(self, party: Endpoint, audit: PartyAudit, *, server_id: str) -> None:
+        self.party = party
+        self.party_id = party.party_id
+        self.audit = audit
+        self.server_id = server_id
+
+    def handle(self, data: bytes) -> list[Outgoing]:
+        self.audit.received(self.server_id, data)
+        try:
+            answers = self.party.handle(data)
+        except MessageRejected as rejection:
+            self.audit.rejected(self.server_id, data, rejection.reason)
+            return []
+        for answer in answers:
+            self.audit.sent(self.server_id, answer.data)
+        self.audit.finish_reply()
+        return answers
+
+
+@dataclass
+class ServerLink:
+    """The server's end: requests out and replies in through a :class:`Channel`, each logged in the server's
+    own log and counted (bytes per direction, for the run's metrics)."""
+
+    channel: Channel
+    audit: PartyAudit
+    deadlines: Mapping[str, float] = field(default_factory=dict)  # stage → seconds; missing: default_deadline_s
+    default_deadline_s: float = 60.0
+    bytes_sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes_received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def exchange(self, requests: Sequence[Outgoing], stage: str) -> list[Reply]:
+        for request in requests:
+            self.audit.sent(request.recipient, request.data)
+            self.bytes_sent[request.recipient] += len(request.data)
+        replies = self.channel.exchange(requests, deadline_s=self.deadlines.get(stage, self.default_deadline_s))
+        for reply in replies:
+            if reply.messages is None:
+                self.audit.event("party_dropped", peer=reply.party, meta={"reason": f"no reply to {stage!r} in time"})
+                continue
+            for message in reply.messages:
+                self.audit.received(reply.party, message.data)
+                self.bytes_received[reply.party] += len(message.data)
+        return replies

@@ -1,0 +1,98 @@
+"""The runner's own messages (open, train, evaluate, tree heads, close) as signed protocol envelopes.
+
+They use the one wire format of ``protocols.wire``: every message is signed by its sender, carries
+the run's session id, the roster digest, the round, the stage, sender and recipient, and every
+receiver checks all of them. A ``train`` or ``evaluate`` request also carries the SHA-256 of the
+global model it holds (:func:`model_digest`), which the site recomputes before using the model.
+
+Requests (server → site or key holder) and their replies::
+
+    open        fields {config_sha256, next_round, resume, clients}          → opened
+    train       fields {model_sha256, send_update, clip_norm, noise_shares}, arrays {global state}
+                                                                           → update  fields {num_examples, losses,
+                                                                                             epsilon, refused}
+    evaluate    fields {model_sha256}, arrays {global state}              → metrics fields {metrics}
+    tree_head   fields {tree_head}                                        → tree_head fields {tree_head}
+    close       fields {reason}                                           → closed  fields {tree_head}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from protocols import Identity, MessageRejected, Roster
+from protocols.wire import Envelope, decode, encode
+
+PROTOCOL = "feddat"
+OPEN, OPENED = "open", "opened"
+TRAIN, UPDATE = "train", "update"
+EVALUATE, METRICS = "evaluate", "metrics"
+TREE_HEAD = "tree_head"
+CLOSE, CLOSED = "close", "closed"
+REPLY_TO = {OPEN: OPENED, TRAIN: UPDATE, EVALUATE: METRICS, TREE_HEAD: TREE_HEAD, CLOSE: CLOSED}
+MODEL_DTYPE = np.dtype("<f4")
+
+
+def model_digest(state: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of a model state: every tensor's name, shape and little-endian float32 bytes, in
+    sorted name order. Two states have the same digest exactly when they hold the same values."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        array = np.ascontiguousarray(state[name], dtype=MODEL_DTYPE)
+        digest.update(f"{name}:{list(array.shape)};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def state_arrays(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A model state as the float32 arrays a message carries."""
+    return {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in state.items()}
+
+
+def checked_model(envelope: Envelope) -> dict[str, np.ndarray]:
+    """The model a ``train``/``evaluate`` request carries, after checking it against the digest the server
+    signed with it; a mismatch (or a non-finite value) is refused before any of it is used."""
+    claimed = envelope.fields.get("model_sha256")
+    if not isinstance(claimed, str):
+        raise MessageRejected(f"a {envelope.stage!r} request must carry the model's SHA-256", envelope.sender)
+    state = {name: np.asarray(array, dtype=np.float32) for name, array in envelope.arrays.items()}
+    for name, array in state.items():
+        if not np.all(np.isfinite(array)):
+            raise MessageRejected(f"model tensor {name!r} holds NaN or inf", envelope.sender)
+    actual = model_digest(state)
+    if actual != claimed:
+        raise MessageRejected(f"the model does not match its signed digest: expected {claimed}, calculated "
+                              f"{actual}", envelope.sender)
+    return state
+
+
+class Stamp:
+    """Signs a party's runner messages under its run session and roster, and checks the ones it receives."""
+
+    def __init__(self, identity: Identity, roster: Roster) -> None:
+        self.identity = identity
+        self.roster = roster
+        self.session: str | None = None
+
+    def envelope(self, stage: str, round_index: int, recipient: str, fields: Mapping[str, Any] | None = None,
+                 arrays: Mapping[str, np.ndarray] | None = None) -> bytes:
+        if self.session is None:
+            raise RuntimeError("no session is open")
+        return encode(Envelope(PROTOCOL, round_index, stage, self.identity.party_id, recipient, dict(fields or {}),
+                               dict(arrays or {}), {}, session=self.session, roster=self.roster.digest),
+                      self.identity)
+
+    def open(self, data: bytes, *, session: str | None) -> Envelope:
+        """Decode a runner message addressed to this party in ``session`` (None: accept any, for a first
+        contact) and refuse one of another protocol."""
+        envelope = decode(data, self.roster, session=session)
+        if envelope.protocol != PROTOCOL:
+            raise MessageRejected(f"expected a {PROTOCOL!r} message, got {envelope.protocol!r}", envelope.sender)
+        if envelope.recipient != self.identity.party_id:
+            raise MessageRejected(f"message addressed to {envelope.recipient!r}, not {self.identity.party_id!r}",
+                                  envelope.sender)
+        return envelope

@@ -1,0 +1,191 @@
+"""Building each party of a run from the run's configuration, each from its own folder and its own key.
+
+Every party derives the same :class:`RunPlan` from the configuration they agreed on (the server checks the
+configuration's digest at the session's opening): site ids, the update's layout, the aggregation weights,
+the protocol's options and the DP parameters. Then each role is built by its own function, which loads that
+party's identity only (from its own folder, or from ``secure_aggregation.keys/<party>/``), opens its own
+audit log and gets its own data. The simulation (:mod:`.simulation`) calls all of them in one process; a
+test (and a deployment) calls each in a process of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from protocols import ConfigurationError, Protocol, Roster, make_protocol, options_class
+from protocols.enrolment import load_party_identity
+from protocols.identity import Identity, load_roster
+
+from ..config import ConfigError, RunConfig
+from ..data import Benchmark, ClientData
+from ..data.batching import EncodedSplit, encode_split
+from ..model.adapters import LoraSettings
+from ..model.backbone import Foundation
+from ..privacy.run_privacy import PrivacySettings, ServerPrivacy, SitePrivacy, privacy_settings
+from ..training.adapter_names import SHARED
+from ..training.local_model import LocalModel
+from .algorithms import Algorithm, get_algorithm
+from .channel import Channel, ServerLink
+from .keyholder_app import KeyHolder
+from .party_folder import PARTIES_DIR, PartyFolder
+from .server_app import Server, ServerPlan
+from .site_app import Site
+from .updates import StateLayout
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What every party of a run derives identically from the configuration and the data sizes."""
+
+    config: RunConfig
+    site_ids: tuple[str, ...]
+    counts: dict[str, int]  # training records per site
+    initial_state: dict[str, np.ndarray]  # the global state before round 1 (A_s, and the head when it travels)
+    layout: StateLayout
+    privacy: PrivacySettings
+    algorithm: Algorithm
+    head_travels: bool
+
+    @property
+    def per_round(self) -> int:
+        return self.config.participants_per_round(len(self.site_ids))
+
+    @property
+    def weights(self) -> dict[str, int]:
+        uniform = self.config.federation.aggregation != "examples"
+        return {cid: 1 if uniform else self.counts[cid] for cid in self.site_ids}
+
+    @property
+    def largest_round(self) -> int:
+        """The most sites a round can have (Poisson sampling of central DP may draw every site)."""
+        client = self.privacy.client
+        return len(self.site_ids) if client is not None and client.poisson_sampling else self.per_round
+
+    @property
+    def vector_length(self) -> int:
+        return self.layout.size + self.privacy.extra_coordinates
+
+    @property
+    def uses_protocol(self) -> bool:
+        return self.algorithm.sends_updates
+
+    @property
+    def keyholder(self) -> bool:
+        return self.uses_protocol and self.config.secure_aggregation.protocol == "he"
+
+    def parties(self) -> list[tuple[str, str]]:
+        """(party id, role) of every party of the run."""
+        return [("server", "server"), *([("keyholder", "keyholder")] if self.keyholder else []),
+                *((cid, "client") for cid in self.site_ids)]
+
+
+def plan_run(config: RunConfig, foundation: Foundation, lora: LoraSettings, counts: dict[str, int],
+             num_answers: int) -> RunPlan:
+    algorithm = get_algorithm(config.federation.algorithm)
+    head_travels = config.model.head == "shared" and algorithm.sends_updates
+    # The initial global state comes from one seeded model; every site starts from it.
+    initial = LocalModel(foundation, lora, (SHARED,), (SHARED,), num_answers, seed=config.seed)
+    state = initial.adapters.get_state(SHARED)
+    if head_travels:
+        state.update(initial.head_state())
+    del initial
+    layout = StateLayout.of(state)
+    privacy = privacy_settings(config, counts, update_dimension=layout.size)
+    return RunPlan(config, tuple(counts), dict(counts), state, layout, privacy, algorithm, head_travels)
+
+
+def site_answers(config: RunConfig, benchmark: Benchmark, client: ClientData) -> tuple[str, ...]:
+    """The answers a site's head ranks: its own answer set when the head stays local (as in the paper), the
+    benchmark's whole vocabulary when heads are aggregated or one centralized model answers for all."""
+    local = config.model.head == "local" and config.federation.algorithm != "centralized"
+    return client.answers if local else benchmark.answers
+
+
+def encode_site(foundation: Foundation, answers: tuple[str, ...], client: ClientData) -> tuple[EncodedSplit,
+                                                                                                EncodedSplit]:
+    """A site's (train, test) splits as model tensors, labels indexing ``answers``."""
+    index = {answer: i for i, answer in enumerate(answers)}
+    return tuple(encode_split(split, foundation.tokenizer, index, foundation.max_text_length, foundation.image_size)
+                 for split in (client.train, client.test))
+
+
+def build_protocol(plan: RunPlan) -> Protocol | None:
+    """The configured secure-aggregation protocol with the run's own values (seed, largest weight, noise
+    bound), checked against the largest round it must aggregate; None when nothing travels."""
+    if not plan.uses_protocol:
+        return None
+    settings = plan.config.secure_aggregation
+    runtime = {"seed": plan.config.seed, "max_weight": max(plan.weights.values()),
+               "noise_bound": plan.privacy.noise_bound(plan.per_round)}
+    accepted = {f.name for f in dataclasses.fields(options_class(settings.protocol))}
+    protocol = make_protocol(settings.protocol, options=settings.protocol_options,
+                             **{k: v for k, v in runtime.items() if k in accepted})
+    protocol.check(plan.largest_round, plan.vector_length)
+    return protocol
+
+
+def party_folder(run_dir: Path, party_id: str) -> PartyFolder:
+    return PartyFolder(Path(run_dir) / PARTIES_DIR / party_id, party_id)
+
+
+def party_identity(plan: RunPlan, run_dir: Path, party_id: str) -> tuple[Identity, Roster]:
+    """This party's own identity (and the roster it pins), from ``secure_aggregation.keys/<party>/`` when the
+    configuration names a keys folder, else from its folder in the run; checked against the roster."""
+    keys = plan.config.secure_aggregation.keys
+    folder = Path(keys) / party_id if keys else party_folder(run_dir, party_id).path
+    try:
+        roster = load_roster(Path(keys) if keys else party_folder(run_dir, party_id).roster)
+        identity = load_party_identity(folder, party_id)
+        roster.check_identity(identity)
+    except ConfigurationError as error:
+        if not keys:
+            raise
+        raise ConfigError(f"key 'secure_aggregation.keys' ({keys!r}): {error}") from None
+    return identity, roster
+
+
+def _audit(plan: RunPlan, folder: PartyFolder, identity: Identity, roster: Roster, resume: bool):
+    audit = plan.config.audit
+    return folder.open_audit(identity, roster, enabled=audit.enabled, tree_head_every=audit.tree_head_every,
+                             resume=resume, run_id=plan.config.digest()[:16])
+
+
+def build_site(plan: RunPlan, run_dir: Path, site_id: str, foundation: Foundation, lora: LoraSettings,
+               split: tuple[EncodedSplit, EncodedSplit], answers: tuple[str, ...], *, resume: bool) -> Site:
+    identity, roster = party_identity(plan, run_dir, site_id)
+    folder = party_folder(run_dir, site_id)
+    index = plan.site_ids.index(site_id)
+    seed = plan.config.seed * 1000 + index
+    model = LocalModel(foundation, lora, plan.algorithm.adapters, plan.algorithm.trainable, len(answers),
+                       seed=seed + 1)
+    record = plan.privacy.record.get(site_id)
+    trainer = plan.algorithm.trainer(plan.config, model, record, plan.head_travels)
+    privacy = SitePrivacy(site_id, record, plan.privacy.client)
+    return Site(identity, roster, folder, config_digest=plan.config.digest(), trainer=trainer, train=split[0],
+                test=split[1], answers=answers, layout=plan.layout, sends_updates=plan.algorithm.sends_updates,
+                protocol=build_protocol(plan), privacy=privacy, weight=plan.weights[site_id], seed=seed,
+                audit=_audit(plan, folder, identity, roster, resume), base_model_path=foundation.path)
+
+
+def build_server(plan: RunPlan, run_dir: Path, channel: Channel, *, resume: bool) -> Server:
+    identity, roster = party_identity(plan, run_dir, "server")
+    folder = party_folder(run_dir, "server")
+    config = plan.config
+    link = ServerLink(channel, _audit(plan, folder, identity, roster, resume))
+    server_plan = ServerPlan(config_digest=config.digest(), rounds=config.federation.rounds, per_round=plan.per_round,
+                             sends_updates=plan.algorithm.sends_updates, vector_length=plan.vector_length,
+                             seed=config.seed, run_id=config.digest()[:16])
+    return Server(identity, roster, folder, server_plan, link,
+                  {k: np.array(v, dtype=np.float32) for k, v in plan.initial_state.items()}, plan.layout,
+                  build_protocol(plan), ServerPrivacy(plan.privacy.client))
+
+
+def build_keyholder(plan: RunPlan, run_dir: Path, *, resume: bool) -> KeyHolder:
+    identity, roster = party_identity(plan, run_dir, "keyholder")
+    folder = party_folder(run_dir, "keyholder")
+    return KeyHolder(identity, roster, folder, config_digest=plan.config.digest(), protocol=build_protocol(plan),
+                     audit=_audit(plan, folder, identity, roster, resume))

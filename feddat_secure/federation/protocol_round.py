@@ -1,0 +1,64 @@
+"""One secure-aggregation round driven by the server over a :class:`~.channel.ServerLink`.
+
+The protocol's server session says what to send; the link delivers each stage's messages at once (a
+deployment sends them in parallel) and returns the replies. Replies for the server go into its session;
+replies for another party (the HE key holder's context for each site) are relayed in the next wave.
+Whoever has not answered by the stage's deadline has dropped out; the session decides, when the stage
+closes, whether the round can still succeed (or raises RoundAborted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from protocols import AggregateResult, MessageRejected, Outgoing, ProtocolError, ServerSession
+
+from .channel import ServerLink
+
+MAX_RELAY_WAVES = 8  # a stage's messages are answered within a few waves; more means a party loops
+
+
+def run_protocol_round(session: ServerSession, link: ServerLink, clients: Sequence[str], round_index: int,
+                       vector_length: int, *, protocol: str, server_id: str, relay_to: Collection[str],
+                       rejections: list[str]) -> AggregateResult:
+    """Run the round to its end and return the aggregate; RoundAborted propagates. ``relay_to``: the parties
+    the server forwards other parties' messages to (this round's clients and the key holder); a message for
+    anyone else is refused. Every refused message is appended to ``rejections`` and logged by the link."""
+    outgoing = session.begin_round(round_index, list(clients), vector_length)
+    for _ in range(4 * len(session.stages) + 4):  # each stage closes once; the bound only guards against bugs
+        _deliver(session, link, outgoing, f"{protocol}:{session.stage}", server_id, relay_to, rejections)
+        if session.round_done:
+            return session.result()
+        outgoing = session.advance()
+        if session.round_done and not outgoing:
+            return session.result()
+    raise ProtocolError(f"the server did not finish round {round_index} (stuck at stage {session.stage!r})")
+
+
+def _deliver(session: ServerSession, link: ServerLink, outgoing: Sequence[Outgoing], stage: str, server_id: str,
+             relay_to: Collection[str], rejections: list[str]) -> None:
+    wave = list(outgoing)
+    for _ in range(MAX_RELAY_WAVES):
+        if not wave:
+            return
+        relayed: list[Outgoing] = []
+        for reply in link.exchange(wave, stage):
+            for message in reply.messages or ():
+                if message.recipient == server_id:
+                    try:
+                        session.receive(message.data)
+                    except MessageRejected as rejection:
+                        _refuse(link, reply.party, message.data, rejection.reason, rejections)
+                elif message.recipient in relay_to and message.recipient != reply.party:
+                    relayed.append(message)
+                else:
+                    _refuse(link, reply.party, message.data,
+                            f"asked the server to relay a message to {message.recipient!r}, who is not in this round",
+                            rejections)
+        wave = relayed
+    raise ProtocolError(f"stage {stage!r}: parties kept answering after {MAX_RELAY_WAVES} relays")
+
+
+def _refuse(link: ServerLink, sender: str, data: bytes, reason: str, rejections: list[str]) -> None:
+    rejections.append(f"server rejected a message from {sender}: {reason}")
+    link.audit.rejected(sender, data, reason)

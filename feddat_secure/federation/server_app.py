@@ -1,0 +1,353 @@
+"""The aggregation server: runs the rounds by sending signed requests and reading signed replies.
+
+It owns the roster (pinned by digest), its identity, the global state, the protocol's server session, the
+federation's client-level privacy ledger (central and distributed noise), its audit log and its checkpoints.
+It never holds a site's or the key holder's private key, data, ledger or model: it learns what the sites
+report in their signed replies and, of their updates, only what the secure-aggregation protocol reveals
+(the weighted sum).
+
+A round: sample the participants (from OS entropy under DP unless ``reproducible``) → ``train`` requests
+carrying the global state, its SHA-256 and the client-level terms → the protocol round among the sites that
+trained → apply the aggregate (central noise and DP-FedAvg's denominator under client-level DP) → ``evaluate``
+at every site → signed tree heads with the round's parties → checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from protocols import MessageRejected, Outgoing, Protocol, Roster, RoundAborted
+from protocols.identity import Identity
+from protocols.wire import Envelope, new_session_id
+
+from ..errors import FederationError
+from ..privacy.run_privacy import ServerPrivacy, write_ledger
+from . import envelopes as E
+from .channel import Reply, ServerLink
+from .checkpoint import load_checkpoint, save_checkpoint
+from .party_folder import PartyFolder
+from .protocol_round import run_protocol_round
+from .updates import StateLayout, apply_mean_update
+
+GLOBAL_STATE_FILE = "global_state.safetensors"
+LABELS = {
+    "plain": "plain (INSECURE reference: the server sees every site's update)",
+    "masked": "masked (SecAgg+: the server sees only the sum)",
+    "he": "he (CKKS: the server adds ciphertexts; a separate key holder decrypts only the sum)",
+}
+
+
+@dataclass
+class RoundLog:
+    """What the runner writes and prints; supplied by runner.py."""
+
+    write: Callable[[dict], dict]  # records a finished round (metrics.jsonl, the printed table); returns it
+    echo: Callable[[str], None]
+
+
+@dataclass
+class ServerPlan:
+    """The run as the server's configuration describes it."""
+
+    config_digest: str
+    rounds: int
+    per_round: int
+    sends_updates: bool
+    vector_length: int  # the protocol input's length (the update, plus the adaptive-clipping indicator)
+    seed: int
+    run_id: str
+
+
+@dataclass
+class Server:
+    identity: Identity
+    roster: Roster
+    folder: PartyFolder
+    plan: ServerPlan
+    link: ServerLink
+    global_state: dict[str, np.ndarray]
+    layout: StateLayout
+    protocol: Protocol | None
+    privacy: ServerPrivacy
+    history: list[dict] = field(default_factory=list)
+    next_round: int = 0
+    stopped: str | None = None
+
+    def __post_init__(self) -> None:
+        self.party_id = self.identity.party_id
+        self.stamp = E.Stamp(self.identity, self.roster)
+        self.site_ids = list(self.roster.client_ids)
+        self.keyholder_id = self.roster.keyholder_id if self.protocol is not None and self.protocol.needs_keyholder \
+            else None
+        self.sampler = np.random.default_rng([self.plan.seed, 7])
+        self.session = None  # the protocol's server session
+
+    @property
+    def audit(self):
+        return self.link.audit
+
+    @property
+    def min_participants(self) -> int:
+        """Fewer sites than this in a round and it is not aggregated: the protocol's own minimum, and at least
+        2 for a secure protocol (the sum over one site is that site's update)."""
+        if self.protocol is None:
+            return 1
+        return self.protocol.min_clients if self.protocol.insecure else max(2, self.protocol.min_clients)
+
+    # ------------------------------------------------------------------------------------- the run
+
+    def open(self, *, resume: bool) -> None:
+        """Start (or, on ``resume``, continue from this server's own checkpoint) the run's session with every
+        site and the key holder."""
+        state = self._restore() if resume else None
+        self.stamp.session = state["session"] if state else new_session_id()
+        if self.protocol is not None and self.plan.sends_updates:
+            self.session = self.protocol.server(self.identity, self.roster, session=self.stamp.session,
+                                                state=state["aggregation"] if state else None)
+        if state is None:
+            self.audit.event("run_started", meta={"session": self.stamp.session,
+                                                  "protocol": self.protocol.name if self.protocol else "none"})
+        parties = [*self.site_ids, *([self.keyholder_id] if self.keyholder_id else [])]
+        fields = {"config_sha256": self.plan.config_digest, "next_round": self.next_round, "resume": resume,
+                  "clients": self.site_ids}
+        raw = self._request(E.OPEN, self.next_round, parties, lambda _: fields, {})
+        to_us = {p: [m for m in messages if m.recipient == self.party_id] for p, messages in raw.items()}
+        opened = self._replies(E.OPENED, self.next_round, to_us)
+        self._check_answered(E.OPEN, parties, opened)
+        relayed = [m for messages in raw.values() for m in messages if m.recipient in self.site_ids]
+        if relayed:  # the key holder's one-off setup messages for the sites
+            self.link.exchange(relayed, f"{E.PROTOCOL}:setup")
+
+    def run(self, log: RoundLog) -> None:
+        while self.next_round < self.plan.rounds:
+            round_index = self.next_round
+            participants = self.privacy.participants(self.site_ids, self.plan.per_round, self.sampler)
+            refusal = self.privacy.refusal(round_index)
+            if refusal is not None:
+                self._stop(round_index, refusal, log)
+                return
+            self.audit.event("round_started", round=round_index)
+            record = self._round(round_index, participants)
+            if record is None:
+                self._stop(round_index, self.stopped, log)
+                return
+            self.history.append(log.write(record))
+            self.next_round = round_index + 1
+            self._exchange_tree_heads(round_index, [*record["trained"], *([self.keyholder_id] if self.keyholder_id
+                                                                         else [])])
+            self._checkpoint()
+
+    def close(self) -> dict[str, str | None]:
+        """Seal the run: every party writes its outputs and closes its log; the server records their final tree
+        heads, writes its ledger and closes its own log. Returns every party's final tree head (JSON)."""
+        reason = self.stopped or "all rounds finished"
+        parties = [*self.site_ids, *([self.keyholder_id] if self.keyholder_id else [])]
+        replies = self._request(E.CLOSE, self.next_round, parties, lambda _: {"reason": reason[:256]}, {})
+        heads = {}
+        for party, envelope in self._replies(E.CLOSED, self.next_round, replies).items():
+            heads[party] = envelope.fields.get("tree_head")
+            if heads[party] is not None:
+                self.audit.record_peer_tree_head(party, heads[party])
+        self._write_ledger()
+        if self.plan.sends_updates:  # the server's own copy of what it computed, in its own folder
+            save_file(self.global_state, str(self.folder.path / GLOBAL_STATE_FILE))
+        heads[self.party_id] = self.audit.close(reason)
+        self.folder.drop_checkpoints()
+        return heads
+
+    def _stop(self, round_index: int, reason: str, log: RoundLog) -> None:
+        self.stopped = f"stopped before round {round_index + 1}: {reason}"
+        self.audit.event("budget_exceeded", round=round_index, meta={"reason": reason[:256]})
+        log.echo(f"feddat-secure: {self.stopped}")
+
+    # ------------------------------------------------------------------------------------- one round
+
+    def _round(self, round_index: int, participants: list[str]) -> dict | None:
+        start = time.perf_counter()
+        terms = self.privacy.train_terms(len(participants))
+        arrays = E.state_arrays(self.global_state) if self.plan.sends_updates else {}
+        fields = {"model_sha256": E.model_digest(arrays) if arrays else None,
+                  "send_update": self.plan.sends_updates, **terms}
+        replies = self._replies(E.UPDATE, round_index,
+                                self._request(E.TRAIN, round_index, participants, lambda _: fields, arrays))
+        trained, refused, losses, epsilon = [], {}, {}, {}
+        for party in participants:
+            report = replies.get(party)
+            if report is None:
+                continue
+            try:
+                reason = self._checked_update(report)
+            except MessageRejected as rejection:  # a malformed report: the site does not take part
+                self.audit.event("party_dropped", round=round_index, peer=party,
+                                 meta={"reason": rejection.reason[:256]})
+                continue
+            if reason is not None:
+                refused[party] = reason
+                continue
+            trained.append(party)
+            losses[party] = dict(report.fields["losses"])
+            epsilon.update({f"{level}:{party}": value for level, value in report.fields["epsilon"].items()})
+        if refused and not trained:
+            self.stopped = "; ".join(f"{party}: {reason}" for party, reason in refused.items())
+            return None
+        aggregate = self._aggregate(round_index, trained)
+        if aggregate.get("counted_sites") is not None and self.session is not None:  # released, or skipped by sampling
+            spent = self.privacy.charge(round_index, len(trained), aggregate["counted_sites"])
+            if spent is not None:
+                epsilon["client:federation"] = spent
+                self.audit.event("privacy_spent", round=round_index,
+                                 meta={"level": "client", "epsilon": spent, "delta": self.privacy.client.delta})
+        metrics = self._evaluate(round_index)
+        return {"round": round_index + 1, "participants": participants, "trained": trained,
+                "refused": refused, "clients": metrics, "mean": mean_accuracies(metrics), "train_loss": losses,
+                "seconds": round(time.perf_counter() - start, 3), "aggregation": aggregate,
+                "bytes_to_server_total": sum(self.link.bytes_received.values()),
+                "bytes_to_clients_total": sum(self.link.bytes_sent.values()), "privacy": epsilon}
+
+    def _checked_update(self, envelope: Envelope) -> str | None:
+        """The reason a site refused to train, or None; a malformed report raises MessageRejected."""
+        fields, sender = envelope.fields, envelope.sender
+        if set(fields) != {"refused", "num_examples", "losses", "epsilon"}:
+            raise MessageRejected(f"an update report has fields {sorted(fields)}", sender)
+        if fields["refused"] is not None:
+            return str(fields["refused"])
+        count = fields["num_examples"]
+        if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+            raise MessageRejected("num_examples must be a positive integer", sender)
+        if not isinstance(fields["losses"], dict) or not isinstance(fields["epsilon"], dict):
+            raise MessageRejected("'losses' and 'epsilon' must be objects", sender)
+        if envelope.arrays or envelope.blobs:
+            raise MessageRejected("an update report carries data; updates travel only through the secure-aggregation "
+                                  "protocol", sender)
+        return None
+
+    def _aggregate(self, round_index: int, trained: list[str]) -> dict[str, Any]:
+        if self.session is None:
+            return {"protocol": "none (local training)"}
+        name = self.protocol.name
+        if len(trained) < self.min_participants:
+            # Too few sites (Poisson sampling, refusals, dropouts): nothing is aggregated or applied. A round
+            # whose mechanism would have run is charged as if it had (docs/privacy.md).
+            reason = f"{len(trained)} sites trained, the protocol needs {self.min_participants}"
+            self.audit.event("round_finished", round=round_index, meta={"outcome": "skipped"})
+            return {"protocol": name, "rejections": [], "skipped": reason, "counted": [], "counted_sites": 0}
+        rejections: list[str] = []
+        relay_to = {*trained, *([self.keyholder_id] if self.keyholder_id else [])}
+        try:
+            result = run_protocol_round(self.session, self.link, trained, round_index, self.plan.vector_length,
+                                        protocol=name, server_id=self.party_id, relay_to=relay_to,
+                                        rejections=rejections)
+        except RoundAborted as abort:
+            self.audit.event("round_finished", round=round_index, meta={"outcome": "aborted"})
+            return {"protocol": name, "rejections": rejections, "aborted": f"aborted at stage {abort.stage!r}: "
+                    f"{abort.reason}", "counted": [], "counted_sites": None}
+        vector = np.asarray(result.vector)
+        if vector.shape != (self.plan.vector_length,) or not np.all(np.isfinite(vector)):
+            raise FederationError(f"round {round_index + 1}: the aggregate is not a finite vector of "
+                                  f"{self.plan.vector_length}")
+        summed, denominator = self.privacy.aggregate_to_apply(vector, result.total_weight, self.sampler)
+        self.global_state = apply_mean_update(self.layout, self.global_state, summed, denominator)
+        self.audit.event("aggregate_computed", round=round_index,
+                         data=np.ascontiguousarray(summed, dtype="<f8").tobytes(),
+                         meta={"protocol": name, "counted": len(result.counted)})
+        self.audit.event("adapter_applied", round=round_index)
+        return {"protocol": name, "rejections": rejections, "counted": list(result.counted),
+                "counted_sites": len(result.counted), "total_weight": result.total_weight}
+
+    def _evaluate(self, round_index: int) -> dict[str, dict]:
+        arrays = E.state_arrays(self.global_state) if self.plan.sends_updates else {}
+        fields = {"model_sha256": E.model_digest(arrays)} if arrays else {}
+        replies = self._replies(E.METRICS, round_index,
+                                self._request(E.EVALUATE, round_index, self.site_ids, lambda _: fields, arrays))
+        return {party: dict(replies[party].fields["metrics"]) for party in self.site_ids if party in replies}
+
+    def _exchange_tree_heads(self, round_index: int, parties: Sequence[str]) -> None:
+        """The server and each of the round's parties swap signed tree heads, as ordinary (logged) messages."""
+        if not parties:
+            return
+        head = self.audit.tree_head()  # None when auditing is off: the exchange then only closes the round
+        replies = self._replies(E.TREE_HEAD, round_index,
+                                self._request(E.TREE_HEAD, round_index, parties, lambda _: {"tree_head": head}, {}))
+        for party, envelope in replies.items():
+            if envelope.fields.get("tree_head") is not None:
+                self.audit.record_peer_tree_head(party, envelope.fields["tree_head"])
+
+    # ------------------------------------------------------------------------------------ messaging
+
+    def _request(self, stage: str, round_index: int, parties: Sequence[str], fields: Callable[[str], dict],
+                 arrays: Mapping[str, np.ndarray]) -> dict[str, list[Outgoing]]:
+        requests = [Outgoing(p, self.stamp.envelope(stage, round_index, p, fields(p), arrays)) for p in parties]
+        replies: list[Reply] = self.link.exchange(requests, f"{E.PROTOCOL}:{stage}")
+        return {reply.party: list(reply.messages) for reply in replies if reply.messages is not None}
+
+    def _replies(self, stage: str, round_index: int, replies: Mapping[str, list[Outgoing]]) -> dict[str, Envelope]:
+        """Each party's one signed reply of ``stage`` to us in this session and round; anything else in a reply
+        is refused (logged), and a party without an acceptable reply counts as not having answered."""
+        accepted = {}
+        for party, messages in replies.items():
+            for message in messages:
+                try:
+                    if message.recipient != self.party_id:
+                        raise MessageRejected(f"a {stage!r} reply addressed to {message.recipient!r}", party)
+                    envelope = self.stamp.open(message.data, session=self.stamp.session)
+                    if envelope.sender != party or envelope.stage != stage or envelope.round != round_index \
+                            or party in accepted:
+                        raise MessageRejected(f"expected one {stage!r} reply of round {round_index} from {party!r}, "
+                                              f"got {envelope.stage!r} of round {envelope.round} from "
+                                              f"{envelope.sender!r}", party)
+                    accepted[party] = envelope
+                except MessageRejected as rejection:
+                    self.audit.rejected(party, message.data, rejection.reason)
+        return accepted
+
+    def _check_answered(self, stage: str, parties: Sequence[str], replies: Mapping[str, Any]) -> None:
+        missing = [party for party in parties if party not in replies]
+        if missing:
+            raise FederationError(f"no acceptable answer to {stage!r} from {', '.join(missing)}; see the server's "
+                                  "audit log")
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _write_ledger(self) -> None:
+        if self.privacy.client is not None:
+            write_ledger(self.folder.ledger, self.privacy.ledger())
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(self.folder.checkpoint(self.next_round), {
+            "session": self.stamp.session,
+            "next_round": self.next_round,
+            "global_state": self.global_state,
+            "sampler": self.sampler.bit_generator.state,
+            "bytes_sent": dict(self.link.bytes_sent),
+            "bytes_received": dict(self.link.bytes_received),
+            "history": self.history,
+            "privacy": self.privacy.state_dict(),
+            "aggregation": self.session.state_dict() if self.session is not None else None,
+        })
+        self._write_ledger()
+        self.folder.keep_checkpoints_from(self.next_round)
+
+    def _restore(self) -> dict[str, Any]:
+        found = self.folder.checkpoints()
+        if not found:
+            raise FederationError(f"cannot resume: the server has no checkpoint in {str(self.folder.path)!r}")
+        state = load_checkpoint(found[max(found)])
+        self.next_round = int(state["next_round"])
+        self.global_state = {k: np.asarray(v, dtype=np.float32) for k, v in state["global_state"].items()}
+        self.sampler.bit_generator.state = state["sampler"]
+        self.link.bytes_sent.update(state["bytes_sent"])
+        self.link.bytes_received.update(state["bytes_received"])
+        self.history = list(state["history"])
+        self.privacy.load_state_dict(state["privacy"])
+        return state
+
+
+def mean_accuracies(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    modes = [m for m in ("dat", "shared", "client") if metrics and all(m in v for v in metrics.values())]
+    return {m: float(np.mean([v[m] for v in metrics.values()])) for m in modes}

@@ -1,0 +1,280 @@
+"""A site: one data owner. It holds everything that is its own and answers the server's signed requests.
+
+What a site owns and nobody else holds: its identity key, its data, its model (adapters, head, trainer,
+optimizers), its record-level privacy ledger and budget gate, its audit log, its checkpoints and its random
+generators (numpy for batches and noise, its own torch generator state for the model's random choices).
+It learns about the run only from signed messages: the server's session id, the round, the global model
+(checked against the SHA-256 the server signed with it), the clip norm and the number of noise shares.
+
+After local training the site's update (the change of its travelling state) never goes to the server
+directly: after its own client-level step (clipping, local noise, or a distributed noise share) it becomes
+the input of the site's secure-aggregation session; the ``update`` reply carries only the example count,
+the losses when no record-level DP is on, and the ε the site has spent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from protocols import MessageRejected, Outgoing, Protocol, Roster
+from protocols.identity import Identity
+from protocols.wire import Envelope, peek
+
+from ..data.batching import EncodedSplit
+from ..errors import FederationError
+from ..model.adapters import save_peft_adapter
+from ..privacy.run_privacy import SitePrivacy, write_ledger
+from ..training.trainers import LocalTrainer
+from . import envelopes as E
+from .channel import PartyAudit
+from .checkpoint import load_checkpoint, save_checkpoint
+from .party_folder import PartyFolder
+from .updates import StateLayout, update_vector
+
+
+class Site:
+    """One site's party. ``handle(bytes) -> [Outgoing]`` is all the rest of the world can call."""
+
+    def __init__(self, identity: Identity, roster: Roster, folder: PartyFolder, *, config_digest: str,
+                 trainer: LocalTrainer, train: EncodedSplit, test: EncodedSplit, answers: tuple[str, ...],
+                 layout: StateLayout, sends_updates: bool, protocol: Protocol | None, privacy: SitePrivacy,
+                 weight: int, seed: int, audit: PartyAudit, base_model_path: Path) -> None:
+        self.party_id = identity.party_id
+        self.stamp = E.Stamp(identity, roster)
+        self.roster = roster
+        self.folder = folder
+        self.config_digest = config_digest
+        self.trainer = trainer
+        self.train = train
+        self.test = test
+        self.answers = answers
+        self.layout = layout
+        self.sends_updates = sends_updates
+        self.protocol = protocol
+        self.privacy = privacy
+        self.weight = weight
+        self.rng = np.random.default_rng(seed)
+        self.torch_rng = torch.get_rng_state()  # taken right after this site's model was built from its seed
+        self.audit = audit
+        self.base_model_path = base_model_path
+        self.aggregation = None  # the protocol's client session, once the run's session is open
+        self.last_trained_round = -1
+        self.last_evaluated_round = -1
+
+    # ------------------------------------------------------------------------------------------ messages
+
+    def handle(self, data: bytes) -> list[Outgoing]:
+        header = peek(data)
+        if header is None:
+            raise MessageRejected("not a readable message")
+        if header.protocol == E.PROTOCOL:
+            return [self._runner_message(data, header)]
+        if self.aggregation is not None and self.protocol is not None and header.protocol == self.protocol.name:
+            return self.aggregation.handle(data)
+        raise MessageRejected(f"{self.party_id} takes no {header.protocol!r} messages now", header.sender)
+
+    def _runner_message(self, data: bytes, header: Envelope) -> Outgoing:
+        first_contact = self.stamp.session is None and header.stage == E.OPEN
+        envelope = self.stamp.open(data, session=None if first_contact else self._session())
+        if envelope.sender != self.roster.server_id:
+            raise MessageRejected("only the server sends requests to a site", envelope.sender)
+        handler = {E.OPEN: self._open, E.TRAIN: self._train, E.EVALUATE: self._evaluate,
+                   E.TREE_HEAD: self._tree_head, E.CLOSE: self._close}.get(envelope.stage)
+        if handler is None:
+            raise MessageRejected(f"a site takes no {envelope.stage!r} request", envelope.sender)
+        fields = handler(envelope)
+        return Outgoing(envelope.sender, self.stamp.envelope(E.REPLY_TO[envelope.stage], envelope.round,
+                                                             envelope.sender, fields))
+
+    def _session(self) -> str:
+        if self.stamp.session is None:
+            raise MessageRejected("no run session is open at this site yet")
+        return self.stamp.session
+
+    # -------------------------------------------------------------------------------------------- stages
+
+    def _open(self, envelope: Envelope) -> dict[str, Any]:
+        fields = envelope.fields
+        if fields.get("config_sha256") != self.config_digest:
+            raise MessageRejected(f"the server runs configuration {fields.get('config_sha256')!r}; this site agreed "
+                                  f"to {self.config_digest!r}", envelope.sender)
+        if self.stamp.session is not None:
+            raise MessageRejected("a run session is already open at this site", envelope.sender)
+        next_round = fields.get("next_round")
+        if not isinstance(next_round, int) or isinstance(next_round, bool) or next_round < 0:
+            raise MessageRejected("'next_round' must be an integer >= 0", envelope.sender)
+        state = self._restore(next_round, envelope.session) if fields.get("resume") else None
+        self.stamp.session = envelope.session
+        if self.sends_updates and self.protocol is not None:
+            self.aggregation = self.protocol.client(self.stamp.identity, self.roster, self.roster.server_id,
+                                                    session=envelope.session,
+                                                    state=state["aggregation"] if state else None)
+        if state is None:
+            self.audit.event("run_started", meta={"session": envelope.session})
+        return {"next_round": next_round}
+
+    def _train(self, envelope: Envelope) -> dict[str, Any]:
+        round_index = envelope.round
+        if round_index <= self.last_trained_round:
+            raise MessageRejected(f"round {round_index} is not after round {self.last_trained_round}, the last one "
+                                  "this site trained (replay?)", envelope.sender)
+        send_update = envelope.fields.get("send_update")
+        if send_update is not self.sends_updates:
+            raise MessageRejected(f"'send_update' must be {self.sends_updates} for this run's algorithm",
+                                  envelope.sender)
+        model = E.checked_model(envelope) if send_update else None
+        clip_norm, noise_shares = self._client_terms(envelope)
+        refusal = self.privacy.refusal(round_index)
+        if refusal is not None:
+            self.audit.event("budget_exceeded", round=round_index, meta={"reason": refusal[:256]})
+            self.last_trained_round = round_index
+            return {"refused": refusal, "num_examples": len(self.train), "losses": {}, "epsilon": {}}
+        if model is not None:
+            self._load_global(model, envelope.sender)
+            self.audit.event("adapter_applied", round=round_index)
+        received = self.trainer.shared_state()
+        with self._own_torch_rng():
+            losses = self.trainer.train_round_on(self.train, self.rng, round_index)
+        self.last_trained_round = round_index
+        epsilon = {}
+        spent = self.privacy.charge_training(self.trainer.round_events, round_index)
+        if spent is not None:
+            epsilon["record"] = spent
+            self.audit.event("privacy_spent", round=round_index,
+                             meta={"level": "record", "epsilon": spent, "delta": self.privacy.record.delta})
+        if send_update:
+            update = update_vector(self.layout, self.trainer.shared_state(), received)
+            update, noise = self.privacy.update_step(update, clip_norm=clip_norm, noise_shares=noise_shares,
+                                                     rng=self.rng)
+            if noise is None:
+                self.aggregation.set_input(round_index, update, self.weight)
+            else:
+                self.aggregation.set_input(round_index, update, self.weight, noise=noise)
+            released = self.privacy.charge_release(round_index)
+            if released is not None:
+                epsilon["client"] = released
+                self.audit.event("privacy_spent", round=round_index,
+                                 meta={"level": "client", "epsilon": released,
+                                       "delta": self.privacy.client.delta})
+        return {"refused": None, "num_examples": len(self.train), "losses": losses, "epsilon": epsilon}
+
+    def _load_global(self, model: dict[str, np.ndarray], sender: str) -> None:
+        """Replace the received adapters with the server's model, refusing (nothing applied) one that does not fit."""
+        try:
+            self.trainer.load_global(model)
+        except ValueError as error:  # AdapterStateError included: names, shapes or a head that should stay local
+            raise MessageRejected(f"the model does not fit this site's: {error}", sender) from None
+
+    def _client_terms(self, envelope: Envelope) -> tuple[float | None, int | None]:
+        """The round's clip norm and noise-share count from the server, checked against this site's own
+        settings: a fixed clip norm must be exactly the configured one, an adaptive one positive and finite."""
+        client = self.privacy.client
+        clip_norm, shares = envelope.fields.get("clip_norm"), envelope.fields.get("noise_shares")
+        if client is None:
+            if clip_norm is not None or shares is not None:
+                raise MessageRejected("client-level terms in a run without client-level DP", envelope.sender)
+            return None, None
+        if isinstance(clip_norm, bool) or not isinstance(clip_norm, int | float) or not math.isfinite(clip_norm) \
+                or clip_norm <= 0 or (not client.adaptive and clip_norm != client.clip_norm):
+            raise MessageRejected(f"clip norm {clip_norm!r} is not this site's ({client.clip_norm}, "
+                                  f"{'adaptive' if client.adaptive else 'fixed'})", envelope.sender)
+        if client.placement == "distributed":
+            if isinstance(shares, bool) or not isinstance(shares, int) \
+                    or not client.tolerated_dropouts < shares <= len(self.roster.client_ids):
+                raise MessageRejected(f"noise shares {shares!r} outside ({client.tolerated_dropouts}, "
+                                      f"{len(self.roster.client_ids)}]", envelope.sender)
+        elif shares is not None:
+            raise MessageRejected("noise shares belong to the distributed placement", envelope.sender)
+        return float(clip_norm), shares
+
+    def _evaluate(self, envelope: Envelope) -> dict[str, Any]:
+        round_index = envelope.round
+        if round_index <= self.last_evaluated_round:
+            raise MessageRejected(f"round {round_index} was already evaluated (replay?)", envelope.sender)
+        if envelope.arrays:
+            self._load_global(E.checked_model(envelope), envelope.sender)
+        with self._own_torch_rng():
+            metrics = self.trainer.evaluate(self.test)
+        self.last_evaluated_round = round_index
+        self._checkpoint(round_index + 1)
+        return {"metrics": metrics}
+
+    def _tree_head(self, envelope: Envelope) -> dict[str, Any]:
+        head = envelope.fields.get("tree_head")
+        if head is not None:
+            self.audit.record_peer_tree_head(envelope.sender, head)
+        return {"tree_head": self.audit.tree_head()}
+
+    def _close(self, envelope: Envelope) -> dict[str, Any]:
+        reason = envelope.fields.get("reason")
+        if not isinstance(reason, str):
+            raise MessageRejected("'reason' must be a string", envelope.sender)
+        self.save_outputs()
+        if self.privacy.accountants:
+            write_ledger(self.folder.ledger, self.privacy.ledger())
+        head = self.audit.close_after_reply(reason)
+        self.folder.drop_checkpoints()
+        return {"tree_head": head}
+
+    # --------------------------------------------------------------------------------- what the site keeps
+
+    def save_outputs(self) -> None:
+        """Write what this site keeps: its adapters in PEFT format and, when local, its head and answers."""
+        adapters = self.trainer.model.adapters
+        for name in self.trainer.kept:
+            save_peft_adapter(adapters.get_state(name), adapters.settings, self.base_model_path,
+                              self.folder.path / f"{name}_adapter")
+        if not self.trainer.head_travels:
+            save_file(self.trainer.model.head_state(), str(self.folder.path / "head.safetensors"))
+            (self.folder.path / "answers.json").write_text(json.dumps(list(self.answers), indent=1) + "\n")
+
+    @contextlib.contextmanager
+    def _own_torch_rng(self):
+        """Run with this site's own torch generator state (the model draws from torch's default generator:
+        ViLT samples image patches on every forward pass), so no site's draws depend on another's."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.torch_rng)
+            yield
+            self.torch_rng = torch.get_rng_state()
+
+    def _checkpoint(self, next_round: int) -> None:
+        save_checkpoint(self.folder.checkpoint(next_round), {
+            "session": self.stamp.session,
+            "trainer": self.trainer.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": self.torch_rng,
+            "last_trained_round": self.last_trained_round,
+            "last_evaluated_round": self.last_evaluated_round,
+            "privacy": self.privacy.state_dict(),
+            "aggregation": self.aggregation.state_dict() if self.aggregation is not None else None,
+        })
+        if self.privacy.accountants:
+            write_ledger(self.folder.ledger, self.privacy.ledger())
+        self.folder.keep_checkpoints_from(next_round - 1)
+
+    def _restore(self, next_round: int, session: str) -> dict[str, Any]:
+        """This site's own state when ``next_round`` is next, from its own checkpoint of that round."""
+        path = self.folder.checkpoint(next_round)
+        if not path.is_file():
+            raise FederationError(f"{self.party_id}: no checkpoint for round {next_round + 1} in "
+                                  f"{str(path.parent)!r}; this site cannot resume there")
+        state = load_checkpoint(path)
+        if state["session"] != session:
+            raise MessageRejected(f"the checkpoint for round {next_round + 1} belongs to session {state['session']!r}, "
+                                  f"not {session!r}")
+        self.trainer.load_state_dict(state["trainer"])
+        self.rng.bit_generator.state = state["rng"]
+        self.torch_rng = state["torch_rng"]
+        self.last_trained_round = int(state["last_trained_round"])
+        self.last_evaluated_round = int(state["last_evaluated_round"])
+        self.privacy.load_state_dict(state["privacy"])
+        self.folder.keep_checkpoints_from(next_round)
+        return state
