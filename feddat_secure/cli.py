@@ -1,7 +1,7 @@
 """The ``feddat-secure`` command line.
 
-Errors a user can fix (config, data, model folder, run folder) print one line and exit 2;
-nothing else is swallowed. Importing this module loads no deep-learning library: the commands that
+Errors a user can fix (config, data, model folder, run folder) print one line and exit 2; a run a privacy
+budget stopped early (its outputs written) exits 1; nothing else is swallowed. Importing this module loads no deep-learning library: the commands that
 train (``run``, ``demo``, ``pretrain-foundation``) and ``privacy-report`` (whose accountants need Opacus)
 import theirs when they run, so ``--help``, ``keys``, ``roster`` and ``audit`` start at once.
 """
@@ -34,8 +34,9 @@ def _run(args: argparse.Namespace) -> int:
 
     result = run(config, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     print(f"run folder: {result.run_dir}")
-    if result.stopped:
-        print(f"the run {result.stopped}", file=sys.stderr)
+    if result.stopped:  # a budget stopped it: the outputs are written, but the run did not do what was asked
+        print(f"feddat-secure: the run {result.stopped}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from .config import RunConfig, load_config
 from .data.batching import images_to_pixels
@@ -46,13 +46,11 @@ from .federation.algorithms import get_algorithm
 from .federation.party_folder import PARTIES_DIR
 from .model.adapters import AdapterState, AdapterStateError, LoraSettings
 from .model.backbone import Foundation, folder_digest, load_foundation
+from .model.classifier import ANSWERS_FILE, HEAD_FILE, save_head  # noqa: F401  (save_head: public here too)
 from .training.adapter_names import CLIENT, FROZEN_GLOBAL, SHARED
-from .training.local_model import HEAD_PREFIX, LocalModel
+from .training.local_model import LocalModel
 from .training.trainers import DUAL_ADAPTER_TEACHER, SHARED_ONLY
 
-HEAD_FILE = "head.safetensors"
-ANSWERS_FILE = "answers.json"
-HEAD_CONFIG_FILE = "head.json"
 GLOBAL_ADAPTER_DIR = "global_adapter"
 
 ImageInput = np.ndarray | Image.Image | str | os.PathLike
@@ -158,29 +156,6 @@ class Predictor:
 
 
 # ----------------------------------------------------------------------------------------- the saved result
-
-
-def save_head(head: Mapping[str, np.ndarray], answers: Sequence[str], folder: Path) -> None:
-    """Write an answer head: ``head.safetensors`` (the :class:`~feddat_secure.model.classifier.AnswerHead`'s
-    state under ``head.``-prefixed keys), ``answers.json`` (the answer behind each output, in order) and
-    ``head.json``, which describes both for a reader without feddat-secure (docs/api.md)."""
-    arrays = {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in head.items()}
-    last = arrays[f"{HEAD_PREFIX}layers.3.weight"]
-    if last.shape[0] != len(answers):
-        raise ValueError(f"the head has {last.shape[0]} outputs for {len(answers)} answers")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(arrays, str(folder / HEAD_FILE))
-    (folder / ANSWERS_FILE).write_text(json.dumps(list(answers), indent=1) + "\n")
-    config = {
-        "input": "pooler_output of ViltModel (with the adapters active)",
-        "architecture": ["Linear(hidden, 2*hidden)", "LayerNorm(2*hidden)", "GELU", "Linear(2*hidden, answers)"],
-        "hidden_size": int(last.shape[1] // 2),
-        "num_answers": len(answers),
-        "answers": list(answers),
-        "layers": {key: list(value.shape) for key, value in sorted(arrays.items())},
-        "weights_file": HEAD_FILE,
-    }
-    (folder / HEAD_CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
 
 
 def run_sites(run_dir: str | os.PathLike) -> tuple[str, ...]:

@@ -50,11 +50,23 @@ def drive_round(server: ServerSession, clients: Mapping[str, ClientSession], key
         raise ConfigurationError(f"unknown stage names in dropouts: {sorted(unknown)}; "
                                  f"the stages are {', '.join(server.stages)}")
     vanish_at = {client: server.stages.index(stage) for client, stage in dropouts.items()}
-    outgoing = server.begin_round(round_id, list(clients), vector_length)
-    for _ in range(4 * len(server.stages) + 4):  # each stage closes once; the bound only guards against bugs
+
+    def deliver_stage(outgoing: Sequence[Outgoing]) -> None:
         gone = {client for client, index in vanish_at.items() if server.stages.index(server.stage) >= index}
         _route(outgoing, server_id, server, clients, keyholder, keyholder_id, gone, deliver, on_rejection,
                server_id=server_id)
+
+    return run_stages(server, round_id, list(clients), vector_length, deliver_stage)
+
+
+def run_stages(server: ServerSession, round_id: int, clients: Sequence[str], vector_length: int,
+               deliver_stage: Callable[[Sequence[Outgoing]], None]) -> AggregateResult:
+    """The server's side of one round, whoever carries the messages: begin the round, then hand each stage's
+    messages to ``deliver_stage`` (which feeds the answers to ``server.receive``) and close the stage, until
+    the result. RoundAborted from the server propagates."""
+    outgoing = server.begin_round(round_id, list(clients), vector_length)
+    for _ in range(4 * len(server.stages) + 4):  # each stage closes once; the bound only guards against bugs
+        deliver_stage(outgoing)
         if server.round_done:
             return server.result()
         outgoing = server.advance()

@@ -34,7 +34,8 @@ def test_feddat_run_writes_every_output(feddat_run):
                  "global_adapter/adapter_config.json", "roster.json",
                  "parties/client0/client_adapter/adapter_model.safetensors",
                  "parties/client1/shared_adapter/adapter_config.json", "parties/client0/head.safetensors",
-                 "parties/client0/answers.json", "parties/server/server.audit.jsonl"):
+                 "parties/client0/answers.json", "parties/client0/head.json", "provenance.json",
+                 "parties/server/server.audit.jsonl", "parties/server/global_state.safetensors"):
         assert (folder / name).is_file(), name
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file
 
 from audits import reconcile, verify_path
 from feddat_secure.cli import USER_ERRORS, _roster_keys, main
-from feddat_secure.config import ConfigError
+from feddat_secure.config import ConfigError, to_toml
 from feddat_secure.federation import envelopes as E
 from feddat_secure.federation import site_app
 from feddat_secure.federation.party_folder import PartyFolder
@@ -230,6 +230,15 @@ def test_a_round_that_would_exceed_the_record_level_budget_is_not_run(tmp_path):
     assert manifest["finished"].startswith("stopped early")
     assert "budget_exceeded" in audit_events(parties / "server" / "server.audit.jsonl")
     assert (result.run_dir / "global_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_command_line_exits_1_when_a_budget_stopped_the_run_and_still_writes_its_outputs(tmp_path, capsys):
+    config = small_config(tmp_path, federation={"rounds": 3}, privacy=RECORD_BUDGET)
+    path = tmp_path / "budget.toml"
+    path.write_text(to_toml(config))
+    assert main(["run", str(path), "--quiet"]) == 1
+    assert "stopped before round 2" in capsys.readouterr().err
+    assert (run_dir_of(config) / "manifest.json").is_file()
 
 
 def audit_events(path) -> list[str]:

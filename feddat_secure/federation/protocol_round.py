@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from protocols import AggregateResult, MessageRejected, Outgoing, ProtocolError, ServerSession
+from protocols.simulation import run_stages
 
 from .channel import ServerLink
 
@@ -24,15 +25,10 @@ def run_protocol_round(session: ServerSession, link: ServerLink, clients: Sequen
     """Run the round to its end and return the aggregate; RoundAborted propagates. ``relay_to``: the parties
     the server forwards other parties' messages to (this round's clients and the key holder); a message for
     anyone else is refused. Every refused message is appended to ``rejections`` and logged by the link."""
-    outgoing = session.begin_round(round_index, list(clients), vector_length)
-    for _ in range(4 * len(session.stages) + 4):  # each stage closes once; the bound only guards against bugs
+    def deliver_stage(outgoing: Sequence[Outgoing]) -> None:
         _deliver(session, link, outgoing, f"{protocol}:{session.stage}", server_id, relay_to, rejections)
-        if session.round_done:
-            return session.result()
-        outgoing = session.advance()
-        if session.round_done and not outgoing:
-            return session.result()
-    raise ProtocolError(f"the server did not finish round {round_index} (stuck at stage {session.stage!r})")
+
+    return run_stages(session, round_index, clients, vector_length, deliver_stage)
 
 
 def _deliver(session: ServerSession, link: ServerLink, outgoing: Sequence[Outgoing], stage: str, server_id: str,

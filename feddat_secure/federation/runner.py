@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from protocols import ConfigurationError
@@ -31,6 +30,7 @@ from ..data import Benchmark, build_benchmark
 from ..data.report import data_report
 from ..model.adapters import LoraSettings, save_peft_adapter
 from ..model.backbone import Foundation, load_foundation
+from ..model.classifier import save_head
 from ..privacy.report import write_privacy_report
 from ..privacy.run_privacy import load_run_ledgers
 from ..training.local_model import split_head
@@ -135,8 +135,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
         adapter, head = split_head(global_state)
         save_peft_adapter(adapter, lora, foundation.path, run_dir / "global_adapter")
         if head:
-            save_file(head, str(run_dir / "global_adapter" / "head.safetensors"))
-            _write_answers(run_dir / "global_adapter", benchmark.answers)
+            save_head(head, benchmark.answers, run_dir / "global_adapter")
     _write_manifest(run_dir, config, foundation, benchmark, stopped, data_quality.to_dict())
     if load_run_ledgers(run_dir) is not None:
         report = write_privacy_report(run_dir)
@@ -188,8 +187,8 @@ def _check_new_or_resumable(run_dir: Path, config: RunConfig, overwrite: bool, r
     and base model continues, and a finished run is sealed. Checked before anything is written."""
     if not resume:
         if run_dir.exists() and not overwrite:
-            raise ConfigError(f"run folder {str(run_dir)!r} already exists; choose another 'name', pass "
-                              "--overwrite, or --resume an interrupted run")
+            raise ConfigError(f"run folder {str(run_dir)!r} already exists; choose another 'name', overwrite it, or "
+                              "resume it if it was interrupted")
         return
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"cannot resume {str(run_dir)!r}: it holds no run (no config.toml)")
@@ -200,7 +199,7 @@ def _check_new_or_resumable(run_dir: Path, config: RunConfig, overwrite: bool, r
         raise ConfigError("cannot resume a centralized run (it keeps no checkpoint); run it again")
     if not _resumable(run_dir):
         raise ConfigError(f"cannot resume {str(run_dir)!r}: it stopped before finishing its first round; "
-                          "run it again with --overwrite")
+                          "run it again, overwriting it")
     recorded = load_config(run_dir / "config.toml")
     if recorded.digest() != config.digest():
         changed = _changed_keys(to_dict(recorded), to_dict(config))
@@ -238,11 +237,6 @@ def _keep_metrics_until(run_dir: Path, rounds: int) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text("".join(line + "\n" for line in kept))
     os.replace(temporary, path)
-
-
-def _write_answers(folder: Path, answers: tuple[str, ...]) -> None:
-    """The answer behind each output of a saved head, in order."""
-    (folder / "answers.json").write_text(json.dumps(list(answers), indent=1) + "\n")
 
 
 def _log_round(run_dir: Path, record: dict, echo) -> dict:

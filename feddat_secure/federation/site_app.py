@@ -15,14 +15,12 @@ the losses when no record-level DP is on, and the ε the site has spent.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 
 from protocols import MessageRejected, Outgoing, Protocol, Roster
 from protocols.identity import Identity
@@ -31,6 +29,7 @@ from protocols.wire import Envelope, peek
 from ..data.batching import EncodedSplit
 from ..errors import FederationError
 from ..model.adapters import save_peft_adapter
+from ..model.classifier import save_head
 from ..privacy.run_privacy import SitePrivacy, write_ledger
 from ..training.trainers import LocalTrainer
 from . import envelopes as E
@@ -233,8 +232,7 @@ class Site:
             save_peft_adapter(adapters.get_state(name), adapters.settings, self.base_model_path,
                               self.folder.path / f"{name}_adapter")
         if not self.trainer.head_travels:
-            save_file(self.trainer.model.head_state(), str(self.folder.path / "head.safetensors"))
-            (self.folder.path / "answers.json").write_text(json.dumps(list(self.answers), indent=1) + "\n")
+            save_head(self.trainer.model.head_state(), self.answers, self.folder.path)
 
     @contextlib.contextmanager
     def _own_torch_rng(self):

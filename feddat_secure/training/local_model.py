@@ -11,9 +11,7 @@ import torch
 from ..data.batching import EncodedSplit
 from ..model.adapters import AdapterSet, AdapterState, LoraSettings, check_state_matches
 from ..model.backbone import Foundation
-from ..model.classifier import AnswerHead, VQAClassifier
-
-HEAD_PREFIX = "head."
+from ..model.classifier import HEAD_PREFIX, AnswerHead, VQAClassifier
 
 
 class LocalModel:
