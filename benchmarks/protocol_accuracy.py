@@ -5,7 +5,11 @@ default, a step of 7.6e-6) with stochastic rounding; plain adds float64 values. 
 demo configuration for each seed under both protocols, in this process, and prints the final
 mean accuracy of each FedDAT inference mode and the masked − plain difference.
 
-    .venv/bin/python benchmarks/protocol_accuracy.py [--seeds 0 1 2 3]
+    .venv/bin/python benchmarks/protocol_accuracy.py [--seeds 0 1 2 3] [--baselines-only]
+
+It also prints the references every accuracy table carries, computed on the same data without training
+(mean over sites): the majority answer (each site's most frequent training answer) and question-only (each
+question's most frequent training answer at that site, never looking at the image).
 """
 
 from __future__ import annotations
@@ -13,21 +17,51 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tempfile
+from collections import Counter
 from importlib import resources
 
 import numpy as np
 
-from feddat_secure.config import load_config
+from feddat_secure.config import RunConfig, load_config
+from feddat_secure.data import build_benchmark
 from feddat_secure.federation.runner import run
+from feddat_secure.model.backbone import load_foundation
 
 MODES = ("dat", "shared", "client")
+
+
+def baselines(config: RunConfig) -> dict[str, float]:
+    """Test accuracy without training, averaged over the sites: the majority answer and question-only."""
+    image_size = load_foundation(config.model.path).image_size
+    data = config.data
+    benchmark = build_benchmark(data.benchmark, path=data.path, num_clients=data.num_clients,
+                                train_per_client=data.train_per_client, test_per_client=data.test_per_client,
+                                image_size=image_size, seed=config.seed)
+    majority, question_only = [], []
+    for site in benchmark.clients:
+        overall = Counter(e.answer for e in site.train).most_common(1)[0][0]
+        by_question: dict[str, Counter] = {}
+        for example in site.train:
+            by_question.setdefault(example.question, Counter())[example.answer] += 1
+        guess = {q: counts.most_common(1)[0][0] for q, counts in by_question.items()}
+        majority.append(np.mean([e.answer == overall for e in site.test]))
+        question_only.append(np.mean([e.answer == guess.get(e.question, overall) for e in site.test]))
+    return {"majority": float(np.mean(majority)), "question-only": float(np.mean(question_only))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--baselines-only", action="store_true", help="print the untrained references only")
     args = parser.parse_args()
     base = load_config(resources.files("feddat_secure") / "configs" / "demo.toml")
+    references = [baselines(dataclasses.replace(base, seed=seed)) for seed in args.seeds]
+    for seed, reference in zip(args.seeds, references):
+        print(seed, "references", {k: round(v, 3) for k, v in reference.items()}, flush=True)
+    print("references, mean over seeds: " + ", ".join(
+        f"{k} {np.mean([r[k] for r in references]):.3f}" for k in references[0]))
+    if args.baselines_only:
+        return
     finals: dict[str, list[dict]] = {"plain": [], "masked": []}
     with tempfile.TemporaryDirectory() as folder:
         for seed in args.seeds:
