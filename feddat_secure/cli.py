@@ -1,9 +1,10 @@
 """The ``feddat-secure`` command line.
 
 Errors a user can fix (config, data, model folder, run folder) print one line and exit 2; a run a privacy
-budget stopped early (its outputs written) exits 1; nothing else is swallowed. Importing this module loads no deep-learning library: the commands that
-train (``run``, ``demo``, ``pretrain-foundation``) and ``privacy-report`` (whose accountants need Opacus)
-import theirs when they run, so ``--help``, ``keys``, ``roster`` and ``audit`` start at once.
+budget stopped early (its outputs written) exits 1; nothing else is swallowed. Importing this module loads
+no deep-learning library: the commands that train (``run``, ``demo``, ``pretrain-foundation``) and
+``privacy-report`` (whose accountants need Opacus) import theirs when they run, so ``--help``, ``keys``,
+``roster`` and ``audit`` start at once.
 """
 
 from __future__ import annotations

@@ -5,13 +5,19 @@ it has not trained yet."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import simulated_federation, small_config
 
 from feddat_secure.federation import envelopes as E
+from feddat_secure.federation.server_app import Server
+from feddat_secure.federation.simulation import InMemoryChannel
 from protocols import Envelope, Identity, MessageRejected, Outgoing, Roster, RosterEntry, new_session_id
+from protocols.enrolment import enrol_parties
+from protocols.wire import peek
 
 STATE = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.ones(4, dtype=np.float32)}
 
@@ -166,3 +172,39 @@ def test_a_site_trains_a_round_once_and_refuses_its_replay(foundation, tmp_path)
         with pytest.raises(MessageRejected, match="replay"):
             site.handle(replay)
     assert_unchanged(site, trained, last_trained_round=0)
+
+
+def test_a_replayed_open_from_another_run_binds_no_site_and_cannot_lock_the_real_server_out(foundation, tmp_path):
+    # Two runs with the same configuration and keys (what --overwrite gives). An attacker who recorded run A's
+    # signed `open` and `train` bytes delivers them to run B's fresh site before B's server speaks.
+    keys = tmp_path / "keys"
+    enrol_parties(keys, [("server", "server"), ("client0", "client"), ("client1", "client"), ("client2", "client")])
+    config = small_config(tmp_path, secure_aggregation={"protocol": "masked", "keys": str(keys)})
+    recorded = []
+    exchange = InMemoryChannel.exchange
+
+    def record(self, requests, *, deadline_s):
+        recorded.extend((r.recipient, r.data) for r in requests)
+        return exchange(self, requests, deadline_s=deadline_s)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InMemoryChannel, "exchange", record)
+        run_a = simulated_federation(config, foundation)
+    old_open = next(data for recipient, data in recorded if recipient == "client0" and peek(data).stage == E.OPEN)
+    old_train = train_request(run_a.server.stamp, run_a.server)
+    shutil.rmtree(Path(config.output_dir) / config.name)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Server, "open", lambda self, *, resume: None)  # B's parties are up; its server not yet
+        run_b = simulated_federation(config, foundation)
+    site = run_b.sites["client0"]
+    before = snapshot(site)
+    [answer] = site.handle(old_open)  # answered with a fresh nonce that run A's server never signs
+    assert peek(answer.data).stage == E.OPENED
+    with pytest.raises(MessageRejected, match="no confirmed run session"):
+        site.handle(old_train)
+    assert_unchanged(site, before)
+    run_b.server.open(resume=False)  # the real server's open replaces the unconfirmed one
+    assert site.stamp.session == run_b.server.stamp.session != run_a.server.stamp.session
+    with pytest.raises(MessageRejected):  # and once confirmed, nothing of run A is accepted
+        site.handle(old_open)

@@ -7,7 +7,8 @@ global model it holds (:func:`model_digest`), which the site recomputes before u
 
 Requests (server → site or key holder) and their replies::
 
-    open        fields {config_sha256, next_round, resume, clients}          → opened
+    open        fields {config_sha256, next_round, resume, clients}          → opened  fields {nonce}
+    confirm     fields {nonce: the party's own, echoed}                   → confirmed
     train       fields {model_sha256, send_update, clip_norm, noise_shares}, arrays {global state}
                                                                            → update  fields {num_examples, losses,
                                                                                              epsilon, refused}
@@ -19,6 +20,7 @@ Requests (server → site or key holder) and their replies::
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,12 +31,41 @@ from protocols.wire import Envelope, decode, encode
 
 PROTOCOL = "feddat"
 OPEN, OPENED = "open", "opened"
+CONFIRM, CONFIRMED = "confirm", "confirmed"
 TRAIN, UPDATE = "train", "update"
 EVALUATE, METRICS = "evaluate", "metrics"
 TREE_HEAD = "tree_head"
 CLOSE, CLOSED = "close", "closed"
-REPLY_TO = {OPEN: OPENED, TRAIN: UPDATE, EVALUATE: METRICS, TREE_HEAD: TREE_HEAD, CLOSE: CLOSED}
+REPLY_TO = {OPEN: OPENED, CONFIRM: CONFIRMED, TRAIN: UPDATE, EVALUATE: METRICS, TREE_HEAD: TREE_HEAD, CLOSE: CLOSED}
 MODEL_DTYPE = np.dtype("<f4")
+
+
+class Opening:
+    """A party's side of the session handshake. An ``open`` (signed by the server, for a session the party
+    has not confirmed) is answered with a fresh random nonce; the party acts on nothing of that session until
+    the server's signed ``confirm`` echoes the nonce. So a recorded ``open`` of another run, replayed, binds
+    nobody: its server never signs this nonce. A later ``open`` replaces an unconfirmed one (a replay cannot
+    lock the party out); a confirmed session cannot be replaced."""
+
+    def __init__(self) -> None:
+        self.nonce: str | None = None
+        self.confirmed = False
+
+    def offer(self) -> str:
+        if self.confirmed:
+            raise MessageRejected("a run session is already confirmed at this party")
+        self.nonce = secrets.token_hex(16)
+        return self.nonce
+
+    def confirm(self, envelope: Envelope) -> None:
+        if self.confirmed or self.nonce is None or envelope.fields.get("nonce") != self.nonce:
+            raise MessageRejected("the confirmation does not echo this party's nonce for the session (a replayed or "
+                                  "stale open?)", envelope.sender)
+        self.confirmed = True
+
+    def require(self, what: str) -> None:
+        if not self.confirmed:
+            raise MessageRejected(f"no confirmed run session at this party: {what} refused")
 
 
 def model_digest(state: Mapping[str, np.ndarray]) -> str:

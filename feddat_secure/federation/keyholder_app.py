@@ -28,22 +28,28 @@ class KeyHolder:
         self.protocol = protocol
         self.audit = audit
         self.session = None
+        self.opening = E.Opening()
+        self._pending: tuple[dict[str, Any] | None, list[str]] = (None, [])
 
     def handle(self, data: bytes) -> list[Outgoing]:
         header = peek(data)
         if header is None:
             raise MessageRejected("not a readable message")
-        if header.protocol == self.protocol.name and self.session is not None:
+        if header.protocol == self.protocol.name and self.session is not None:  # exists once confirmed
             return self.session.handle(data)
         if header.protocol != E.PROTOCOL:
             raise MessageRejected(f"the key holder takes no {header.protocol!r} messages now", header.sender)
-        first_contact = self.stamp.session is None and header.stage == E.OPEN
-        envelope = self.stamp.open(data, session=None if first_contact else self.stamp.session)
+        opening = header.stage == E.OPEN and not self.opening.confirmed
+        envelope = self.stamp.open(data, session=None if opening else self.stamp.session)
         if envelope.sender != self.roster.server_id:
             raise MessageRejected("only the server sends requests to the key holder", envelope.sender)
+        if envelope.stage not in (E.OPEN, E.CONFIRM):
+            self.opening.require(f"a {envelope.stage!r} request")
         extra: list[Outgoing] = []
         if envelope.stage == E.OPEN:
-            fields, extra = self._open(envelope)
+            fields = self._open(envelope)
+        elif envelope.stage == E.CONFIRM:
+            fields, extra = self._confirm(envelope)
         elif envelope.stage == E.TREE_HEAD:
             fields = self._tree_head(envelope)
         elif envelope.stage == E.CLOSE:
@@ -57,12 +63,10 @@ class KeyHolder:
         reply = self.stamp.envelope(E.REPLY_TO[envelope.stage], envelope.round, envelope.sender, fields)
         return [Outgoing(envelope.sender, reply), *extra]
 
-    def _open(self, envelope: Envelope) -> tuple[dict[str, Any], list[Outgoing]]:
+    def _open(self, envelope: Envelope) -> dict[str, Any]:
         if envelope.fields.get("config_sha256") != self.config_digest:
             raise MessageRejected("the server runs another configuration than the key holder agreed to",
                                   envelope.sender)
-        if self.stamp.session is not None:
-            raise MessageRejected("a run session is already open at the key holder", envelope.sender)
         next_round = envelope.fields.get("next_round")
         if not isinstance(next_round, int) or isinstance(next_round, bool) or next_round < 0:
             raise MessageRejected("'next_round' must be an integer >= 0", envelope.sender)
@@ -77,13 +81,21 @@ class KeyHolder:
             state = load_checkpoint(found[max(found)])
             if state["session"] != envelope.session:
                 raise MessageRejected("the key holder's checkpoint belongs to another session", envelope.sender)
+        nonce = self.opening.offer()  # refuses once a session is confirmed
         self.stamp.session = envelope.session
+        self._pending = (state, clients)
+        return {"next_round": next_round, "nonce": nonce}
+
+    def _confirm(self, envelope: Envelope) -> tuple[dict[str, Any], list[Outgoing]]:
+        """The server echoed our nonce in this session: only now is the protocol session made."""
+        self.opening.confirm(envelope)
+        state, clients = self._pending
         self.session = self.protocol.keyholder(self.stamp.identity, self.roster, session=envelope.session,
                                                state=state["aggregation"] if state else None)
         if state is not None:
-            return {"next_round": next_round}, []
+            return {}, []
         self.audit.event("run_started", meta={"session": envelope.session})
-        return {"next_round": next_round}, self.session.setup(clients)
+        return {}, self.session.setup(clients)
 
     def _tree_head(self, envelope: Envelope) -> dict[str, Any]:
         head = envelope.fields.get("tree_head")

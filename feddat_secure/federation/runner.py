@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from protocols import ConfigurationError
-from protocols.enrolment import enrol_parties
+from protocols.enrolment import IDENTITY_FILE, enrol_parties
 from protocols.identity import ROSTER_FILE, load_roster
 
 from ..config import ConfigError, RunConfig, check_against_data, check_against_model, load_config, to_dict, to_toml
@@ -198,8 +198,8 @@ def _check_new_or_resumable(run_dir: Path, config: RunConfig, overwrite: bool, r
     if config.federation.algorithm == "centralized":
         raise ConfigError("cannot resume a centralized run (it keeps no checkpoint); run it again")
     if not _resumable(run_dir):
-        raise ConfigError(f"cannot resume {str(run_dir)!r}: it stopped before finishing its first round; "
-                          "run it again, overwriting it")
+        raise ConfigError(f"cannot resume {str(run_dir)!r}: its server has not checkpointed a round yet (it stopped "
+                          "in or before round 1); run it again, overwriting it")
     recorded = load_config(run_dir / "config.toml")
     if recorded.digest() != config.digest():
         changed = _changed_keys(to_dict(recorded), to_dict(config))
@@ -266,7 +266,9 @@ def _sha256(path: Path) -> str:
 
 def _write_manifest(run_dir: Path, config: RunConfig, foundation: Foundation, benchmark: Benchmark,
                     stopped: str | None, data_quality: dict) -> None:
-    files = {p.relative_to(run_dir).as_posix(): _sha256(p) for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    # Every file written, except the parties' private keys: the run's bookkeeping never reads a party's key.
+    files = {p.relative_to(run_dir).as_posix(): _sha256(p) for p in sorted(run_dir.rglob("*"))
+             if p.is_file() and p.name != IDENTITY_FILE}
     manifest = {
         "base_model": {"path": str(foundation.path), "sha256": foundation.digest},
         "data": {"benchmark": benchmark.name, "sha256": benchmark.digest(), "report": data_quality},

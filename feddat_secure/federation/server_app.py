@@ -116,10 +116,13 @@ class Server:
         parties = [*self.site_ids, *([self.keyholder_id] if self.keyholder_id else [])]
         fields = {"config_sha256": self.plan.config_digest, "next_round": self.next_round, "resume": resume,
                   "clients": self.site_ids}
-        raw = self._request(E.OPEN, self.next_round, parties, lambda _: fields, {})
-        to_us = {p: [m for m in messages if m.recipient == self.party_id] for p, messages in raw.items()}
-        opened = self._replies(E.OPENED, self.next_round, to_us)
+        opened = self._replies(E.OPENED, self.next_round,
+                               self._request(E.OPEN, self.next_round, parties, lambda _: fields, {}))
         self._check_answered(E.OPEN, parties, opened)
+        nonces = {party: envelope.fields.get("nonce") for party, envelope in opened.items()}
+        raw = self._request(E.CONFIRM, self.next_round, parties, lambda party: {"nonce": nonces[party]}, {})
+        to_us = {p: [m for m in messages if m.recipient == self.party_id] for p, messages in raw.items()}
+        self._check_answered(E.CONFIRM, parties, self._replies(E.CONFIRMED, self.next_round, to_us))
         relayed = [m for messages in raw.values() for m in messages if m.recipient in self.site_ids]
         if relayed:  # the key holder's one-off setup messages for the sites
             self.link.exchange(relayed, f"{E.PROTOCOL}:setup")

@@ -64,7 +64,9 @@ class Site:
         self.torch_rng = torch.get_rng_state()  # taken right after this site's model was built from its seed
         self.audit = audit
         self.base_model_path = base_model_path
-        self.aggregation = None  # the protocol's client session, once the run's session is open
+        self.aggregation = None  # the protocol's client session, once the run's session is confirmed
+        self.opening = E.Opening()
+        self._restored: dict[str, Any] | None = None
         self.last_trained_round = -1
         self.last_evaluated_round = -1
 
@@ -81,14 +83,16 @@ class Site:
         raise MessageRejected(f"{self.party_id} takes no {header.protocol!r} messages now", header.sender)
 
     def _runner_message(self, data: bytes, header: Envelope) -> Outgoing:
-        first_contact = self.stamp.session is None and header.stage == E.OPEN
-        envelope = self.stamp.open(data, session=None if first_contact else self._session())
+        opening = header.stage == E.OPEN and not self.opening.confirmed
+        envelope = self.stamp.open(data, session=None if opening else self._session())
         if envelope.sender != self.roster.server_id:
             raise MessageRejected("only the server sends requests to a site", envelope.sender)
-        handler = {E.OPEN: self._open, E.TRAIN: self._train, E.EVALUATE: self._evaluate,
+        handler = {E.OPEN: self._open, E.CONFIRM: self._confirm, E.TRAIN: self._train, E.EVALUATE: self._evaluate,
                    E.TREE_HEAD: self._tree_head, E.CLOSE: self._close}.get(envelope.stage)
         if handler is None:
             raise MessageRejected(f"a site takes no {envelope.stage!r} request", envelope.sender)
+        if envelope.stage not in (E.OPEN, E.CONFIRM):
+            self.opening.require(f"a {envelope.stage!r} request")
         fields = handler(envelope)
         return Outgoing(envelope.sender, self.stamp.envelope(E.REPLY_TO[envelope.stage], envelope.round,
                                                              envelope.sender, fields))
@@ -105,20 +109,25 @@ class Site:
         if fields.get("config_sha256") != self.config_digest:
             raise MessageRejected(f"the server runs configuration {fields.get('config_sha256')!r}; this site agreed "
                                   f"to {self.config_digest!r}", envelope.sender)
-        if self.stamp.session is not None:
-            raise MessageRejected("a run session is already open at this site", envelope.sender)
         next_round = fields.get("next_round")
         if not isinstance(next_round, int) or isinstance(next_round, bool) or next_round < 0:
             raise MessageRejected("'next_round' must be an integer >= 0", envelope.sender)
-        state = self._restore(next_round, envelope.session) if fields.get("resume") else None
+        nonce = self.opening.offer()  # refuses once a session is confirmed
+        self._restored = self._restore(next_round, envelope.session) if fields.get("resume") else None
         self.stamp.session = envelope.session
+        return {"next_round": next_round, "nonce": nonce}
+
+    def _confirm(self, envelope: Envelope) -> dict[str, Any]:
+        """The server proved it is live in this session (it echoed our nonce): only now does the site act."""
+        self.opening.confirm(envelope)
+        state, self._restored = self._restored, None
         if self.sends_updates and self.protocol is not None:
             self.aggregation = self.protocol.client(self.stamp.identity, self.roster, self.roster.server_id,
                                                     session=envelope.session,
                                                     state=state["aggregation"] if state else None)
         if state is None:
             self.audit.event("run_started", meta={"session": envelope.session})
-        return {"next_round": next_round}
+        return {}
 
     def _train(self, envelope: Envelope) -> dict[str, Any]:
         round_index = envelope.round
@@ -198,8 +207,8 @@ class Site:
         round_index = envelope.round
         if round_index <= self.last_evaluated_round:
             raise MessageRejected(f"round {round_index} was already evaluated (replay?)", envelope.sender)
-        if envelope.arrays:
-            self._load_global(E.checked_model(envelope), envelope.sender)
+        if self.sends_updates or envelope.arrays or envelope.fields.get("model_sha256") is not None:
+            self._load_global(E.checked_model(envelope), envelope.sender)  # a claimed model must be there
         with self._own_torch_rng():
             metrics = self.trainer.evaluate(self.test)
         self.last_evaluated_round = round_index

@@ -9,6 +9,7 @@ therefore re-applies the trainability fixed at construction after every switch.
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from collections.abc import Mapping, Sequence
@@ -142,9 +143,19 @@ def save_peft_adapter(state: Mapping[str, np.ndarray], settings: LoraSettings, b
     config = settings.to_peft()
     config.base_model_name_or_path = portable_base_model(base_model_path, folder)
     config.save_pretrained(str(folder))
+    _sort_target_modules(folder / "adapter_config.json")
     arrays = {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in state.items()}
     save_file(arrays, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     save_processor(base_model_path, folder)
+
+
+def _sort_target_modules(path: Path) -> None:
+    """PEFT keeps ``target_modules`` as a set, so its JSON order follows the process's string hashing: sort it,
+    so the same adapter always gives the same file (and the same digest in a run's manifest)."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def portable_base_model(base_model_path: Path, folder: Path) -> str:
