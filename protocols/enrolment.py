@@ -36,6 +36,7 @@ from .identity import (
     parse_strict_json,
     public_pem,
     raw_public,
+    read_text_file,
 )
 
 IDENTITY_FILE = "identity.pem"
@@ -99,15 +100,7 @@ def read_enrolment(path: str | Path) -> RosterEntry:
     """A party's public enrolment file, validated: format, party id, role and Ed25519 public key."""
     path = Path(path)
     source = f"enrolment file {str(path)!r}"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigurationError(f"{source} does not exist") from None
-    except UnicodeDecodeError:
-        raise ConfigurationError(f"{source} is not UTF-8 text") from None
-    except OSError as error:
-        raise ConfigurationError(f"cannot read {source}: {error.strerror}") from None
-    raw = parse_strict_json(text, source)
+    raw = parse_strict_json(read_text_file(path, source), source)
     if not isinstance(raw, dict) or set(raw) != ENROLMENT_KEYS:
         raise ConfigurationError(f"{source} must be an object with exactly the keys "
                                  f"{', '.join(repr(key) for key in sorted(ENROLMENT_KEYS))}")

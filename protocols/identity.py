@@ -79,6 +79,18 @@ def parse_strict_json(text: str, source: str) -> Any:
         raise ConfigurationError(f"{source} is not valid JSON: {error}") from None
 
 
+def read_text_file(path: Path, source: str) -> str:
+    """The UTF-8 text of ``path``; a missing, unreadable or non-UTF-8 file is one ConfigurationError (``source``)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigurationError(f"{source} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{source} is not UTF-8 text") from None
+    except OSError as error:
+        raise ConfigurationError(f"cannot read {source}: {error.strerror}") from None
+
+
 def raw_public(key: Ed25519PublicKey) -> bytes:
     """The 32 raw bytes of ``key``: what two enrolments are compared by."""
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -313,16 +325,8 @@ class Roster:
 
     @classmethod
     def load(cls, path: str | Path) -> Roster:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ConfigurationError(f"roster file {str(path)!r} does not exist") from None
-        except UnicodeDecodeError:
-            raise ConfigurationError(f"roster file {str(path)!r} is not UTF-8 text") from None
-        except OSError as error:
-            raise ConfigurationError(f"cannot read roster file {str(path)!r}: {error.strerror}") from None
-        return cls.from_json(text, source=f"roster file {str(path)!r}")
+        source = f"roster file {str(path)!r}"
+        return cls.from_json(read_text_file(Path(path), source), source=source)
 
 
 def load_roster(folder_or_file: str | Path) -> Roster:
