@@ -178,7 +178,7 @@ def build_server(plan: RunPlan, run_dir: Path, channel: Channel, *, resume: bool
     link = ServerLink(channel, _audit(plan, folder, identity, roster, resume))
     server_plan = ServerPlan(config_digest=config.digest(), rounds=config.federation.rounds, per_round=plan.per_round,
                              sends_updates=plan.algorithm.sends_updates, vector_length=plan.vector_length,
-                             seed=config.seed, run_id=config.digest()[:16])
+                             seed=config.seed)
     return Server(identity, roster, folder, server_plan, link,
                   {k: np.array(v, dtype=np.float32) for k, v in plan.initial_state.items()}, plan.layout,
                   build_protocol(plan), ServerPrivacy(plan.privacy.client))

@@ -61,7 +61,6 @@ class ServerPlan:
     sends_updates: bool
     vector_length: int  # the protocol input's length (the update, plus the adaptive-clipping indicator)
     seed: int
-    run_id: str
 
 
 @dataclass
