@@ -27,7 +27,6 @@ from protocols.identity import Identity
 from protocols.wire import Envelope, peek
 
 from ..data.batching import EncodedSplit
-from ..errors import FederationError
 from ..model.adapters import save_peft_adapter
 from ..model.classifier import save_head
 from ..privacy.run_privacy import SitePrivacy, write_ledger
@@ -66,7 +65,8 @@ class Site:
         self.base_model_path = base_model_path
         self.aggregation = None  # the protocol's client session, once the run's session is confirmed
         self.opening = E.Opening()
-        self._restored: dict[str, Any] | None = None
+        self._pending: tuple[int, dict[str, Any] | None] = (0, None)  # the open awaiting confirmation: (next round,
+        # the checkpoint to resume from, read but not applied)
         self.last_trained_round = -1
         self.last_evaluated_round = -1
 
@@ -112,15 +112,19 @@ class Site:
         next_round = fields.get("next_round")
         if not isinstance(next_round, int) or isinstance(next_round, bool) or next_round < 0:
             raise MessageRejected("'next_round' must be an integer >= 0", envelope.sender)
+        state = self._own_checkpoint(next_round, envelope.session, envelope.sender) if fields.get("resume") else None
         nonce = self.opening.offer()  # refuses once a session is confirmed
-        self._restored = self._restore(next_round, envelope.session) if fields.get("resume") else None
+        self._pending = (next_round, state)
         self.stamp.session = envelope.session
         return {"next_round": next_round, "nonce": nonce}
 
     def _confirm(self, envelope: Envelope) -> dict[str, Any]:
-        """The server proved it is live in this session (it echoed our nonce): only now does the site act."""
+        """The server proved it is live in this session (it echoed our nonce): only now does the site act,
+        restoring its own checkpoint when the server resumes the run."""
         self.opening.confirm(envelope)
-        state, self._restored = self._restored, None
+        next_round, state = self._pending
+        if state is not None:
+            self._restore(state, next_round)
         if self.sends_updates and self.protocol is not None:
             self.aggregation = self.protocol.client(self.stamp.identity, self.roster, self.roster.server_id,
                                                     session=envelope.session,
@@ -267,16 +271,19 @@ class Site:
             write_ledger(self.folder.ledger, self.privacy.ledger())
         self.folder.keep_checkpoints_from(next_round - 1)
 
-    def _restore(self, next_round: int, session: str) -> dict[str, Any]:
-        """This site's own state when ``next_round`` is next, from its own checkpoint of that round."""
+    def _own_checkpoint(self, next_round: int, session: str, sender: str) -> dict[str, Any]:
+        """This site's own state when ``next_round`` is next, read (nothing applied) from its checkpoint of that
+        round, which must belong to ``session``."""
         path = self.folder.checkpoint(next_round)
         if not path.is_file():
-            raise FederationError(f"{self.party_id}: no checkpoint for round {next_round + 1} in "
-                                  f"{str(path.parent)!r}; this site cannot resume there")
+            raise MessageRejected(f"this site has no checkpoint to resume round {next_round + 1} from", sender)
         state = load_checkpoint(path)
         if state["session"] != session:
             raise MessageRejected(f"the checkpoint for round {next_round + 1} belongs to session {state['session']!r}, "
-                                  f"not {session!r}")
+                                  f"not {session!r}", sender)
+        return state
+
+    def _restore(self, state: dict[str, Any], next_round: int) -> None:
         self.trainer.load_state_dict(state["trainer"])
         self.rng.bit_generator.state = state["rng"]
         self.torch_rng = state["torch_rng"]
@@ -284,4 +291,3 @@ class Site:
         self.last_evaluated_round = int(state["last_evaluated_round"])
         self.privacy.load_state_dict(state["privacy"])
         self.folder.keep_checkpoints_from(next_round)
-        return state
