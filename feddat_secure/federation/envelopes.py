@@ -41,27 +41,37 @@ MODEL_DTYPE = np.dtype("<f4")
 
 
 class Opening:
-    """A party's side of the session handshake. An ``open`` (signed by the server, for a session the party
-    has not confirmed) is answered with a fresh random nonce; the party acts on nothing of that session until
-    the server's signed ``confirm`` echoes the nonce. So a recorded ``open`` of another run, replayed, binds
-    nobody: its server never signs this nonce. A later ``open`` replaces an unconfirmed one (a replay cannot
-    lock the party out); a confirmed session cannot be replaced."""
+    """A party's side of the session handshake. An ``open`` (signed by the server) is answered with a fresh
+    random nonce for that session; the party acts on nothing of a session until the server's signed ``confirm``
+    of that session echoes the nonce. So a recorded ``open`` of another run, replayed, binds nobody: its server
+    never signs this nonce. Offers of several sessions may wait side by side (an injected ``open`` cannot
+    displace the real one); the first confirmed session is the party's, and no other can replace it."""
+
+    MAX_OFFERS = 8
 
     def __init__(self) -> None:
-        self.nonce: str | None = None
+        self.offers: dict[str, tuple[str, Any]] = {}  # session → (nonce, what the party will do on confirmation)
         self.confirmed = False
 
-    def offer(self) -> str:
+    def offer(self, session: str, pending: Any = None) -> str:
         if self.confirmed:
             raise MessageRejected("a run session is already confirmed at this party")
-        self.nonce = secrets.token_hex(16)
-        return self.nonce
+        nonce = secrets.token_hex(16)
+        self.offers.pop(session, None)
+        self.offers[session] = (nonce, pending)
+        while len(self.offers) > self.MAX_OFFERS:  # bounded: the oldest waiting offer goes
+            self.offers.pop(next(iter(self.offers)))
+        return nonce
 
-    def confirm(self, envelope: Envelope) -> None:
-        if self.confirmed or self.nonce is None or envelope.fields.get("nonce") != self.nonce:
+    def confirm(self, envelope: Envelope) -> Any:
+        """Check the server's ``confirm``; returns what was pending for its session."""
+        offer = self.offers.get(envelope.session)
+        if self.confirmed or offer is None or envelope.fields.get("nonce") != offer[0]:
             raise MessageRejected("the confirmation does not echo this party's nonce for the session (a replayed or "
                                   "stale open?)", envelope.sender)
         self.confirmed = True
+        self.offers.clear()
+        return offer[1]
 
     def require(self, what: str) -> None:
         if not self.confirmed:
@@ -110,11 +120,13 @@ class Stamp:
         self.session: str | None = None
 
     def envelope(self, stage: str, round_index: int, recipient: str, fields: Mapping[str, Any] | None = None,
-                 arrays: Mapping[str, np.ndarray] | None = None) -> bytes:
-        if self.session is None:
+                 arrays: Mapping[str, np.ndarray] | None = None, *, session: str | None = None) -> bytes:
+        """Sign a message of this party's session (or of ``session``: the answer to an ``open``)."""
+        session = session or self.session
+        if session is None:
             raise RuntimeError("no session is open")
         return encode(Envelope(PROTOCOL, round_index, stage, self.identity.party_id, recipient, dict(fields or {}),
-                               dict(arrays or {}), {}, session=self.session, roster=self.roster.digest),
+                               dict(arrays or {}), {}, session=session, roster=self.roster.digest),
                       self.identity)
 
     def open(self, data: bytes, *, session: str | None) -> Envelope:

@@ -10,10 +10,8 @@ from protocols import MessageRejected, Outgoing, Protocol, Roster
 from protocols.identity import Identity
 from protocols.wire import Envelope, peek
 
-from ..errors import FederationError
 from . import envelopes as E
 from .channel import PartyAudit
-from .checkpoint import load_checkpoint, save_checkpoint
 from .party_folder import PartyFolder
 
 
@@ -29,7 +27,6 @@ class KeyHolder:
         self.audit = audit
         self.session = None
         self.opening = E.Opening()
-        self._pending: tuple[dict[str, Any] | None, list[str]] = (None, [])
 
     def handle(self, data: bytes) -> list[Outgoing]:
         header = peek(data)
@@ -39,8 +36,8 @@ class KeyHolder:
             return self.session.handle(data)
         if header.protocol != E.PROTOCOL:
             raise MessageRejected(f"the key holder takes no {header.protocol!r} messages now", header.sender)
-        opening = header.stage == E.OPEN and not self.opening.confirmed
-        envelope = self.stamp.open(data, session=None if opening else self.stamp.session)
+        handshake = header.stage in (E.OPEN, E.CONFIRM) and not self.opening.confirmed
+        envelope = self.stamp.open(data, session=None if handshake else self.stamp.session)
         if envelope.sender != self.roster.server_id:
             raise MessageRejected("only the server sends requests to the key holder", envelope.sender)
         if envelope.stage not in (E.OPEN, E.CONFIRM):
@@ -57,10 +54,10 @@ class KeyHolder:
             if not isinstance(reason, str):
                 raise MessageRejected("'reason' must be a string", envelope.sender)
             fields = {"tree_head": self.audit.close_after_reply(reason[:256])}
-            self.folder.drop_checkpoints()
         else:
             raise MessageRejected(f"the key holder takes no {envelope.stage!r} request", envelope.sender)
-        reply = self.stamp.envelope(E.REPLY_TO[envelope.stage], envelope.round, envelope.sender, fields)
+        reply = self.stamp.envelope(E.REPLY_TO[envelope.stage], envelope.round, envelope.sender, fields,
+                                    session=envelope.session)
         return [Outgoing(envelope.sender, reply), *extra]
 
     def _open(self, envelope: Envelope) -> dict[str, Any]:
@@ -73,27 +70,15 @@ class KeyHolder:
         clients = envelope.fields.get("clients")
         if not isinstance(clients, list) or not set(clients) <= set(self.roster.client_ids):
             raise MessageRejected("'clients' must list enrolled sites", envelope.sender)
-        state = None
-        if envelope.fields.get("resume"):
-            found = self.folder.checkpoints()
-            if not found:
-                raise FederationError(f"{self.party_id}: no checkpoint to resume from")
-            state = load_checkpoint(found[max(found)])
-            if state["session"] != envelope.session:
-                raise MessageRejected("the key holder's checkpoint belongs to another session", envelope.sender)
-        nonce = self.opening.offer()  # refuses once a session is confirmed
-        self.stamp.session = envelope.session
-        self._pending = (state, clients)
+        nonce = self.opening.offer(envelope.session, list(clients))  # refused once a session is confirmed
         return {"next_round": next_round, "nonce": nonce}
 
     def _confirm(self, envelope: Envelope) -> tuple[dict[str, Any], list[Outgoing]]:
-        """The server echoed our nonce in this session: only now is the protocol session made."""
-        self.opening.confirm(envelope)
-        state, clients = self._pending
-        self.session = self.protocol.keyholder(self.stamp.identity, self.roster, session=envelope.session,
-                                               state=state["aggregation"] if state else None)
-        if state is not None:
-            return {}, []
+        """The server echoed our nonce in this session: only now is the protocol session made. The key holder
+        keeps nothing across sessions (a fresh key every round), so a resumed run simply starts a new one."""
+        clients = self.opening.confirm(envelope)
+        self.stamp.session = envelope.session
+        self.session = self.protocol.keyholder(self.stamp.identity, self.roster, session=envelope.session)
         self.audit.event("run_started", meta={"session": envelope.session})
         return {}, self.session.setup(clients)
 
@@ -101,7 +86,4 @@ class KeyHolder:
         head = envelope.fields.get("tree_head")
         if head is not None:
             self.audit.record_peer_tree_head(envelope.sender, head)
-        save_checkpoint(self.folder.checkpoint(envelope.round + 1),
-                        {"session": self.stamp.session, "aggregation": self.session.state_dict()})
-        self.folder.keep_checkpoints_from(envelope.round)
         return {"tree_head": self.audit.tree_head()}

@@ -105,16 +105,16 @@ class Server:
         """Start (or, on ``resume``, continue from this server's own checkpoint) the run's session with every
         site and the key holder."""
         state = self._restore() if resume else None
-        self.stamp.session = state["session"] if state else new_session_id()
+        # Every start, a resumed one too, is a new session: nothing signed before a crash is accepted after it.
+        self.stamp.session = new_session_id()
         if self.protocol is not None and self.plan.sends_updates:
-            self.session = self.protocol.server(self.identity, self.roster, session=self.stamp.session,
-                                                state=state["aggregation"] if state else None)
-        if state is None:
-            self.audit.event("run_started", meta={"session": self.stamp.session,
-                                                  "protocol": self.protocol.name if self.protocol else "none"})
+            self.session = self.protocol.server(self.identity, self.roster, session=self.stamp.session)
+        self.audit.event("run_started", meta={"session": self.stamp.session,
+                                              "protocol": self.protocol.name if self.protocol else "none",
+                                              "resumes": state["session"] if state else "no"})
         parties = [*self.site_ids, *([self.keyholder_id] if self.keyholder_id else [])]
         fields = {"config_sha256": self.plan.config_digest, "next_round": self.next_round, "resume": resume,
-                  "clients": self.site_ids}
+                  "resumes_session": state["session"] if state else None, "clients": self.site_ids}
         opened = self._replies(E.OPENED, self.next_round,
                                self._request(E.OPEN, self.next_round, parties, lambda _: fields, {}))
         self._check_answered(E.OPEN, parties, opened)
@@ -330,7 +330,6 @@ class Server:
             "bytes_received": dict(self.link.bytes_received),
             "history": self.history,
             "privacy": self.privacy.state_dict(),
-            "aggregation": self.session.state_dict() if self.session is not None else None,
         })
         self._write_ledger()
         self.folder.keep_checkpoints_from(self.next_round)

@@ -65,8 +65,6 @@ class Site:
         self.base_model_path = base_model_path
         self.aggregation = None  # the protocol's client session, once the run's session is confirmed
         self.opening = E.Opening()
-        self._pending: tuple[int, dict[str, Any] | None] = (0, None)  # the open awaiting confirmation: (next round,
-        # the checkpoint to resume from, read but not applied)
         self.last_trained_round = -1
         self.last_evaluated_round = -1
 
@@ -83,8 +81,8 @@ class Site:
         raise MessageRejected(f"{self.party_id} takes no {header.protocol!r} messages now", header.sender)
 
     def _runner_message(self, data: bytes, header: Envelope) -> Outgoing:
-        opening = header.stage == E.OPEN and not self.opening.confirmed
-        envelope = self.stamp.open(data, session=None if opening else self._session())
+        handshake = header.stage in (E.OPEN, E.CONFIRM) and not self.opening.confirmed
+        envelope = self.stamp.open(data, session=None if handshake else self._session())
         if envelope.sender != self.roster.server_id:
             raise MessageRejected("only the server sends requests to a site", envelope.sender)
         handler = {E.OPEN: self._open, E.CONFIRM: self._confirm, E.TRAIN: self._train, E.EVALUATE: self._evaluate,
@@ -95,7 +93,7 @@ class Site:
             self.opening.require(f"a {envelope.stage!r} request")
         fields = handler(envelope)
         return Outgoing(envelope.sender, self.stamp.envelope(E.REPLY_TO[envelope.stage], envelope.round,
-                                                             envelope.sender, fields))
+                                                             envelope.sender, fields, session=envelope.session))
 
     def _session(self) -> str:
         if self.stamp.session is None:
@@ -112,25 +110,23 @@ class Site:
         next_round = fields.get("next_round")
         if not isinstance(next_round, int) or isinstance(next_round, bool) or next_round < 0:
             raise MessageRejected("'next_round' must be an integer >= 0", envelope.sender)
-        state = self._own_checkpoint(next_round, envelope.session, envelope.sender) if fields.get("resume") else None
-        nonce = self.opening.offer()  # refuses once a session is confirmed
-        self._pending = (next_round, state)
-        self.stamp.session = envelope.session
+        state = None
+        if fields.get("resume"):  # a resumed run is a new session; the checkpoint names the one it continues
+            state = self._own_checkpoint(next_round, fields.get("resumes_session"), envelope.sender)
+        nonce = self.opening.offer(envelope.session, (next_round, state))  # refused once a session is confirmed
         return {"next_round": next_round, "nonce": nonce}
 
     def _confirm(self, envelope: Envelope) -> dict[str, Any]:
         """The server proved it is live in this session (it echoed our nonce): only now does the site act,
         restoring its own checkpoint when the server resumes the run."""
-        self.opening.confirm(envelope)
-        next_round, state = self._pending
+        next_round, state = self.opening.confirm(envelope)
+        self.stamp.session = envelope.session
         if state is not None:
             self._restore(state, next_round)
-        if self.sends_updates and self.protocol is not None:
+        if self.sends_updates and self.protocol is not None:  # a fresh protocol session: rounds are whole
             self.aggregation = self.protocol.client(self.stamp.identity, self.roster, self.roster.server_id,
-                                                    session=envelope.session,
-                                                    state=state["aggregation"] if state else None)
-        if state is None:
-            self.audit.event("run_started", meta={"session": envelope.session})
+                                                    session=envelope.session)
+        self.audit.event("run_started", meta={"session": envelope.session, "resumes": "yes" if state else "no"})
         return {}
 
     def _train(self, envelope: Envelope) -> dict[str, Any]:
@@ -265,7 +261,6 @@ class Site:
             "last_trained_round": self.last_trained_round,
             "last_evaluated_round": self.last_evaluated_round,
             "privacy": self.privacy.state_dict(),
-            "aggregation": self.aggregation.state_dict() if self.aggregation is not None else None,
         })
         if self.privacy.accountants:
             write_ledger(self.folder.ledger, self.privacy.ledger())
