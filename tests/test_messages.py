@@ -208,3 +208,77 @@ def test_a_replayed_open_from_another_run_binds_no_site_and_cannot_lock_the_real
     assert site.stamp.session == run_b.server.stamp.session != run_a.server.stamp.session
     with pytest.raises(MessageRejected):  # and once confirmed, nothing of run A is accepted
         site.handle(old_open)
+
+
+def recorded_opens(config, foundation) -> tuple[list[tuple[str, bytes]], object]:
+    """Every request of a run's session opening, as an eavesdropper records them, and the run."""
+    recorded = []
+    exchange = InMemoryChannel.exchange
+
+    def record(self, requests, *, deadline_s):
+        recorded.extend((r.recipient, r.data) for r in requests)
+        return exchange(self, requests, deadline_s=deadline_s)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(InMemoryChannel, "exchange", record)
+        federation = simulated_federation(config, foundation)
+    return recorded, federation
+
+
+def test_an_open_injected_during_the_handshake_cannot_displace_the_real_one(foundation, tmp_path):
+    keys = tmp_path / "keys"
+    enrol_parties(keys, [("server", "server"), ("client0", "client"), ("client1", "client"), ("client2", "client")])
+    config = small_config(tmp_path, secure_aggregation={"protocol": "masked", "keys": str(keys)})
+    recorded, run_a = recorded_opens(config, foundation)
+    old_open = next(data for recipient, data in recorded if recipient == "client0" and peek(data).stage == E.OPEN)
+    shutil.rmtree(Path(config.output_dir) / config.name)
+    request = Server._request
+
+    def inject_before_confirm(self, stage, round_index, parties, fields, arrays):
+        if stage == E.CONFIRM:  # between the real open and its confirm, the attacker's open reaches client0
+            self.link.channel.endpoints["client0"].handle(old_open)
+        return request(self, stage, round_index, parties, fields, arrays)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Server, "_request", inject_before_confirm)
+        run_b = simulated_federation(config, foundation)
+    site = run_b.sites["client0"]
+    assert site.opening.confirmed and site.stamp.session == run_b.server.stamp.session != run_a.server.stamp.session
+
+
+def test_a_request_recorded_before_a_crash_is_refused_after_the_resume(tmp_path):
+    from feddat_secure.federation.runner import run
+
+    config = small_config(tmp_path, secure_aggregation={"protocol": "masked"})
+    recorded = []
+    exchange = InMemoryChannel.exchange
+
+    def record(self, requests, *, deadline_s):
+        recorded.extend((r.recipient, r.data) for r in requests)
+        return exchange(self, requests, deadline_s=deadline_s)
+
+    def crash_in_round_2(text: str) -> None:
+        if text.startswith("round   2"):  # round 2 ran and is logged; the server has not checkpointed it
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(InMemoryChannel, "exchange", record)
+        run(config, progress=False, echo=crash_in_round_2)
+    old_train = next(data for recipient, data in recorded
+                     if recipient == "client0" and peek(data).stage == E.TRAIN and peek(data).round == 1)
+    outcome = []
+    server_run = Server.run
+
+    def replay_then_run(self, log):
+        try:  # the attacker replays round 2's signed train request to the resumed site before the server speaks
+            self.link.channel.endpoints["client0"].party.handle(old_train)
+            outcome.append("accepted")
+        except MessageRejected as rejection:
+            outcome.append(rejection.reason)
+        return server_run(self, log)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Server, "run", replay_then_run)
+        resumed = run(config, resume=True, progress=False, echo=lambda _: None)
+    assert outcome and outcome[0] != "accepted" and "session" in outcome[0]
+    assert resumed.history[-1]["trained"] == ["client0", "client1", "client2"]  # the real round 2 ran at every site
