@@ -235,7 +235,12 @@ def _write_parties(parties: Sequence[tuple[Path, Identity, str]]) -> list[Path]:
     try:
         for folder, identity, role in parties:
             for path in reversed([p for p in (folder, *folder.parents) if not os.path.lexists(p)]):
-                path.mkdir(mode=0o700 if path == folder else 0o777)
+                try:
+                    path.mkdir(mode=0o700 if path == folder else 0o777)
+                except FileExistsError:
+                    if path == folder or not path.is_dir():  # a shared parent another party just made is fine
+                        raise
+                    continue
                 created.append(path)
             if folder in created:
                 folder.chmod(0o700)  # whatever the umask allowed

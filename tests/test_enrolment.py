@@ -396,3 +396,14 @@ def test_cli_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, ma
     assert len(lines) == 1 and lines[0].startswith("feddat-secure: error: ")
     assert re.search(message, lines[0]), lines[0]
     assert tree(tmp_path) == before
+
+
+def test_parties_enrolling_at_once_into_one_new_parent_folder_do_not_trip_over_each_other(tmp_path, monkeypatch):
+    # Another party's process creates the shared parent between this party's check and its mkdir: the parent
+    # that already exists is fine; only the party's own folder must be new.
+    shared = tmp_path / "runs" / "parties"
+    shared.mkdir(parents=True)
+    real_lexists = os.path.lexists
+    monkeypatch.setattr(os.path, "lexists", lambda path: False if Path(path) == shared else real_lexists(path))
+    identity = save_party_identity(shared / "site-a", "site-a", "client")
+    assert load_party_identity(shared / "site-a").public_key == identity.public_key
