@@ -4,6 +4,7 @@ it has not trained yet."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -174,13 +175,10 @@ def test_a_site_trains_a_round_once_and_refuses_its_replay(foundation, tmp_path)
     assert_unchanged(site, trained, last_trained_round=0)
 
 
-def test_a_replayed_open_from_another_run_binds_no_site_and_cannot_lock_the_real_server_out(foundation, tmp_path):
-    # Two runs with the same configuration and keys (what --overwrite gives). An attacker who recorded run A's
-    # signed `open` and `train` bytes delivers them to run B's fresh site before B's server speaks.
-    keys = tmp_path / "keys"
-    enrol_parties(keys, [("server", "server"), ("client0", "client"), ("client1", "client"), ("client2", "client")])
-    config = small_config(tmp_path, secure_aggregation={"protocol": "masked", "keys": str(keys)})
-    recorded = []
+@contextlib.contextmanager
+def eavesdropping():
+    """Every request the server sends while inside, as (recipient, bytes): what a network attacker records."""
+    recorded: list[tuple[str, bytes]] = []
     exchange = InMemoryChannel.exchange
 
     def record(self, requests, *, deadline_s):
@@ -189,8 +187,28 @@ def test_a_replayed_open_from_another_run_binds_no_site_and_cannot_lock_the_real
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(InMemoryChannel, "exchange", record)
+        yield recorded
+
+
+def recorded_request(recorded, recipient: str, stage: str, round_index: int | None = None) -> bytes:
+    return next(data for to, data in recorded if to == recipient and peek(data).stage == stage
+                and (round_index is None or peek(data).round == round_index))
+
+
+def config_with_keys_folder(tmp_path):
+    """Two runs of this configuration use the same keys (what --overwrite gives)."""
+    keys = tmp_path / "keys"
+    enrol_parties(keys, [("server", "server"), ("client0", "client"), ("client1", "client"), ("client2", "client")])
+    return small_config(tmp_path, secure_aggregation={"protocol": "masked", "keys": str(keys)})
+
+
+def test_a_replayed_open_from_another_run_binds_no_site_and_cannot_lock_the_real_server_out(foundation, tmp_path):
+    # An attacker who recorded run A's signed `open` and `train` bytes delivers them to run B's fresh site before
+    # B's server speaks.
+    config = config_with_keys_folder(tmp_path)
+    with eavesdropping() as recorded:
         run_a = simulated_federation(config, foundation)
-    old_open = next(data for recipient, data in recorded if recipient == "client0" and peek(data).stage == E.OPEN)
+    old_open = recorded_request(recorded, "client0", E.OPEN)
     old_train = train_request(run_a.server.stamp, run_a.server)
     shutil.rmtree(Path(config.output_dir) / config.name)
 
@@ -210,27 +228,11 @@ def test_a_replayed_open_from_another_run_binds_no_site_and_cannot_lock_the_real
         site.handle(old_open)
 
 
-def recorded_opens(config, foundation) -> tuple[list[tuple[str, bytes]], object]:
-    """Every request of a run's session opening, as an eavesdropper records them, and the run."""
-    recorded = []
-    exchange = InMemoryChannel.exchange
-
-    def record(self, requests, *, deadline_s):
-        recorded.extend((r.recipient, r.data) for r in requests)
-        return exchange(self, requests, deadline_s=deadline_s)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(InMemoryChannel, "exchange", record)
-        federation = simulated_federation(config, foundation)
-    return recorded, federation
-
-
 def test_an_open_injected_during_the_handshake_cannot_displace_the_real_one(foundation, tmp_path):
-    keys = tmp_path / "keys"
-    enrol_parties(keys, [("server", "server"), ("client0", "client"), ("client1", "client"), ("client2", "client")])
-    config = small_config(tmp_path, secure_aggregation={"protocol": "masked", "keys": str(keys)})
-    recorded, run_a = recorded_opens(config, foundation)
-    old_open = next(data for recipient, data in recorded if recipient == "client0" and peek(data).stage == E.OPEN)
+    config = config_with_keys_folder(tmp_path)
+    with eavesdropping() as recorded:
+        run_a = simulated_federation(config, foundation)
+    old_open = recorded_request(recorded, "client0", E.OPEN)
     shutil.rmtree(Path(config.output_dir) / config.name)
     request = Server._request
 
@@ -250,22 +252,14 @@ def test_a_request_recorded_before_a_crash_is_refused_after_the_resume(tmp_path)
     from feddat_secure.federation.runner import run
 
     config = small_config(tmp_path, secure_aggregation={"protocol": "masked"})
-    recorded = []
-    exchange = InMemoryChannel.exchange
-
-    def record(self, requests, *, deadline_s):
-        recorded.extend((r.recipient, r.data) for r in requests)
-        return exchange(self, requests, deadline_s=deadline_s)
 
     def crash_in_round_2(text: str) -> None:
         if text.startswith("round   2"):  # round 2 ran and is logged; the server has not checkpointed it
             raise KeyboardInterrupt
 
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(InMemoryChannel, "exchange", record)
+    with eavesdropping() as recorded, pytest.raises(KeyboardInterrupt):
         run(config, progress=False, echo=crash_in_round_2)
-    old_train = next(data for recipient, data in recorded
-                     if recipient == "client0" and peek(data).stage == E.TRAIN and peek(data).round == 1)
+    old_train = recorded_request(recorded, "client0", E.TRAIN, round_index=1)
     outcome = []
     server_run = Server.run
 

@@ -129,6 +129,20 @@ class Stamp:
                                dict(arrays or {}), {}, session=session, roster=self.roster.digest),
                       self.identity)
 
+    def request(self, data: bytes, header: Envelope, opening: Opening) -> Envelope:
+        """A request of the server to this party: during the handshake (``open``/``confirm`` before a session
+        is confirmed) of any session, otherwise of the confirmed one only; nothing but the handshake is taken
+        before a session is confirmed."""
+        handshake = header.stage in (OPEN, CONFIRM) and not opening.confirmed
+        if not handshake and self.session is None:
+            raise MessageRejected("no run session is open at this party yet", header.sender)
+        envelope = self.open(data, session=None if handshake else self.session)
+        if envelope.sender != self.roster.server_id:
+            raise MessageRejected("only the server sends requests to this party", envelope.sender)
+        if envelope.stage not in (OPEN, CONFIRM):
+            opening.require(f"a {envelope.stage!r} request")
+        return envelope
+
     def open(self, data: bytes, *, session: str | None) -> Envelope:
         """Decode a runner message addressed to this party in ``session`` (None: accept any, for a first
         contact) and refuse one of another protocol."""

@@ -36,12 +36,7 @@ class KeyHolder:
             return self.session.handle(data)
         if header.protocol != E.PROTOCOL:
             raise MessageRejected(f"the key holder takes no {header.protocol!r} messages now", header.sender)
-        handshake = header.stage in (E.OPEN, E.CONFIRM) and not self.opening.confirmed
-        envelope = self.stamp.open(data, session=None if handshake else self.stamp.session)
-        if envelope.sender != self.roster.server_id:
-            raise MessageRejected("only the server sends requests to the key holder", envelope.sender)
-        if envelope.stage not in (E.OPEN, E.CONFIRM):
-            self.opening.require(f"a {envelope.stage!r} request")
+        envelope = self.stamp.request(data, header, self.opening)
         extra: list[Outgoing] = []
         if envelope.stage == E.OPEN:
             fields = self._open(envelope)

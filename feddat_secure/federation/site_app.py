@@ -81,24 +81,14 @@ class Site:
         raise MessageRejected(f"{self.party_id} takes no {header.protocol!r} messages now", header.sender)
 
     def _runner_message(self, data: bytes, header: Envelope) -> Outgoing:
-        handshake = header.stage in (E.OPEN, E.CONFIRM) and not self.opening.confirmed
-        envelope = self.stamp.open(data, session=None if handshake else self._session())
-        if envelope.sender != self.roster.server_id:
-            raise MessageRejected("only the server sends requests to a site", envelope.sender)
+        envelope = self.stamp.request(data, header, self.opening)
         handler = {E.OPEN: self._open, E.CONFIRM: self._confirm, E.TRAIN: self._train, E.EVALUATE: self._evaluate,
                    E.TREE_HEAD: self._tree_head, E.CLOSE: self._close}.get(envelope.stage)
         if handler is None:
             raise MessageRejected(f"a site takes no {envelope.stage!r} request", envelope.sender)
-        if envelope.stage not in (E.OPEN, E.CONFIRM):
-            self.opening.require(f"a {envelope.stage!r} request")
         fields = handler(envelope)
         return Outgoing(envelope.sender, self.stamp.envelope(E.REPLY_TO[envelope.stage], envelope.round,
                                                              envelope.sender, fields, session=envelope.session))
-
-    def _session(self) -> str:
-        if self.stamp.session is None:
-            raise MessageRejected("no run session is open at this site yet")
-        return self.stamp.session
 
     # -------------------------------------------------------------------------------------------- stages
 
