@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import ConfigurationError, MessageRejected, ProtocolError
 from .identity import Identity, Roster
-from .wire import Envelope, check_session_id, decode, encode
+from .wire import MAX_MESSAGE_BYTES, Envelope, check_session_id, decode, encode
 
 STATE_FORMAT = "feddat-secure/protocol-state/1"
 
@@ -85,9 +85,10 @@ class Party(ABC):
     def _send(self, envelope: Envelope) -> Outgoing:
         return Outgoing(envelope.recipient, self._sign(envelope))
 
-    def _decode(self, data: bytes) -> Envelope:
-        """Verify a message (or a relayed or nested one) of this session under this roster."""
-        return decode(data, self._roster, session=self.session)
+    def _decode(self, data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
+        """Verify a message (or a relayed or nested one) of this session under this roster; ``max_bytes`` is the
+        largest message the current stage can legitimately carry (refused before anything is parsed)."""
+        return decode(data, self._roster, session=self.session, max_bytes=max_bytes)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild this party, as plain values: str, int, float, bool, None, lists, dicts with
@@ -143,9 +144,16 @@ class ClientSession(Party):
     role = "client"
 
     @abstractmethod
-    def set_input(self, round_id: int, vector: np.ndarray, weight: float) -> None:
+    def set_input(self, round_id: int, vector: np.ndarray, weight: float, *, round_context: str = "") -> int:
         """This round's input. Checked here (1-D, numeric, finite): a bad input raises ProtocolError on
-        the client, before anything derived from it is masked, encrypted or sent."""
+        the client, before anything derived from it is masked, encrypted or sent.
+
+        ``round_context`` (at most ``MAX_CONTEXT_CHARS`` printable ASCII characters; the federation passes the
+        SHA-256 of the global model the site trained from) is what every honest client of the round must share:
+        the protocol binds it into what the client signs, and a client refuses a round whose announced or
+        co-signed context differs from its own, so a server cannot aggregate updates computed from different
+        models. Returns how many entries of ``vector`` were clipped to the protocol's input range (0 where the
+        protocol clips nothing), so that the caller can report it."""
 
     @abstractmethod
     def handle(self, data: bytes) -> list[Outgoing]:
@@ -162,8 +170,10 @@ class ServerSession(Party):
     round_done: bool
 
     @abstractmethod
-    def begin_round(self, round_id: int, clients: Sequence[str], vector_length: int) -> list[Outgoing]:
-        """Start a round with these clients (roster ids); returns the first stage's messages."""
+    def begin_round(self, round_id: int, clients: Sequence[str], vector_length: int, *,
+                    round_context: str = "") -> list[Outgoing]:
+        """Start a round with these clients (roster ids); returns the first stage's messages. ``round_context``:
+        what the server announces as the round's shared context (``ClientSession.set_input``)."""
 
     @abstractmethod
     def receive(self, data: bytes) -> None:
@@ -255,6 +265,19 @@ def checked_input(vector: object, weight: object) -> tuple[np.ndarray, float]:
     if not np.isfinite(weight) or weight <= 0:
         raise ProtocolError(f"a weight must be finite and positive, not {weight}")
     return array, weight
+
+
+MAX_CONTEXT_CHARS = 128
+
+
+def checked_context(value: object) -> str:
+    """A round context (``ClientSession.set_input``): a string of at most ``MAX_CONTEXT_CHARS`` printable ASCII
+    characters; anything else raises ConfigurationError."""
+    if not isinstance(value, str) or len(value) > MAX_CONTEXT_CHARS or not (value.isascii() and
+                                                                          value.isprintable()):
+        raise ConfigurationError(f"a round context must be a string of at most {MAX_CONTEXT_CHARS} printable ASCII "
+                                 f"characters, not {value!r}")
+    return value
 
 
 def checked_round(roster: Roster, round_id: object, clients: Sequence[str], vector_length: object) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from .base import (
     Outgoing,
     Protocol,
     ServerSession,
+    checked_context,
     checked_input,
     checked_round,
     export_inputs,
@@ -70,10 +71,12 @@ class PlainClient(ClientSession):
         super().__init__(identity, roster, session, options)
         self._server_id = server_id
         self._inputs: dict[int, tuple[np.ndarray, float]] = {}
+        self._context = ""
         self._load(state)
 
-    def set_input(self, round_id: int, vector: np.ndarray, weight: float) -> None:
-        self._inputs = {round_id: checked_input(vector, weight)}
+    def set_input(self, round_id: int, vector: np.ndarray, weight: float, *, round_context: str = "") -> int:
+        self._inputs, self._context = {round_id: checked_input(vector, weight)}, checked_context(round_context)
+        return 0
 
     def handle(self, data: bytes) -> list[Outgoing]:
         envelope = expect(self._decode(data), protocol=NAME, stage=INPUT, sender=self._server_id,
@@ -82,7 +85,7 @@ class PlainClient(ClientSession):
             raise MessageRejected(f"no input is waiting for round {envelope.round} (replayed or stale request)",
                                   envelope.sender)
         vector, weight = self._inputs[envelope.round]
-        if envelope.fields != {"vector_length": len(vector)}:
+        if envelope.fields != {"vector_length": len(vector), "round_context": self._context}:
             raise MessageRejected(f"request does not match this client's input of length {len(vector)}: "
                                   f"{dict(envelope.fields)}", envelope.sender)
         del self._inputs[envelope.round]  # answer once: a replayed request finds nothing
@@ -90,10 +93,10 @@ class PlainClient(ClientSession):
                                           {"vector": vector * weight}))]
 
     def _export(self) -> dict[str, Any]:
-        return {"inputs": export_inputs(self._inputs)}
+        return {"inputs": export_inputs(self._inputs), "round_context": self._context}
 
     def _import(self, state: Mapping[str, Any]) -> None:
-        self._inputs = import_inputs(state["inputs"])
+        self._inputs, self._context = import_inputs(state["inputs"]), checked_context(state["round_context"])
 
 
 class PlainServer(ServerSession):
@@ -111,11 +114,13 @@ class PlainServer(ServerSession):
         self._received: dict[str, tuple[np.ndarray, float]] = {}
         self._load(state)
 
-    def begin_round(self, round_id: int, clients: Sequence[str], vector_length: int) -> list[Outgoing]:
+    def begin_round(self, round_id: int, clients: Sequence[str], vector_length: int, *,
+                    round_context: str = "") -> list[Outgoing]:
         clients = checked_round(self._roster, round_id, clients, vector_length)
+        fields = {"vector_length": vector_length, "round_context": checked_context(round_context)}
         self._round, self._clients, self._length = round_id, clients, vector_length
         self._received, self.stage, self.round_done = {}, INPUT, False
-        return [self._send(self._envelope(round_id, INPUT, client, {"vector_length": vector_length}))
+        return [self._send(self._envelope(round_id, INPUT, client, fields))
                 for client in clients]
 
     def receive(self, data: bytes) -> None:

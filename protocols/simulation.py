@@ -36,7 +36,8 @@ def setup_keyholder(keyholder: KeyHolderSession, clients: Mapping[str, ClientSes
 def drive_round(server: ServerSession, clients: Mapping[str, ClientSession], keyholder: KeyHolderSession | None,
                 round_id: int, vector_length: int, *, dropouts: Mapping[str, str] | None = None,
                 deliver: Deliver | None = None, on_rejection: OnRejection | None = None,
-                server_id: str = SERVER_ID, keyholder_id: str = KEYHOLDER_ID) -> AggregateResult:
+                server_id: str = SERVER_ID, keyholder_id: str = KEYHOLDER_ID,
+                round_context: str = "") -> AggregateResult:
     """Run one round to its end and return the server's result.
 
     Clients must already hold their input (``set_input``). A client named in ``dropouts`` vanishes
@@ -56,15 +57,15 @@ def drive_round(server: ServerSession, clients: Mapping[str, ClientSession], key
         _route(outgoing, server_id, server, clients, keyholder, keyholder_id, gone, deliver, on_rejection,
                server_id=server_id)
 
-    return run_stages(server, round_id, list(clients), vector_length, deliver_stage)
+    return run_stages(server, round_id, list(clients), vector_length, deliver_stage, round_context=round_context)
 
 
 def run_stages(server: ServerSession, round_id: int, clients: Sequence[str], vector_length: int,
-               deliver_stage: Callable[[Sequence[Outgoing]], None]) -> AggregateResult:
-    """The server's side of one round, whoever carries the messages: begin the round, then hand each stage's
-    messages to ``deliver_stage`` (which feeds the answers to ``server.receive``) and close the stage, until
-    the result. RoundAborted from the server propagates."""
-    outgoing = server.begin_round(round_id, list(clients), vector_length)
+               deliver_stage: Callable[[Sequence[Outgoing]], None], *, round_context: str = "") -> AggregateResult:
+    """The server's side of one round, whoever carries the messages: begin the round (announcing
+    ``round_context``), then hand each stage's messages to ``deliver_stage`` (which feeds the answers to
+    ``server.receive``) and close the stage, until the result. RoundAborted from the server propagates."""
+    outgoing = server.begin_round(round_id, list(clients), vector_length, round_context=round_context)
     for _ in range(4 * len(server.stages) + 4):  # each stage closes once; the bound only guards against bugs
         deliver_stage(outgoing)
         if server.round_done:
