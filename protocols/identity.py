@@ -10,6 +10,7 @@ anyone ever holding another party's key, is ``protocols.enrolment``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -114,6 +115,89 @@ def parse_public_pem(text: object, source: str) -> Ed25519PublicKey:
     return key
 
 
+# Ed25519 (RFC 8032 §5.1): the curve -x² + y² = 1 + d·x²·y² over GF(p), with a base point of prime order L.
+_P = 2**255 - 19
+_L = 2**252 + 27742317777372353535851937790883648493
+_D = -121665 * pow(121666, -1, _P) % _P
+_SQRT_MINUS_1 = pow(2, (_P - 1) // 4, _P)
+_Point = tuple[int, int, int, int]  # extended coordinates (X, Y, Z, T), x = X/Z, y = Y/Z, x·y = T/Z
+_NEUTRAL: _Point = (0, 1, 1, 0)
+
+
+def _add(a: _Point, b: _Point) -> _Point:
+    """RFC 8032 §5.1.4's unified addition (it doubles too)."""
+    x1, y1, z1, t1 = a
+    x2, y2, z2, t2 = b
+    e, h = (y1 - x1) * (y2 - x2) % _P, (y1 + x1) * (y2 + x2) % _P
+    c, d = 2 * _D * t1 * t2 % _P, 2 * z1 * z2 % _P
+    e, f, g, h = h - e, d - c, d + c, h + e
+    return e * f % _P, g * h % _P, f * g % _P, e * h % _P
+
+
+def _times(point: _Point, scalar: int) -> _Point:
+    result = _NEUTRAL
+    for bit in bin(scalar)[2:]:
+        result = _add(result, result)
+        if bit == "1":
+            result = _add(result, point)
+    return result
+
+
+def _is_neutral(point: _Point) -> bool:
+    x, y, z, _ = point
+    return x % _P == 0 and (y - z) % _P == 0
+
+
+@functools.lru_cache(maxsize=4096)
+def _ed25519_key_fault(raw: bytes) -> str | None:
+    """Why the encoded point ``raw`` is no honest public key, or None if it is one.
+
+    Decodes as RFC 8032 §5.1.3 does, refusing what step 1 (y ≥ p), step 3 (no square root: not on
+    the curve) and step 4 (x = 0 with the sign bit set) refuse, then checks the point's order: an
+    honest key is [a]B for the prime-order base point B, so its order is L. Public values only, so a
+    plain (not constant-time) computation is fine; cached because rosters are rebuilt from the same keys.
+    """
+    encoded = int.from_bytes(raw, "little")
+    y, sign = encoded & ((1 << 255) - 1), encoded >> 255
+    if y >= _P:
+        return "is not canonically encoded (y at or above 2^255 - 19; RFC 8032 §5.1.3)"
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x = u * pow(v, 3, _P) * pow(u * pow(v, 7, _P), (_P - 5) // 8, _P) % _P
+    if (v * x * x - u) % _P != 0:
+        x = x * _SQRT_MINUS_1 % _P
+        if (v * x * x - u) % _P != 0:
+            return "is not a point of Ed25519"
+    if x == 0 and sign:
+        return "is not canonically encoded (x = 0 with the sign bit set; RFC 8032 §5.1.3)"
+    if x & 1 != sign:
+        x = _P - x
+    point = (x, y, 1, x * y % _P)
+    if _is_neutral(_times(point, 8)):
+        return "is a point of small order: anyone can forge signatures that verify under it"
+    if not _is_neutral(_times(point, _L)):
+        return "has a small-order component: it is not [a]B for any private key a"
+    return None
+
+
+def check_ed25519_public_key(raw: bytes, owner: str) -> bytes:
+    """Return ``raw`` if it encodes an Ed25519 public key an honest key pair can have; else raise ConfigurationError.
+
+    Refuses non-canonical encodings (RFC 8032 §5.1.3), points off the curve, the eight points of small
+    order and points with a small-order component ("Taming the many EdDSAs", Chalkias et al. 2020,
+    lists the small-order encodings). ``cryptography`` loads all of them, and under a
+    small-order key a signature with s = 0 and a small-order R verifies for one message in about
+    eight (for every message under the neutral element), so whoever writes such a key into a roster
+    can speak as its party after a few tries, without any private key. Keys with a small-order component, or
+    two spellings of one point, would let one key pass as two in a comparison of bytes.
+    """
+    if len(raw) != 32:
+        raise ConfigurationError(f"{owner}: an Ed25519 public key is 32 bytes, not {len(raw)}")
+    fault = _ed25519_key_fault(bytes(raw))
+    if fault is not None:
+        raise ConfigurationError(f"{owner}: the Ed25519 public key {fault}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Identity:
     """A party's id and long-term signing key."""
@@ -156,6 +240,7 @@ class RosterEntry:
         check_role(self.role, self.party_id)
         if not isinstance(self.public_key, Ed25519PublicKey):
             raise ConfigurationError(f"party {self.party_id!r}: the key must be an Ed25519 public key")
+        check_ed25519_public_key(raw_public(self.public_key), f"party {self.party_id!r}")
 
 
 class Roster:
@@ -163,7 +248,8 @@ class Roster:
 
     A party id appears once, a public key belongs to one party only (otherwise one key holder could
     speak as two parties, and a site's own messages could be replayed as another's), and there is at
-    most one server and one key holder.
+    most one server and one key holder. Every key is checked by :func:`check_ed25519_public_key` on
+    its way in (``RosterEntry``), so each point has one spelling and comparing keys as bytes is sound.
     """
 
     def __init__(self, entries: Iterable[RosterEntry]):
@@ -300,8 +386,14 @@ class Roster:
             if not isinstance(item, dict) or set(item) != {"role", "public_key"}:
                 raise ConfigurationError(f"{source}: party {party_id!r} needs exactly 'role' and 'public_key'")
             key = parse_public_pem(item["public_key"], f"{source}: party {party_id!r}")
-            entries.append(RosterEntry(party_id, item["role"], key))
-        roster = cls(entries)
+            try:
+                entries.append(RosterEntry(party_id, item["role"], key))
+            except ConfigurationError as error:
+                raise ConfigurationError(f"{source}: {error}") from None
+        try:
+            roster = cls(entries)
+        except ConfigurationError as error:
+            raise ConfigurationError(f"{source}: {error}") from None
         if roster.digest != recorded:
             raise ConfigurationError(f"{source} records sha256 {recorded} but its content has sha256 "
                                      f"{roster.digest}: the file was altered")
