@@ -7,6 +7,7 @@ The feddat_secure runner uses it too, with ``deliver`` hooked to byte counts and
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
@@ -114,7 +115,8 @@ def simulate_round(protocol: str, updates: Sequence[np.ndarray], weights: Sequen
     ``dropouts`` maps a client's index to the stage before which it vanishes (``make_protocol(protocol)
     .stages`` lists the names). ``seed`` fixes every non-cryptographic random choice; key material
     always comes from the OS. Raises the protocol's error (RoundAborted, ConfigurationError, ...)
-    when the round cannot produce a correct result.
+    when the round cannot produce a correct result. Warns (UserWarning, naming the count and the range) when
+    inputs were clipped to the protocol's input range: the sum is then of the clipped inputs.
     """
     instance = make_protocol(protocol, seed=seed, **options)
     if len(updates) == 0:
@@ -140,8 +142,12 @@ def simulate_round(protocol: str, updates: Sequence[np.ndarray], weights: Sequen
                  if keyholder_identity is not None else None)
     if keyholder is not None:
         setup_keyholder(keyholder, clients)
-    for name, update, weight in zip(names, updates, weights):
-        clients[name].set_input(0, update, weight)
+    clipped = sum(clients[name].set_input(0, update, weight) for name, update, weight in zip(names, updates, weights))
+    if clipped:
+        clip_range = getattr(instance.options, "clip_range", None)
+        warnings.warn(f"{clipped} input entries lay outside the {protocol} protocol's input range"
+                      + (f" ±{clip_range}" if clip_range is not None else "")
+                      + " and were clipped: the result is the sum of the clipped inputs", UserWarning, stacklevel=2)
     server = instance.server(server_identity, roster, session=session)
     result = drive_round(server, clients, keyholder, 0, vector_length,
                          dropouts={names[index]: stage for index, stage in dropouts.items()})

@@ -61,13 +61,16 @@ def test_the_update_goes_only_into_the_protocol_and_is_the_change_of_the_shared_
     [answer] = site.handle(train_request(federation))
     report = server.stamp.open(answer.data, session=server.stamp.session)
     assert (report.stage, report.recipient, report.arrays, report.blobs) == (E.UPDATE, "server", {}, {})
-    assert set(report.fields) == {"refused", "num_examples", "losses", "epsilon"}
+    assert set(report.fields) == {"refused", "num_examples", "losses", "epsilon", "clipped"}
     assert report.fields["refused"] is None and report.fields["num_examples"] == len(site.train)
+    assert report.fields["clipped"] == 0  # plain aggregation clips nothing
 
     layout = StateLayout.of(received)
     expected = layout.flatten(site.trainer.shared_state()) - layout.flatten(received)
     assert np.any(expected != 0)
-    summed = drive_round(server.session, {"client0": site.aggregation}, None, 0, layout.size).vector
+    # the round's context is the digest of the model the site trained from: the server announces the same
+    summed = drive_round(server.session, {"client0": site.aggregation}, None, 0, layout.size,
+                         round_context=E.model_digest(received)).vector
     assert site.weight == len(site.train)  # aggregation by examples
     np.testing.assert_allclose(summed, site.weight * expected, rtol=0, atol=1e-12)  # Σ w·u over this one site
     client_adapter = {**site.trainer.model.adapters.get_state(CLIENT),

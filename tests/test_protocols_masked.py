@@ -16,7 +16,6 @@ from protocols import (
     simulate_round,
 )
 from protocols.masked import MaskedAggregate, largest_safe_weight
-from protocols.masked.stages import STAGES
 
 
 def run_masked(updates, weights=None, *, dropouts=None, noise=None, round_id=0, **options) -> MaskedAggregate:
@@ -90,11 +89,19 @@ def test_the_same_seed_gives_the_same_result():
     np.testing.assert_array_equal(simulate_round("masked", updates, seed=7), simulate_round("masked", updates, seed=7))
 
 
-COUNTED_IF_DROPPED_BEFORE = {"advertise_keys": False, "share_keys": False, "masked_input": False,
-                             "consistency_check": True, "unmask": True}
+COUNTED_IF_DROPPED_BEFORE = {"share_keys": False, "masked_input": False, "consistency_check": True, "unmask": True}
+TOLERANT_STAGES = tuple(COUNTED_IF_DROPPED_BEFORE)  # before these, the ring is drawn and dropouts are tolerated
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", ["commit", "advertise_keys"])
+def test_a_dropout_before_the_ring_is_drawn_aborts_the_round_so_the_server_cannot_pick_among_rings(stage):
+    # every cohort member's nonce goes into the ring: a server that could drop one reveal would choose the ring
+    with pytest.raises(RoundAborted, match="ring needs every member's") as caught:
+        run_masked(random_updates(7, 12, 3), dropouts={1: stage}, graph="complete", threshold=4)
+    assert caught.value.stage == stage
+
+
+@pytest.mark.parametrize("stage", TOLERANT_STAGES)
 def test_complete_graph_survives_the_largest_dropout_the_threshold_allows(stage):
     # 7 clients, t = 4 of 6 neighbours: every needed client keeps >= 4 live neighbours while <= 2 drop
     updates, weights = random_updates(7, 12, 3), [1, 2, 3, 4, 5, 6, 7]
@@ -107,7 +114,7 @@ def test_complete_graph_survives_the_largest_dropout_the_threshold_allows(stage)
                                                                            updates, weights, counted))
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", TOLERANT_STAGES)
 def test_one_dropout_too_many_aborts_cleanly_naming_the_stage(stage):
     with pytest.raises(RoundAborted) as caught:
         run_masked(random_updates(7, 12, 3), dropouts={1: stage, 4: stage, 5: stage}, graph="complete", threshold=4)
@@ -124,18 +131,20 @@ def test_dropouts_spread_over_several_stages():
         make_protocol("masked", graph="complete", threshold=4), updates, [1] * 7, counted))
 
 
-def neighbourhoods(options: dict, n: int, round_id: int = 0) -> dict[str, tuple[str, ...]]:
-    from protocols.masked.graph import ring_neighbours
-
-    masked = make_protocol("masked", **options).options
-    names = [f"client-{i}" for i in range(n)]
-    return ring_neighbours(masked.ring(round_id, names), masked.graph_parameters(n).neighbours)
+def sorted_ring(monkeypatch) -> None:
+    """Lay the graph on the sorted cohort instead of the commit–reveal ring, so that a test knows who neighbours
+    whom before the round (the ring's randomness is tested in test_attacks_masked.py)."""
+    for module in ("client", "server"):
+        monkeypatch.setattr(f"protocols.masked.{module}.ring_order", lambda seed, cohort: tuple(sorted(cohort)))
 
 
 @pytest.mark.parametrize("stage", ["share_keys", "masked_input", "unmask"])
-def test_sparse_graph_tolerates_k_minus_t_dropouts_per_neighbourhood_and_no_more(stage):
-    n, options = 12, dict(neighbours=4, threshold=3, seed=5)
-    near = neighbourhoods(options, n)
+def test_sparse_graph_tolerates_k_minus_t_dropouts_per_neighbourhood_and_no_more(stage, monkeypatch):
+    from protocols.masked.graph import ring_neighbours
+
+    sorted_ring(monkeypatch)
+    n, options = 40, dict(neighbours=4, threshold=3, seed=5)
+    near = ring_neighbours(tuple(sorted(f"client-{i}" for i in range(n))), 4)
     # one dropout is k - t = 1 per neighbourhood: fine
     victim = 2
     updates = random_updates(n, 8, 5)
@@ -151,7 +160,7 @@ def test_sparse_graph_tolerates_k_minus_t_dropouts_per_neighbourhood_and_no_more
 def test_default_sparse_round_with_ten_percent_dropout():
     n = 30
     updates, weights = random_updates(n, 16, 6), list(range(1, n + 1))
-    dropouts = {i: STAGES[i % len(STAGES)] for i in (0, 10, 20)}
+    dropouts = {i: TOLERANT_STAGES[i % len(TOLERANT_STAGES)] for i in (0, 10, 21)}
     result = run_masked(updates, weights, dropouts=dropouts, seed=1)
     counted = [i for i in range(n) if i not in dropouts or COUNTED_IF_DROPPED_BEFORE[dropouts[i]]]
     np.testing.assert_array_equal(result.integer_sum, expected_integer_sum(make_protocol("masked", seed=1), updates,
@@ -163,8 +172,19 @@ def test_weights_must_be_integers_within_the_overflow_bound():
     with pytest.raises(ConfigurationError, match="integer weights"):
         simulate_round("masked", updates, [1.5, 1, 1])
     too_big = largest_safe_weight(3, 16, 32, 0) + 1
-    with pytest.raises(ConfigurationError, match="overflow"):
-        simulate_round("masked", updates, [too_big, 1, 1])
+    protocol = make_protocol("masked")
+    names = [f"client-{i}" for i in range(3)]
+    server_identity, identities = Identity.generate("server"), [Identity.generate(name) for name in names]
+    roster = Roster.from_identities(server_identity, identities)
+    session = new_session_id()
+    clients = {i.party_id: protocol.client(i, roster, session=session) for i in identities}
+    for client, weight in zip(clients.values(), [too_big, 1, 1]):
+        client.set_input(0, updates[0], weight)
+    refusals = []
+    with pytest.raises(RoundAborted, match="client-0"):  # the client refuses the round: it cannot take part
+        drive_round(protocol.server(server_identity, roster, session=session), clients, None, 0, 5,
+                    on_rejection=lambda sender, reason: refusals.append(reason))
+    assert any("overflow" in reason for reason in refusals)
 
 
 def test_overflowing_configuration_is_refused_before_the_round_starts():

@@ -106,14 +106,16 @@ def test_the_config_tables_are_the_protocols_own_options_classes():
     assert type(config.masked) is options_class("masked") and type(config.he) is options_class("he")
     assert config.protocol_options is config.masked  # the default protocol is masked
     assert to_dict(config)["masked"] == {"clip_range": 0.25, "quantization_bits": 16, "modulus_bits": 32,
-                                         "neighbours": 0, "threshold": 0, "graph": "sparse"}
+                                         "neighbours": 0, "threshold": 0, "graph": "sparse", "min_clients": 3}
     assert to_dict(config)["he"] == {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40],
-                                     "global_scale_bits": 40, "min_clients": 2}
+                                     "global_scale_bits": 40, "min_clients": 3, "min_fraction": 0.5,
+                                     "committee_size": 3}
 
 
 @pytest.mark.parametrize(("table", "key"), [("masked", "seed"), ("masked", "max_weight"), ("masked", "noise_bound"),
                                             ("masked", "dropout_rate"), ("masked", "adversarial_rate"),
-                                            ("he", "seed")])
+                                            ("he", "seed"), ("he", "min_weight"), ("he", "max_weight"),
+                                            ("he", "input_bound")])
 def test_options_the_runner_supplies_are_not_configuration_keys(table, key):
     with pytest.raises(ConfigError, match=f"unknown key 'secure_aggregation.{table}.{key}'"):
         config_from_dict({"secure_aggregation": {table: {key: 1}}})

@@ -11,10 +11,14 @@ Requests (server → site or key holder) and their replies::
     confirm     fields {nonce: the party's own, echoed}                   → confirmed
     train       fields {model_sha256, send_update, clip_norm, noise_shares}, arrays {global state}
                                                                            → update  fields {num_examples, losses,
-                                                                                             epsilon, refused}
+                                                                                             epsilon, refused, clipped}
     evaluate    fields {model_sha256}, arrays {global state}              → metrics fields {metrics}
     tree_head   fields {tree_head}                                        → tree_head fields {tree_head}
     close       fields {reason}                                           → closed  fields {tree_head}
+
+Every receiver refuses a message larger than its stage can legitimately be (:func:`max_message_bytes`) before
+anything of it is parsed beyond the header: a ``train`` or ``evaluate`` request carries the model, whose size
+every party knows from the run plan; everything else is small.
 """
 
 from __future__ import annotations
@@ -38,6 +42,16 @@ TREE_HEAD = "tree_head"
 CLOSE, CLOSED = "close", "closed"
 REPLY_TO = {OPEN: OPENED, CONFIRM: CONFIRMED, TRAIN: UPDATE, EVALUATE: METRICS, TREE_HEAD: TREE_HEAD, CLOSE: CLOSED}
 MODEL_DTYPE = np.dtype("<f4")
+# Everything but the model: header, fields (losses, metrics, tree heads, the roster's client list), signature.
+SMALL_MESSAGE_BYTES = 1 << 20
+MODEL_STAGES = (TRAIN, EVALUATE)
+
+
+def max_message_bytes(stage: str, model_values: int) -> int:
+    """The largest runner message of ``stage`` (issue 10, item 9: per-stage limits instead of the wire format's
+    2 GiB): a request that carries a model of ``model_values`` float32 values may be that much larger than a
+    small message, every other message is small."""
+    return SMALL_MESSAGE_BYTES + (MODEL_DTYPE.itemsize * model_values if stage in MODEL_STAGES else 0)
 
 
 class Opening:
@@ -114,9 +128,10 @@ def checked_model(envelope: Envelope) -> dict[str, np.ndarray]:
 class Stamp:
     """Signs a party's runner messages under its run session and roster, and checks the ones it receives."""
 
-    def __init__(self, identity: Identity, roster: Roster) -> None:
+    def __init__(self, identity: Identity, roster: Roster, *, model_values: int = 0) -> None:
         self.identity = identity
         self.roster = roster
+        self.model_values = model_values  # the global model's length, for the size limit of requests carrying it
         self.session: str | None = None
 
     def envelope(self, stage: str, round_index: int, recipient: str, fields: Mapping[str, Any] | None = None,
@@ -136,17 +151,19 @@ class Stamp:
         handshake = header.stage in (OPEN, CONFIRM) and not opening.confirmed
         if not handshake and self.session is None:
             raise MessageRejected("no run session is open at this party yet", header.sender)
-        envelope = self.open(data, session=None if handshake else self.session)
+        envelope = self.open(data, session=None if handshake else self.session,
+                             max_bytes=max_message_bytes(header.stage, self.model_values))
         if envelope.sender != self.roster.server_id:
             raise MessageRejected("only the server sends requests to this party", envelope.sender)
         if envelope.stage not in (OPEN, CONFIRM):
             opening.require(f"a {envelope.stage!r} request")
         return envelope
 
-    def open(self, data: bytes, *, session: str | None) -> Envelope:
+    def open(self, data: bytes, *, session: str | None, max_bytes: int = SMALL_MESSAGE_BYTES) -> Envelope:
         """Decode a runner message addressed to this party in ``session`` (None: accept any, for a first
-        contact) and refuse one of another protocol."""
-        envelope = decode(data, self.roster, session=session)
+        contact) and refuse one of another protocol; one longer than ``max_bytes`` (by default a small message's
+        limit: a caller expecting a model passes :func:`max_message_bytes`) is refused before it is parsed."""
+        envelope = decode(data, self.roster, session=session, max_bytes=max_bytes)
         if envelope.protocol != PROTOCOL:
             raise MessageRejected(f"expected a {PROTOCOL!r} message, got {envelope.protocol!r}", envelope.sender)
         if envelope.recipient != self.identity.party_id:

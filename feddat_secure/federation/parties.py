@@ -114,16 +114,35 @@ def encode_site(foundation: Foundation, answers: tuple[str, ...], client: Client
 
 
 def build_protocol(plan: RunPlan) -> Protocol | None:
-    """The configured secure-aggregation protocol with the run's own values (seed, largest weight, noise
-    bound), checked against the largest round it must aggregate; None when nothing travels."""
+    """The configured secure-aggregation protocol with the run's own values, checked against the largest round
+    it must aggregate; None when nothing travels.
+
+    The run's values: the seed; the weights' range (``max_weight``; ``min_weight`` where the protocol takes it,
+    so that it can refuse a weight, or a total weight, that no honest cohort can produce); the distributed
+    noise bound; and the input range, from what the runner knows about the inputs. Under client-level DP with
+    central noise and a fixed clip norm C, each site's update is clipped to L2 norm C before it becomes the
+    protocol's input, so every entry satisfies |x_j| <= C: the masked protocol's ``clip_range`` (and the HE
+    protocol's ``input_bound``) is then C, and nothing an honest site sends is clipped. A value configured
+    explicitly (other than the option's default) is kept, and whatever the protocol clips then is reported
+    (each site's count in the round's ``clipped``). Not derived: without client-level DP (no bound is known),
+    with local noise (added after clipping, unbounded), with adaptive clipping (C moves between rounds) and
+    with distributed noise (calibrated on the grid of the configured ``clip_range``)."""
     if not plan.uses_protocol:
         return None
     settings = plan.config.secure_aggregation
-    runtime = {"seed": plan.config.seed, "max_weight": max(plan.weights.values()),
+    cls = options_class(settings.protocol)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    configured = settings.protocol_options
+    weights = plan.weights.values()
+    runtime = {"seed": plan.config.seed, "max_weight": max(weights), "min_weight": min(weights),
                "noise_bound": plan.privacy.noise_bound(plan.per_round)}
-    accepted = {f.name for f in dataclasses.fields(options_class(settings.protocol))}
-    protocol = make_protocol(settings.protocol, options=settings.protocol_options,
-                             **{k: v for k, v in runtime.items() if k in accepted})
+    client = plan.privacy.client
+    if client is not None and client.placement == "central" and not client.adaptive:
+        for name in ("clip_range", "input_bound"):
+            if name in defaults and (configured is None or getattr(configured, name) == defaults[name]):
+                runtime[name] = float(client.clip_norm)
+    protocol = make_protocol(settings.protocol, options=configured,
+                             **{k: v for k, v in runtime.items() if k in defaults})
     protocol.check(plan.largest_round, plan.vector_length)
     return protocol
 

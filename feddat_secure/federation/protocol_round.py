@@ -21,24 +21,33 @@ MAX_RELAY_WAVES = 8  # a stage's messages are answered within a few waves; more 
 
 def run_protocol_round(session: ServerSession, link: ServerLink, clients: Sequence[str], round_index: int,
                        vector_length: int, *, protocol: str, server_id: str, relay_to: Collection[str],
-                       rejections: list[str]) -> AggregateResult:
-    """Run the round to its end and return the aggregate; RoundAborted propagates. ``relay_to``: the parties
-    the server forwards other parties' messages to (this round's clients and the key holder); a message for
-    anyone else is refused. Every refused message is appended to ``rejections`` and logged by the link."""
-    def deliver_stage(outgoing: Sequence[Outgoing]) -> None:
-        _deliver(session, link, outgoing, f"{protocol}:{session.stage}", server_id, relay_to, rejections)
+                       rejections: list[str], answered: set[str], round_context: str = "") -> AggregateResult:
+    """Run the round to its end and return the aggregate; RoundAborted (any ProtocolError) propagates.
+    ``round_context`` is what the server announces as the round's shared context (the SHA-256 of the model it
+    sent the sites; every client compares it with its own). ``relay_to``: the parties the server forwards other
+    parties' messages to (this round's clients and the key holder); a message for anyone else is refused.
+    Every refused message is appended to ``rejections`` and logged by the link; every client that sent the
+    server anything in this round is added to ``answered`` (also when the round then aborts: the server's
+    privacy accounting must know whose data may have reached it)."""
+    members = set(clients)
 
-    return run_stages(session, round_index, clients, vector_length, deliver_stage)
+    def deliver_stage(outgoing: Sequence[Outgoing]) -> None:
+        _deliver(session, link, outgoing, f"{protocol}:{session.stage}", server_id, relay_to, rejections, members,
+                 answered)
+
+    return run_stages(session, round_index, clients, vector_length, deliver_stage, round_context=round_context)
 
 
 def _deliver(session: ServerSession, link: ServerLink, outgoing: Sequence[Outgoing], stage: str, server_id: str,
-             relay_to: Collection[str], rejections: list[str]) -> None:
+             relay_to: Collection[str], rejections: list[str], clients: Collection[str], answered: set[str]) -> None:
     wave = list(outgoing)
     for _ in range(MAX_RELAY_WAVES):
         if not wave:
             return
         relayed: list[Outgoing] = []
         for reply in link.exchange(wave, stage):
+            if reply.messages and reply.party in clients:
+                answered.add(reply.party)
             for message in reply.messages or ():
                 if message.recipient == server_id:
                     try:

@@ -10,6 +10,15 @@ A round: sample the participants (from OS entropy under DP unless ``reproducible
 carrying the global state, its SHA-256 and the client-level terms → the protocol round among the sites that
 trained → apply the aggregate (central noise and DP-FedAvg's denominator under client-level DP) → ``evaluate``
 at every site → signed tree heads with the round's parties → checkpoint.
+
+A failed round never crashes the run: a malicious server or site can always deny service, but it must not
+corrupt the global state or stop the run uncleanly. Whatever makes the protocol round fail (an abort, any
+other protocol error, a numeric error of a protocol step on malformed input, a result that is no finite
+vector of the round's length or has no positive total weight) is recorded (the audit's ``round_finished``
+with outcome ``aborted`` and the reason, ``aborted`` in the round's entry of ``metrics.jsonl``, one line in
+the round log), nothing is applied, and the run goes on; after
+``MAX_CONSECUTIVE_FAILED_ROUNDS`` failed rounds in a row it stops cleanly, as a budget stop does (outputs,
+ledgers and logs closed; the CLI exits 1).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from protocols import MessageRejected, Outgoing, Protocol, Roster, RoundAborted
+from protocols import AggregateResult, MessageRejected, Outgoing, Protocol, ProtocolError, Roster, RoundAborted
 from protocols.identity import Identity
 from protocols.wire import Envelope, new_session_id
 
@@ -36,6 +45,7 @@ from .protocol_round import run_protocol_round
 from .updates import StateLayout, apply_mean_update
 
 GLOBAL_STATE_FILE = "global_state.safetensors"
+MAX_CONSECUTIVE_FAILED_ROUNDS = 3  # the run stops cleanly after this many failed protocol rounds in a row
 LABELS = {
     "plain": "plain (INSECURE reference: the server sees every site's update)",
     "masked": "masked (SecAgg+: the server sees only the sum)",
@@ -77,6 +87,7 @@ class Server:
     history: list[dict] = field(default_factory=list)
     next_round: int = 0
     stopped: str | None = None
+    failures: list[str] = field(default_factory=list)  # why each of the latest failed rounds in a row failed
 
     def __post_init__(self) -> None:
         self.party_id = self.identity.party_id
@@ -132,18 +143,25 @@ class Server:
             participants = self.privacy.participants(self.site_ids, self.plan.per_round, self.sampler)
             refusal = self.privacy.refusal(round_index)
             if refusal is not None:
-                self._stop(round_index, refusal, log)
+                self._budget_stop(round_index, refusal, log)
                 return
             self.audit.event("round_started", round=round_index)
             record = self._round(round_index, participants)
             if record is None:
-                self._stop(round_index, self.stopped, log)
+                self._budget_stop(round_index, self.stopped, log)
                 return
             self.history.append(log.write(record))
+            self._warn(record, log)
             self.next_round = round_index + 1
             self._exchange_tree_heads(round_index, [*record["trained"], *([self.keyholder_id] if self.keyholder_id
                                                                          else [])])
+            aborted = record["aggregation"].get("aborted")
+            self.failures = [*self.failures, f"round {round_index + 1}: {aborted}"] if aborted else []
             self._checkpoint()
+            if len(self.failures) >= MAX_CONSECUTIVE_FAILED_ROUNDS:
+                self._stop(f"stopped after round {round_index + 1}: {len(self.failures)} rounds in a row failed ("
+                           + "; ".join(self.failures) + ")", log)
+                return
 
     def close(self) -> dict[str, str | None]:
         """Seal the run: every party writes its outputs and closes its log; the server records their final tree
@@ -163,10 +181,25 @@ class Server:
         self.folder.drop_checkpoints()
         return heads
 
-    def _stop(self, round_index: int, reason: str, log: RoundLog) -> None:
-        self.stopped = f"stopped before round {round_index + 1}: {reason}"
+    def _budget_stop(self, round_index: int, reason: str, log: RoundLog) -> None:
         self.audit.event("budget_exceeded", round=round_index, meta={"reason": reason[:256]})
+        self._stop(f"stopped before round {round_index + 1}: {reason}", log)
+
+    def _stop(self, message: str, log: RoundLog) -> None:
+        self.stopped = message
         log.echo(f"feddat-secure: {self.stopped}")
+
+    @staticmethod
+    def _warn(record: dict, log: RoundLog) -> None:
+        """One line in the round log for a failed round, and one when the protocol clipped any site's input."""
+        if "aborted" in record["aggregation"]:
+            log.echo(f"feddat-secure: round {record['round']} failed, nothing applied: "
+                     f"{record['aggregation']['aborted']}")
+        clipped = {site: count for site, count in record["clipped"].items() if count}
+        if clipped:
+            log.echo(f"feddat-secure: warning: round {record['round']}: the protocol clipped update entries to its "
+                     f"input range ({', '.join(f'{site}: {count}' for site, count in clipped.items())}); the "
+                     "aggregate is biased towards zero there")
 
     # ------------------------------------------------------------------------------------- one round
 
@@ -174,11 +207,11 @@ class Server:
         start = time.perf_counter()
         terms = self.privacy.train_terms(len(participants))
         arrays = E.state_arrays(self.global_state) if self.plan.sends_updates else {}
-        fields = {"model_sha256": E.model_digest(arrays) if arrays else None,
-                  "send_update": self.plan.sends_updates, **terms}
+        digest = E.model_digest(arrays) if arrays else None
+        fields = {"model_sha256": digest, "send_update": self.plan.sends_updates, **terms}
         replies = self._replies(E.UPDATE, round_index,
                                 self._request(E.TRAIN, round_index, participants, lambda _: fields, arrays))
-        trained, refused, losses, epsilon = [], {}, {}, {}
+        trained, refused, losses, epsilon, clipped = [], {}, {}, {}, {}
         for party in participants:
             report = replies.get(party)
             if report is None:
@@ -193,14 +226,15 @@ class Server:
                 refused[party] = reason
                 continue
             trained.append(party)
+            clipped[party] = report.fields["clipped"]
             losses[party] = dict(report.fields["losses"])
             epsilon.update({f"{level}:{party}": value for level, value in report.fields["epsilon"].items()})
         if refused and not trained:
             self.stopped = "; ".join(f"{party}: {reason}" for party, reason in refused.items())
             return None
-        aggregate = self._aggregate(round_index, trained)
-        if aggregate.get("counted_sites") is not None and self.session is not None:  # released, or skipped by sampling
-            spent = self.privacy.charge(round_index, len(trained), aggregate["counted_sites"])
+        aggregate, charged_shares = self._aggregate(round_index, trained, digest or "")
+        if charged_shares is not None:
+            spent = self.privacy.charge(round_index, len(trained), charged_shares)
             if spent is not None:
                 epsilon["client:federation"] = spent
                 self.audit.event("privacy_spent", round=round_index,
@@ -208,6 +242,7 @@ class Server:
         metrics = self._evaluate(round_index)
         return {"round": round_index + 1, "participants": participants, "trained": trained,
                 "refused": refused, "clients": metrics, "mean": mean_accuracies(metrics), "train_loss": losses,
+                "clipped": clipped,
                 "seconds": round(time.perf_counter() - start, 3), "aggregation": aggregate,
                 "bytes_to_server_total": sum(self.link.bytes_received.values()),
                 "bytes_to_clients_total": sum(self.link.bytes_sent.values()), "privacy": epsilon}
@@ -215,8 +250,11 @@ class Server:
     def _checked_update(self, envelope: Envelope) -> str | None:
         """The reason a site refused to train, or None; a malformed report raises MessageRejected."""
         fields, sender = envelope.fields, envelope.sender
-        if set(fields) != {"refused", "num_examples", "losses", "epsilon"}:
+        if set(fields) != {"refused", "num_examples", "losses", "epsilon", "clipped"}:
             raise MessageRejected(f"an update report has fields {sorted(fields)}", sender)
+        clipped = fields["clipped"]
+        if not isinstance(clipped, int) or isinstance(clipped, bool) or not 0 <= clipped <= self.plan.vector_length:
+            raise MessageRejected(f"'clipped' must be an integer in 0..{self.plan.vector_length}", sender)
         if fields["refused"] is not None:
             return str(fields["refused"])
         count = fields["num_examples"]
@@ -229,30 +267,42 @@ class Server:
                                   "protocol", sender)
         return None
 
-    def _aggregate(self, round_index: int, trained: list[str]) -> dict[str, Any]:
+    def _aggregate(self, round_index: int, trained: list[str], context: str) -> tuple[dict[str, Any], int | None]:
+        """Run the protocol round among ``trained`` under ``context`` (the SHA-256 of the model the server sent)
+        and apply its aggregate. Returns the round's aggregation record and the number of noise shares its
+        client-level charge assumes (None: nothing to charge).
+
+        Client-level DP of an aborted round: charged whenever any site sent the server protocol messages in it
+        (conservative: a malicious server may have seen a sum before the abort, e.g. an out-of-range decoded
+        sum), as if only the fewest shares a released sum may hold (the protocol's minimum) had reached it.
+        Record-level DP needs nothing here: each site charged its own ledger when it trained."""
         if self.session is None:
-            return {"protocol": "none (local training)"}
+            return {"protocol": "none (local training)"}, None
         name = self.protocol.name
         if len(trained) < self.min_participants:
             # Too few sites (Poisson sampling, refusals, dropouts): nothing is aggregated or applied. A round
             # whose mechanism would have run is charged as if it had (docs/privacy.md).
             reason = f"{len(trained)} sites trained, the protocol needs {self.min_participants}"
             self.audit.event("round_finished", round=round_index, meta={"outcome": "skipped"})
-            return {"protocol": name, "rejections": [], "skipped": reason, "counted": [], "counted_sites": 0}
+            # Distributed noise: no share reached any sum, nothing was released, so there is no mechanism to charge.
+            distributed = self.privacy.client is not None and self.privacy.client.placement == "distributed"
+            return {"protocol": name, "rejections": [], "skipped": reason, "counted": [], "counted_sites": 0}, \
+                None if distributed else 0
         rejections: list[str] = []
+        answered: set[str] = set()
         relay_to = {*trained, *([self.keyholder_id] if self.keyholder_id else [])}
         try:
             result = run_protocol_round(self.session, self.link, trained, round_index, self.plan.vector_length,
                                         protocol=name, server_id=self.party_id, relay_to=relay_to,
-                                        rejections=rejections)
-        except RoundAborted as abort:
-            self.audit.event("round_finished", round=round_index, meta={"outcome": "aborted"})
-            return {"protocol": name, "rejections": rejections, "aborted": f"aborted at stage {abort.stage!r}: "
-                    f"{abort.reason}", "counted": [], "counted_sites": None}
-        vector = np.asarray(result.vector)
-        if vector.shape != (self.plan.vector_length,) or not np.all(np.isfinite(vector)):
-            raise FederationError(f"round {round_index + 1}: the aggregate is not a finite vector of "
-                                  f"{self.plan.vector_length}")
+                                        rejections=rejections, answered=answered, round_context=context)
+            vector = self._checked_result(result, round_index)
+        except (ProtocolError, ValueError, ArithmeticError) as failure:  # a protocol step failing on bad input
+            reason = f"aborted at stage {failure.stage!r}: {failure.reason}" if isinstance(failure, RoundAborted) \
+                else f"{type(failure).__name__}: {failure}"
+            self.audit.event("round_finished", round=round_index, meta={"outcome": "aborted", "reason": reason[:256]})
+            charged = min(len(answered), self.min_participants) if answered else None
+            return {"protocol": name, "rejections": rejections, "aborted": reason, "counted": [],
+                    "counted_sites": None, "sent_protocol_messages": sorted(answered)}, charged
         summed, denominator = self.privacy.aggregate_to_apply(vector, result.total_weight, self.sampler)
         self.global_state = apply_mean_update(self.layout, self.global_state, summed, denominator)
         self.audit.event("aggregate_computed", round=round_index,
@@ -260,7 +310,22 @@ class Server:
                          meta={"protocol": name, "counted": len(result.counted)})
         self.audit.event("adapter_applied", round=round_index)
         return {"protocol": name, "rejections": rejections, "counted": list(result.counted),
-                "counted_sites": len(result.counted), "total_weight": result.total_weight}
+                "counted_sites": len(result.counted), "total_weight": result.total_weight}, len(result.counted)
+
+    def _checked_result(self, result: AggregateResult, round_index: int) -> np.ndarray:
+        """The aggregate's vector, when it is one the server can apply: a finite vector of the round's length with
+        a finite, positive total weight; otherwise the round aborts (RoundAborted) and nothing is applied."""
+        vector = np.asarray(result.vector)
+        weight = result.total_weight
+        if vector.shape != (self.plan.vector_length,) or vector.dtype.kind not in "iuf" \
+                or not np.all(np.isfinite(vector)):
+            raise RoundAborted("result", f"the aggregate is not a finite vector of {self.plan.vector_length}",
+                               round_index)
+        if isinstance(weight, bool) or not isinstance(weight, int | float | np.integer | np.floating) \
+                or not np.isfinite(weight) or weight <= 0:
+            raise RoundAborted("result", f"the aggregate's total weight {weight!r} is not a positive number",
+                               round_index)
+        return vector
 
     def _evaluate(self, round_index: int) -> dict[str, dict]:
         arrays = E.state_arrays(self.global_state) if self.plan.sends_updates else {}
@@ -329,6 +394,7 @@ class Server:
             "bytes_sent": dict(self.link.bytes_sent),
             "bytes_received": dict(self.link.bytes_received),
             "history": self.history,
+            "failures": self.failures,
             "privacy": self.privacy.state_dict(),
         })
         self._write_ledger()
@@ -345,6 +411,7 @@ class Server:
         self.link.bytes_sent.update(state["bytes_sent"])
         self.link.bytes_received.update(state["bytes_received"])
         self.history = list(state["history"])
+        self.failures = list(state["failures"])
         self.privacy.load_state_dict(state["privacy"])
         return state
 

@@ -9,7 +9,8 @@ It learns about the run only from signed messages: the server's session id, the 
 After local training the site's update (the change of its travelling state) never goes to the server
 directly: after its own client-level step (clipping, local noise, or a distributed noise share) it becomes
 the input of the site's secure-aggregation session; the ``update`` reply carries only the example count,
-the losses when no record-level DP is on, and the ε the site has spent.
+the losses when no record-level DP is on, the ε the site has spent, and how many of the update's entries the
+protocol clipped to its input range.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protocols import MessageRejected, Outgoing, Protocol, Roster
+from protocols import MessageRejected, Outgoing, Protocol, ProtocolError, Roster
 from protocols.identity import Identity
 from protocols.wire import Envelope, peek
 
@@ -46,7 +47,7 @@ class Site:
                  layout: StateLayout, sends_updates: bool, protocol: Protocol | None, privacy: SitePrivacy,
                  weight: int, seed: int, audit: PartyAudit, base_model_path: Path) -> None:
         self.party_id = identity.party_id
-        self.stamp = E.Stamp(identity, roster)
+        self.stamp = E.Stamp(identity, roster, model_values=layout.size)
         self.roster = roster
         self.folder = folder
         self.config_digest = config_digest
@@ -134,7 +135,7 @@ class Site:
         if refusal is not None:
             self.audit.event("budget_exceeded", round=round_index, meta={"reason": refusal[:256]})
             self.last_trained_round = round_index
-            return {"refused": refusal, "num_examples": len(self.train), "losses": {}, "epsilon": {}}
+            return {"refused": refusal, "num_examples": len(self.train), "losses": {}, "epsilon": {}, "clipped": 0}
         if model is not None:
             self._load_global(model, envelope.sender)
             self.audit.event("adapter_applied", round=round_index)
@@ -142,7 +143,7 @@ class Site:
         with self._own_torch_rng():
             losses = self.trainer.train_round_on(self.train, self.rng, round_index)
         self.last_trained_round = round_index
-        epsilon = {}
+        epsilon, clipped = {}, 0
         spent = self.privacy.charge_training(self.trainer.round_events, round_index)
         if spent is not None:
             epsilon["record"] = spent
@@ -152,17 +153,23 @@ class Site:
             update = update_vector(self.layout, self.trainer.shared_state(), received)
             update, noise = self.privacy.update_step(update, clip_norm=clip_norm, noise_shares=noise_shares,
                                                      rng=self.rng)
-            if noise is None:
-                self.aggregation.set_input(round_index, update, self.weight)
-            else:
-                self.aggregation.set_input(round_index, update, self.weight, noise=noise)
+            # The protocol binds the digest of the model this site verified and trained from (checked_model
+            # above) into what the site signs, so a server that sent the sites different models gets no sum.
+            extra = {} if noise is None else {"noise": noise}
+            try:
+                clipped = self.aggregation.set_input(round_index, update, self.weight,
+                                                     round_context=envelope.fields["model_sha256"], **extra)
+            except ProtocolError as error:  # this site's own input or terms do not fit the protocol: it takes no part
+                raise MessageRejected(f"this site cannot take part in round {round_index + 1}'s aggregation: "
+                                      f"{error}", envelope.sender) from None
             released = self.privacy.charge_release(round_index)
             if released is not None:
                 epsilon["client"] = released
                 self.audit.event("privacy_spent", round=round_index,
                                  meta={"level": "client", "epsilon": released,
                                        "delta": self.privacy.client.delta})
-        return {"refused": None, "num_examples": len(self.train), "losses": losses, "epsilon": epsilon}
+        return {"refused": None, "num_examples": len(self.train), "losses": losses, "epsilon": epsilon,
+                "clipped": clipped}
 
     def _load_global(self, model: dict[str, np.ndarray], sender: str) -> None:
         """Replace the received adapters with the server's model, refusing (nothing applied) one that does not fit."""

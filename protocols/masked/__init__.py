@@ -1,6 +1,6 @@
 """SecAgg+ masked aggregation (Bonawitz et al., CCS 2017; Bell et al., CCS 2020).
 
-Stages: advertise_keys → share_keys → masked_input → consistency_check → unmask.
+Stages: commit → advertise_keys → share_keys → masked_input → consistency_check → unmask.
 See docs/protocols.md for the message flow, the parameters and how to choose them.
 """
 
@@ -24,10 +24,13 @@ class MaskedProtocol(Protocol):
 
     name = NAME
     stages = STAGES
-    min_clients = 2  # the sum of one client's input is that input
-
     def __init__(self, options: MaskedOptions):
         self.options = options
+
+    @property
+    def min_clients(self) -> int:  # type: ignore[override]
+        """The fewest clients a round may list: ``MaskedOptions.min_clients``, which every client enforces."""
+        return self.options.min_clients
 
     def client(self, identity: Identity, roster: Roster, server_id: str = "server", *, session: str,
                state: Mapping[str, Any] | None = None) -> MaskedClient:

@@ -2,11 +2,13 @@
 
 Per round: ``set_input`` quantizes (and, for distributed DP, adds integer noise); then each
 server request is checked completely before anything changes, and answered exactly once.
+Against a malicious server (issue 10): the client enforces ``min_clients`` and its own round terms,
+signs its view (``view.py``) in every answer that others rely on, draws the ring by commit–reveal with
+the whole cohort, and reveals shares only after t neighbours signed the same view, ring and survivors.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from ..base import ClientSession, Outgoing, checked_input
+from ..base import ClientSession, Outgoing, checked_context, checked_input
 from ..errors import ConfigurationError, MessageRejected
 from ..identity import Identity, Roster
 from ..wire import Envelope, expect
@@ -26,22 +28,21 @@ from .prg import MaskExpander
 from .stages import (
     ADVERTISE,
     CIPHER_KEY,
+    COMMIT,
     CONSISTENCY,
     MASK_KEY,
     MASK_KEY_SHARE,
     MASKED,
     NAME,
+    NONCE,
     SELF_MASK_SHARE,
     SHARE,
     STAGES,
     UNMASK,
+    control_bytes,
     share_index,
 )
-
-
-def self_mask_commitment(round_id: int, client: str, seed: bytes) -> str:
-    """A hash of the self-mask seed, sent to the server so it can detect bad shares of it."""
-    return hashlib.sha256(f"{NAME}/{round_id}/{client}/".encode() + seed).hexdigest()
+from .view import NONCE_BYTES, nonce_commitment, ring_order, ring_seed, self_mask_commitment, view_digest
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,13 @@ class _Round:
     round_id: int
     encoded: np.ndarray  # w·q + z as int64
     weight: int
-    expecting: str = ADVERTISE
+    context: str = ""
+    expecting: str = COMMIT
+    cohort: tuple[str, ...] = ()
+    view: str = ""
+    nonce: bytes = b""
+    commitments: dict[str, str] = field(default_factory=dict)  # cohort member -> its nonce commitment
+    ring_seed: str = ""
     ring: tuple[str, ...] = ()
     neighbours: tuple[str, ...] = ()
     threshold: int = 0
@@ -57,11 +64,16 @@ class _Round:
     mask_key: X25519PrivateKey | None = None
     self_seed: bytes = b""
     peer_keys: dict[str, tuple[X25519PublicKey, X25519PublicKey]] = field(default_factory=dict)
+    partners: tuple[str, ...] = ()  # the neighbours this client masked with
     held_shares: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # peer -> (self-mask, mask-key)
     survivors: tuple[str, ...] = ()
 
 
 class MaskedClient(ClientSession):
+    """One site's side of the masked protocol, hardened against a malicious server (issue 10): it signs the view
+    it derived itself, draws the ring by commit–reveal with every other client, and checks every relayed
+    message against that view before it reveals anything."""
+
     protocol_name = NAME
 
     def __init__(self, options: MaskedOptions, identity: Identity, roster: Roster, server_id: str, *, session: str,
@@ -69,17 +81,22 @@ class MaskedClient(ClientSession):
         super().__init__(identity, roster, session, options)
         self._server_id = server_id
         self._round: _Round | None = None
+        self._limit = control_bytes(len(roster))  # no request to a client carries a vector
         self._load(state)
 
-    def set_input(self, round_id: int, vector: np.ndarray, weight: float, *, noise: np.ndarray | None = None) -> None:
-        """This round's input. ``weight`` must be a positive integer (an example count); ``noise`` (int64,
-        same length, |noise| <= noise_bound) is added to the quantized, weighted input before masking."""
+    def set_input(self, round_id: int, vector: np.ndarray, weight: float, *, round_context: str = "",
+                  noise: np.ndarray | None = None) -> int:
+        """This round's input; returns how many entries were clipped to ±clip_range (the caller reports them).
+        ``weight`` must be a positive integer (an example count); ``noise`` (int64, same length,
+        |noise| <= noise_bound) is added to the quantized, weighted input before masking."""
         vector, weight = checked_input(vector, weight)
+        context = checked_context(round_context)
         if not weight.is_integer():
             raise ConfigurationError(f"masked aggregation needs integer weights (example counts), not {weight}")
         weight = int(weight)
         if self.options.max_weight and weight > self.options.max_weight:
             raise ConfigurationError(f"weight {weight} exceeds max_weight {self.options.max_weight}")
+        clipped = int(np.count_nonzero(np.abs(vector) > self.options.clip_range))
         quantized = self.options.quantizer.quantize(vector, self.options.rng("rounding", round_id, self.party_id))
         encoded = quantized * weight
         if noise is not None:
@@ -90,10 +107,12 @@ class MaskedClient(ClientSession):
                 raise ConfigurationError(f"noise exceeds noise_bound {self.options.noise_bound}; raise noise_bound "
                                          "(the overflow check accounts for it)")
             encoded = encoded + noise.astype(np.int64)
-        self._round = _Round(round_id, encoded, weight)
+        self._round = _Round(round_id, encoded, weight, context)
+        return clipped
 
     def handle(self, data: bytes) -> list[Outgoing]:
-        envelope = expect(self._decode(data), protocol=NAME, sender=self._server_id, recipient=self.party_id)
+        envelope = expect(self._decode(data, max_bytes=self._limit), protocol=NAME, sender=self._server_id,
+                          recipient=self.party_id)
         state = self._round
         if state is None or envelope.round != state.round_id:
             raise MessageRejected(f"no input is waiting for round {envelope.round} (replayed or stale request)",
@@ -104,9 +123,9 @@ class MaskedClient(ClientSession):
             raise MessageRejected(f"round {state.round_id} is over for this client; it answers nothing more",
                                   envelope.sender)
         expect(envelope, stage=state.expecting)
-        handler = {ADVERTISE: self._advertise, SHARE: self._share_keys, MASKED: self._masked_input,
-                   CONSISTENCY: self._consistency_check, UNMASK: self._unmask}[envelope.stage]
-        new_state, answer = handler(state, envelope)
+        handler = {COMMIT: self._commit, ADVERTISE: self._advertise, SHARE: self._share_keys,
+                   MASKED: self._masked_input, CONSISTENCY: self._consistency_check, UNMASK: self._unmask}
+        new_state, answer = handler[envelope.stage](state, envelope)
         self._round = new_state  # only now: a rejected request changed nothing
         return [self._send(answer)]
 
@@ -116,95 +135,156 @@ class MaskedClient(ClientSession):
     def _reject(self, reason: str) -> MessageRejected:
         return MessageRejected(reason, self._server_id)
 
-    def _advertise(self, state: _Round, envelope: Envelope) -> tuple[_Round, Envelope]:
-        ring, terms = envelope.fields.get("ring"), envelope.fields.get("terms")
-        if set(envelope.fields) != {"ring", "terms"} or envelope.arrays or envelope.blobs:
-            raise self._reject("an advertise request holds exactly the fields 'ring' and 'terms'")
-        if not isinstance(ring, list) or len(set(map(str, ring))) != len(ring) or self.party_id not in ring \
-                or not all(isinstance(c, str) and c in self._roster and self._roster.role(c) == "client"
-                           for c in ring):
-            raise self._reject("the ring must list distinct enrolled clients, this one included")
+    def _commit(self, state: _Round, envelope: Envelope) -> tuple[_Round, Envelope]:
+        cohort, terms = envelope.fields.get("cohort"), envelope.fields.get("terms")
+        if set(envelope.fields) != {"cohort", "terms", "round_context"} or envelope.arrays or envelope.blobs:
+            raise self._reject("a commit request holds exactly the fields 'cohort', 'terms' and 'round_context'")
+        if not isinstance(cohort, list) or not all(isinstance(c, str) for c in cohort) \
+                or cohort != sorted(set(cohort)) or self.party_id not in cohort \
+                or not all(c in self._roster and self._roster.role(c) == "client" for c in cohort):
+            raise self._reject("the cohort must be a sorted list of distinct enrolled clients, this one included")
+        if len(cohort) < self.options.min_clients:
+            raise self._reject(f"the cohort lists {len(cohort)} clients, fewer than this client's min_clients "
+                               f"{self.options.min_clients}; refusing a round that small")
         try:
-            expected = self.options.round_terms(len(ring), len(state.encoded))
+            expected = self.options.round_terms(len(cohort), len(state.encoded))
         except ConfigurationError as error:
-            raise self._reject(f"this client cannot take part in a round of {len(ring)}: {error}") from None
+            raise self._reject(f"this client cannot take part in a round of {len(cohort)}: {error}") from None
         if terms != expected:
             raise self._reject(f"the announced terms {terms} differ from this client's {expected}")
+        if envelope.fields["round_context"] != state.context:
+            raise self._reject(f"the announced round context {envelope.fields['round_context']!r} differs from "
+                               f"this client's {state.context!r}")
         if state.weight > expected["max_weight"]:
-            raise ConfigurationError(f"weight {state.weight} exceeds {expected['max_weight']}, the largest weight "
-                                     f"that cannot overflow 2^{self.options.modulus_bits} with {len(ring)} clients")
-        cipher_key, mask_key = keys.fresh_pair(), keys.fresh_pair()
-        new = replace(state, expecting=SHARE, ring=tuple(ring), threshold=expected["threshold"],
-                      neighbours=ring_neighbours(tuple(ring), expected["neighbours"])[self.party_id],
-                      cipher_key=cipher_key, mask_key=mask_key)
-        return new, self._answer(state, ADVERTISE, blobs={CIPHER_KEY: keys.raw_public(cipher_key),
-                                                           MASK_KEY: keys.raw_public(mask_key)})
+            raise self._reject(f"this client's weight {state.weight} exceeds {expected['max_weight']}, the largest "
+                               f"that cannot overflow 2^{self.options.modulus_bits} with {len(cohort)} clients")
+        view = view_digest(self.session, state.round_id, cohort, expected, state.context)
+        nonce = os.urandom(NONCE_BYTES)
+        new = replace(state, expecting=ADVERTISE, cohort=tuple(cohort), view=view, nonce=nonce,
+                      threshold=expected["threshold"])
+        return new, self._answer(state, COMMIT, {"view": view, "commitment": nonce_commitment(view, nonce)})
 
-    def _relayed(self, state: _Round, envelope: Envelope, stage: str) -> dict[str, Envelope]:
-        """Neighbours' own signed messages that the server relays; each must verify under its sender's key."""
+    def _relayed(self, state: _Round, envelope: Envelope, stage: str, expected: tuple[str, ...],
+                 everyone: bool) -> dict[str, Envelope]:
+        """Peers' own signed messages that the server relays: each must verify under its sender's key, and come
+        from ``expected`` (all of them if ``everyone``, else at least t of them)."""
+        if not set(envelope.blobs) <= set(expected):
+            strangers = sorted(set(envelope.blobs) - set(expected))
+            raise self._reject(f"relayed messages from {strangers}, who are not expected at stage {stage!r}")
+        if everyone and set(envelope.blobs) != set(expected):
+            missing = sorted(set(expected) - set(envelope.blobs))
+            raise self._reject(f"the messages of {missing} are missing; every cohort member's is needed before the "
+                               "ring is drawn (withholding one would let the server choose among rings)")
         relayed = {}
         for peer, data in envelope.blobs.items():
-            if peer not in state.neighbours:
-                raise self._reject(f"relayed message from {peer!r}, who is not a neighbour")
             try:
-                inner = expect(self._decode(data), protocol=NAME, round=state.round_id, stage=stage,
-                               sender=peer, recipient=self._server_id)
+                inner = expect(self._decode(data, max_bytes=self._limit), protocol=NAME, round=state.round_id,
+                               stage=stage, sender=peer, recipient=self._server_id)
             except MessageRejected as error:
                 raise self._reject(f"relayed message of {peer!r}: {error.reason}") from None
+            if inner.fields.get("view") != state.view:
+                raise self._reject(f"{peer!r} signed another view of this round (cohort, terms or context differ); "
+                                   "refusing to go on")
             relayed[peer] = inner
         if len(relayed) < state.threshold:
             raise self._reject(f"only {len(relayed)} neighbours are left, fewer than the threshold "
                                f"{state.threshold}; refusing to go on")
         return relayed
 
+    def _advertise(self, state: _Round, envelope: Envelope) -> tuple[_Round, Envelope]:
+        if envelope.fields or envelope.arrays:
+            raise self._reject("an advertise request holds only the relayed commitments")
+        commitments = {}
+        for peer, inner in self._relayed(state, envelope, COMMIT, state.cohort, everyone=True).items():
+            commitment = inner.fields.get("commitment")
+            if set(inner.fields) != {"view", "commitment"} or inner.arrays or inner.blobs \
+                    or not isinstance(commitment, str) or len(commitment) != 64:
+                raise self._reject(f"the relayed commitment of {peer!r} is malformed")
+            commitments[peer] = commitment
+        if commitments[self.party_id] != nonce_commitment(state.view, state.nonce):
+            raise self._reject("the relayed commitment of this client is not the one it made")
+        cipher_key, mask_key = keys.fresh_pair(), keys.fresh_pair()
+        new = replace(state, expecting=SHARE, commitments=commitments, cipher_key=cipher_key, mask_key=mask_key)
+        return new, self._answer(state, ADVERTISE, {"view": state.view},
+                                 blobs={CIPHER_KEY: keys.raw_public(cipher_key), MASK_KEY: keys.raw_public(mask_key),
+                                        NONCE: state.nonce})
+
     def _share_keys(self, state: _Round, envelope: Envelope) -> tuple[_Round, Envelope]:
         if envelope.fields or envelope.arrays:
-            raise self._reject("a share-keys request holds only relayed keys")
-        peer_keys = {}
-        for peer, inner in self._relayed(state, envelope, ADVERTISE).items():
-            if set(inner.blobs) != {CIPHER_KEY, MASK_KEY} or inner.fields or inner.arrays:
-                raise self._reject(f"relayed keys of {peer!r} are malformed")
-            peer_keys[peer] = (keys.public_key(inner.blobs[CIPHER_KEY], peer),
-                               keys.public_key(inner.blobs[MASK_KEY], peer))
+            raise self._reject("a share-keys request holds only the relayed advertisements")
+        advertised = {}
+        for peer, inner in self._relayed(state, envelope, ADVERTISE, state.cohort, everyone=True).items():
+            nonce = inner.blobs.get(NONCE, b"")
+            if set(inner.blobs) != {CIPHER_KEY, MASK_KEY, NONCE} or set(inner.fields) != {"view"} or inner.arrays:
+                raise self._reject(f"the relayed advertisement of {peer!r} is malformed")
+            if nonce_commitment(state.view, nonce) != state.commitments[peer]:
+                raise self._reject(f"{peer!r} revealed a nonce that does not match its commitment")
+            advertised[peer] = inner.blobs
+        mine = advertised[self.party_id]
+        if (mine[CIPHER_KEY], mine[MASK_KEY]) != (keys.raw_public(state.cipher_key), keys.raw_public(state.mask_key)):
+            raise self._reject("the relayed advertisement of this client is not the one it sent")
+        seed = ring_seed(self.session, state.round_id, state.view, {peer: blobs[NONCE]
+                                                                   for peer, blobs in advertised.items()})
+        ring = ring_order(seed, state.cohort)
+        terms = self.options.round_terms(len(state.cohort), len(state.encoded))
+        neighbours = ring_neighbours(ring, terms["neighbours"])[self.party_id]
+        try:
+            peer_keys = {peer: (keys.public_key(advertised[peer][CIPHER_KEY], peer),
+                                keys.public_key(advertised[peer][MASK_KEY], peer)) for peer in neighbours}
+        except MessageRejected as error:
+            raise self._reject(error.reason) from None
         self_seed = os.urandom(32)
-        order = tuple(sorted(state.ring))
-        xs = {peer: share_index(order, peer) for peer in peer_keys}
+        order = tuple(sorted(state.cohort))
+        xs = {peer: share_index(order, peer) for peer in neighbours}
         seed_shares = shamir.split(self_seed, state.threshold, xs.values())
         key_shares = shamir.split(keys.raw_private(state.mask_key), state.threshold, xs.values())
-        ciphertexts = {peer: keys.encrypt_shares(state.cipher_key, peer_keys[peer][0], NAME, state.round_id,
-                                                 self.party_id, peer, seed_shares[x] + key_shares[x])
+        ciphertexts = {peer: keys.encrypt_shares(state.cipher_key, peer_keys[peer][0], NAME, self.session, state.view,
+                                                 state.round_id, self.party_id, peer, seed_shares[x] + key_shares[x])
                        for peer, x in xs.items()}
-        commitment = self_mask_commitment(state.round_id, self.party_id, self_seed)
-        new = replace(state, expecting=MASKED, peer_keys=peer_keys, self_seed=self_seed)
+        commitment = self_mask_commitment(self.session, state.view, state.round_id, self.party_id, self_seed)
+        new = replace(state, expecting=MASKED, ring_seed=seed, ring=ring, neighbours=neighbours, peer_keys=peer_keys,
+                      self_seed=self_seed)
         return new, self._answer(state, SHARE, fields={"self_mask_commitment": commitment}, blobs=ciphertexts)
 
     def _masked_input(self, state: _Round, envelope: Envelope) -> tuple[_Round, Envelope]:
+        """Masks with every neighbour whose shares arrived. Shares that do not decrypt (a malicious peer, or a
+        tampering server) do not stop the round: the pairwise seed needs only the peer's public key, so this
+        client still masks with it, holds none of its shares, and names it in ``bad_shares_from`` so that the
+        server never asks it for them."""
         if envelope.fields or envelope.arrays:
             raise self._reject("a masked-input request holds only relayed shares")
-        held = {}
-        for peer, ciphertext in envelope.blobs.items():
-            if peer not in state.peer_keys:
-                raise self._reject(f"shares from {peer!r}, whose keys this client never received")
-            plaintext = keys.decrypt_shares(state.cipher_key, state.peer_keys[peer][0], NAME, state.round_id, peer,
-                                            self.party_id, ciphertext)
+        strangers = sorted(set(envelope.blobs) - set(state.peer_keys))
+        if strangers:
+            raise self._reject(f"shares from {strangers}, whose keys this client never received")
+        held, bad = {}, []
+        for peer, ciphertext in sorted(envelope.blobs.items()):
+            try:
+                plaintext = keys.decrypt_shares(state.cipher_key, state.peer_keys[peer][0], NAME, self.session,
+                                                state.view, state.round_id, peer, self.party_id, ciphertext)
+            except MessageRejected:
+                plaintext = b""
             if len(plaintext) != 2 * shamir.SHARE_BYTES:
-                raise self._reject(f"the shares from {peer!r} have the wrong length")
+                bad.append(peer)
+                continue
             held[peer] = (plaintext[:shamir.SHARE_BYTES], plaintext[shamir.SHARE_BYTES:])
-        if len(held) < state.threshold:
-            raise self._reject(f"only {len(held)} neighbours shared keys, fewer than the threshold "
+        partners = tuple(sorted(envelope.blobs))
+        if len(partners) < state.threshold:
+            raise self._reject(f"only {len(partners)} neighbours shared keys, fewer than the threshold "
                                f"{state.threshold}; masking with so few would not protect this input")
-        masked = self._mask(state, sorted(held))
-        new = replace(state, expecting=CONSISTENCY, held_shares=held)
-        return new, self._answer(state, MASKED, fields={"weight": state.weight}, arrays={"masked": masked})
+        masked = self._mask(state, partners)
+        new = replace(state, expecting=CONSISTENCY, partners=partners, held_shares=held)
+        return new, self._answer(state, MASKED, fields={"weight": state.weight, "bad_shares_from": bad},
+                                 arrays={"masked": masked})
 
-    def _mask(self, state: _Round, partners: list[str]) -> np.ndarray:
+    def _mask(self, state: _Round, partners: tuple[str, ...]) -> np.ndarray:
         """(w·q + z + PRG(b) + Σ ±PRG(s_ij)) mod 2^m, in the smallest word type holding m bits."""
         config = self.options
         words = (state.encoded.view(np.uint64) & np.uint64(config.word_mask)).astype(config.word_dtype)
         expander = MaskExpander(len(words), config.word_dtype)
         expander.add(words, state.self_seed)
         for peer in partners:
-            seed = keys.pairwise_seed(state.mask_key, state.peer_keys[peer][1], state.round_id, self.party_id, peer)
+            seed = keys.pairwise_seed(state.mask_key, state.peer_keys[peer][1], self.session, state.view,
+                                      state.round_id, self.party_id, peer)
             (expander.add if self.party_id < peer else expander.subtract)(words, seed)
         if config.modulus_bits < 8 * words.itemsize:
             np.bitwise_and(words, words.dtype.type(config.word_mask), out=words)
@@ -213,16 +293,21 @@ class MaskedClient(ClientSession):
     def _consistency_check(self, state: _Round, envelope: Envelope) -> tuple[_Round, Envelope]:
         survivors = envelope.fields.get("survivors")
         if set(envelope.fields) != {"survivors"} or envelope.arrays or envelope.blobs \
-                or not isinstance(survivors, list) or survivors != sorted(set(map(str, survivors))) \
-                or self.party_id not in survivors \
-                or not set(survivors) <= set(state.ring):
+                or not isinstance(survivors, list) or not all(isinstance(c, str) for c in survivors) \
+                or survivors != sorted(set(survivors)) or self.party_id not in survivors \
+                or not set(survivors) <= set(state.cohort):
             raise self._reject("the survivor set must be a sorted list of this round's clients, this one included")
-        partners_left = set(survivors) & set(state.held_shares)
+        partners_left = set(survivors) & set(state.partners)
         if len(partners_left) < state.threshold:
             raise self._reject(f"only {len(partners_left)} of this client's mask partners survive, fewer than the "
                                f"threshold {state.threshold}; refusing to go on")
         new = replace(state, expecting=UNMASK, survivors=tuple(survivors))
-        return new, self._answer(state, CONSISTENCY, fields={"survivors": survivors})
+        return new, self._answer(state, CONSISTENCY, fields=self._signed_view(new))
+
+    @staticmethod
+    def _signed_view(state: _Round) -> dict[str, Any]:
+        """What a consistency signature covers: the view, the ring drawn from every nonce, the survivor set."""
+        return {"view": state.view, "ring": state.ring_seed, "survivors": list(state.survivors)}
 
     def _unmask(self, state: _Round, envelope: Envelope) -> tuple[_Round, Envelope]:
         self_mask_of, mask_key_of = envelope.fields.get("self_mask_of"), envelope.fields.get("mask_key_of")
@@ -230,9 +315,10 @@ class MaskedClient(ClientSession):
                 or not isinstance(self_mask_of, list) or not isinstance(mask_key_of, list) \
                 or not all(isinstance(peer, str) for peer in self_mask_of + mask_key_of):
             raise self._reject("an unmask request lists 'self_mask_of' and 'mask_key_of'")
-        for peer, inner in self._relayed(state, envelope, CONSISTENCY).items():
-            if inner.fields != {"survivors": list(state.survivors)}:
-                raise self._reject(f"{peer!r} signed a different survivor set; refusing to reveal any share")
+        signed = self._signed_view(state)
+        for peer, inner in self._relayed(state, envelope, CONSISTENCY, state.neighbours, everyone=False).items():
+            if inner.fields != signed or inner.arrays or inner.blobs:
+                raise self._reject(f"{peer!r} signed a different survivor set or ring; refusing to reveal any share")
         both = set(self_mask_of) & set(mask_key_of)
         if both:
             raise self._reject(f"asked for both the self-mask and the mask-key share of {sorted(both)}; refusing")
@@ -258,8 +344,10 @@ class MaskedClient(ClientSession):
             return {"round": None}
         return {"round": {
             "round_id": state.round_id, "encoded": state.encoded.copy(), "weight": state.weight,
-            "expecting": state.expecting, "ring": list(state.ring), "neighbours": list(state.neighbours),
-            "threshold": state.threshold,
+            "context": state.context, "expecting": state.expecting, "cohort": list(state.cohort), "view": state.view,
+            "nonce": state.nonce.hex(), "commitments": dict(state.commitments), "ring_seed": state.ring_seed,
+            "ring": list(state.ring), "neighbours": list(state.neighbours), "threshold": state.threshold,
+            "partners": list(state.partners),
             "cipher_key": None if state.cipher_key is None else keys.raw_private(state.cipher_key).hex(),
             "mask_key": None if state.mask_key is None else keys.raw_private(state.mask_key).hex(),
             "self_seed": state.self_seed.hex(),
@@ -281,8 +369,11 @@ class MaskedClient(ClientSession):
 
         self._round = _Round(
             round_id=int(saved["round_id"]), encoded=np.array(saved["encoded"], dtype=np.int64),
-            weight=int(saved["weight"]), expecting=str(saved["expecting"]), ring=tuple(saved["ring"]),
-            neighbours=tuple(saved["neighbours"]), threshold=int(saved["threshold"]),
+            weight=int(saved["weight"]), context=checked_context(saved["context"]),
+            expecting=str(saved["expecting"]), cohort=tuple(saved["cohort"]), view=str(saved["view"]),
+            nonce=bytes.fromhex(saved["nonce"]), commitments=dict(saved["commitments"]),
+            ring_seed=str(saved["ring_seed"]), ring=tuple(saved["ring"]), neighbours=tuple(saved["neighbours"]),
+            threshold=int(saved["threshold"]), partners=tuple(saved["partners"]),
             cipher_key=private(saved["cipher_key"]), mask_key=private(saved["mask_key"]),
             self_seed=bytes.fromhex(saved["self_seed"]),
             peer_keys={peer: (X25519PublicKey.from_public_bytes(bytes.fromhex(cipher)),

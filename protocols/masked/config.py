@@ -25,7 +25,14 @@ def _option(default: Any, **metadata: Any) -> Any:
 @dataclass(frozen=True)
 class MaskedOptions:
     """The masked protocol's options, validated once: by ``make_protocol`` and by the run configuration, which
-    reads its ``[secure_aggregation.masked]`` table from this class (the ``runtime`` fields excepted)."""
+    reads its ``[secure_aggregation.masked]`` table from this class (the ``runtime`` fields excepted).
+
+    ``min_clients`` (default 3) is enforced by every client on the cohort the server announces (issue 10
+    item 2: a server that shows a victim a 2-client round with one colluder reads the victim's input off the
+    sum). With c colluding sites in a cohort of at least ``min_clients``, the server learns the victim's
+    input only inside a sum with at least min_clients − 1 − c other honest inputs; 3 is the least that keeps
+    one other honest input in the sum against one colluder. Raise it with the collusion you assume.
+    """
 
     clip_range: float = _option(0.25, minimum=0, strict=True)  # r: each input value is clipped to [-r, r]
     quantization_bits: int = _option(16, minimum=1, strict=False)  # the grid 0..2^bits - 1 over [-r, r]
@@ -40,7 +47,9 @@ class MaskedOptions:
     noise_bound: int = _option(0, runtime=True)  # B: largest |noise| a client may add before masking (distributed DP)
     adversarial_rate: float = _option(0.05, runtime=True)  # assumed corrupt fraction, for the default k and t
     dropout_rate: float = _option(0.1, runtime=True)  # assumed dropout fraction, for the default k and t
-    seed: int | None = _option(0, runtime=True)  # non-cryptographic randomness (ring, rounding); None: from the OS
+    seed: int | None = _option(0, runtime=True)  # stochastic rounding only (never the ring); None: from the OS
+    # the fewest clients a round this client joins may list (client-enforced; see the class docstring)
+    min_clients: int = _option(3, minimum=2, strict=False)
 
     def __post_init__(self):
         def integer(name: str, low: int, high: int | None = None) -> None:
@@ -57,6 +66,7 @@ class MaskedOptions:
         integer("quantization_bits", 1, self.modulus_bits - 1)
         for name in ("neighbours", "threshold", "max_weight", "noise_bound"):
             integer(name, 0)
+        integer("min_clients", 2)
         if self.graph not in ("sparse", "complete"):
             raise ConfigurationError(f"masked option graph must be 'sparse' or 'complete', not {self.graph!r}",
                                      "graph")
@@ -98,16 +108,16 @@ class MaskedOptions:
         return bound
 
     def round_terms(self, num_clients: int, vector_length: int) -> dict[str, object]:
-        """What the server announces and every client must agree with, for a round of this size."""
+        """What the server announces and every client must agree with, for a round of this size; refuses a
+        round smaller than ``min_clients``."""
+        if num_clients < self.min_clients:
+            raise ConfigurationError(f"a masked round needs at least min_clients = {self.min_clients} clients, "
+                                     f"not {num_clients}", "min_clients")
         parameters = self.graph_parameters(num_clients)
         return {"clip_range": float(self.clip_range), "quantization_bits": self.quantization_bits,
                 "modulus_bits": self.modulus_bits, "max_weight": self.weight_bound(num_clients),
                 "noise_bound": self.noise_bound, "neighbours": parameters.neighbours,
                 "threshold": parameters.threshold, "vector_length": vector_length}
-
-    def ring(self, round_id: int, clients) -> tuple[str, ...]:
-        """The server's random ring order of the round's clients (the Harary graph is laid on it)."""
-        return tuple(self.rng("ring", round_id).permutation(sorted(clients)).tolist())
 
     def rng(self, *context: int | str) -> np.random.Generator:
         """A reproducible generator for (seed, context...); fresh OS entropy when seed is None."""

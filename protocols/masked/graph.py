@@ -3,13 +3,13 @@
 SecAgg+ (Bell et al., CCS 2020) replaces SecAgg's all-pairs masking by a random k-regular
 graph: each client masks with, and shares its secrets among, only its k neighbours. The graph
 is a Harary graph H(k, n) (a ring where each node is joined to the k/2 nearest on each side)
-with the ring order drawn at random by the server, as in the paper.
+with the ring order drawn by commit–reveal among the clients (``view.py``), so the server cannot bias it.
 
 Defaults for k and the Shamir threshold t follow the paper's parameter search: the smallest
 even k such that, with n clients of which a fraction ``adversarial_rate`` is corrupt and a
 fraction ``dropout_rate`` drops out,
 
-(both counted as at least one client)
+(counted as ⌈rate·n⌉ clients, at least one: a 10 % dropout among 16 clients is two clients, not one)
 
 * the honest surviving clients stay connected except with probability 2^-(σ+1) (σ = 40),
   bounding "two gaps of k/2 consecutive bad clients on the ring" by a union bound;
@@ -18,8 +18,12 @@ fraction ``dropout_rate`` drops out,
   (the semi-malicious bound, so the server cannot collect both kinds of shares of one client);
 * every client keeps at least t surviving neighbours except with probability 2^-η/n (η = 20).
 
-The smallest admissible t is taken (cheapest reconstruction, most dropout tolerance). When no
-sparse k < n-1 qualifies (small n), the complete graph is used with t = ⌊(n-1)/2⌋ + 1.
+The smallest admissible t is taken (cheapest reconstruction, most dropout tolerance). Up to
+``COMPLETE_GRAPH_UP_TO`` clients, and whenever no sparse k < n-1 qualifies, the complete graph is used
+with t = ⌊(n-1)/2⌋ + 1: there it costs little more than the sparse graph (measured, see the constant) and
+tolerates far more dropouts. With the ceiling counts the sparse defaults also tolerate any
+⌈dropout_rate·n⌉ dropouts in the worst case (k − t ≥ ⌈dropout_rate·n⌉) up to n = 120; above that the
+guarantee is the probabilistic one stated above.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from ..errors import ConfigurationError
 
 SECURITY_BITS = 40
 CORRECTNESS_BITS = 20
+# measured with simulate_round, P = 100k, 10 % dropout: the complete graph's round takes 1.18× the sparse one's at
+# n = 16, 1.22× at 32, 1.17× at 48 and 1.76× at 64
+COMPLETE_GRAPH_UP_TO = 48
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,8 @@ def _log_disconnection_bound(n: int, k: int, bad: int) -> float:
 def _threshold_for(n: int, k: int, adversarial_rate: float, dropout_rate: float) -> int | None:
     small = 1e-14  # keeps float rounding from tipping a bound the insecure way
     # at least one corrupt and one dropped client, so that small federations get real margins too
-    corrupt = max(1, math.floor((adversarial_rate + small) * n))
-    dropped = max(1, math.floor((dropout_rate + small) * n))
+    corrupt = max(1, math.ceil((adversarial_rate - small) * n))
+    dropped = max(1, math.ceil((dropout_rate - small) * n))
     surviving = n - dropped
     if _log_disconnection_bound(n, k, corrupt + dropped) \
             >= -(SECURITY_BITS + 1) * math.log(2):
@@ -89,7 +96,7 @@ def default_parameters(n: int, graph: str = "sparse", adversarial_rate: float = 
     """Bell et al.'s (k, t) for ``n`` clients (see the module docstring); complete graph when needed."""
     if n < 2:
         raise ConfigurationError(f"masked aggregation needs at least 2 clients, not {n}")
-    if graph == "sparse":
+    if graph == "sparse" and n > COMPLETE_GRAPH_UP_TO:
         for k in range(2, n - 1, 2):
             threshold = _threshold_for(n, k, adversarial_rate, dropout_rate)
             if threshold is not None:

@@ -1,8 +1,13 @@
 """Per-round key agreement: X25519 key pairs, HKDF-derived pairwise seeds and share-encryption keys.
 
 Each client makes two fresh X25519 pairs per round: one whose agreements seed the pairwise
-masks, one whose agreements key the encryption of Shamir shares. Every derived value is bound
-to the protocol, the round and both ids, so nothing carries over between rounds or pairs.
+masks, one whose agreements key the encryption of Shamir shares. Every derived value (HKDF info, and
+the ChaCha20-Poly1305 associated data) is bound to the session, the view digest the client signed, the
+round and both ids, so nothing carries over between runs, views, rounds or pairs (issue 10 item 3: a
+share ciphertext or mask seed of another run never fits this one).
+
+Public keys are checked when they arrive (RFC 7748 §6.1): a low-order point makes every shared secret
+all-zero, whatever the private key, so such a key would give the server the "secret" pairwise mask.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import MessageRejected
+from ..x25519 import check_x25519_public_key
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
-_PAIRWISE = b"feddat-secure/masked/v1/pairwise-mask-seed"
-_SHARES = b"feddat-secure/masked/v1/share-encryption-key"
+_PAIRWISE = b"feddat-secure/masked/v2/pairwise-mask-seed"
+_SHARES = b"feddat-secure/masked/v2/share-encryption-key"
 
 
 def raw_private(key: X25519PrivateKey) -> bytes:
@@ -36,9 +42,9 @@ def raw_public(key: X25519PrivateKey | X25519PublicKey) -> bytes:
 
 
 def public_key(raw: bytes, owner: str) -> X25519PublicKey:
-    if len(raw) != KEY_BYTES:
-        raise MessageRejected(f"{owner}'s X25519 public key must be {KEY_BYTES} bytes, not {len(raw)}")
-    return X25519PublicKey.from_public_bytes(raw)
+    """``raw`` as an X25519 public key; refuses a wrong length, a non-canonical encoding and small-order points
+    (RFC 7748 §6.1; ``protocols.x25519``) with MessageRejected naming ``owner``."""
+    return X25519PublicKey.from_public_bytes(check_x25519_public_key(raw, owner, sender=owner))
 
 
 def _derive(shared: bytes, label: bytes, context: list) -> bytes:
@@ -53,39 +59,41 @@ def _agree(private: X25519PrivateKey, public: X25519PublicKey, peer: str) -> byt
         raise MessageRejected(f"{peer}'s X25519 public key is degenerate") from None
 
 
-def pairwise_seed(private: X25519PrivateKey, peer_public: X25519PublicKey, round_id: int, me: str, peer: str) -> bytes:
-    """The mask seed both ends of the pair (me, peer) derive: HKDF-SHA256(X25519, round, both ids)."""
+def pairwise_seed(private: X25519PrivateKey, peer_public: X25519PublicKey, session: str, view: str, round_id: int,
+                  me: str, peer: str) -> bytes:
+    """The mask seed both ends of the pair (me, peer) derive: HKDF-SHA256(X25519; session, view, round, both ids)."""
     low, high = sorted((me, peer))
-    return _derive(_agree(private, peer_public, peer), _PAIRWISE, [round_id, low, high])
+    return _derive(_agree(private, peer_public, peer), _PAIRWISE, [session, view, round_id, low, high])
 
 
-def _share_key(private: X25519PrivateKey, peer_public: X25519PublicKey, round_id: int, sender: str,
-               recipient: str, peer: str) -> bytes:
-    # one key per direction: the two ends of a pair never encrypt under the same key
-    return _derive(_agree(private, peer_public, peer), _SHARES, [round_id, sender, recipient])
+def _share_key(private: X25519PrivateKey, peer_public: X25519PublicKey, context: list, peer: str) -> bytes:
+    # one key per direction (the context names sender then recipient): the two ends never share a key
+    return _derive(_agree(private, peer_public, peer), _SHARES, context)
 
 
-def _associated_data(protocol: str, round_id: int, sender: str, recipient: str) -> bytes:
-    return json.dumps([protocol, round_id, sender, recipient], separators=(",", ":")).encode()
+def _context(protocol: str, session: str, view: str, round_id: int, sender: str, recipient: str) -> list:
+    return [protocol, session, view, round_id, sender, recipient]
 
 
-def encrypt_shares(private: X25519PrivateKey, peer_public: X25519PublicKey, protocol: str, round_id: int,
-                   sender: str, recipient: str, plaintext: bytes) -> bytes:
-    """ChaCha20-Poly1305 under a key from the sender's and recipient's share-encryption pairs."""
+def encrypt_shares(private: X25519PrivateKey, peer_public: X25519PublicKey, protocol: str, session: str, view: str,
+                   round_id: int, sender: str, recipient: str, plaintext: bytes) -> bytes:
+    """ChaCha20-Poly1305 under a key from the sender's and recipient's share-encryption pairs; key and
+    associated data both bind (protocol, session, view, round, sender, recipient)."""
     nonce = os.urandom(NONCE_BYTES)
-    key = _share_key(private, peer_public, round_id, sender, recipient, recipient)
-    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, _associated_data(protocol, round_id, sender,
-                                                                                     recipient))
+    context = _context(protocol, session, view, round_id, sender, recipient)
+    key = _share_key(private, peer_public, context, recipient)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, json.dumps(context).encode())
 
 
-def decrypt_shares(private: X25519PrivateKey, peer_public: X25519PublicKey, protocol: str, round_id: int,
-                   sender: str, recipient: str, ciphertext: bytes) -> bytes:
+def decrypt_shares(private: X25519PrivateKey, peer_public: X25519PublicKey, protocol: str, session: str, view: str,
+                   round_id: int, sender: str, recipient: str, ciphertext: bytes) -> bytes:
     if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
         raise MessageRejected(f"the shares from {sender!r} are truncated", sender)
-    key = _share_key(private, peer_public, round_id, sender, recipient, sender)
+    context = _context(protocol, session, view, round_id, sender, recipient)
+    key = _share_key(private, peer_public, context, sender)
     try:
         return ChaCha20Poly1305(key).decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:],
-                                             _associated_data(protocol, round_id, sender, recipient))
+                                             json.dumps(context).encode())
     except InvalidTag:
         raise MessageRejected(f"the shares from {sender!r} do not decrypt (tampered, misdirected or replayed)",
                               sender) from None

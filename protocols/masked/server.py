@@ -15,55 +15,67 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ..base import AggregateResult, Outgoing, ServerSession, checked_round
+from ..base import AggregateResult, Outgoing, ServerSession, checked_context, checked_round
 from ..errors import MessageRejected, ProtocolError, RoundAborted
 from ..identity import Identity, Roster
 from ..wire import Envelope, expect
 from . import keys, shamir
-from .client import self_mask_commitment
 from .config import MaskedOptions
 from .graph import ring_neighbours
 from .prg import MaskExpander
 from .stages import (
     ADVERTISE,
     CIPHER_KEY,
+    COMMIT,
     CONSISTENCY,
     MASK_KEY,
     MASK_KEY_SHARE,
     MASKED,
     NAME,
+    NONCE,
     SELF_MASK_SHARE,
     SHARE,
     STAGES,
     UNMASK,
+    control_bytes,
+    masked_input_bytes,
     share_index,
 )
+from .view import nonce_commitment, ring_order, ring_seed, self_mask_commitment, view_digest
 
 _CIPHERTEXT_BYTES = keys.NONCE_BYTES + 2 * shamir.SHARE_BYTES + keys.TAG_BYTES
 
 
 @dataclass(frozen=True, eq=False)
 class MaskedAggregate(AggregateResult):
-    """The aggregate plus the exact integer sum Σ(w_i q_i + z_i) it was dequantized from."""
+    """The aggregate plus the exact integer sum Σ(w_i q_i + z_i) it was dequantized from, and ``flagged``: the
+    clients whose revealed Shamir shares were off the committed secret's polynomial (ignored, see shamir.recover)."""
 
     integer_sum: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    flagged: tuple[str, ...] = ()
 
 
 @dataclass
 class _Round:
     round_id: int
-    clients: tuple[str, ...]
+    clients: tuple[str, ...]  # the cohort, sorted
     length: int
     terms: dict
-    ring: tuple[str, ...]
-    neighbours: dict[str, tuple[str, ...]]
+    context: str
+    view: str
     threshold: int
     live: set[str]  # who may answer the current stage
-    advertised: dict[str, bytes] = field(default_factory=dict)  # signed envelopes, relayed verbatim
+    ring: tuple[str, ...] = ()  # drawn from every member's nonce when advertise_keys closes
+    neighbours: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    committed: dict[str, bytes] = field(default_factory=dict)  # signed commitments, relayed verbatim
+    nonce_commitments: dict[str, str] = field(default_factory=dict)
+    advertised: dict[str, bytes] = field(default_factory=dict)  # signed advertisements, relayed verbatim
+    nonces: dict[str, bytes] = field(default_factory=dict)
     mask_keys: dict[str, bytes] = field(default_factory=dict)
     ciphertexts: dict[str, dict[str, bytes]] = field(default_factory=dict)
-    commitments: dict[str, str] = field(default_factory=dict)
+    commitments: dict[str, str] = field(default_factory=dict)  # self-mask commitments
     weights: dict[str, int] = field(default_factory=dict)
+    bad_shares: dict[str, tuple[str, ...]] = field(default_factory=dict)  # client -> peers whose shares it lacks
     total: np.ndarray | None = None
     consistency: dict[str, bytes] = field(default_factory=dict)
     survivors: tuple[str, ...] = ()
@@ -71,8 +83,17 @@ class _Round:
     requests: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
     revealed: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
+    @property
+    def ring_seed(self) -> str:
+        return ring_seed(self.session, self.round_id, self.view, self.nonces) if self.nonces else ""
+
+    session: str = ""
+
 
 class MaskedServer(ServerSession):
+    """The server's side. Every error inside a step, whatever its type, ends the round with RoundAborted
+    (issue 10 item 6): a malicious client's message can make a round fail, never crash the caller."""
+
     protocol_name = NAME
     stages = STAGES
 
@@ -82,29 +103,35 @@ class MaskedServer(ServerSession):
         self._round: _Round | None = None
         self._result: MaskedAggregate | None = None
         self._aborted = False
-        self.stage = ADVERTISE
+        self.stage = COMMIT
         self.round_done = False
         self._load(state)
 
     # -- round control ----------------------------------------------------------------------------------------
-    def begin_round(self, round_id: int, clients: Sequence[str], vector_length: int) -> list[Outgoing]:
-        clients = checked_round(self._roster, round_id, clients, vector_length)
-        terms = self.options.round_terms(len(clients), vector_length)  # refuses overflowing or unsafe settings
-        ring = self.options.ring(round_id, clients)
-        self._round = _Round(round_id, clients, vector_length, terms, ring,
-                             ring_neighbours(ring, terms["neighbours"]), terms["threshold"], set(clients))
-        self._result, self._aborted, self.stage, self.round_done = None, False, ADVERTISE, False
-        return [self._request(client, {"ring": list(ring), "terms": terms}) for client in clients]
+    def begin_round(self, round_id: int, clients: Sequence[str], vector_length: int, *,
+                    round_context: str = "") -> list[Outgoing]:
+        clients = tuple(sorted(checked_round(self._roster, round_id, clients, vector_length)))
+        context = checked_context(round_context)
+        terms = self.options.round_terms(len(clients), vector_length)  # refuses overflowing, unsafe or small rounds
+        view = view_digest(self.session, round_id, clients, terms, context)
+        self._round = _Round(round_id, clients, vector_length, terms, context, view, terms["threshold"],
+                             set(clients), session=self.session)
+        self._result, self._aborted, self.stage, self.round_done = None, False, COMMIT, False
+        return [self._request(client, {"cohort": list(clients), "terms": terms, "round_context": context})
+                for client in clients]
 
     def advance(self) -> list[Outgoing]:
         state = self._current()
-        step = {ADVERTISE: self._after_advertise, SHARE: self._after_share, MASKED: self._after_masked,
-                CONSISTENCY: self._after_consistency, UNMASK: self._after_unmask}[self.stage]
+        step = {COMMIT: self._after_commit, ADVERTISE: self._after_advertise, SHARE: self._after_share,
+                MASKED: self._after_masked, CONSISTENCY: self._after_consistency, UNMASK: self._after_unmask}
         try:
-            return step(state)
+            return step[self.stage](state)
         except RoundAborted:
             self._aborted = True
             raise
+        except Exception as error:  # noqa: BLE001 - any fault inside a step is a clean abort, never a crash
+            self._aborted = True
+            raise self._abort(f"{type(error).__name__}: {error}") from error
 
     def result(self) -> MaskedAggregate:
         if self._result is None:
@@ -113,7 +140,8 @@ class MaskedServer(ServerSession):
 
     def _current(self) -> _Round:
         if self._round is None or self.round_done or self._aborted:
-            raise ProtocolError("no round in progress")
+            raise RoundAborted(self.stage, "no round in progress",
+                               None if self._round is None else self._round.round_id)
         return self._round
 
     def _request(self, client: str, fields=None, blobs=None) -> Outgoing:
@@ -122,46 +150,79 @@ class MaskedServer(ServerSession):
     def _abort(self, reason: str) -> RoundAborted:
         return RoundAborted(self.stage, reason, self._round.round_id)
 
+    @staticmethod
+    def _holders(state: _Round, client: str, among: set[str]) -> set[str]:
+        """Who among ``among`` holds ``client``'s shares: its neighbours that did not report them undecryptable."""
+        return {holder for holder in among.intersection(state.neighbours[client])
+                if client not in state.bad_shares.get(holder, ())}
+
     def _require_holders(self, state: _Round, needed, holders: set[str]) -> None:
-        """Abort unless every needed client has at least t neighbours among ``holders``."""
+        """Abort unless every needed client has at least t share holders among ``holders``."""
         for client in sorted(needed):
-            count = len(holders.intersection(state.neighbours[client]))
+            count = len(self._holders(state, client, holders))
             if count < state.threshold:
                 raise self._abort(f"{client}'s secrets would have only {count} share holders left, fewer than the "
                                   f"threshold {state.threshold} (too many dropouts)")
+
+    def _limit(self, state: _Round) -> int:
+        if self.stage == MASKED:
+            return masked_input_bytes(len(state.clients), state.length, self.options.word_dtype.itemsize)
+        return control_bytes(len(state.clients))
 
     # -- receiving ----------------------------------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
         if self._round is None or self.round_done or self._aborted:
             raise MessageRejected("no round in progress")
         state = self._round
-        envelope = expect(self._decode(data), protocol=NAME, round=state.round_id, stage=self.stage,
-                          recipient=self.party_id)
+        envelope = expect(self._decode(data, max_bytes=self._limit(state)), protocol=NAME, round=state.round_id,
+                          stage=self.stage, recipient=self.party_id)
         sender = envelope.sender
         if sender not in state.live:
             raise MessageRejected(f"not expected at stage {self.stage!r} (not a live client of this round)", sender)
-        received = {ADVERTISE: state.advertised, SHARE: state.ciphertexts, MASKED: state.weights,
-                    CONSISTENCY: state.consistency, UNMASK: state.revealed}[self.stage]
+        received = {COMMIT: state.committed, ADVERTISE: state.advertised, SHARE: state.ciphertexts,
+                    MASKED: state.weights, CONSISTENCY: state.consistency, UNMASK: state.revealed}[self.stage]
         if sender in received:
             raise MessageRejected(f"duplicate message at stage {self.stage!r}", sender)
-        {ADVERTISE: self._receive_keys, SHARE: self._receive_shares, MASKED: self._receive_masked,
-         CONSISTENCY: self._receive_signature, UNMASK: self._receive_unmask}[self.stage](state, envelope, data)
+        handler = {COMMIT: self._receive_commitment, ADVERTISE: self._receive_keys, SHARE: self._receive_shares,
+                   MASKED: self._receive_masked, CONSISTENCY: self._receive_signature, UNMASK: self._receive_unmask}
+        try:
+            handler[self.stage](state, envelope, data)
+        except MessageRejected:
+            raise
+        except Exception as error:  # noqa: BLE001 - handlers check before they store: nothing was applied
+            raise MessageRejected(f"unreadable {self.stage} message ({type(error).__name__}: {error})",
+                                  sender) from None
+
+    def _receive_commitment(self, state: _Round, envelope: Envelope, data: bytes) -> None:
+        commitment = envelope.fields.get("commitment")
+        if set(envelope.fields) != {"view", "commitment"} or envelope.arrays or envelope.blobs \
+                or not isinstance(commitment, str) or len(commitment) != 64:
+            raise MessageRejected("expected the fields 'view' and 'commitment'", envelope.sender)
+        if envelope.fields["view"] != state.view:
+            raise MessageRejected("committed to another view of this round", envelope.sender)
+        state.committed[envelope.sender] = data
+        state.nonce_commitments[envelope.sender] = commitment
 
     def _receive_keys(self, state: _Round, envelope: Envelope, data: bytes) -> None:
-        blobs = envelope.blobs
-        if set(blobs) != {CIPHER_KEY, MASK_KEY} or envelope.fields or envelope.arrays \
-                or any(len(blobs[k]) != keys.KEY_BYTES for k in blobs) or blobs[CIPHER_KEY] == blobs[MASK_KEY]:
-            raise MessageRejected("expected two distinct 32-byte X25519 public keys", envelope.sender)
-        state.advertised[envelope.sender] = data
-        state.mask_keys[envelope.sender] = blobs[MASK_KEY]
+        blobs, sender = envelope.blobs, envelope.sender
+        if set(blobs) != {CIPHER_KEY, MASK_KEY, NONCE} or envelope.fields != {"view": state.view} or envelope.arrays \
+                or blobs[CIPHER_KEY] == blobs[MASK_KEY]:
+            raise MessageRejected("expected two distinct X25519 public keys, the nonce and the view", sender)
+        keys.public_key(blobs[CIPHER_KEY], sender)  # refuses low-order points now, not in advance() later
+        keys.public_key(blobs[MASK_KEY], sender)
+        if nonce_commitment(state.view, blobs[NONCE]) != state.nonce_commitments[sender]:
+            raise MessageRejected("the revealed nonce does not match the commitment", sender)
+        state.advertised[sender] = data
+        state.nonces[sender] = blobs[NONCE]
+        state.mask_keys[sender] = blobs[MASK_KEY]
 
     def _receive_shares(self, state: _Round, envelope: Envelope, data: bytes) -> None:
         sender = envelope.sender
-        expected = set(state.neighbours[sender]) & set(state.advertised)
         commitment = envelope.fields.get("self_mask_commitment")
-        if set(envelope.blobs) != expected or envelope.arrays or set(envelope.fields) != {"self_mask_commitment"} \
+        if set(envelope.blobs) != set(state.neighbours[sender]) or envelope.arrays \
+                or set(envelope.fields) != {"self_mask_commitment"} \
                 or not isinstance(commitment, str) or len(commitment) != 64:
-            raise MessageRejected("expected a commitment and one encrypted share pair per live neighbour", sender)
+            raise MessageRejected("expected a commitment and one encrypted share pair per neighbour", sender)
         if any(len(ciphertext) != _CIPHERTEXT_BYTES for ciphertext in envelope.blobs.values()):
             raise MessageRejected(f"encrypted shares must be {_CIPHERTEXT_BYTES} bytes", sender)
         state.ciphertexts[sender] = dict(envelope.blobs)
@@ -169,24 +230,32 @@ class MaskedServer(ServerSession):
 
     def _receive_masked(self, state: _Round, envelope: Envelope, data: bytes) -> None:
         sender, masked = envelope.sender, envelope.arrays.get("masked")
-        weight = envelope.fields.get("weight")
-        if set(envelope.arrays) != {"masked"} or envelope.blobs or set(envelope.fields) != {"weight"}:
-            raise MessageRejected("expected the array 'masked' and the field 'weight'", sender)
+        weight, bad = envelope.fields.get("weight"), envelope.fields.get("bad_shares_from")
+        if set(envelope.arrays) != {"masked"} or envelope.blobs or set(envelope.fields) != {"weight",
+                                                                                            "bad_shares_from"}:
+            raise MessageRejected("expected the array 'masked' and the fields 'weight' and 'bad_shares_from'", sender)
         if masked.dtype != self.options.word_dtype or masked.shape != (state.length,):
             raise MessageRejected(f"expected {state.length} words of {self.options.word_dtype}, got {masked.shape} "
                                   f"{masked.dtype}", sender)
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= state.terms["max_weight"]:
             raise MessageRejected(f"weight must be an integer in 1..{state.terms['max_weight']}", sender)
+        relayed_to = {peer for peer in state.neighbours[sender] if peer in state.ciphertexts}
+        if not isinstance(bad, list) or not all(isinstance(peer, str) for peer in bad) or bad != sorted(set(bad)) \
+                or not set(bad) <= relayed_to:
+            raise MessageRejected("'bad_shares_from' must list, sorted, neighbours whose shares were relayed", sender)
         if self.options.modulus_bits < 8 * masked.itemsize and int(masked.max(initial=0)) > self.options.word_mask:
             raise MessageRejected(f"masked words must be below 2^{self.options.modulus_bits}", sender)
         if state.total is None:
             state.total = np.zeros(state.length, self.options.word_dtype)
         np.add(state.total, masked, out=state.total)  # wraps modulo 2^width, a multiple of 2^m
         state.weights[sender] = weight
+        state.bad_shares[sender] = tuple(bad)
 
     def _receive_signature(self, state: _Round, envelope: Envelope, data: bytes) -> None:
-        if envelope.fields != {"survivors": list(state.survivors)} or envelope.arrays or envelope.blobs:
-            raise MessageRejected("the signed survivor set differs from the announced one", envelope.sender)
+        signed = {"view": state.view, "ring": state.ring_seed, "survivors": list(state.survivors)}
+        if envelope.fields != signed or envelope.arrays or envelope.blobs:
+            raise MessageRejected("the signed view, ring or survivor set differs from the announced one",
+                                  envelope.sender)
         state.consistency[envelope.sender] = data
 
     def _receive_unmask(self, state: _Round, envelope: Envelope, data: bytes) -> None:
@@ -198,12 +267,25 @@ class MaskedServer(ServerSession):
         state.revealed[envelope.sender] = dict(envelope.blobs)
 
     # -- closing stages -----------------------------------------------------------------------------------------
+    def _require_everyone(self, state: _Round, answered, what: str) -> None:
+        missing = sorted(set(state.clients) - set(answered))
+        if missing:
+            raise self._abort(f"{len(missing)} cohort members ({', '.join(missing[:5])}) sent no {what}; the ring "
+                              "needs every member's, so the round must restart with a new cohort")
+
+    def _after_commit(self, state: _Round) -> list[Outgoing]:
+        self._require_everyone(state, state.committed, "commitment")
+        self.stage = ADVERTISE
+        return [self._request(client, blobs=dict(state.committed)) for client in state.clients]
+
     def _after_advertise(self, state: _Round) -> list[Outgoing]:
-        live = set(state.advertised)
+        self._require_everyone(state, state.advertised, "key advertisement")
+        state.ring = ring_order(state.ring_seed, state.clients)
+        state.neighbours = ring_neighbours(state.ring, state.terms["neighbours"])
+        live = set(state.clients)
         self._require_holders(state, live, live)
         state.live, self.stage = live, SHARE
-        return [self._request(client, blobs={peer: state.advertised[peer] for peer in state.neighbours[client]
-                                          if peer in live}) for client in sorted(live)]
+        return [self._request(client, blobs=dict(state.advertised)) for client in state.clients]
 
     def _after_share(self, state: _Round) -> list[Outgoing]:
         live = set(state.ciphertexts)
@@ -229,50 +311,72 @@ class MaskedServer(ServerSession):
         state.live, self.stage = live, UNMASK
         messages = []
         for client in sorted(live):
-            near = state.neighbours[client]
-            request = (tuple(p for p in near if p in state.survivors), tuple(p for p in near
-                                                                             if p in state.dropped_needed))
+            near = [peer for peer in state.neighbours[client] if peer not in state.bad_shares[client]]
+            request = (tuple(p for p in near if p in state.survivors),
+                       tuple(p for p in near if p in state.dropped_needed))
             state.requests[client] = request
-            signatures = {peer: state.consistency[peer] for peer in near if peer in live}
+            signatures = {peer: state.consistency[peer] for peer in state.neighbours[client] if peer in live}
             messages.append(self._request(client, {"self_mask_of": list(request[0]), "mask_key_of": list(request[1])},
                                        signatures))
         return messages
 
     def _after_unmask(self, state: _Round) -> list[Outgoing]:
-        order = tuple(sorted(state.clients))
+        order = tuple(state.clients)
         expander = MaskExpander(state.length, self.options.word_dtype)
-        total = state.total
+        total, flagged = state.total, set()
         for client in state.survivors:
-            seed = self._reconstruct(state, order, client, SELF_MASK_SHARE)
-            if self_mask_commitment(state.round_id, client, seed) != state.commitments[client]:
-                raise self._abort(f"the shares of {client}'s self-mask do not match its commitment")
+            commitment = state.commitments[client]
+            seed = self._reconstruct(state, order, client, SELF_MASK_SHARE, flagged,
+                                     lambda secret, c=client, h=commitment:
+                                     self_mask_commitment(self.session, state.view, state.round_id, c, secret) == h)
             expander.subtract(total, seed)
         for client in state.dropped_needed:
-            private = X25519PrivateKey.from_private_bytes(self._reconstruct(state, order, client, MASK_KEY_SHARE))
-            if keys.raw_public(private) != state.mask_keys[client]:
-                raise self._abort(f"the shares of {client}'s mask key do not match its advertised key")
+            advertised = state.mask_keys[client]
+            secret = self._reconstruct(state, order, client, MASK_KEY_SHARE, flagged, lambda secret, a=advertised:
+                                       keys.raw_public(X25519PrivateKey.from_private_bytes(secret)) == a)
+            private = X25519PrivateKey.from_private_bytes(secret)
             for survivor in state.survivors:
                 if survivor in state.neighbours[client]:  # the survivor masked with this client: undo its term
                     public = keys.public_key(state.mask_keys[survivor], survivor)
-                    seed = keys.pairwise_seed(private, public, state.round_id, client, survivor)
+                    seed = keys.pairwise_seed(private, public, self.session, state.view, state.round_id, client,
+                                              survivor)
                     (expander.subtract if survivor < client else expander.add)(total, seed)
         integer_sum = self._signed_sum(total, len(state.survivors))
         total_weight = sum(state.weights.values())
+        self._check_range(integer_sum, len(state.survivors), total_weight)
         vector = self.options.quantizer.dequantize_sum(integer_sum, total_weight)
-        self._result = MaskedAggregate(vector, state.survivors, float(total_weight), integer_sum)
+        self._result = MaskedAggregate(vector, state.survivors, float(total_weight), integer_sum,
+                                       tuple(sorted(flagged)))
         self.round_done = True
         return []
 
-    def _reconstruct(self, state: _Round, order: tuple[str, ...], client: str, prefix: str) -> bytes:
-        shares = {share_index(order, holder): revealed[prefix + client] for holder, revealed in state.revealed.items()
-                  if prefix + client in revealed}
-        if len(shares) < state.threshold:
-            raise self._abort(f"only {len(shares)} shares of {client}'s secrets arrived, fewer than the threshold "
+    def _reconstruct(self, state: _Round, order: tuple[str, ...], client: str, prefix: str, flagged: set[str],
+                     verify) -> bytes:
+        """``client``'s secret from any t consistent revealed shares (shamir.recover); adds the holders of shares
+        off the committed secret's polynomial to ``flagged``."""
+        holders = {share_index(order, holder): holder for holder, revealed in state.revealed.items()
+                   if prefix + client in revealed}
+        if len(holders) < state.threshold:
+            raise self._abort(f"only {len(holders)} shares of {client}'s secrets arrived, fewer than the threshold "
                               f"{state.threshold} (too many dropouts)")
+        shares = {x: state.revealed[holder][prefix + client] for x, holder in holders.items()}
         try:
-            return shamir.combine(shares, state.threshold)
+            secret, bad = shamir.recover(shares, state.threshold, verify)
         except ProtocolError as error:
             raise self._abort(f"{client}'s shares: {error}") from None
+        flagged.update(holders[x] for x in bad)
+        return secret
+
+    def _check_range(self, integer_sum: np.ndarray, counted: int, total_weight: int) -> None:
+        """Every entry of an honest sum lies in [−c·B, Σw·L + c·B] (c counted clients, B the noise bound, L the
+        grid's top, Σw the counted weights); anything else means some client sent values outside the protocol's
+        range (issue 10 item 6), so the round aborts rather than apply a forged aggregate."""
+        slack = counted * self.options.noise_bound
+        low, high = -slack, total_weight * self.options.quantizer.levels + slack
+        outside = int(np.count_nonzero((integer_sum < low) | (integer_sum > high)))
+        if outside:
+            raise self._abort(f"{outside} entries of the decoded sum lie outside [{low}, {high}]: a client sent "
+                              "values outside the protocol's range")
 
     def _signed_sum(self, total: np.ndarray, counted: int) -> np.ndarray:
         """The signed integer sum from its residue mod 2^m: the counted sum lies in [-c·B, 2^m - c·B)."""
@@ -288,16 +392,18 @@ class MaskedServer(ServerSession):
                 "round": None if self._round is None else _export_round(self._round),
                 "result": None if result is None else {
                     "vector": result.vector.copy(), "counted": list(result.counted),
-                    "total_weight": result.total_weight, "integer_sum": result.integer_sum.copy()}}
+                    "total_weight": result.total_weight, "integer_sum": result.integer_sum.copy(),
+                    "flagged": list(result.flagged)}}
 
     def _import(self, state: Mapping[str, Any]) -> None:
         self.stage, self.round_done, self._aborted = str(state["stage"]), bool(state["round_done"]), \
             bool(state["aborted"])
-        self._round = None if state["round"] is None else _import_round(state["round"], self.options.word_dtype)
+        saved = state["round"]
+        self._round = None if saved is None else _import_round(saved, self.options.word_dtype, self.session)
         result = state["result"]
         self._result = None if result is None else MaskedAggregate(
             np.array(result["vector"], dtype=np.float64), tuple(result["counted"]), float(result["total_weight"]),
-            np.array(result["integer_sum"], dtype=np.int64))
+            np.array(result["integer_sum"], dtype=np.int64), tuple(result["flagged"]))
 
 
 def _hex_map(values: Mapping[str, bytes]) -> dict[str, str]:
@@ -312,8 +418,11 @@ def _export_round(state: _Round) -> dict[str, Any]:
     """A round's state as plain values; the neighbourhoods are left out (they follow from ring and terms)."""
     return {
         "round_id": state.round_id, "clients": list(state.clients), "length": state.length, "terms": dict(state.terms),
-        "ring": list(state.ring), "live": sorted(state.live), "advertised": _hex_map(state.advertised),
+        "context": state.context, "view": state.view, "ring": list(state.ring), "live": sorted(state.live),
+        "committed": _hex_map(state.committed), "nonce_commitments": dict(state.nonce_commitments),
+        "advertised": _hex_map(state.advertised), "nonces": _hex_map(state.nonces),
         "mask_keys": _hex_map(state.mask_keys),
+        "bad_shares": {client: list(peers) for client, peers in state.bad_shares.items()},
         "ciphertexts": {sender: _hex_map(shares) for sender, shares in state.ciphertexts.items()},
         "commitments": dict(state.commitments), "weights": dict(state.weights),
         "total": None if state.total is None else state.total.copy(),
@@ -325,13 +434,17 @@ def _export_round(state: _Round) -> dict[str, Any]:
     }
 
 
-def _import_round(saved: Mapping[str, Any], word_dtype: np.dtype) -> _Round:
+def _import_round(saved: Mapping[str, Any], word_dtype: np.dtype, session: str) -> _Round:
     terms, ring = dict(saved["terms"]), tuple(saved["ring"])
     total = saved["total"]
     return _Round(
         round_id=int(saved["round_id"]), clients=tuple(saved["clients"]), length=int(saved["length"]), terms=terms,
-        ring=ring, neighbours=ring_neighbours(ring, int(terms["neighbours"])), threshold=int(terms["threshold"]),
-        live=set(saved["live"]), advertised=_bytes_map(saved["advertised"]), mask_keys=_bytes_map(saved["mask_keys"]),
+        context=checked_context(saved["context"]), view=str(saved["view"]), session=session,
+        ring=ring, neighbours=ring_neighbours(ring, int(terms["neighbours"])) if ring else {},
+        threshold=int(terms["threshold"]), live=set(saved["live"]), committed=_bytes_map(saved["committed"]),
+        nonce_commitments=dict(saved["nonce_commitments"]), advertised=_bytes_map(saved["advertised"]),
+        nonces=_bytes_map(saved["nonces"]), mask_keys=_bytes_map(saved["mask_keys"]),
+        bad_shares={client: tuple(peers) for client, peers in saved["bad_shares"].items()},
         ciphertexts={sender: _bytes_map(shares) for sender, shares in saved["ciphertexts"].items()},
         commitments=dict(saved["commitments"]), weights={client: int(w) for client, w in saved["weights"].items()},
         total=None if total is None else np.array(total, dtype=word_dtype),
