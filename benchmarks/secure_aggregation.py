@@ -3,9 +3,11 @@
 Every protocol runs in this process on the same updates (uniform in [-0.25, 0.25], the masked protocol's
 clip range; integer weights 1..300) with the same clients dropping out before they send their input.
 Per configuration it reports the mean client time (over the clients that sent their input; every stage
-it took part in), the server time (and the key holder's, for he), the upload bytes per parameter of a
-client that sent its input, and the largest error against the exact float64 weighted sum. Ratios are
-to plain, the insecure float aggregation of the same updates.
+it took part in for its own input), the server time (and the key holder's, for he), for he the mean time a
+committee member spent in the verify stage (checking the relayed inputs, recomputing the sum, attesting:
+billed by stage, apart from its own input), the upload bytes per parameter of a client that sent its input,
+and the largest error against the exact float64 weighted sum. Ratios are to plain, the insecure float
+aggregation of the same updates.
 
 Flower (the ``bench`` extra, flwr 1.42) is driven through its own SecAgg+ code: the client mod's stage
 functions (``flwr.client.mod.secure_aggregation.secaggplus_mod``) for every client, and the server work
@@ -43,6 +45,8 @@ from protocols.wire import new_session_id
 OURS = ("plain", "masked", "he")
 ALL = (*OURS, "flower")
 DROP_STAGE = {"plain": "input", "masked": "masked_input", "he": "input"}
+COMMITTEE_STAGE = {"he": "verify"}  # the stage whose client work is a committee member's, billed apart
+COMMITTEE = "committee:"
 MAX_WEIGHT = 300
 CLIP = 0.25
 
@@ -56,6 +60,7 @@ class Measurement:
     client_s: float  # mean over the clients that sent their input
     server_s: float
     keyholder_s: float
+    committee_s: float  # mean over the committee members of their verify-stage work (he only)
     upload_bytes_per_param: float
     max_error: float
 
@@ -131,6 +136,8 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int) -> tuple
                 answers = []
             elif recipient == KEYHOLDER_ID:
                 answers = meter.call(recipient, keyholder.handle, message.data)
+            elif server.stage == COMMITTEE_STAGE.get(name):
+                answers = meter.call(COMMITTEE + recipient, clients[recipient].handle, message.data)
             else:
                 answers = meter.call(recipient, clients[recipient].handle, message.data)
             queue.extendleft(reversed([(recipient, answer) for answer in answers]))
@@ -152,10 +159,12 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int) -> tuple
             break
     result = meter.call(SERVER_ID, server.result)
     survivors = [names[index] for index in range(n) if index not in dropped]
+    members = [seconds for party, seconds in meter.seconds.items() if party.startswith(COMMITTEE)]
     measurement = Measurement(
         name, n, params, dropout,
         client_s=float(np.mean([meter.seconds[client] for client in survivors])),
         server_s=meter.seconds[SERVER_ID], keyholder_s=meter.seconds.get(KEYHOLDER_ID, 0.0),
+        committee_s=float(np.mean(members)) if members else 0.0,
         upload_bytes_per_param=float(np.mean([meter.sent[client] for client in survivors])) / params,
         max_error=math.nan)
     return measurement, result.vector
@@ -289,7 +298,7 @@ def run_flower(n: int, params: int, dropout: float, seed: int, shares: int, thre
     measurement = Measurement(
         "flower", n, params, dropout,
         client_s=float(np.mean([meter.seconds[f"client-{nid}"] for nid in active])),
-        server_s=meter.seconds["server"], keyholder_s=0.0,
+        server_s=meter.seconds["server"], keyholder_s=0.0, committee_s=0.0,
         upload_bytes_per_param=float(np.mean([meter.sent[f"client-{nid}"] for nid in active])) / params,
         max_error=math.nan)
     return measurement, average
@@ -313,35 +322,36 @@ def measure(protocols: Sequence[str], n: int, params: int, dropout: float, seed:
                 row.max_error = float(np.max(np.abs(vector - exact)))
         except (ProtocolError, RuntimeError, ValueError) as error:
             print(f"  {name:7s} n={n:<4d} P={params:<8d} dropout={dropout:.0%}: FAILED: {error}", flush=True)
-            rows.append(Measurement(name, n, params, dropout, *[math.nan] * 5))
+            rows.append(Measurement(name, n, params, dropout, *[math.nan] * 6))
             continue
         rows.append(row)
         print(f"  {name:7s} n={n:<4d} P={params:<8d} dropout={dropout:.0%}: client {row.client_s:.4f} s, "
-              f"server {row.server_s:.4f} s, key holder {row.keyholder_s:.4f} s, "
+              f"server {row.server_s:.4f} s, key holder {row.keyholder_s:.4f} s, committee {row.committee_s:.4f} s, "
               f"{row.upload_bytes_per_param:.2f} B/param, max error {row.max_error:.2e}", flush=True)
     return rows
 
 
 def table(rows: Sequence[Measurement]) -> str:
-    """Markdown; a round is a mean client's time plus the server's and the key holder's (clients run in parallel)."""
+    """Markdown; a round is a mean client's time plus the server's, the key holder's and a mean committee
+    member's verify stage (clients run in parallel, members too, after the server's input stage)."""
     plain = {(r.clients, r.params, r.dropout): r for r in rows if r.protocol == "plain"}
-    lines = ["| n | P | dropout | protocol | client s (mean) | server s | key holder s | upload B/param "
+    lines = ["| n | P | dropout | protocol | client s (mean) | server s | key holder s | committee_s | upload B/param "
              "| client × plain | server × plain | round × plain | bytes × plain | max abs error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = plain.get((r.clients, r.params, r.dropout))
         if math.isnan(r.client_s):
-            lines.append(f"| {r.clients} | {r.params:,} | {r.dropout:.0%} | {r.protocol} | aborted |" + " – |" * 8)
+            lines.append(f"| {r.clients} | {r.params:,} | {r.dropout:.0%} | {r.protocol} | aborted |" + " – |" * 9)
             continue
 
         def ratio(value: float, reference: float | None) -> str:
             return f"{value / reference:.1f}" if reference else "–"
 
-        round_s = r.client_s + r.server_s + r.keyholder_s
-        base_round = base and base.client_s + base.server_s + base.keyholder_s
+        round_s = r.client_s + r.server_s + r.keyholder_s + r.committee_s
+        base_round = base and base.client_s + base.server_s + base.keyholder_s + base.committee_s
         lines.append(
             f"| {r.clients} | {r.params:,} | {r.dropout:.0%} | {r.protocol} | {r.client_s:.3f} | {r.server_s:.3f} | "
-            f"{r.keyholder_s:.3f} | {r.upload_bytes_per_param:.2f} | "
+            f"{r.keyholder_s:.3f} | {r.committee_s:.3f} | {r.upload_bytes_per_param:.2f} | "
             f"{ratio(r.client_s, base and base.client_s)} | {ratio(r.server_s, base and base.server_s)} | "
             f"{ratio(round_s, base_round)} | "
             f"{ratio(r.upload_bytes_per_param, base and base.upload_bytes_per_param)} | {r.max_error:.1e} |")

@@ -8,6 +8,7 @@ forge and replay messages.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ from protocols import (
     new_session_id,
     simulate_round,
 )
-from protocols.he import HEOptions, HEProtocol
+from protocols.he import HEOptions, HEProtocol, messages
 from protocols.he.chunks import Layout, ciphertexts_digest
 from protocols.wire import Envelope
 
@@ -44,7 +45,8 @@ def weighted_sum(xs, ws, skip=()):
 
 
 class Harness:
-    """A server, a key holder and ``n`` clients with fresh identities, driven message by message."""
+    """A server, a key holder and ``n`` clients with fresh identities, driven message by message through the
+    stages commit, input, draw, verify and decrypt, so that tests can intercept, forge and replay messages."""
 
     def __init__(self, n: int = 3, length: int = LENGTH, **options):
         self.protocol = make_protocol("he", **{**SMALL, **options})
@@ -63,23 +65,65 @@ class Harness:
         self.xs = updates(n, length)
         self.ws = [float(w) for w in np.random.default_rng(1).integers(1, 300, size=n)]
 
-    def start(self, round_id: int = 0, skip=()):
-        """Begin a round up to the clients' inputs; returns {client: input bytes} (the server has them too)."""
+    def open(self, round_id: int = 0, round_context: str = "") -> dict[str, bytes]:
+        """Inputs set, the key holder's contexts delivered to the server; returns {recipient: context message}."""
         for client, x, w in zip(self.clients.values(), self.xs, self.ws):
-            client.set_input(round_id, x, w)
-        [request] = self.server.begin_round(round_id, list(self.clients), self.length)
+            client.set_input(round_id, x, w, round_context=round_context)
+        [request] = self.server.begin_round(round_id, list(self.clients), self.length, round_context=round_context)
         self.contexts = {m.recipient: m.data for m in self.keyholder.handle(request.data)}
         self.server.receive(self.contexts["server"])
+        return self.contexts
+
+    def commit(self, skip=()) -> dict[str, bytes]:
+        """Every client not in ``skip`` commits; returns {client: commit message} (the server has them)."""
+        commits = {}
+        for name in self.clients:
+            if name not in skip:
+                [answer] = self.clients[name].handle(self.contexts[name])
+                commits[name] = answer.data
+                self.server.receive(answer.data)
+        return commits
+
+    def reveal(self, skip=()) -> dict[str, bytes]:
+        """The server shows the committed list; every client not in ``skip`` reveals. Returns the inputs."""
+        self.requests = {m.recipient: m.data for m in self.server.advance()}
         inputs = {}
-        for index, name in enumerate(self.clients):
-            if index in skip:
-                continue
-            [answer] = self.clients[name].handle(self.contexts[name])
-            inputs[name] = answer.data
-            self.server.receive(answer.data)
+        for name, request in self.requests.items():
+            if name not in skip:
+                [answer] = self.clients[name].handle(request)
+                inputs[name] = answer.data
+                self.server.receive(answer.data)
         return inputs
 
+    def start(self, round_id: int = 0, skip=(), round_context: str = "") -> dict[str, bytes]:
+        """A round up to the clients' inputs (the clients in ``skip`` vanish before revealing)."""
+        self.open(round_id, round_context)
+        self.commit()
+        return self.reveal(skip={f"client-{index}" for index in skip})
+
+    def draw(self) -> bytes:
+        """The server closes the input stage and asks the key holder to draw the committee from the counted
+        clients; returns the key holder's announcement (the server has it)."""
+        [self.draw_request] = self.server.advance()
+        [announcement] = self.keyholder.handle(self.draw_request.data)
+        self.server.receive(announcement.data)
+        self.committee = tuple(self.read(announcement.data).fields["committee"])
+        return announcement.data
+
+    def verify(self) -> list[bytes]:
+        """The committee is drawn (unless it already is); the server relays the announcement and the inputs to
+        it, and it attests; returns the attestations."""
+        if self.server.stage == "input":
+            self.draw()
+        attestations = []
+        for message in self.server.advance():
+            for answer in self.clients[message.recipient].handle(message.data):
+                attestations.append(answer.data)
+                self.server.receive(answer.data)
+        return attestations
+
     def finish(self):
+        self.verify()
         [aggregate] = self.server.advance()
         [result] = self.keyholder.handle(aggregate.data)
         self.server.receive(result.data)
@@ -97,22 +141,26 @@ class Harness:
         stamped = dataclasses.replace(envelope, session=envelope.session or self.session, roster=self.roster.digest)
         return encode(stamped, self.identities[envelope.sender])
 
+    def receipts(self, commits: dict[str, bytes]) -> dict[str, bytes]:
+        return {name: self.read(data).blobs["receipt"] for name, data in commits.items()}
+
     def forged_aggregate(self, round_id: int, chunks: list[bytes], receipts: dict[str, bytes],
-                         counted: list[str] | None = None) -> bytes:
-        """An aggregate the (malicious) server signs with whatever ciphertexts and receipts it likes."""
+                         attestations: dict[str, bytes], counted: list[str] | None = None,
+                         committed: list[list[str]] | None = None) -> bytes:
+        """An aggregate the (malicious) server signs with whatever ciphertexts, receipts and attestations it likes."""
         blobs = {f"c{i:06d}": c for i, c in enumerate(chunks)}
         blobs.update({f"r-{name}": receipt for name, receipt in receipts.items()})
+        blobs.update({f"a-{name}": attestation for name, attestation in attestations.items()})
+        committed = committed if committed is not None else [[name, hashlib.sha256(receipts[name]).hexdigest()]
+                                                             for name in sorted(receipts)]
         return self.sign(Envelope("he", round_id, "aggregate", "server", "keyholder",
-                                  {"counted": counted if counted is not None else sorted(receipts)}, blobs=blobs))
+                                  {"counted": counted if counted is not None else sorted(receipts),
+                                   "committed": committed}, blobs=blobs))
 
 
 def chunks_of(harness: Harness, data: bytes) -> list[bytes]:
     envelope = harness.read(data)
     return [envelope.blobs[name] for name in sorted(envelope.blobs) if name.startswith("c")]
-
-
-def receipt_of(harness: Harness, data: bytes) -> bytes:
-    return harness.read(data).blobs["receipt"]
 
 
 def summed(context: ts.Context, *chunk_lists: list[bytes]) -> list[bytes]:
@@ -145,22 +193,45 @@ def test_result_reports_counted_clients_and_total_weight():
     np.testing.assert_allclose(result.vector, weighted_sum(harness.xs, harness.ws), atol=1e-5)
 
 
-def test_dropped_clients_are_left_out_of_the_sum():
-    xs = updates(4, length=300)
-    ws = [1.0, 2.0, 3.0, 4.0]
-    out = simulate_round("he", xs, ws, dropouts={1: "input", 3: "input"}, **SMALL)
-    np.testing.assert_allclose(out, weighted_sum(xs, ws, skip={1, 3}), atol=1e-5)
+@pytest.mark.parametrize("dropped", ["client-0", "client-1", "client-2", "client-3"])
+def test_any_client_that_drops_before_revealing_is_left_out_and_the_round_goes_on(dropped):
+    """The committee is drawn from the counted clients only after the input stage: a client that dropped before
+    its input was counted can never be a member, so it can never abort the round (drawn at setup, it could)."""
+    harness = Harness(4, length=300)
+    harness.open()
+    harness.commit()
+    harness.reveal(skip={dropped})
+    result = harness.finish()
+    assert dropped not in harness.committee and dropped not in result.counted and len(result.counted) == 3
+    skip = {list(harness.clients).index(dropped)}
+    np.testing.assert_allclose(result.vector, weighted_sum(harness.xs, harness.ws, skip=skip), atol=1e-5)
 
 
-def test_too_few_inputs_abort_the_round_at_the_input_stage():
-    with pytest.raises(RoundAborted, match="min_clients = 3") as caught:
-        simulate_round("he", updates(3, length=10), dropouts={0: "input"}, min_clients=3, **SMALL)
-    assert caught.value.stage == "input"
+def test_a_committee_member_that_drops_before_attesting_still_aborts_the_round_at_the_verify_stage():
+    """The price of a committee that must all co-sign: a member lost between the draw and its attestation."""
+    harness = Harness(4, length=10, committee_size=2)
+    harness.start()
+    harness.draw()
+    member = harness.committee[0]
+    for message in harness.server.advance():
+        if message.recipient != member:
+            for answer in harness.clients[message.recipient].handle(message.data):
+                harness.server.receive(answer.data)
+    with pytest.raises(RoundAborted, match=f"committee members \\['{member}'\\] did not attest") as caught:
+        harness.server.advance()
+    assert caught.value.stage == "verify"
+
+
+def test_too_few_commitments_abort_the_round_at_the_commit_stage():
+    with pytest.raises(RoundAborted, match="only 2 of 3 clients committed; at least 3") as caught:
+        simulate_round("he", updates(3, length=10), dropouts={0: "commit"}, **SMALL)
+    assert caught.value.stage == "commit"
 
 
 def test_a_key_holder_that_refuses_aborts_the_round_at_the_decrypt_stage():
-    harness = Harness(2)
+    harness = Harness(3)
     harness.start()
+    harness.verify()
     [aggregate] = harness.server.advance()
     with pytest.raises(MessageRejected):  # a tampered aggregate, say: the key holder never answers
         harness.keyholder.handle(aggregate.data[:-1] + bytes([aggregate.data[-1] ^ 1]))
@@ -169,10 +240,18 @@ def test_a_key_holder_that_refuses_aborts_the_round_at_the_decrypt_stage():
     assert caught.value.stage == "decrypt"
 
 
+def test_the_server_and_the_committee_serialize_the_same_sum_byte_for_byte():
+    harness = Harness(3)
+    harness.start()
+    attestations = [harness.read(data).fields["sum"] for data in harness.verify()]
+    server_sum = ciphertexts_digest([total.serialize() for total in harness.server._sum])
+    assert attestations == [server_sum] * len(harness.committee)
+
+
 # --- the server can add but not read -------------------------------------------------------------------------
 
 def test_the_server_context_is_public_and_cannot_decrypt():
-    harness = Harness(2)
+    harness = Harness(3)
     inputs = harness.start()
     context = harness.server._context
     assert not context.is_private() and not context.has_secret_key()
@@ -182,7 +261,7 @@ def test_the_server_context_is_public_and_cannot_decrypt():
 
 
 def test_the_server_refuses_a_context_that_carries_the_secret_key():
-    harness = Harness(2)
+    harness = Harness(3)
     [request] = harness.server.begin_round(0, list(harness.clients), harness.length)
     honest = harness.read(harness.keyholder.handle(request.data)[0].data)
     secret = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[60, 40])
@@ -200,131 +279,106 @@ def test_server_memory_holds_one_running_sum_whatever_the_number_of_clients():
 
 # --- the key holder decrypts only a verified sum -------------------------------------------------------------
 
-def test_the_key_holder_refuses_a_single_ciphertext_presented_as_the_aggregate():
+def honest_aggregate(harness: Harness) -> Envelope:
+    harness.verify()
+    [aggregate] = harness.server.advance()
+    return harness.read(aggregate.data)
+
+
+def test_the_key_holder_refuses_an_aggregate_a_committee_member_did_not_attest():
     harness = Harness(3)
-    inputs = harness.start()
-    receipts = {name: receipt_of(harness, data) for name, data in inputs.items()}
-    forged = harness.forged_aggregate(0, chunks_of(harness, inputs["client-0"]), receipts)
-    with pytest.raises(MessageRejected, match="not the sum of the 3 listed contributions"):
-        harness.keyholder.handle(forged)
-    with pytest.raises(MessageRejected, match="no key is open"):  # the key is spent: not even the honest sum now
-        harness.finish()
-
-
-@pytest.mark.parametrize("combination", [
-    pytest.param(lambda c: [c[0], c[0]], id="one client twice"),
-    pytest.param(lambda c: [c[0], c[1]], id="a subset of the list"),
-    pytest.param(lambda c: [c[0], c[1], c[2], c[2]], id="one contribution doubled"),
-])
-def test_the_key_holder_refuses_any_other_combination_of_contributions(combination):
-    harness = Harness(3)
-    inputs = harness.start()
-    chunks = [chunks_of(harness, inputs[name]) for name in harness.clients]
-    receipts = {name: receipt_of(harness, data) for name, data in inputs.items()}
-    forged = harness.forged_aggregate(0, summed(harness.public_context(), *combination(chunks)), receipts)
-    with pytest.raises(MessageRejected, match="not the sum"):
-        harness.keyholder.handle(forged)
-
-
-def test_the_key_holder_accepts_the_honest_sum_of_a_listed_subset():
-    harness = Harness(3)
-    inputs = harness.start()
-    chunks = [chunks_of(harness, inputs[name]) for name in ("client-0", "client-2")]
-    receipts = {name: receipt_of(harness, inputs[name]) for name in ("client-0", "client-2")}
-    [result] = harness.keyholder.handle(harness.forged_aggregate(0, summed(harness.public_context(), *chunks),
-                                                                 receipts))
-    released = harness.read(result.data).arrays["sum"]
-    np.testing.assert_allclose(released, weighted_sum(harness.xs, harness.ws, skip={1}), atol=1e-5)
-
-
-def test_the_key_holder_refuses_fewer_than_min_clients_contributions():
-    harness = Harness(3)
-    inputs = harness.start()
-    forged = harness.forged_aggregate(0, chunks_of(harness, inputs["client-0"]),
-                                      {"client-0": receipt_of(harness, inputs["client-0"])})
-    with pytest.raises(MessageRejected, match="below min_clients = 2"):
-        harness.keyholder.handle(forged)
+    harness.start()
+    envelope = honest_aggregate(harness)
+    blobs = {name: blob for name, blob in envelope.blobs.items() if name != f"a-{harness.committee[0]}"}
+    with pytest.raises(MessageRejected, match="expected the blobs"):
+        harness.keyholder.handle(harness.sign(dataclasses.replace(envelope, blobs=blobs)))
+    forged = {**envelope.blobs, f"a-{harness.committee[0]}": envelope.blobs[f"a-{harness.committee[-1]}"]}
+    with pytest.raises(MessageRejected, match="attestation listed for"):
+        harness.keyholder.handle(harness.sign(dataclasses.replace(envelope, blobs=forged)))
+    [result] = harness.keyholder.handle(harness.sign(envelope))  # refusals changed nothing: the honest one works
+    np.testing.assert_allclose(harness.read(result.data).arrays["sum"], weighted_sum(harness.xs, harness.ws),
+                               atol=1e-5)
 
 
 def test_the_key_holder_refuses_a_list_that_names_a_client_twice():
     harness = Harness(3)
-    inputs = harness.start()
-    receipts = {name: receipt_of(harness, data) for name, data in inputs.items()}
-    forged = harness.forged_aggregate(0, chunks_of(harness, inputs["client-0"]), receipts,
-                                      counted=["client-0", "client-0", "client-1", "client-2"])
-    with pytest.raises(MessageRejected, match="twice"):
-        harness.keyholder.handle(forged)
-
-
-def test_the_key_holder_refuses_a_list_without_the_listed_clients_receipts():
-    harness = Harness(3)
-    inputs = harness.start()
-    receipts = {name: receipt_of(harness, inputs[name]) for name in ("client-0", "client-2")}
-    forged = harness.forged_aggregate(0, chunks_of(harness, inputs["client-0"]), receipts,
-                                      counted=["client-0", "client-1"])
-    with pytest.raises(MessageRejected, match="expected the blobs"):
-        harness.keyholder.handle(forged)
-
-
-def forge_receipt(harness: Harness, signer: Identity) -> bytes:
-    return encode(Envelope("he", 0, "receipt", signer.party_id, "keyholder",
-                           {"ciphertexts": "0" * 64, "context": "0" * 64, "vector_length": harness.length},
-                           blobs={"seed": bytes(80)}, session=harness.session, roster=harness.roster.digest), signer)
-
-
-@pytest.mark.parametrize("case, reason", [
-    ("signed by the server", "unexpected sender 'server', expected 'client-1'"),
-    ("signed by a stranger using a client's name", "bad signature from 'client-1'"),
-    ("from a party that is not a client of the round", "not clients of round 0: \\['mallory'\\]"),
-    ("tampered in transit", "bad signature from 'client-1'"),
-])
-def test_the_key_holder_refuses_receipts_not_signed_by_that_roster_client(case, reason):
-    harness = Harness(3)
-    inputs = harness.start()
-    receipts = {name: receipt_of(harness, data) for name, data in inputs.items()}
-    if case == "signed by the server":
-        receipts["client-1"] = forge_receipt(harness, harness.server_identity)
-    elif case == "signed by a stranger using a client's name":
-        receipts["client-1"] = forge_receipt(harness, Identity.generate("client-1"))
-    elif case == "from a party that is not a client of the round":
-        receipts["mallory"] = forge_receipt(harness, Identity.generate("mallory"))
-    else:
-        good = receipts["client-1"]
-        receipts["client-1"] = good[:-70] + bytes([good[-70] ^ 1]) + good[-69:]  # a byte of the sealed seed
-    forged = harness.forged_aggregate(0, chunks_of(harness, inputs["client-0"]), receipts)
-    with pytest.raises(MessageRejected, match=reason):
-        harness.keyholder.handle(forged)
-
-
-def test_the_key_holder_refuses_receipts_from_another_round():
-    harness = Harness(2)
-    old = harness.start(round_id=0)
-    harness.finish()
-    new = harness.start(round_id=1)
-    chunks = summed(harness.public_context(), *[chunks_of(harness, new[name]) for name in harness.clients])
-    stale = {name: receipt_of(harness, data) for name, data in old.items()}
-    with pytest.raises(MessageRejected, match="unexpected round 0, expected 1"):
-        harness.keyholder.handle(harness.forged_aggregate(1, chunks, stale))
-    np.testing.assert_allclose(harness.finish().vector, weighted_sum(harness.xs, harness.ws), atol=1e-5)
+    harness.start()
+    envelope = honest_aggregate(harness)
+    fields = {**envelope.fields, "counted": ["client-0", "client-0", "client-1", "client-2"]}
+    with pytest.raises(MessageRejected, match="distinct clients"):
+        harness.keyholder.handle(harness.sign(dataclasses.replace(envelope, fields=fields)))
 
 
 def test_the_key_holder_decrypts_once_per_round_and_only_forward():
-    harness = Harness(2)
+    harness = Harness(3)
     harness.start(round_id=4)
+    harness.verify()
     [aggregate] = harness.server.advance()
     harness.keyholder.handle(aggregate.data)
     with pytest.raises(MessageRejected, match="no key is open for round 4"):
         harness.keyholder.handle(aggregate.data)  # replayed: a second decryption under the same key
     with pytest.raises(MessageRejected, match="round 3 is not after round 4"):
         harness.keyholder.handle(harness.sign(Envelope("he", 3, "setup", "server", "keyholder",
-                                                       {"clients": ["client-0"], "vector_length": 5})))
+                                                       {"clients": ["client-0"], "vector_length": 5,
+                                                        "round_context": ""})))
 
 
 def test_only_the_server_may_ask_the_key_holder():
-    harness = Harness(2)
-    request = Envelope("he", 0, "setup", "client-0", "keyholder", {"clients": ["client-0"], "vector_length": 5})
+    harness = Harness(3)
+    request = Envelope("he", 0, "setup", "client-0", "keyholder", {"clients": ["client-0"], "vector_length": 5,
+                                                                   "round_context": ""})
     with pytest.raises(MessageRejected, match="only the server"):
         harness.keyholder.handle(harness.sign(request))
+
+
+def test_the_committee_is_drawn_by_the_key_holder_from_the_counted_clients_after_the_input_stage():
+    harness = Harness(5, length=10, committee_size=3)
+    harness.start(skip={4})
+    assert all("committee" not in harness.read(data).fields for data in harness.contexts.values())
+    [draw] = harness.server.advance()
+    request = harness.read(draw.data)
+    assert request.recipient == "keyholder" and request.stage == "draw"
+    assert request.fields["counted"] == ["client-0", "client-1", "client-2", "client-3"]
+    [answer] = harness.keyholder.handle(harness.sign(request))
+    announcement = harness.read(answer.data)
+    assert announcement.sender == "keyholder" and announcement.stage == "committee"
+    committee = announcement.fields["committee"]
+    assert len(committee) == 3 and set(committee) <= set(request.fields["counted"])
+    assert announcement.fields["committed"] == messages.committed_digest(request.fields["committed"])
+
+
+def test_the_key_holder_draws_once_per_round_so_the_server_cannot_redraw_until_it_gets_colluders():
+    harness = Harness(4, length=10, committee_size=1)
+    harness.start()
+    harness.draw()
+    with pytest.raises(MessageRejected, match="already been drawn: a second draw is refused"):
+        harness.keyholder.handle(harness.draw_request.data)
+    fewer = harness.read(harness.draw_request.data)  # nor with another counted set
+    fewer = dataclasses.replace(fewer, fields={**fewer.fields, "counted": fewer.fields["counted"][:3]})
+    with pytest.raises(MessageRejected, match="already been drawn"):
+        harness.keyholder.handle(harness.sign(fewer))
+    result = harness.finish()  # the refusals changed nothing
+    np.testing.assert_allclose(result.vector, weighted_sum(harness.xs, harness.ws), atol=1e-5)
+
+
+def test_a_member_refuses_a_committee_announcement_the_key_holder_did_not_sign():
+    """A server that names its own committee (colluders, or a member it wants to mislead) is refused."""
+    harness = Harness(4, length=10, committee_size=2)
+    harness.start()
+    data = harness.draw()
+    genuine = harness.read(data)
+    outsider = next(name for name in harness.clients if name not in harness.committee)
+    own = dataclasses.replace(genuine, sender="server",
+                              fields={**genuine.fields, "committee": sorted([outsider, harness.committee[0]])})
+    with pytest.raises(MessageRejected, match="must be signed by the key holder"):
+        harness.clients[outsider].handle(harness.sign(own))
+    at = data.rfind(harness.committee[-1].encode())  # the key holder's announcement, a member's name swapped
+    with pytest.raises(MessageRejected, match="bad signature from 'keyholder'"):
+        harness.clients[outsider].handle(data[:at] + outsider.encode() + data[at + len(outsider):])
+    with pytest.raises(MessageRejected, match="does not name this client"):
+        harness.clients[outsider].handle(harness.sign(genuine))
+    with pytest.raises(MessageRejected, match="not on this round's committee"):  # so it takes no relayed input
+        harness.clients[outsider].handle(harness.server._inputs[harness.committee[0]])
 
 
 # --- hostile or broken input ---------------------------------------------------------------------------------
@@ -339,7 +393,7 @@ def test_nan_or_inf_is_refused_on_the_client_before_encryption(bad):
 def test_the_server_rejects_forged_truncated_or_replayed_input_and_keeps_its_state():
     harness = Harness(3)
     inputs = harness.start(skip={2})
-    [late] = harness.clients["client-2"].handle(harness.contexts["client-2"])
+    [late] = harness.clients["client-2"].handle(harness.requests["client-2"])
     data = late.data
     with pytest.raises(MessageRejected, match="bad signature from 'client-2'"):
         harness.server.receive(data[:-1] + bytes([data[-1] ^ 0x40]))
@@ -352,54 +406,40 @@ def test_the_server_rejects_forged_truncated_or_replayed_input_and_keeps_its_sta
 
 
 def test_the_server_rejects_a_wrong_vector_length():
-    harness = Harness(2)
+    harness = Harness(3)
     harness.start(skip={1})
-    [answer] = harness.clients["client-1"].handle(harness.contexts["client-1"])
+    [answer] = harness.clients["client-1"].handle(harness.requests["client-1"])
     envelope = harness.read(answer.data)
     short = ts.ckks_vector(harness.public_context(), [0.0] * 10).serialize()
-    receipt = harness.read(envelope.blobs["receipt"])
-    chunks = [short, envelope.blobs["c000001"]]
-    fields = {**receipt.fields, "ciphertexts": ciphertexts_digest(chunks)}
-    resigned = harness.sign(Envelope("he", 0, "receipt", "client-1", "keyholder", fields, blobs=receipt.blobs))
-    bad = Envelope("he", 0, "input", "client-1", "server", {"chunks": 2},
-                   blobs={"c000000": short, "c000001": chunks[1], "receipt": resigned})
-    with pytest.raises(MessageRejected, match="holds 10 slots, expected 2048"):
-        harness.server.receive(harness.sign(bad))
-    one_chunk = Envelope("he", 0, "input", "client-1", "server", {"chunks": 1},
-                         blobs={"c000000": short, "receipt": resigned})
-    with pytest.raises(MessageRejected, match="wrong vector length"):
+    one_chunk = Envelope("he", 0, "input", "client-1", "server", {**envelope.fields, "chunks": 1},
+                         blobs={"c000000": short})
+    with pytest.raises(MessageRejected, match="expected the fields 'chunks' = 2"):
         harness.server.receive(harness.sign(one_chunk))
 
 
-def test_receipts_from_another_session_are_refused_by_the_server_and_the_key_holder():
-    harness = Harness(2)
-    inputs = harness.start(skip={1})
+def test_receipts_from_another_session_are_refused_by_the_server():
+    harness = Harness(3)
+    harness.open()
     [answer] = harness.clients["client-1"].handle(harness.contexts["client-1"])
     envelope = harness.read(answer.data)
     genuine = harness.read(envelope.blobs["receipt"])
     elsewhere = harness.sign(dataclasses.replace(genuine, session=new_session_id()))  # the client's own signature
     with pytest.raises(MessageRejected, match="bad receipt: message of session"):
-        harness.server.receive(harness.sign(dataclasses.replace(envelope, blobs={**envelope.blobs,
-                                                                                 "receipt": elsewhere})))
-    chunks = summed(harness.public_context(), chunks_of(harness, inputs["client-0"]), chunks_of(harness, answer.data))
-    receipts = {"client-0": receipt_of(harness, inputs["client-0"]), "client-1": elsewhere}
-    with pytest.raises(MessageRejected, match="receipt listed for 'client-1' refused: message of session"):
-        harness.keyholder.handle(harness.forged_aggregate(0, chunks, receipts))
+        harness.server.receive(harness.sign(dataclasses.replace(envelope, blobs={"receipt": elsewhere})))
 
 
-def test_the_server_rejects_input_whose_receipt_does_not_match_its_ciphertexts():
-    harness = Harness(2)
+def test_the_server_rejects_input_that_does_not_match_its_commitment():
+    harness = Harness(3)
     inputs = harness.start(skip={1})
-    [answer] = harness.clients["client-1"].handle(harness.contexts["client-1"])
+    [answer] = harness.clients["client-1"].handle(harness.requests["client-1"])
     envelope = harness.read(answer.data)
-    swapped = dict(envelope.blobs, receipt=receipt_of(harness, inputs["client-0"]))
-    with pytest.raises(MessageRejected, match="bad receipt"):
-        harness.server.receive(harness.sign(Envelope("he", 0, "input", "client-1", "server", envelope.fields,
-                                                     blobs=swapped)))
+    swapped = harness.read(inputs["client-0"]).blobs
+    with pytest.raises(MessageRejected, match="not those the client committed to"):
+        harness.server.receive(harness.sign(dataclasses.replace(envelope, blobs=swapped)))
 
 
 def test_a_client_refuses_input_of_another_length_than_the_round():
-    harness = Harness(2, length=10)
+    harness = Harness(3, length=10)
     harness.clients["client-0"].set_input(0, np.zeros(11), 1.0)
     [request] = harness.server.begin_round(0, list(harness.clients), 10)
     context = next(m.data for m in harness.keyholder.handle(request.data) if m.recipient == "client-0")
@@ -414,7 +454,7 @@ def context_for(harness: Harness, recipient: str = "client-0") -> bytes:
 
 
 def test_a_client_refuses_a_tampered_public_context():
-    harness = Harness(2, length=10)
+    harness = Harness(3, length=10)
     data = context_for(harness)
     middle = len(data) // 2  # inside the serialized context
     with pytest.raises(MessageRejected, match="bad signature from 'keyholder'"):
@@ -424,7 +464,7 @@ def test_a_client_refuses_a_tampered_public_context():
 
 def test_a_client_accepts_a_context_only_from_the_key_holder():
     """Whoever made the key could decrypt the client's input: a server's own context must be refused."""
-    harness = Harness(2, length=10)
+    harness = Harness(3, length=10)
     genuine = harness.read(context_for(harness))
     own = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[60, 40])
     public = own.serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
@@ -438,7 +478,7 @@ def test_a_client_accepts_a_context_only_from_the_key_holder():
                                             ("other parameters", "are not the configured"),
                                             ("garbage", "does not parse")])
 def test_a_client_refuses_a_signed_context_that_is_not_a_public_context_of_the_parameters(change, reason):
-    harness = Harness(2, length=10)
+    harness = Harness(3, length=10)
     genuine = harness.read(context_for(harness))
     if change == "secret key":
         context = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[60, 40]).serialize(save_secret_key=True)
@@ -453,7 +493,7 @@ def test_a_client_refuses_a_signed_context_that_is_not_a_public_context_of_the_p
 
 
 def test_a_client_answers_a_context_once():
-    harness = Harness(2, length=10)
+    harness = Harness(3, length=10)
     data = context_for(harness)
     harness.clients["client-0"].handle(data)
     with pytest.raises(MessageRejected, match="no input is waiting"):
@@ -463,7 +503,19 @@ def test_a_client_answers_a_context_once():
 def test_a_client_refuses_input_that_could_overflow_the_modulus():
     options = HEOptions(**SMALL)
     with pytest.raises(ConfigurationError, match="input too large"):
-        simulate_round("he", [np.full(4, 0.5), np.full(4, 0.5)], [1.0, options.capacity], **SMALL)
+        simulate_round("he", [np.full(4, 0.5)] * 3, [1.0, 1.0, options.capacity], **SMALL)
+
+
+def test_a_client_refuses_its_own_input_outside_the_configured_ranges():
+    harness = Harness(3, length=4, min_weight=1.0, max_weight=10.0, input_bound=0.5)
+    client = harness.clients["client-0"]
+    with pytest.raises(ProtocolError, match="outside \\[min_weight, max_weight\\]"):
+        client.set_input(0, np.zeros(4), 11.0)
+    with pytest.raises(ProtocolError, match="outside"):
+        client.set_input(0, np.zeros(4), 0.5)
+    with pytest.raises(ProtocolError, match="exceeds input_bound"):
+        client.set_input(0, np.full(4, 0.6), 1.0)
+    assert client.set_input(0, np.full(4, 0.5), 10.0) == 0  # nothing clipped
 
 
 # --- configuration -------------------------------------------------------------------------------------------
@@ -472,7 +524,7 @@ def test_options_by_name_and_their_validation():
     protocol = make_protocol("he", poly_modulus_degree=4096, coeff_mod_bit_sizes=[50, 40], global_scale_bits=35,
                              min_clients=3)
     assert isinstance(protocol, HEProtocol) and protocol.options.coeff_mod_bit_sizes == (50, 40)
-    assert protocol.stages == ("input", "decrypt") and protocol.needs_keyholder
+    assert protocol.stages == ("commit", "input", "draw", "verify", "decrypt") and protocol.needs_keyholder
     with pytest.raises(ConfigurationError, match="128-bit security"):
         make_protocol("he", poly_modulus_degree=4096, coeff_mod_bit_sizes=[60, 60])
     with pytest.raises(ConfigurationError, match="global_scale_bits"):
@@ -483,3 +535,12 @@ def test_options_by_name_and_their_validation():
         make_protocol("he", poly_modulus_degree=5000)
     with pytest.raises(ConfigurationError, match="min_clients"):
         make_protocol("he", min_clients=3).check(2, 10)
+    with pytest.raises(ConfigurationError, match="min_fraction"):
+        make_protocol("he", min_fraction=0)
+    with pytest.raises(ConfigurationError, match="committee_size"):
+        make_protocol("he", committee_size=0)
+    with pytest.raises(ConfigurationError, match="max_weight"):
+        make_protocol("he", min_weight=2.0, max_weight=1.0)
+    defaults = HEOptions()
+    assert (defaults.min_clients, defaults.min_fraction, defaults.committee_size) == (3, 0.5, 3)
+    assert [defaults.required(n) for n in (1, 3, 6, 7, 100)] == [3, 3, 3, 4, 50]

@@ -153,17 +153,18 @@ def test_a_masked_round_with_a_dropout_gives_the_same_sum_when_every_party_resta
 
 
 def test_an_he_round_with_a_dropout_gives_the_same_sum_when_every_party_restarts_before_every_message():
-    federation = Federation("he", 3, **SMALL_HE)
-    xs, ws = inputs(3, 2100), [2.0, 7.0, 1.0]  # two ciphertexts per input
+    # client-1 drops before its input: it is not counted, so never drawn into the committee (all three others)
+    federation = Federation("he", 4, **SMALL_HE)
+    xs, ws = inputs(4, 2100), [2.0, 7.0, 1.0, 3.0]  # two ciphertexts per input
     dropouts = {"client-1": "input"}
     expected, _, _ = federation.run(xs, ws, restarting=False, dropouts=dropouts)
     result, messages, rebuilds = federation.run(xs, ws, restarting=True, dropouts=dropouts)
-    assert rebuilds > len(messages) >= 6
-    assert result.counted == expected.counted == ("client-0", "client-2")
+    assert rebuilds > len(messages) >= 20
+    assert result.counted == expected.counted == ("client-0", "client-2", "client-3")
     step = federation.protocol.options.output_step  # fresh keys, fresh noise: equal up to the released rounding
     assert result.total_weight == pytest.approx(expected.total_weight, abs=step)
     np.testing.assert_allclose(result.vector, expected.vector, rtol=0, atol=step)
-    np.testing.assert_allclose(result.vector, ws[0] * xs[0] + ws[2] * xs[2], rtol=0, atol=step)
+    np.testing.assert_allclose(result.vector, ws[0] * xs[0] + ws[2] * xs[2] + ws[3] * xs[3], rtol=0, atol=step)
 
 
 def test_a_plain_round_gives_the_same_sum_when_every_party_restarts_before_every_message():
@@ -209,43 +210,63 @@ def test_a_restored_masked_party_refuses_a_replay_exactly_like_the_original():
     assert "duplicate" in refusal(server_copy, "receive", answer) == refusal(server, "receive", answer)
 
 
-def test_a_restored_he_party_refuses_a_replay_exactly_like_the_original():
-    federation = Federation("he", 2, **SMALL_HE)
+def he_round_to_the_draw(federation: Federation, values: list[float]):
+    """An HE round driven by hand up to the key holder's committee announcement (every client counted);
+    returns the parties and the messages a replay could reuse."""
     server, clients, keyholder = federation.parties(restarting=False)
-    for client in clients.values():
-        client.set_input(0, np.full(8, 0.1), 1.0)
+    for client, value in zip(clients.values(), values):
+        client.set_input(0, np.full(8, value), 1.0)
     [setup] = server.begin_round(0, list(clients), 8)
     contexts = {o.recipient: o.data for o in keyholder.handle(setup.data)}
-    server.receive(contexts["server"])
-    answers = [clients[name].handle(contexts[name])[0].data for name in clients]
-    for answer in answers:
-        server.receive(answer)
-    [aggregate] = server.advance()
-    keyholder.handle(aggregate.data)
-    keyholder_copy = federation.keyholder(round_trip(keyholder.state_dict()))
-    client_copy = federation.client("client-0", round_trip(clients["client-0"].state_dict()))
-    assert "no key is open" in refusal(keyholder_copy, "handle", aggregate.data) == refusal(keyholder, "handle",
-                                                                                           aggregate.data)
-    assert "is not after round 0" in refusal(keyholder_copy, "handle", setup.data)
-    assert refusal(client_copy, "handle", contexts["client-0"]) == refusal(clients["client-0"], "handle",
-                                                                           contexts["client-0"])
-
-
-def test_a_restored_key_holder_decrypts_with_the_secret_key_it_saved_mid_round():
-    federation = Federation("he", 2, **SMALL_HE)
-    server, clients, keyholder = federation.parties(restarting=False)
-    for index, client in enumerate(clients.values()):
-        client.set_input(0, np.full(8, 0.25 * (index + 1)), 1.0)
-    [setup] = server.begin_round(0, list(clients), 8)
-    contexts = {o.recipient: o.data for o in keyholder.handle(setup.data)}
-    saved = round_trip(keyholder.state_dict())  # holds this round's CKKS secret key and seal key
     server.receive(contexts["server"])
     for name, client in clients.items():
         server.receive(client.handle(contexts[name])[0].data)
+    for request in server.advance():  # the committed list; every client reveals against it
+        server.receive(clients[request.recipient].handle(request.data)[0].data)
+    [draw] = server.advance()
+    [announcement] = keyholder.handle(draw.data)
+    server.receive(announcement.data)
+    return server, clients, keyholder, {"setup": setup.data, "contexts": contexts, "draw": draw.data,
+                                        "announcement": announcement.data}
+
+
+def he_round_to_the_aggregate(server, clients) -> bytes:
+    """The committee attests (every member forwarded what the server relays); returns the aggregate request."""
+    for message in server.advance():
+        for answer in clients[message.recipient].handle(message.data):
+            server.receive(answer.data)
     [aggregate] = server.advance()
-    [released] = federation.keyholder(saved).handle(aggregate.data)
+    return aggregate.data
+
+
+def test_a_restored_he_party_refuses_a_replay_exactly_like_the_original():
+    federation = Federation("he", 3, **SMALL_HE)
+    server, clients, keyholder, sent = he_round_to_the_draw(federation, [0.1, 0.1, 0.1])
+    keyholder_copy = federation.keyholder(round_trip(keyholder.state_dict()))
+    assert "already been drawn" in refusal(keyholder_copy, "handle", sent["draw"]) == refusal(keyholder, "handle",
+                                                                                               sent["draw"])
+    assert "is not after round 0" in refusal(keyholder_copy, "handle", sent["setup"])
+    client_copy = federation.client("client-0", round_trip(clients["client-0"].state_dict()))
+    assert refusal(client_copy, "handle", sent["contexts"]["client-0"]) == refusal(clients["client-0"], "handle",
+                                                                                   sent["contexts"]["client-0"])
+    aggregate = he_round_to_the_aggregate(server, clients)  # client-0 is a member (the committee is all three)
+    member_copy = federation.client("client-0", round_trip(clients["client-0"].state_dict()))
+    assert "no round 0 is open" in refusal(member_copy, "handle", sent["announcement"]) == refusal(
+        clients["client-0"], "handle", sent["announcement"])  # it attested once; a replayed announcement finds nothing
+    keyholder.handle(aggregate)
+    keyholder_copy = federation.keyholder(round_trip(keyholder.state_dict()))
+    assert "no key is open" in refusal(keyholder_copy, "handle", aggregate) == refusal(keyholder, "handle", aggregate)
+
+
+def test_a_restored_key_holder_decrypts_with_the_secret_key_and_committee_it_saved_mid_round():
+    federation = Federation("he", 3, **SMALL_HE)
+    server, clients, keyholder, sent = he_round_to_the_draw(federation, [0.25, 0.5, 0.75])
+    saved = round_trip(keyholder.state_dict())  # this round's CKKS secret key, seal key and drawn committee
+    restored = federation.keyholder(saved)
+    assert "already been drawn" in refusal(restored, "handle", sent["draw"])
+    [released] = federation.keyholder(saved).handle(he_round_to_the_aggregate(server, clients))
     server.receive(released.data)
-    np.testing.assert_allclose(server.result().vector, np.full(8, 0.75), atol=1e-4)
+    np.testing.assert_allclose(server.result().vector, np.full(8, 1.5), atol=1e-4)
 
 
 def test_a_state_is_a_snapshot_that_later_messages_do_not_change():
@@ -254,7 +275,7 @@ def test_a_state_is_a_snapshot_that_later_messages_do_not_change():
     for client in clients.values():
         client.set_input(0, np.full(4, 0.1), 1)
     outgoing = server.begin_round(0, list(clients), 4)
-    for _ in range(2):
+    for _ in range(3):  # commit, advertise_keys, share_keys: the next requests ask for masked input
         for message in outgoing:
             server.receive(clients[message.recipient].handle(message.data)[0].data)
         outgoing = server.advance()

@@ -1,7 +1,8 @@
 """Homomorphic aggregation with CKKS (TenSEAL): the server adds ciphertexts it cannot read.
 
 Parties: clients encrypt, the server adds, a key holder (its own role; in a small deployment one site
-may take it) makes a fresh key pair per round and decrypts only a sum of enough signed contributions.
+may take it) makes a fresh key pair per round and decrypts only the exact sum of enough committed, signed
+contributions, as recomputed and co-signed by a committee it draws from the sites whose inputs were counted.
 The message flow is in messages.py, the threat model and parameters in docs/protocols.md.
 
 Importing this package does not import TenSEAL (a configuration is validated with ``HEOptions``

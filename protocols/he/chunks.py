@@ -10,7 +10,9 @@ key holder alone. The key holder adds up the canaries of the clients an aggregat
 and compares them with the decrypted canary slots: a ciphertext that is not the plain sum of exactly
 those clients' ciphertexts (one client's ciphertext, a sum over other clients, a repeated or a
 multiplied contribution) misses by far more than the noise, except with probability about
-``output_step`` per canary, because the server never sees a seed.
+``output_step`` per canary, because the server never sees a seed. Canaries alone do not stop a combination
+crafted to be ≈ 1 on the canary slots (issue 10, item 1): that is the committee's job (keyholder.py); the
+canaries still bind the sum to the counted receipts' seeds.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ sum took a minute and 13 GB that way). Sums use ``+=`` on vectors that share one
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -110,3 +111,22 @@ def secret_context_from_state(data: bytes, config: HEOptions) -> ts.Context:
         raise ValueError("the saved key holder context has no secret key")
     context.global_scale = config.scale
     return context
+
+
+@functools.cache
+def fresh_ciphertext_bytes(config: HEOptions) -> int:
+    """The serialized size of one fresh full ciphertext, measured once per parameter set: what the per-stage
+    size limits and ``bytes_per_parameter`` start from (a sum of ciphertexts is no larger)."""
+    context = secret_context(config)
+    return len(encrypt(context, [np.zeros(config.slots)])[0])
+
+
+def add_into(totals: list[ts.CKKSVector], vectors: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
+    """``totals`` += ``vectors`` slot by slot, in place (sharing one context: never ``.copy()``); the first
+    input becomes the running sum. Addition mod q is exact, so every party that adds the same ciphertexts, in
+    any order, serializes the same sum byte for byte (SEAL's serialization is deterministic)."""
+    if not totals:
+        return vectors
+    for total, vector in zip(totals, vectors):
+        total += vector
+    return totals

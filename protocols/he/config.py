@@ -30,20 +30,34 @@ CANARIES = 4
 
 @dataclass(frozen=True)
 class HEOptions:
-    """CKKS parameters and the key holder's quorum: the HE protocol's options, validated once, by
+    """CKKS parameters, the quorum and the ranges: the HE protocol's options, validated once, by
     ``make_protocol`` and by the run configuration (its ``[secure_aggregation.he]`` table). This module
     never imports TenSEAL, so a configuration can be checked without it.
 
     ``coeff_mod_bit_sizes`` lists the primes: all but the last hold ciphertext data, the last is SEAL's
     special (key-switching) prime, which only keys carry. The ``minimum`` metadata is what a configuration
     file is checked against first; ``__post_init__`` then applies the security table.
+
+    ``min_clients`` / ``min_fraction``: an aggregate counts at least ``required(cohort)`` inputs (issue 10,
+    item 5: the default is well above a collusion budget of one or two sites). ``committee_size``: how many of
+    the round's counted sites recompute and co-sign the sum the key holder decrypts (keyholder.py). ``min_weight``,
+    ``max_weight``, ``input_bound``: the ranges a client checks its own input against and the key holder
+    checks the decrypted total against (0 = the per-client capacity bound), so that a zero or tiny total
+    weight, or an out-of-range sum from a malicious site, is refused before anything divides by it.
     """
 
     poly_modulus_degree: int = field(default=8192, metadata={"minimum": 1024, "strict": False})
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 40)
     global_scale_bits: int = field(default=40, metadata={"minimum": 1, "strict": False})
-    min_clients: int = field(default=2, metadata={"minimum": 1, "strict": False})
-    # accepted because the runner passes one to every protocol; keys and canary seeds always come from the OS
+    min_clients: int = field(default=3, metadata={"minimum": 1, "strict": False})
+    min_fraction: float = field(default=0.5, metadata={"minimum": 0.0, "strict": True, "maximum": 1.0,
+                                                       "strict_maximum": False})
+    committee_size: int = field(default=3, metadata={"minimum": 1, "strict": False})
+    # the run's own bounds (the runner passes them; 0 = the per-client capacity bound of the announced cohort)
+    min_weight: float = field(default=1.0, metadata={"runtime": True})
+    max_weight: float = field(default=0.0, metadata={"runtime": True})
+    input_bound: float = field(default=0.0, metadata={"runtime": True})
+    # accepted because the runner passes one to every protocol; keys, canary seeds and committees come from the OS
     seed: int | None = field(default=0, metadata={"runtime": True})
 
     def __post_init__(self):
@@ -71,6 +85,20 @@ class HEOptions:
                                      f"the scale 2^{scale}; at least 8 are needed to hold a sum", "global_scale_bits")
         if _not_int(self.min_clients) or self.min_clients < 1:
             raise ConfigurationError(f"min_clients must be a positive integer, not {self.min_clients!r}", "min_clients")
+        fraction = self.min_fraction
+        if not _is_number(fraction) or not 0.0 < fraction <= 1.0:
+            raise ConfigurationError(f"min_fraction must be a number in (0, 1], not {fraction!r}", "min_fraction")
+        if _not_int(self.committee_size) or self.committee_size < 1:
+            raise ConfigurationError(f"committee_size must be a positive integer, not {self.committee_size!r}",
+                                     "committee_size")
+        for name in ("min_weight", "max_weight", "input_bound"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ConfigurationError(f"{name} must be a finite number >= 0, not {value!r}", name)
+            object.__setattr__(self, name, float(value))
+        if self.max_weight and self.max_weight < self.min_weight:
+            raise ConfigurationError(f"max_weight = {self.max_weight} is below min_weight = {self.min_weight}",
+                                     "max_weight")
         if self.seed is not None and _not_int(self.seed):
             raise ConfigurationError(f"seed must be an integer or None, not {self.seed!r}", "seed")
 
@@ -105,6 +133,26 @@ class HEOptions:
         """The largest |weight·value| (and weight) one of ``num_clients`` clients may encrypt."""
         return self.capacity / num_clients
 
+    def required(self, cohort: int) -> int:
+        """The fewest receipted inputs an aggregate of a ``cohort``-client round must count:
+        max(min_clients, ⌈min_fraction · cohort⌉). With c colluding sites among them, a released sum still
+        holds at least ``required(cohort) - c`` honest inputs. The server announces the cohort, so it could
+        announce a small one: the absolute ``min_clients`` is what bounds that."""
+        return max(self.min_clients, math.ceil(self.min_fraction * cohort - 1e-9))
+
+    def weight_range(self, cohort: int) -> tuple[float, float]:
+        """The weights one client of a ``cohort``-client round may carry: [min_weight, max_weight], with
+        max_weight = 0 standing for the per-client capacity bound."""
+        return self.min_weight, self.max_weight or self.per_client_bound(cohort)
+
+    def value_bound(self, cohort: int) -> float:
+        """The largest |x_j| one client may submit (``input_bound``; 0 = the per-client capacity bound)."""
+        return self.input_bound or self.per_client_bound(cohort)
+
 
 def _not_int(value: object) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float)

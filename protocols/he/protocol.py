@@ -9,8 +9,6 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from ..base import Protocol
 from ..errors import ConfigurationError
 from ..identity import Identity, Roster
@@ -34,6 +32,7 @@ class HEProtocol(Protocol):
 
     @property
     def min_clients(self) -> int:  # type: ignore[override]
+        """The fewest clients a round can aggregate (a larger cohort needs ``options.required(cohort)``)."""
         return self.options.min_clients
 
     def client(self, identity: Identity, roster: Roster, server_id: str = "server", *, session: str,
@@ -65,7 +64,4 @@ class HEProtocol(Protocol):
 def _measured_bytes_per_parameter(options: HEOptions) -> float:
     from . import ckks
 
-    layout = Layout(options.slots, options.slots)
-    context = ckks.secret_context(options)
-    ciphertext = ckks.encrypt(context, [np.zeros(options.slots)])[0]
-    return len(ciphertext) / layout.per_chunk
+    return ckks.fresh_ciphertext_bytes(options) / Layout(options.slots, options.slots).per_chunk
