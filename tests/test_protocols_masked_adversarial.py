@@ -257,8 +257,11 @@ def test_a_client_refuses_a_survivor_set_that_would_expose_it():
         h.stage()
     assert h.server.stage == CONSISTENCY
     tiny = {"survivors": ["client-0", "client-1"]}
-    with pytest.raises(MessageRejected, match="fewer than the threshold"):
+    with pytest.raises(MessageRejected, match="fewer than this client's min_clients 3"):
         h.clients["client-0"].handle(h.forge("server", "client-0", CONSISTENCY, tiny))
+    enough_sites_too_few_partners = {"survivors": ["client-0", "client-1", "client-2"]}
+    with pytest.raises(MessageRejected, match="fewer than the threshold"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", CONSISTENCY, enough_sites_too_few_partners))
 
 
 def test_an_aborted_round_yields_no_result_and_accepts_nothing_more():

@@ -95,16 +95,21 @@ def test_bell_defaults_grow_slowly_and_keep_a_safe_threshold():
 
 @pytest.mark.parametrize("n", range(3, 201))
 def test_default_parameters_tolerate_the_assumed_dropouts_rounded_up(n):
-    # issue 10 item 8: 10 % of 16 sites is two, not one; up to n = 120 any ⌈0.1·n⌉ dropouts are tolerated in the
-    # worst case, above that each client keeps t live neighbours except with probability 2^-20/n (Bell et al.)
+    # issue 10 item 8: 10 % of 16 sites is two, not one; from n = 5 up to n = 120 any ⌈0.1·n⌉ dropouts are tolerated
+    # in the worst case, above that each client keeps t live neighbours except with probability 2^-20/n (Bell et
+    # al.). Every threshold also keeps 2t − k above the assumed corrupt clients (the semi-malicious bound). Rounds of
+    # 3 or 4 sites tolerate no dropout: security first (with 4, t = 2 would give 2t − k = 1, no margin for a
+    # colluder).
     import math
 
     from protocols.masked.graph import CORRECTNESS_BITS, _hypergeometric_pmf
 
     k, t = default_parameters(n).neighbours, default_parameters(n).threshold
-    dropped = math.ceil(0.1 * n)
+    dropped, corrupt = math.ceil(0.1 * n), max(1, math.ceil(0.05 * n))
     assert k // 2 < t <= k
     if k == n - 1:
+        assert 2 * t - k > corrupt
+        assert k - t >= (dropped if n >= 5 else 0)
         return
     if n <= 120:
         assert k - t >= dropped

@@ -297,6 +297,9 @@ class MaskedClient(ClientSession):
                 or survivors != sorted(set(survivors)) or self.party_id not in survivors \
                 or not set(survivors) <= set(state.cohort):
             raise self._reject("the survivor set must be a sorted list of this round's clients, this one included")
+        if len(survivors) < self.options.min_clients:
+            raise self._reject(f"the survivor set lists {len(survivors)} clients, fewer than this client's "
+                               f"min_clients {self.options.min_clients}: the sum would hide this input among too few")
         partners_left = set(survivors) & set(state.partners)
         if len(partners_left) < state.threshold:
             raise self._reject(f"only {len(partners_left)} of this client's mask partners survive, fewer than the "

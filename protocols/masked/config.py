@@ -27,11 +27,13 @@ class MaskedOptions:
     """The masked protocol's options, validated once: by ``make_protocol`` and by the run configuration, which
     reads its ``[secure_aggregation.masked]`` table from this class (the ``runtime`` fields excepted).
 
-    ``min_clients`` (default 3) is enforced by every client on the cohort the server announces (issue 10
-    item 2: a server that shows a victim a 2-client round with one colluder reads the victim's input off the
-    sum). With c colluding sites in a cohort of at least ``min_clients``, the server learns the victim's
-    input only inside a sum with at least min_clients − 1 − c other honest inputs; 3 is the least that keeps
-    one other honest input in the sum against one colluder. Raise it with the collusion you assume.
+    ``min_clients`` (default 3) is enforced by every client twice (issue 10 item 2: a server that shows a
+    victim a 2-client round with one colluder reads the victim's input off the sum): on the cohort the
+    server announces (at ``commit``) and on the survivor set it signs before any share is revealed (at
+    ``consistency_check``), so a released sum always counts at least ``min_clients`` inputs, however the
+    server reports dropouts. With c colluding sites the victim's input is therefore only ever released inside
+    a sum with at least min_clients − 1 − c other honest inputs; 3 is the least that keeps one other honest
+    input in the sum against one colluder. Raise it with the collusion you assume.
     """
 
     clip_range: float = _option(0.25, minimum=0, strict=True)  # r: each input value is clipped to [-r, r]

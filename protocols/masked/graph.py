@@ -20,7 +20,7 @@ fraction ``dropout_rate`` drops out,
 
 The smallest admissible t is taken (cheapest reconstruction, most dropout tolerance). Up to
 ``COMPLETE_GRAPH_UP_TO`` clients, and whenever no sparse k < n-1 qualifies, the complete graph is used
-with t = ⌊(n-1)/2⌋ + 1: there it costs little more than the sparse graph (measured, see the constant) and
+with the smallest t satisfying the same semi-malicious bound (``complete_parameters``): there it costs little more than the sparse graph (measured, see the constant) and
 tolerates far more dropouts. With the ceiling counts the sparse defaults also tolerate any
 ⌈dropout_rate·n⌉ dropouts in the worst case (k − t ≥ ⌈dropout_rate·n⌉) up to n = 120; above that the
 guarantee is the probabilistic one stated above.
@@ -101,7 +101,21 @@ def default_parameters(n: int, graph: str = "sparse", adversarial_rate: float = 
             threshold = _threshold_for(n, k, adversarial_rate, dropout_rate)
             if threshold is not None:
                 return GraphParameters(k, threshold)
-    return GraphParameters(n - 1, (n - 1) // 2 + 1)
+    return complete_parameters(n, adversarial_rate)
+
+
+def complete_parameters(n: int, adversarial_rate: float = 0.05) -> GraphParameters:
+    """The complete graph's (k, t) = (n − 1, t): the smallest t with 2t − k > c, c = ⌈adversarial_rate·n⌉ (at
+    least one) corrupt clients, and t > k/2.
+
+    Why 2t − k > c (Bell et al.'s semi-malicious bound, as for the sparse graph): a server that tells some of a
+    client's neighbours "it survived" and the others "it dropped" gets self-mask shares from the first group
+    and mask-key shares from the second, and the c colluders give both kinds; it can rebuild both secrets only
+    if t ≤ (k + c)/2. With t = ⌊k/2⌋ + 1 alone, an odd k (an even n) leaves 2t − k = 1, no margin for a
+    single colluder."""
+    k = n - 1
+    corrupt = max(1, math.ceil(adversarial_rate * n - 1e-14))
+    return GraphParameters(k, min(k, max(k // 2 + 1, (k + corrupt) // 2 + 1)))
 
 
 def resolve_parameters(n: int, graph: str, neighbours: int, threshold: int, adversarial_rate: float,

@@ -296,8 +296,9 @@ class MaskedServer(ServerSession):
 
     def _after_masked(self, state: _Round) -> list[Outgoing]:
         survivors = set(state.weights)
-        if not survivors:
-            raise self._abort("no masked input arrived")
+        if len(survivors) < self.options.min_clients:
+            raise self._abort(f"only {len(survivors)} masked inputs arrived, fewer than min_clients = "
+                              f"{self.options.min_clients} (every client refuses to unmask a smaller sum)")
         dropped = set(state.ciphertexts) - survivors
         # a dropped client's mask key is needed only if some survivor masked with it
         state.dropped_needed = tuple(sorted(c for c in dropped if survivors.intersection(state.neighbours[c])))
