@@ -22,8 +22,8 @@ The smallest admissible t is taken (cheapest reconstruction, most dropout tolera
 ``COMPLETE_GRAPH_UP_TO`` clients, and whenever no sparse k < n-1 qualifies, the complete graph is used
 with the smallest t satisfying the same semi-malicious bound (``complete_parameters``): there it costs
 little more than the sparse graph (measured, see the constant) and tolerates far more dropouts. With the
-ceiling counts the sparse defaults also tolerate any ⌈dropout_rate·n⌉ dropouts in the worst case (k − t ≥ ⌈dropout_rate·n⌉) up to n = 120; above that the
-guarantee is the probabilistic one stated above.
+ceiling counts the sparse defaults also tolerate any ⌈dropout_rate·n⌉ dropouts in the worst case
+(k − t ≥ ⌈dropout_rate·n⌉) up to n = 120; above that the guarantee is the probabilistic one stated above.
 """
 
 from __future__ import annotations
