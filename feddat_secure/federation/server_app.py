@@ -169,11 +169,8 @@ class Server:
         reason = self.stopped or "all rounds finished"
         parties = [*self.site_ids, *([self.keyholder_id] if self.keyholder_id else [])]
         replies = self._request(E.CLOSE, self.next_round, parties, lambda _: {"reason": reason[:256]}, {})
-        heads = {}
-        for party, envelope in self._replies(E.CLOSED, self.next_round, replies).items():
-            heads[party] = envelope.fields.get("tree_head")
-            if heads[party] is not None:
-                self.audit.record_peer_tree_head(party, heads[party])
+        heads = {party: envelope.fields["tree_head"] for party, envelope in
+                 self._replies(E.CLOSED, self.next_round, replies, check=self._record_tree_head).items()}
         self._write_ledger()
         if self.plan.sends_updates:  # the server's own copy of what it computed, in its own folder
             save_file(self.global_state, str(self.folder.path / GLOBAL_STATE_FILE))
@@ -331,7 +328,8 @@ class Server:
         arrays = E.state_arrays(self.global_state) if self.plan.sends_updates else {}
         fields = {"model_sha256": E.model_digest(arrays)} if arrays else {}
         replies = self._replies(E.METRICS, round_index,
-                                self._request(E.EVALUATE, round_index, self.site_ids, lambda _: fields, arrays))
+                                self._request(E.EVALUATE, round_index, self.site_ids, lambda _: fields, arrays),
+                                check=_check_metrics)
         return {party: dict(replies[party].fields["metrics"]) for party in self.site_ids if party in replies}
 
     def _exchange_tree_heads(self, round_index: int, parties: Sequence[str]) -> None:
@@ -339,11 +337,20 @@ class Server:
         if not parties:
             return
         head = self.audit.tree_head()  # None when auditing is off: the exchange then only closes the round
-        replies = self._replies(E.TREE_HEAD, round_index,
-                                self._request(E.TREE_HEAD, round_index, parties, lambda _: {"tree_head": head}, {}))
-        for party, envelope in replies.items():
-            if envelope.fields.get("tree_head") is not None:
-                self.audit.record_peer_tree_head(party, envelope.fields["tree_head"])
+        self._replies(E.TREE_HEAD, round_index,
+                      self._request(E.TREE_HEAD, round_index, parties, lambda _: {"tree_head": head}, {}),
+                      check=self._record_tree_head)
+
+    def _record_tree_head(self, envelope: Envelope) -> None:
+        """A tree-head (or closing) reply holds exactly ``tree_head``: None (auditing off) or a signed tree head
+        that verifies under the sender's roster key, which is then recorded; anything else raises MessageRejected."""
+        head = envelope.fields.get("tree_head")
+        if set(envelope.fields) != {"tree_head"} or not (head is None or isinstance(head, str)) \
+                or envelope.arrays or envelope.blobs:
+            raise MessageRejected("a tree-head reply holds exactly the field 'tree_head' (a string or null)",
+                                  envelope.sender)
+        if head is not None:
+            self.audit.record_peer_tree_head(envelope.sender, head)
 
     # ------------------------------------------------------------------------------------ messaging
 
@@ -353,9 +360,12 @@ class Server:
         replies: list[Reply] = self.link.exchange(requests, f"{E.PROTOCOL}:{stage}")
         return {reply.party: list(reply.messages) for reply in replies if reply.messages is not None}
 
-    def _replies(self, stage: str, round_index: int, replies: Mapping[str, list[Outgoing]]) -> dict[str, Envelope]:
+    def _replies(self, stage: str, round_index: int, replies: Mapping[str, list[Outgoing]],
+                 check: Callable[[Envelope], None] | None = None) -> dict[str, Envelope]:
         """Each party's one signed reply of ``stage`` to us in this session and round; anything else in a reply
-        is refused (logged), and a party without an acceptable reply counts as not having answered."""
+        is refused (logged), and a party without an acceptable reply counts as not having answered. ``check``
+        validates (and may record) a reply's content, raising MessageRejected: a signature proves who sent a
+        reply, not that its fields are sane, and a malicious site must not crash the run with them."""
         accepted = {}
         for party, messages in replies.items():
             for message in messages:
@@ -368,6 +378,8 @@ class Server:
                         raise MessageRejected(f"expected one {stage!r} reply of round {round_index} from {party!r}, "
                                               f"got {envelope.stage!r} of round {envelope.round} from "
                                               f"{envelope.sender!r}", party)
+                    if check is not None:
+                        check(envelope)
                     accepted[party] = envelope
                 except MessageRejected as rejection:
                     self.audit.rejected(party, message.data, rejection.reason)
@@ -414,6 +426,16 @@ class Server:
         self.failures = list(state["failures"])
         self.privacy.load_state_dict(state["privacy"])
         return state
+
+
+def _check_metrics(envelope: Envelope) -> None:
+    """An evaluate reply holds exactly ``metrics``: accuracies by name (str → a finite number in [0, 1])."""
+    metrics = envelope.fields.get("metrics")
+    if set(envelope.fields) != {"metrics"} or not isinstance(metrics, dict) or envelope.arrays or envelope.blobs \
+            or not all(isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+                       for value in metrics.values()):
+        raise MessageRejected("an evaluate reply holds exactly 'metrics', accuracies in [0, 1] by name",
+                              envelope.sender)
 
 
 def mean_accuracies(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
