@@ -19,31 +19,43 @@ quantization, 32-bit modulus).
     python benchmarks/secure_aggregation.py                  # the full grid (n 10,50,100 x P 100k,1M x 0/10/30 %)
     python benchmarks/secure_aggregation.py --quick          # a smoke run: n 10, P 10k, 10 % dropout
     python benchmarks/secure_aggregation.py --clients 100 --params 1000000 --dropouts 0.1 --protocols plain,masked
+    python benchmarks/secure_aggregation.py ... --before 43b798f --protocols plain,masked,masked-before,he,he-before
+
+``--before REV`` loads ``protocols/`` as it was at git revision REV next to today's, as the package
+``protocols_before``, so that ``masked-before`` and ``he-before`` rows (the same protocol before a change) are
+measured in the same process and run as today's rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib
+import io
 import math
 import random
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from protocols import Identity, ProtocolError, Roster, make_protocol  # noqa: E402
-from protocols.identity import KEYHOLDER_ID, SERVER_ID  # noqa: E402
-from protocols.wire import new_session_id
+import protocols  # noqa: E402
+from protocols import ProtocolError, make_protocol  # noqa: E402
 
 OURS = ("plain", "masked", "he")
 ALL = (*OURS, "flower")
+BEFORE = "-before"  # suffix of a protocol measured from the --before revision
 DROP_STAGE = {"plain": "input", "masked": "masked_input", "he": "input"}
 COMMITTEE_STAGE = {"he": "verify"}  # the stage whose client work is a committee member's, billed apart
 COMMITTEE = "committee:"
@@ -61,6 +73,7 @@ class Measurement:
     server_s: float
     keyholder_s: float
     committee_s: float  # mean over the committee members of their verify-stage work (he only)
+    committee_download_bytes_per_param: float  # mean bytes a committee member receives in the verify stage
     upload_bytes_per_param: float
     max_error: float
 
@@ -85,11 +98,12 @@ def exact_sum(n: int, params: int, seed: int, dropped: set[int]) -> tuple[np.nda
 
 
 class Meter:
-    """Seconds spent inside each party and bytes each party sent."""
+    """Seconds spent inside each party, bytes each party sent, and bytes each committee member received."""
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self.sent: dict[str, int] = defaultdict(int)
+        self.received: dict[str, int] = defaultdict(int)
 
     def call(self, party: str, function: Callable, *args):
         start = time.perf_counter()
@@ -104,16 +118,33 @@ def options_for(name: str, dropout: float) -> dict:
     return {"dropout_rate": max(dropout, 0.1)} if name == "masked" else {}
 
 
-def run_ours(name: str, n: int, params: int, dropout: float, seed: int) -> tuple[Measurement, np.ndarray]:
-    """One round of our protocol ``name``, every party timed separately. Returns the measurement and Σ w·x."""
-    protocol = make_protocol(name, seed=seed, **options_for(name, dropout))
+def load_before(revision: str) -> ModuleType:
+    """``protocols/`` as it was at git ``revision``, imported as the package ``protocols_before`` (its modules import
+    each other relatively, so the copy is self-contained)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "protocols"], check=True,
+                             capture_output=True).stdout
+    folder = Path(tempfile.mkdtemp(prefix="protocols-before-"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    (folder / "protocols").rename(folder / "protocols_before")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("protocols_before")
+
+
+def run_ours(name: str, n: int, params: int, dropout: float, seed: int, package: ModuleType = protocols
+             ) -> tuple[Measurement, np.ndarray]:
+    """One round of our protocol ``name`` from ``package`` (today's ``protocols`` or an older copy), every party
+    timed separately. Returns the measurement and Σ w·x."""
+    Identity, Roster = package.Identity, package.Roster
+    SERVER_ID, KEYHOLDER_ID = package.identity.SERVER_ID, package.identity.KEYHOLDER_ID
+    protocol = package.make_protocol(name, seed=seed, **options_for(name, dropout))
     protocol.check(n, params)
     names = [f"client-{index}" for index in range(n)]
     server_identity = Identity.generate(SERVER_ID)
     client_identities = [Identity.generate(client) for client in names]
     keyholder_identity = Identity.generate(KEYHOLDER_ID) if protocol.needs_keyholder else None
     roster = Roster.from_identities(server_identity, client_identities, keyholder_identity)
-    session = new_session_id()
+    session = package.wire.new_session_id()
     server = protocol.server(server_identity, roster, session=session)
     clients = {identity.party_id: protocol.client(identity, roster, SERVER_ID, session=session)
                for identity in client_identities}
@@ -137,6 +168,7 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int) -> tuple
             elif recipient == KEYHOLDER_ID:
                 answers = meter.call(recipient, keyholder.handle, message.data)
             elif server.stage == COMMITTEE_STAGE.get(name):
+                meter.received[COMMITTEE + recipient] += len(message.data)
                 answers = meter.call(COMMITTEE + recipient, clients[recipient].handle, message.data)
             else:
                 answers = meter.call(recipient, clients[recipient].handle, message.data)
@@ -165,6 +197,8 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int) -> tuple
         client_s=float(np.mean([meter.seconds[client] for client in survivors])),
         server_s=meter.seconds[SERVER_ID], keyholder_s=meter.seconds.get(KEYHOLDER_ID, 0.0),
         committee_s=float(np.mean(members)) if members else 0.0,
+        committee_download_bytes_per_param=float(np.mean(list(meter.received.values()))) / params
+        if meter.received else 0.0,
         upload_bytes_per_param=float(np.mean([meter.sent[client] for client in survivors])) / params,
         max_error=math.nan)
     return measurement, result.vector
@@ -298,17 +332,18 @@ def run_flower(n: int, params: int, dropout: float, seed: int, shares: int, thre
     measurement = Measurement(
         "flower", n, params, dropout,
         client_s=float(np.mean([meter.seconds[f"client-{nid}"] for nid in active])),
-        server_s=meter.seconds["server"], keyholder_s=0.0, committee_s=0.0,
+        server_s=meter.seconds["server"], keyholder_s=0.0, committee_s=0.0, committee_download_bytes_per_param=0.0,
         upload_bytes_per_param=float(np.mean([meter.sent[f"client-{nid}"] for nid in active])) / params,
         max_error=math.nan)
     return measurement, average
 
 
-def measure(protocols: Sequence[str], n: int, params: int, dropout: float, seed: int) -> list[Measurement]:
+def measure(names: Sequence[str], n: int, params: int, dropout: float, seed: int,
+            before: ModuleType | None = None) -> list[Measurement]:
     dropped = dropped_clients(n, dropout, seed)
     exact, total_weight = exact_sum(n, params, seed, dropped)
     rows = []
-    for name in protocols:
+    for name in names:
         gc.collect()
         try:
             if name == "flower":
@@ -317,17 +352,22 @@ def measure(protocols: Sequence[str], n: int, params: int, dropout: float, seed:
                 shares = graph.neighbours + 1 if graph.neighbours % 2 == 0 else graph.neighbours + 2
                 row, average = run_flower(n, params, dropout, seed, shares, graph.threshold)
                 row.max_error = float(np.max(np.abs(average * total_weight - exact)))
+            elif name.endswith(BEFORE):
+                row, vector = run_ours(name.removesuffix(BEFORE), n, params, dropout, seed, before)
+                row.protocol = name
+                row.max_error = float(np.max(np.abs(vector - exact)))
             else:
                 row, vector = run_ours(name, n, params, dropout, seed)
                 row.max_error = float(np.max(np.abs(vector - exact)))
         except (ProtocolError, RuntimeError, ValueError) as error:
             print(f"  {name:7s} n={n:<4d} P={params:<8d} dropout={dropout:.0%}: FAILED: {error}", flush=True)
-            rows.append(Measurement(name, n, params, dropout, *[math.nan] * 6))
+            rows.append(Measurement(name, n, params, dropout, *[math.nan] * 7))
             continue
         rows.append(row)
         print(f"  {name:7s} n={n:<4d} P={params:<8d} dropout={dropout:.0%}: client {row.client_s:.4f} s, "
               f"server {row.server_s:.4f} s, key holder {row.keyholder_s:.4f} s, committee {row.committee_s:.4f} s, "
-              f"{row.upload_bytes_per_param:.2f} B/param, max error {row.max_error:.2e}", flush=True)
+              f"{row.upload_bytes_per_param:.2f} B/param up, {row.committee_download_bytes_per_param:.1f} B/param "
+              f"down per committee member, max error {row.max_error:.2e}", flush=True)
     return rows
 
 
@@ -335,13 +375,14 @@ def table(rows: Sequence[Measurement]) -> str:
     """Markdown; a round is a mean client's time plus the server's, the key holder's and a mean committee
     member's verify stage (clients run in parallel, members too, after the server's input stage)."""
     plain = {(r.clients, r.params, r.dropout): r for r in rows if r.protocol == "plain"}
-    lines = ["| n | P | dropout | protocol | client s (mean) | server s | key holder s | committee_s | upload B/param "
-             "| client × plain | server × plain | round × plain | bytes × plain | max abs error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| n | P | dropout | protocol | client s (mean) | server s | key holder s | committee s | upload B/param "
+             "| member download B/param | client × plain | server × plain | round × plain | bytes × plain "
+             "| max abs error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = plain.get((r.clients, r.params, r.dropout))
         if math.isnan(r.client_s):
-            lines.append(f"| {r.clients} | {r.params:,} | {r.dropout:.0%} | {r.protocol} | aborted |" + " – |" * 9)
+            lines.append(f"| {r.clients} | {r.params:,} | {r.dropout:.0%} | {r.protocol} | aborted |" + " – |" * 10)
             continue
 
         def ratio(value: float, reference: float | None) -> str:
@@ -352,6 +393,7 @@ def table(rows: Sequence[Measurement]) -> str:
         lines.append(
             f"| {r.clients} | {r.params:,} | {r.dropout:.0%} | {r.protocol} | {r.client_s:.3f} | {r.server_s:.3f} | "
             f"{r.keyholder_s:.3f} | {r.committee_s:.3f} | {r.upload_bytes_per_param:.2f} | "
+            f"{r.committee_download_bytes_per_param:.1f} | "
             f"{ratio(r.client_s, base and base.client_s)} | {ratio(r.server_s, base and base.server_s)} | "
             f"{ratio(round_s, base_round)} | "
             f"{ratio(r.upload_bytes_per_param, base and base.upload_bytes_per_param)} | {r.max_error:.1e} |")
@@ -366,21 +408,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dropouts", default="0,0.1,0.3", help="comma-separated dropout fractions")
     parser.add_argument("--protocols", default=",".join(ALL), help=f"comma-separated, from {','.join(ALL)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--before", metavar="REV", help="also measure '<protocol>-before' rows: protocols/ at this git "
+                        "revision, in the same process")
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.params, args.dropouts = "10", "10000", "0.1"
-    protocols = args.protocols.split(",")
-    unknown = sorted(set(protocols) - set(ALL))
+    names = args.protocols.split(",")
+    known = {*ALL, *(f"{name}{BEFORE}" for name in OURS)} if args.before else set(ALL)
+    unknown = sorted(set(names) - known)
     if unknown:
-        parser.error(f"unknown protocols {unknown}; choose from {', '.join(ALL)}")
-    if "plain" not in protocols:
-        protocols.insert(0, "plain")  # the reference every ratio is taken to
+        parser.error(f"unknown protocols {unknown}; choose from {', '.join(sorted(known))}"
+                     + ("" if args.before else f" (the '{BEFORE}' ones need --before REV)"))
+    if "plain" not in names:
+        names.insert(0, "plain")  # the reference every ratio is taken to
+    before = load_before(args.before) if args.before else None
     rows = []
     started = time.perf_counter()
     for n in map(int, args.clients.split(",")):
         for params in map(int, args.params.split(",")):
             for dropout in map(float, args.dropouts.split(",")):
-                rows.extend(measure(protocols, n, params, dropout, args.seed))
+                rows.extend(measure(names, n, params, dropout, args.seed, before))
     print(f"\nwall time {time.perf_counter() - started:.0f} s\n")
     print(table(rows))
 

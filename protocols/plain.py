@@ -33,6 +33,9 @@ NAME = "plain"
 INPUT = "input"
 
 
+REQUEST_BYTES = 1 << 16  # a request (and an input's header and signature) is far smaller; an input adds 8 B a value
+
+
 @dataclass(frozen=True)
 class PlainOptions:
     """Nothing to configure. ``seed`` is accepted because the runner passes one to every protocol; nothing
@@ -79,8 +82,8 @@ class PlainClient(ClientSession):
         return 0
 
     def handle(self, data: bytes) -> list[Outgoing]:
-        envelope = expect(self._decode(data), protocol=NAME, stage=INPUT, sender=self._server_id,
-                          recipient=self.party_id)
+        envelope = expect(self._decode(data, max_bytes=REQUEST_BYTES), protocol=NAME, stage=INPUT,
+                          sender=self._server_id, recipient=self.party_id)
         if envelope.round not in self._inputs:
             raise MessageRejected(f"no input is waiting for round {envelope.round} (replayed or stale request)",
                                   envelope.sender)
@@ -126,7 +129,8 @@ class PlainServer(ServerSession):
     def receive(self, data: bytes) -> None:
         if self.round_done:
             raise MessageRejected("the round is over")
-        envelope = expect(self._decode(data), protocol=NAME, round=self._round, stage=INPUT,
+        envelope = expect(self._decode(data, max_bytes=REQUEST_BYTES + 8 * self._length), protocol=NAME,
+                          round=self._round, stage=INPUT,
                           recipient=self.party_id)
         sender = envelope.sender
         if sender not in self._clients:

@@ -261,3 +261,27 @@ def test_the_honest_round_still_succeeds_with_a_dropout_before_input():
     result = harness.finish()
     skip = {list(harness.clients).index(dropped)}
     np.testing.assert_allclose(result.vector, weighted_sum(harness.xs, harness.ws, skip=skip), atol=1e-5)
+
+
+def test_an_error_inside_a_server_step_is_a_clean_abort(monkeypatch):
+    # issue 10 item 6: whatever goes wrong inside a step (here a numeric error while summing), the round aborts
+    # cleanly instead of escaping the server as an uncaught error (it fails wherever the server builds a message)
+    h = Harness(n=3)
+    h.start()
+
+    def broken(*args, **kwargs):
+        raise ValueError("a step failed on malformed input")
+
+    monkeypatch.setattr(h.server, "_send", broken)
+    with pytest.raises(RoundAborted, match="internal error: ValueError"):
+        h.server.advance()
+
+
+def test_an_input_larger_than_its_stage_can_carry_is_refused_before_parsing():
+    # issue 10 item 9: an input stage accepts a message of the round's ciphertext size, not the 2 GiB wire limit
+    h = Harness(n=3)
+    h.open()
+    h.commit()
+    huge = b"FDSP" + bytes(512 * 1024 * 1024)
+    with pytest.raises(MessageRejected, match="oversized message"):
+        h.server.receive(huge)

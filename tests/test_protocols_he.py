@@ -271,10 +271,13 @@ def test_the_server_refuses_a_context_that_carries_the_secret_key():
         harness.server.receive(harness.sign(leaky))
 
 
-def test_server_memory_holds_one_running_sum_whatever_the_number_of_clients():
+def test_the_server_sums_as_inputs_arrive_but_keeps_each_counted_input_until_the_committee_has_it():
+    # one running sum of ciphertexts, plus every counted input as its client signed it (the committee needs them
+    # verbatim): the server's memory grows with the number of counted clients until the verify stage
     harness = Harness(6, length=100)
-    harness.start()
+    inputs = harness.start()
     assert len(harness.server._sum) == Layout(100, 2048).num_chunks == 1
+    assert len(harness.server._inputs) == len(inputs) == 6
 
 
 # --- the key holder decrypts only a verified sum -------------------------------------------------------------

@@ -148,3 +148,12 @@ def test_a_session_id_must_be_well_formed():
     parties = Parties()
     with pytest.raises(ConfigurationError, match="invalid session id"):
         parties.protocol.client(parties.ids[0], parties.roster, session="run-1")
+
+
+def test_an_input_larger_than_the_round_can_carry_is_refused_before_parsing():
+    server_identity, client = Identity.generate("server"), Identity.generate("client-0")
+    roster = Roster.from_identities(server_identity, [client])
+    server = make_protocol("plain").server(server_identity, roster, session=new_session_id())
+    server.begin_round(0, ["client-0"], 6)
+    with pytest.raises(MessageRejected, match="oversized message"):
+        server.receive(b"FDSP" + bytes(8 << 20))  # 8 MiB for a 6-value round
