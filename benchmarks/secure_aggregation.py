@@ -29,11 +29,13 @@ measured in the same process and run as today's rows.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import importlib
 import io
 import math
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -124,6 +126,7 @@ def load_before(revision: str) -> ModuleType:
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "protocols"], check=True,
                              capture_output=True).stdout
     folder = Path(tempfile.mkdtemp(prefix="protocols-before-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
     (folder / "protocols").rename(folder / "protocols_before")
@@ -342,6 +345,7 @@ def measure(names: Sequence[str], n: int, params: int, dropout: float, seed: int
             before: ModuleType | None = None) -> list[Measurement]:
     dropped = dropped_clients(n, dropout, seed)
     exact, total_weight = exact_sum(n, params, seed, dropped)
+    failures = (ProtocolError, RuntimeError, ValueError) + ((before.ProtocolError,) if before else ())
     rows = []
     for name in names:
         gc.collect()
@@ -359,7 +363,7 @@ def measure(names: Sequence[str], n: int, params: int, dropout: float, seed: int
             else:
                 row, vector = run_ours(name, n, params, dropout, seed)
                 row.max_error = float(np.max(np.abs(vector - exact)))
-        except (ProtocolError, RuntimeError, ValueError) as error:
+        except failures as error:
             print(f"  {name:7s} n={n:<4d} P={params:<8d} dropout={dropout:.0%}: FAILED: {error}", flush=True)
             rows.append(Measurement(name, n, params, dropout, *[math.nan] * 7))
             continue

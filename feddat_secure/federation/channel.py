@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from audits import AuditLog, SignedTreeHead
-from protocols import MessageRejected, Outgoing
+from protocols import MessageRejected, Outgoing, ProtocolError
 from protocols.wire import peek
 
 
@@ -130,7 +130,8 @@ class PartyAudit:
 
 class Served:
     """A replying party's end of the channel: logs each request and reply in the party's own log; a request
-    the party refuses (MessageRejected) is logged as rejected and answered with nothing."""
+    the party refuses (MessageRejected, or any other protocol error its protocol session raised on it) is
+    logged as rejected and answered with nothing: a request must never stop a replying party."""
 
     def __init__(self, party: Endpoint, audit: PartyAudit, *, server_id: str) -> None:
         self.party = party
@@ -144,6 +145,9 @@ class Served:
             answers = self.party.handle(data)
         except MessageRejected as rejection:
             self.audit.rejected(self.server_id, data, rejection.reason)
+            return []
+        except ProtocolError as error:
+            self.audit.rejected(self.server_id, data, f"{type(error).__name__}: {error}")
             return []
         for answer in answers:
             self.audit.sent(self.server_id, answer.data)
