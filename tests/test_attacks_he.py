@@ -285,3 +285,60 @@ def test_an_input_larger_than_its_stage_can_carry_is_refused_before_parsing():
     huge = b"FDSP" + bytes(512 * 1024 * 1024)
     with pytest.raises(MessageRejected, match="oversized message"):
         h.server.receive(huge)
+
+
+def test_a_site_signing_a_receipt_whose_ciphertexts_digest_is_a_list_is_refused_and_crashes_no_member(monkeypatch):
+    # a malicious site signs a receipt whose 'ciphertexts' is a JSON list: the server refuses the commitment, and a
+    # member shown such a receipt by a colluding server refuses the verify request (a MessageRejected, never the
+    # TypeError a list would raise as a set member, which would escape the member and stop the whole run)
+    harness = Harness(4, length=10, committee_size=3)  # required = max(3, ⌈0.5 · 4⌉) = 3: the others suffice
+    harness.open()
+    site = "client-0"
+    commits = harness.commit(skip={site})
+    [honest] = harness.clients[site].handle(harness.contexts[site])
+    receipt = harness.read(harness.read(honest.data).blobs["receipt"])
+    bad = harness.sign(dataclasses.replace(receipt, fields={**receipt.fields,
+                                                            "ciphertexts": [receipt.fields["ciphertexts"]]}))
+    with pytest.raises(MessageRejected, match="must be SHA-256 hex digests"):
+        harness.server.receive(harness.sign(Envelope("he", 0, "commit", site, "server", blobs={"receipt": bad})))
+    assert site not in harness.server._receipts  # refused: nothing of it is kept or forwarded
+
+    # the colluding server lists it anyway, has the others reveal against that list and gets a committee drawn
+    receipts = {**harness.receipts(commits), site: bad}
+    committed = [[name, hashlib.sha256(receipts[name]).hexdigest()] for name in sorted(receipts)]
+    inputs = {}
+    for name in commits:
+        [answer] = harness.clients[name].handle(harness.sign(Envelope("he", 0, "committed", "server", name,
+                                                                      {"committed": committed})))
+        inputs[name] = answer.data
+    draw = Envelope("he", 0, "draw", "server", "keyholder", {"counted": sorted(commits), "committed": committed})
+    [announcement] = harness.keyholder.handle(harness.sign(draw))
+    member = harness.read(announcement.data).fields["committee"][0]
+    harness.clients[member].handle(announcement.data)
+    for name in sorted(inputs):
+        harness.clients[member].handle(inputs[name])
+    verify = harness.sign(Envelope("he", 0, "verify", "server", member, {"counted": sorted(commits)},
+                                   blobs={f"r-{name}": data for name, data in receipts.items()}))
+    with monkeypatch.context() as old:  # the receipt check as it was (no types): the member's own guard holds
+        old.setattr(messages, "check_receipt", lambda *args: None)
+        with pytest.raises(MessageRejected, match="internal error: TypeError"):
+            harness.clients[member].handle(verify)
+    with pytest.raises(MessageRejected, match="must be SHA-256 hex digests"):
+        harness.clients[member].handle(verify)
+
+
+def test_a_client_or_the_key_holder_refuses_a_message_larger_than_its_stage_can_carry():
+    # issue 10 item 9: only a committee member, once announced, is sent ciphertexts; anyone else's largest
+    # message is a context (or a setup request) for at most the roster's clients, well under a megabyte here
+    harness = Harness(3, length=10)
+    outsider = harness.clients["client-0"]
+    for size in (1 << 20, 20 << 20):
+        huge = b"FDSP" + bytes(size)
+        with pytest.raises(MessageRejected, match="oversized message"):  # before any round
+            outsider.handle(huge)
+        with pytest.raises(MessageRejected, match="oversized message"):
+            harness.keyholder.handle(huge)
+    harness.start()  # every client committed and revealed; no committee is announced yet
+    with pytest.raises(MessageRejected, match="oversized message"):
+        outsider.handle(b"FDSP" + bytes(1 << 20))
+    harness.finish()  # the honest round still succeeds under these limits

@@ -244,7 +244,7 @@ def test_the_server_and_the_committee_serialize_the_same_sum_byte_for_byte():
     harness = Harness(3)
     harness.start()
     attestations = [harness.read(data).fields["sum"] for data in harness.verify()]
-    server_sum = ciphertexts_digest([total.serialize() for total in harness.server._sum])
+    server_sum = ciphertexts_digest(harness.server._sum_blobs)
     assert attestations == [server_sum] * len(harness.committee)
 
 
@@ -318,8 +318,10 @@ def test_the_key_holder_decrypts_once_per_round_and_only_forward():
     harness.verify()
     [aggregate] = harness.server.advance()
     harness.keyholder.handle(aggregate.data)
-    with pytest.raises(MessageRejected, match="no key is open for round 4"):
+    with pytest.raises(MessageRejected, match="oversized message"):  # no open round carries ciphertexts any more
         harness.keyholder.handle(aggregate.data)  # replayed: a second decryption under the same key
+    with pytest.raises(MessageRejected, match="no key is open for round 4"):  # the key itself is gone
+        harness.keyholder.handle(harness.forged_aggregate(4, [b""], {}, {}))
     with pytest.raises(MessageRejected, match="round 3 is not after round 4"):
         harness.keyholder.handle(harness.sign(Envelope("he", 3, "setup", "server", "keyholder",
                                                        {"clients": ["client-0"], "vector_length": 5,
@@ -332,6 +334,41 @@ def test_only_the_server_may_ask_the_key_holder():
                                                                    "round_context": ""})
     with pytest.raises(MessageRejected, match="only the server"):
         harness.keyholder.handle(harness.sign(request))
+
+
+@pytest.mark.parametrize("round_context", ["x" * 129, "model\nB", "modèle", 7])
+def test_the_key_holder_refuses_a_setup_request_whose_round_context_is_not_one_and_names_the_server(round_context):
+    harness = Harness(3)
+    request = Envelope("he", 0, "setup", "server", "keyholder", {"clients": list(harness.clients), "vector_length": 5,
+                                                                 "round_context": round_context})
+    with pytest.raises(MessageRejected, match="field 'round_context'") as caught:
+        harness.keyholder.handle(harness.sign(request))
+    assert caught.value.sender == "server"  # the refusal is charged to the party that sent it
+    assert harness.keyholder._open is None  # and opens no round
+
+
+def test_the_server_serializes_and_hashes_the_sum_once_for_every_attestation_and_the_aggregate(monkeypatch):
+    # at P = 1M the sum is about 32 MB: it is serialized and hashed once, when the verify stage opens, and
+    # reused for each member's attestation and for the aggregate request
+    harness = Harness(4)
+    harness.start()
+    harness.draw()
+    outgoing = harness.server.advance()
+    attestations = [answer.data for message in outgoing for answer in harness.clients[message.recipient].handle(
+        message.data)]
+
+    def again(*args):
+        raise AssertionError("the server serialized or hashed the sum again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ts.CKKSVector, "serialize", again)
+        patched.setattr("protocols.he.server.ciphertexts_digest", again)
+        for attestation in attestations:
+            harness.server.receive(attestation)
+        [aggregate] = harness.server.advance()
+    [result] = harness.keyholder.handle(aggregate.data)
+    harness.server.receive(result.data)
+    np.testing.assert_allclose(harness.server.result().vector, weighted_sum(harness.xs, harness.ws), atol=1e-5)
 
 
 def test_the_committee_is_drawn_by_the_key_holder_from_the_counted_clients_after_the_input_stage():

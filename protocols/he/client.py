@@ -100,6 +100,17 @@ class HEClient(ClientSession):
         return 0
 
     def handle(self, data: bytes) -> list[Outgoing]:
+        """Any failure inside is a protocol error: a MessageRejected for whatever a message did (the session
+        stays as it was), a ConfigurationError only for this client's own input (``_check_fits``). A runner
+        refuses a message on MessageRejected alone, so a stray TypeError on a crafted field must not escape."""
+        try:
+            return self._handle(data)
+        except ProtocolError:
+            raise
+        except Exception as error:  # noqa: BLE001 (the point: nothing but a protocol error leaves the client)
+            raise MessageRejected(f"internal error: {type(error).__name__}: {error}") from None
+
+    def _handle(self, data: bytes) -> list[Outgoing]:
         envelope = self._decode(data, max_bytes=self._limit())
         expect(envelope, protocol=NAME)
         if envelope.stage == CONTEXT:
@@ -124,13 +135,17 @@ class HEClient(ClientSession):
         raise MessageRejected(f"unexpected stage {envelope.stage!r}", envelope.sender)
 
     def _limit(self) -> int:
-        """The largest message this client can legitimately be sent now: a relayed input for a committee
-        member (once announced), a context message otherwise."""
-        state, cohort = self._round, len(self._round.clients) if self._round else 1
-        if state is not None and self.party_id in state.committee:
-            layout = Layout(state.vector_length, self.options.slots)
-            return messages.ciphertexts_limit(ckks.fresh_ciphertext_bytes(self.options), layout.num_chunks, cohort)
-        return messages.context_limit(self.options, max(cohort, 1 << 12))
+        """The largest message this client can legitimately be sent now (issue 10, item 9): a context message,
+        listing at most the roster's clients (the next round's may come at any time; it also bounds the open
+        round's committed list and announcement); only a committee member, once announced, is relayed
+        ciphertexts and the receipts of the round's cohort."""
+        context = messages.context_limit(self.options, len(self._roster))
+        state = self._round
+        if state is None or self.party_id not in state.committee:
+            return context
+        layout = Layout(state.vector_length, self.options.slots)
+        return max(context, messages.ciphertexts_limit(ckks.fresh_ciphertext_bytes(self.options), layout.num_chunks,
+                                                       len(state.clients)))
 
     def _commit(self, envelope: Envelope) -> list[Outgoing]:
         """Encrypt under the round's key; keep the ciphertexts and send only the signed receipt."""

@@ -119,12 +119,16 @@ class HEKeyHolder(KeyHolderSession):
             raise MessageRejected(f"internal error: {type(error).__name__}: {error}") from None
 
     def _limit(self) -> int:
-        """Only an aggregate carries ciphertexts, and only after the draw."""
+        """The largest message the server can legitimately send now (issue 10, item 9): a setup request, at most
+        the roster's clients (the next round's may come at any time); a draw request, at most the open round's
+        cohort; an aggregate, only after the draw, the round's ciphertexts with its receipts and attestations."""
+        setup = messages.small_limit(len(self._roster))
         state = self._open
         if state is None or not state.committee:
-            return messages.small_limit(1 << 12 if state is None else len(state.clients))
-        return messages.ciphertexts_limit(ckks.fresh_ciphertext_bytes(self.options), state.layout.num_chunks,
-                                          len(state.clients) + len(state.committee))
+            return setup
+        aggregate = messages.ciphertexts_limit(ckks.fresh_ciphertext_bytes(self.options), state.layout.num_chunks,
+                                               len(state.clients) + len(state.committee))
+        return max(setup, aggregate)
 
     def _open_round(self, envelope: Envelope) -> list[Outgoing]:
         """A fresh key for a new round; its public context goes, signed, to the server and the clients."""
@@ -132,7 +136,6 @@ class HEKeyHolder(KeyHolderSession):
             raise MessageRejected(f"round {envelope.round} is not after round {self._last_round}, the last one "
                                   "keys were made for (a retried round needs a new round id)", envelope.sender)
         clients, vector_length, round_context = messages.round_fields(envelope, self._roster)
-        round_context = checked_context(round_context)
         if len(clients) < self.options.min_clients:
             raise MessageRejected(f"a cohort of {len(clients)} clients can never reach min_clients = "
                                   f"{self.options.min_clients}", envelope.sender)

@@ -44,7 +44,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import MessageRejected
+from ..base import checked_context
+from ..errors import ConfigurationError, MessageRejected
 from ..identity import Roster
 from ..wire import Envelope
 from .config import HEOptions
@@ -103,6 +104,12 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def is_digest(value: object) -> bool:
+    """Whether ``value`` is what ``digest`` returns: 64 lowercase hex characters (a signed field claiming to be a
+    digest may be any JSON value)."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def committed_digest(committed: Sequence[Sequence[str]]) -> str:
     """SHA-256 of the committed list ([[client, receipt digest], ...]) as canonical JSON: what inputs carry."""
     return digest(json.dumps([list(entry) for entry in committed], separators=(",", ":")).encode())
@@ -116,7 +123,7 @@ def committed_list(value: object, cohort: Sequence[str], sender: str | None) -> 
     clients = [entry[0] for entry in value]
     if clients != sorted(set(clients)) or not set(clients) <= set(cohort):
         raise MessageRejected("the committed list must name distinct clients of this round, sorted", sender)
-    if not all(len(entry[1]) == 64 and all(c in "0123456789abcdef" for c in entry[1]) for entry in value):
+    if not all(is_digest(entry[1]) for entry in value):
         raise MessageRejected("a committed receipt digest is not a SHA-256 hex digest", sender)
     return [list(entry) for entry in value]
 
@@ -138,10 +145,21 @@ def counted_list(value: object, allowed: Sequence[str], required: int, sender: s
 
 
 def check_receipt(receipt: Envelope, context_digest: str, vector_length: int, round_context: str) -> None:
-    """A receipt (already decoded and matched to its client, round and key holder) is for this round's key,
-    vector length and round context."""
+    """A receipt (already decoded and matched to its client, round and key holder) is well formed and for this
+    round's key, vector length and round context.
+
+    Every field is type-checked first: the receipt is signed by a site, which may be malicious, and whoever
+    accepts it forwards it to the committee, whose members use its ``ciphertexts`` digest as a set member and a
+    comparison key (a JSON list there must be refused here, not crash them)."""
     fields = receipt.fields
-    if (set(fields) != RECEIPT_FIELDS or fields["context"] != context_digest
+    if set(fields) != RECEIPT_FIELDS:
+        raise MessageRejected(f"a receipt carries exactly the fields {sorted(RECEIPT_FIELDS)}", receipt.sender)
+    length = fields["vector_length"]
+    if (not is_digest(fields["ciphertexts"]) or not is_digest(fields["context"])
+            or isinstance(length, bool) or not isinstance(length, int) or not isinstance(fields["round_context"], str)):
+        raise MessageRejected("a receipt's 'ciphertexts' and 'context' must be SHA-256 hex digests, its "
+                              "'vector_length' an integer and its 'round_context' a string", receipt.sender)
+    if (fields["context"] != context_digest
             or fields["vector_length"] != vector_length or set(receipt.blobs) != {"seed"} or receipt.arrays):
         raise MessageRejected("the receipt is not for this round's key and vector length", receipt.sender)
     if fields["round_context"] != round_context:
@@ -173,8 +191,10 @@ def round_fields(envelope: Envelope, roster: Roster) -> tuple[tuple[str, ...], i
         raise MessageRejected(f"not enrolled as clients: {strangers}", envelope.sender)
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise MessageRejected("field 'vector_length' must be a positive integer", envelope.sender)
-    if not isinstance(context, str):
-        raise MessageRejected("field 'round_context' must be a string", envelope.sender)
+    try:
+        context = checked_context(context)
+    except ConfigurationError as error:
+        raise MessageRejected(f"field 'round_context': {error}", envelope.sender) from None
     return tuple(clients), length, context
 
 

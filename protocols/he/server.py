@@ -2,7 +2,8 @@
 holder to draw a committee from the clients it counted, relays the key holder's committee announcement and
 every counted input to the members, and asks the key holder to decrypt the sum the committee co-signed.
 
-It never holds a secret key. It keeps one running sum, and each counted input verbatim from the input stage
+It never holds a secret key. It keeps one running sum (serialized and hashed once, when the verify stage opens:
+every attestation and the aggregate reuse those bytes), and each counted input verbatim from the input stage
 until it has relayed them to the committee in the verify stage (the price of a committee that recomputes the
 sum: n inputs held once, then dropped). Any failure inside a step is a MessageRejected (the message is
 refused, nothing changes) or a RoundAborted: nothing else leaves the server.
@@ -86,9 +87,14 @@ class HEServer(ServerSession):
         self._committee: tuple[str, ...] = ()  # drawn by the key holder after the input stage
         self._announcement = b""  # the key holder's signed committee announcement, forwarded to the members
         self._receipts: dict[str, bytes] = {}  # every committed client's receipt
+        self._promised: dict[str, str] = {}  # each committed client's ciphertexts digest, read from its receipt
         self._committed: list[list[str]] = []  # the list shown to the clients, fixed when the input stage opens
+        self._committed_digest = ""  # ... and its digest, which every input and attestation must carry
         self._inputs: dict[str, bytes] = {}  # counted inputs, verbatim, until relayed to the committee
-        self._sum: list[ts.CKKSVector] = []
+        self._counted: tuple[str, ...] = ()  # the counted clients, fixed when the draw is requested
+        self._sum: list[ts.CKKSVector] = []  # the running sum, until the verify stage opens
+        self._sum_blobs: list[bytes] = []  # the sum serialized once there, until sent for decryption ...
+        self._sum_digest = ""  # ... and its digest, which every attestation must carry
         self._attestations: dict[str, bytes] = {}
         self._result: AggregateResult | None = None
 
@@ -165,7 +171,7 @@ class HEServer(ServerSession):
             messages.check_receipt(receipt, self._context_digest, self._layout.vector_length, self._round_context)
         except MessageRejected as rejection:
             raise MessageRejected(f"bad receipt: {rejection.reason}", sender) from None
-        self._receipts[sender] = envelope.blobs["receipt"]
+        self._receipts[sender], self._promised[sender] = envelope.blobs["receipt"], receipt.fields["ciphertexts"]
 
     def _receive_input(self, envelope: Envelope, data: bytes) -> None:
         sender = self._client_message(envelope)
@@ -173,13 +179,11 @@ class HEServer(ServerSession):
             raise MessageRejected("an input from a client that did not commit", sender)
         if sender in self._inputs:
             raise MessageRejected("duplicate input", sender)
-        if envelope.fields != {"chunks": self._layout.num_chunks,
-                               "committed": messages.committed_digest(self._committed)}:
+        if envelope.fields != {"chunks": self._layout.num_chunks, "committed": self._committed_digest}:
             raise MessageRejected(f"expected the fields 'chunks' = {self._layout.num_chunks} and 'committed' = the "
                                   "digest of the committed list sent", sender)
         blobs = messages.chunk_blobs(envelope, self._layout.num_chunks, set())
-        receipt = self._decode(self._receipts[sender])
-        if ciphertexts_digest(blobs) != receipt.fields["ciphertexts"]:
+        if ciphertexts_digest(blobs) != self._promised[sender]:
             raise MessageRejected("the ciphertexts are not those the client committed to", sender)
         vectors = [ckks.load_ciphertext(self._context, blob, size, self.options, sender, messages.chunk_name(index))
                    for index, (blob, size) in enumerate(zip(blobs, self._layout.chunk_sizes()))]
@@ -190,8 +194,8 @@ class HEServer(ServerSession):
         expect(envelope, sender=self._keyholder)
         if self._committee:
             raise MessageRejected("this round's committee has already been announced", envelope.sender)
-        self._committee = messages.check_announcement(envelope, self.options, sorted(self._inputs),
-                                                      messages.committed_digest(self._committed), self._round_context)
+        self._committee = messages.check_announcement(envelope, self.options, self._counted, self._committed_digest,
+                                                      self._round_context)
         self._announcement = data
 
     def _receive_attestation(self, envelope: Envelope, data: bytes) -> None:
@@ -200,8 +204,7 @@ class HEServer(ServerSession):
             raise MessageRejected("an attestation from a party that is not on this round's committee", member)
         if member in self._attestations:
             raise MessageRejected("duplicate attestation", member)
-        expected = {"counted": sorted(self._inputs), "committed": messages.committed_digest(self._committed),
-                    "sum": ciphertexts_digest([total.serialize() for total in self._sum]),
+        expected = {"counted": list(self._counted), "committed": self._committed_digest, "sum": self._sum_digest,
                     "round_context": self._round_context}
         if dict(envelope.fields) != expected or envelope.blobs or envelope.arrays:
             raise MessageRejected("the attestation is not for the counted inputs, the committed list and the sum "
@@ -210,7 +213,7 @@ class HEServer(ServerSession):
 
     def _receive_result(self, envelope: Envelope, data: bytes) -> None:
         expect(envelope, sender=self._keyholder)
-        counted = sorted(self._inputs)
+        counted = list(self._counted)
         vector = envelope.arrays.get("sum")
         weight = envelope.fields.get("total_weight")
         if (set(envelope.fields) != {"counted", "total_weight"} or envelope.fields["counted"] != counted
@@ -219,8 +222,7 @@ class HEServer(ServerSession):
                 or vector.shape != (self._layout.vector_length,) or not np.isfinite(vector).all() or envelope.blobs):
             raise MessageRejected("the result does not match the aggregate sent (counted clients, a float64 'sum' "
                                   "of the vector length, a positive 'total_weight')", envelope.sender)
-        self._result = AggregateResult(vector, tuple(counted), float(weight))
-        self._inputs = {}
+        self._result = AggregateResult(vector, self._counted, float(weight))
         self.round_done = True
 
     @_contained
@@ -252,16 +254,17 @@ class HEServer(ServerSession):
         committed = [[client, messages.digest(self._receipts[client])] for client in sorted(self._receipts)]
         requests = [self._send(self._envelope(self._round, COMMITTED, client, {"committed": committed}))
                     for client in sorted(self._receipts)]
-        self._committed, self.stage = committed, INPUT
+        self._committed, self._committed_digest, self.stage = committed, messages.committed_digest(committed), INPUT
         return requests
 
     def _request_draw(self) -> list[Outgoing]:
         """Fix the counted clients (and the committed list), then ask the key holder to draw the committee from
         them: drawn after this, the committee cannot be chosen by us, nor hold a client that dropped before."""
         self._enough(len(self._inputs), "revealed their input")
+        counted = tuple(sorted(self._inputs))
         request = self._send(self._envelope(self._round, DRAW, self._keyholder,
-                                            {"counted": sorted(self._inputs), "committed": self._committed}))
-        self.stage = DRAW
+                                            {"counted": list(counted), "committed": self._committed}))
+        self._counted, self.stage = counted, DRAW
         return [request]
 
     def _open_verification(self) -> list[Outgoing]:
@@ -270,15 +273,16 @@ class HEServer(ServerSession):
         if not self._committee:
             raise RoundAborted(DRAW, "the key holder drew no committee (it refused the draw, or never answered)",
                                self._round)
-        counted = sorted(self._inputs)
         blobs = {RECEIPT_PREFIX + client: receipt for client, receipt in self._receipts.items()}
         outgoing = []
         for member in self._committee:
             outgoing.append(Outgoing(member, self._announcement))
-            outgoing.extend(Outgoing(member, self._inputs[client]) for client in counted)
-            outgoing.append(self._send(self._envelope(self._round, VERIFY, member, {"counted": counted},
+            outgoing.extend(Outgoing(member, self._inputs[client]) for client in self._counted)
+            outgoing.append(self._send(self._envelope(self._round, VERIFY, member, {"counted": list(self._counted)},
                                                       blobs=blobs)))
-        self.stage = VERIFY
+        # the sum is final: serialized and hashed once, for every attestation and the aggregate (32 MB at P = 1M)
+        self._sum_blobs = [total.serialize() for total in self._sum]
+        self._sum_digest, self._sum, self.stage = ciphertexts_digest(self._sum_blobs), [], VERIFY
         return outgoing
 
     def _request_decryption(self) -> list[Outgoing]:
@@ -286,14 +290,13 @@ class HEServer(ServerSession):
         if missing:
             raise RoundAborted(VERIFY, f"committee members {missing} did not attest the sum (every member must: a "
                                "member that drops after the draw aborts the round)", self._round)
-        counted = sorted(self._inputs)
-        blobs = {messages.chunk_name(index): total.serialize() for index, total in enumerate(self._sum)}
-        blobs.update({RECEIPT_PREFIX + client: self._receipts[client] for client in counted})
+        blobs = {messages.chunk_name(index): total for index, total in enumerate(self._sum_blobs)}
+        blobs.update({RECEIPT_PREFIX + client: self._receipts[client] for client in self._counted})
         blobs.update({ATTEST_PREFIX + member: self._attestations[member] for member in self._committee})
         request = self._send(self._envelope(self._round, AGGREGATE, self._keyholder,
-                                            {"counted": counted, "committed": self._committed}, blobs=blobs))
-        self._sum = []  # the key holder has it now; free the memory
-        self._inputs = dict.fromkeys(counted, b"")  # relayed: keep who was counted, not the ciphertexts
+                                            {"counted": list(self._counted), "committed": self._committed},
+                                            blobs=blobs))
+        self._sum_blobs, self._sum_digest, self._inputs = [], "", {}  # sent: free the sum and the inputs
         self.stage = DECRYPT
         return [request]
 
@@ -310,9 +313,11 @@ class HEServer(ServerSession):
                 "context": None if self._context is None else bytes_array(self._context_bytes),
                 "committee": list(self._committee), "announcement": self._announcement.hex(),
                 "receipts": {client: receipt.hex() for client, receipt in self._receipts.items()},
-                "committed": [list(entry) for entry in self._committed],
+                "promised": dict(self._promised), "committed": [list(entry) for entry in self._committed],
+                "committed_digest": self._committed_digest,
                 "inputs": {client: bytes_array(data) for client, data in self._inputs.items()},
-                "sum": [bytes_array(total.serialize()) for total in self._sum],
+                "counted": list(self._counted), "sum": [bytes_array(total.serialize()) for total in self._sum],
+                "sum_blobs": [bytes_array(total) for total in self._sum_blobs], "sum_digest": self._sum_digest,
                 "attestations": {member: data.hex() for member, data in self._attestations.items()},
                 "result": None if result is None else {"vector": result.vector.copy(), "counted": list(result.counted),
                                                        "total_weight": result.total_weight}}
@@ -329,8 +334,13 @@ class HEServer(ServerSession):
             self._sum = [ckks.ciphertext_from_state(self._context, array_bytes(total)) for total in state["sum"]]
         self._committee, self._announcement = tuple(state["committee"]), bytes.fromhex(state["announcement"])
         self._receipts = {client: bytes.fromhex(receipt) for client, receipt in state["receipts"].items()}
+        self._promised = {str(client): str(digest) for client, digest in state["promised"].items()}
         self._committed = [list(entry) for entry in state["committed"]]
+        self._committed_digest = str(state["committed_digest"])
         self._inputs = {client: array_bytes(data) for client, data in state["inputs"].items()}
+        self._counted = tuple(state["counted"])
+        self._sum_blobs = [array_bytes(total) for total in state["sum_blobs"]]
+        self._sum_digest = str(state["sum_digest"])
         self._attestations = {member: bytes.fromhex(data) for member, data in state["attestations"].items()}
         result = state["result"]
         if result is not None:
