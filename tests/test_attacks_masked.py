@@ -9,10 +9,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_protocols_masked_adversarial import Harness
 
-from protocols import MessageRejected, RoundAborted, make_protocol, new_session_id, simulate_round
+from protocols import MessageRejected, ProtocolError, RoundAborted, make_protocol, new_session_id, simulate_round
 from protocols.masked import keys as masked_keys
 from protocols.masked import shamir
-from protocols.masked.stages import ADVERTISE, COMMIT, CONSISTENCY, MASKED, SHARE, UNMASK
+from protocols.masked.stages import (
+    ADVERTISE,
+    CIPHER_KEY,
+    COMMIT,
+    CONSISTENCY,
+    MASK_KEY,
+    MASKED,
+    NONCE,
+    SHARE,
+    UNMASK,
+)
+from protocols.masked.view import nonce_commitment
 
 LOW_ORDER_POINT = bytes(32)  # u = 0: X25519 with it gives the all-zero secret (RFC 7748 §6.1)
 
@@ -68,6 +79,26 @@ def test_break_2_a_revealed_nonce_must_match_its_commitment():
                                 blobs={**genuine.blobs, "nonce": b"\x01" * 32})
     with pytest.raises(MessageRejected, match="does not match its commitment"):
         h.clients["client-0"].handle(h.forge("server", "client-0", SHARE, blobs=blobs))
+
+
+def test_break_2_a_ring_nonce_of_the_wrong_length_is_refused_by_server_and_clients():
+    h = Harness(n=5)
+    short = b"\x07" * 16  # a colluder commits to, and reveals, a nonce shorter than NONCE_BYTES
+    answers = h.answer()
+    view = h.read(answers["client-1"]).fields["view"]
+    answers["client-1"] = h.forge("client-1", "server", COMMIT, {"view": view,
+                                                                 "commitment": nonce_commitment(view, short)})
+    h.submit()
+    h.advance()
+    answers = h.answer(skip=("client-1",))
+    colluder_keys = {name: masked_keys.raw_public(masked_keys.fresh_pair()) for name in (CIPHER_KEY, MASK_KEY)}
+    answers["client-1"] = h.forge("client-1", "server", ADVERTISE, {"view": view}, blobs={**colluder_keys,
+                                                                                          NONCE: short})
+    with pytest.raises(MessageRejected, match="ring nonce has 16 bytes, not 32"):
+        h.server.receive(answers["client-1"])
+    # a server that relays it anyway (the commitment matches) is refused by every honest client
+    with pytest.raises(MessageRejected, match="'client-1' revealed a ring nonce of 16 bytes, not 32"):
+        h.clients["client-0"].handle(h.forge("server", "client-0", SHARE, blobs=answers))
 
 
 @settings(max_examples=5, deadline=None)
@@ -184,6 +215,21 @@ def test_break_6_one_bad_shamir_share_is_outvoted_and_its_holder_flagged():
     assert len(result.counted) == 6
 
 
+def test_break_6_one_bad_share_among_t_plus_one_is_passed_over_not_fatal():
+    h = Harness(n=5, threshold=3)  # complete graph: each secret has k = 4 = t + 1 holders, too few for Berlekamp–Welch
+    for _ in range(5):
+        h.stage()
+    answers = h.answer()
+    liar = h.read(answers["client-2"])
+    bent = {name: share[:-1] + bytes([share[-1] ^ 1]) for name, share in liar.blobs.items()}
+    answers["client-2"] = h.forge("client-2", "server", UNMASK, blobs=bent)
+    h.submit()
+    h.advance()
+    result = h.server.result()
+    assert result.flagged == ("client-2",)
+    assert len(result.counted) == 5
+
+
 def test_break_6_a_client_value_outside_the_range_aborts_the_round():
     h = Harness(n=4)
     for _ in range(3):
@@ -236,6 +282,39 @@ def test_break_9_a_huge_masked_input_is_refused_before_parsing():
     huge = b"FDSP" + bytes(512 * 1024 * 1024)  # a cheap 512 MiB message: the size alone must refuse it
     with pytest.raises(MessageRejected, match="oversized message"):
         h.server.receive(huge)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data(), st.integers(2, 5))
+def test_property_any_t_good_shares_recover_the_secret_even_beyond_the_decoding_radius(data, threshold):
+    # m ≤ 10 shares, so that every t-subset (at most C(10, 5) = 252) is within shamir.MAX_SUBSETS
+    holders = data.draw(st.integers(threshold + 1, 10))
+    secret = bytes(range(32))
+    shares = shamir.split(secret, threshold, range(1, holders + 1))
+    bad = data.draw(st.sets(st.integers(1, holders), min_size=1, max_size=holders))
+    for x in bad:  # arbitrary field elements: liars who do not know the other shares
+        shares[x] = data.draw(st.integers(0, shamir.PRIME - 1)).to_bytes(shamir.SHARE_BYTES, "big")
+    if len(bad) > holders - threshold:  # fewer than t good shares: nothing to recover from
+        with pytest.raises(ProtocolError, match="reconstruct the committed secret"):
+            shamir.recover(shares, threshold, lambda candidate: candidate == secret)
+        return
+    recovered, flagged = shamir.recover(shares, threshold, lambda candidate: candidate == secret)
+    assert recovered == secret and flagged == bad
+
+
+def test_two_colluding_share_holders_cannot_frame_the_honest_ones():
+    # holders 1 and 2 shift their shares by Δ and −Δ·L₁(0)/L₂(0): the first three shares still interpolate to the
+    # secret, but on another polynomial, off every honest share. Within the decoding radius (2 of 12, t = 3) the
+    # polynomial that is kept must be the one the ten honest shares lie on.
+    secret = bytes(range(32))
+    shares = shamir.split(secret, 3, range(1, 13))
+    lagrange = {1: 3, 2: -3}  # L_i(0) over the points 1, 2, 3
+    delta = 12345
+    shifts = {1: delta, 2: -delta * lagrange[1] * pow(lagrange[2], -1, shamir.PRIME)}
+    for x, shift in shifts.items():
+        shares[x] = ((int.from_bytes(shares[x], "big") + shift) % shamir.PRIME).to_bytes(shamir.SHARE_BYTES, "big")
+    recovered, flagged = shamir.recover(shares, 3, lambda candidate: candidate == secret)
+    assert recovered == secret and flagged == {1, 2}
 
 
 @settings(max_examples=20, deadline=None)

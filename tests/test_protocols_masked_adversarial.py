@@ -153,6 +153,34 @@ def test_a_client_refuses_a_round_that_does_not_match_its_input_or_options():
     h.answer()  # the genuine request still works
 
 
+def test_a_client_refuses_a_round_its_own_weight_would_overflow_and_blames_no_one():
+    h = Harness()
+    h.clients["client-0"].set_input(0, np.zeros(h.length), 2**40)  # no max_weight set: the round's bound applies
+    with pytest.raises(MessageRejected, match="this client's input weight 1099511627776 exceeds") as refused:
+        h.clients["client-0"].handle(h.requests["client-0"])
+    assert refused.value.sender is None  # the server's request was fine: the input is at fault
+
+
+def test_any_failure_inside_a_client_step_is_a_clean_refusal_that_changes_nothing(monkeypatch):
+    h = Harness()
+    client = h.clients["client-0"]
+    before = client.state_dict()["state"]["round"]
+
+    def broken_step(state, envelope):
+        raise ValueError("a bug or a hostile request the checks missed")
+
+    monkeypatch.setattr(client, "_commit", broken_step)
+    with pytest.raises(MessageRejected, match=r"could not process the request \(ValueError: a bug") as refused:
+        client.handle(h.requests["client-0"])
+    assert refused.value.sender is None
+    monkeypatch.undo()
+    after = client.state_dict()["state"]["round"]
+    assert np.array_equal(after.pop("encoded"), before.pop("encoded")) and after == before
+    assert after["expecting"] == COMMIT
+    h.stage()  # the genuine request is still answered, and the round goes on
+    assert h.server.stage == ADVERTISE
+
+
 def test_nan_or_inf_is_rejected_on_the_client_before_masking():
     h = Harness()
     for bad in (np.array([0.0, np.nan]), np.array([np.inf, 0.0]), np.array([-np.inf, 1.0])):

@@ -12,7 +12,7 @@ from test_protocols_masked_adversarial import Harness
 
 from protocols import ConfigurationError, MessageRejected, ProtocolError
 from protocols.masked import MaskedOptions, Quantizer, default_parameters, shamir
-from protocols.masked.graph import resolve_parameters, ring_neighbours
+from protocols.masked.graph import neighbours_of, resolve_parameters, ring_neighbours
 from protocols.masked.prg import MaskExpander
 from protocols.masked.quantize import largest_safe_weight
 from protocols.masked.stages import STAGES
@@ -22,9 +22,9 @@ def test_any_t_shares_reconstruct_and_fewer_do_not():
     secret = bytes(range(32))
     shares = shamir.split(secret, 3, [2, 5, 7, 11, 12])
     for subset in itertools.combinations(shares.items(), 3):
-        assert shamir.combine(dict(subset), 3) == secret
-    with pytest.raises(ProtocolError):
-        shamir.combine(dict(list(shares.items())[:2]), 3)
+        assert shamir.recover(dict(subset), 3, lambda candidate: candidate == secret) == (secret, set())
+    with pytest.raises(ProtocolError, match="2 well-formed shares cannot reconstruct a 3-of-n secret"):
+        shamir.recover(dict(list(shares.items())[:2]), 3, lambda candidate: True)
 
 
 def test_prg_is_deterministic_per_seed_and_independent_across_seeds():
@@ -79,7 +79,9 @@ def test_harary_graph_is_k_regular_and_symmetric(n):
         near = ring_neighbours(ring, k)
         assert all(len(set(peers)) == k and client not in peers for client, peers in near.items())
         assert all(client in near[peer] for client, peers in near.items() for peer in peers)
+        assert all(neighbours_of(ring, k, client) == peers for client, peers in near.items())  # what a client uses
     assert all(len(peers) == n - 1 for peers in ring_neighbours(ring, n - 1).values())
+    assert all(neighbours_of(ring, n - 1, client) == peers for client, peers in ring_neighbours(ring, n - 1).items())
 
 
 def test_bell_defaults_grow_slowly_and_keep_a_safe_threshold():

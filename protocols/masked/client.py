@@ -18,12 +18,12 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from ..base import ClientSession, Outgoing, checked_context, checked_input
-from ..errors import ConfigurationError, MessageRejected
+from ..errors import ConfigurationError, MessageRejected, ProtocolError
 from ..identity import Identity, Roster
 from ..wire import Envelope, expect
 from . import keys, shamir
 from .config import MaskedOptions
-from .graph import ring_neighbours
+from .graph import neighbours_of
 from .prg import MaskExpander
 from .stages import (
     ADVERTISE,
@@ -57,8 +57,8 @@ class _Round:
     nonce: bytes = b""
     commitments: dict[str, str] = field(default_factory=dict)  # cohort member -> its nonce commitment
     ring_seed: str = ""
-    ring: tuple[str, ...] = ()
-    neighbours: tuple[str, ...] = ()
+    neighbours: tuple[str, ...] = ()  # this client's, on the ring drawn from ring_seed
+    degree: int = 0  # k: the neighbours each client has (the round terms' "neighbours")
     threshold: int = 0
     cipher_key: X25519PrivateKey | None = None
     mask_key: X25519PrivateKey | None = None
@@ -111,6 +111,20 @@ class MaskedClient(ClientSession):
         return clipped
 
     def handle(self, data: bytes) -> list[Outgoing]:
+        """The answer to one server request. Any failure inside, whatever its type, is a MessageRejected (as at
+        the HE key holder): a malformed or hostile request never escapes as another error, and since the new
+        round state is assigned only after the answer is signed, a refused request changes nothing."""
+        try:
+            return self._handle(data)
+        except MessageRejected:
+            raise
+        except ProtocolError as error:
+            raise MessageRejected(str(error)) from None
+        except Exception as error:  # noqa: BLE001 - the point: nothing but a refusal leaves the client
+            raise MessageRejected(f"this client could not process the request ({type(error).__name__}: {error})") \
+                from None
+
+    def _handle(self, data: bytes) -> list[Outgoing]:
         envelope = expect(self._decode(data, max_bytes=self._limit), protocol=NAME, sender=self._server_id,
                           recipient=self.party_id)
         state = self._round
@@ -126,8 +140,9 @@ class MaskedClient(ClientSession):
         handler = {COMMIT: self._commit, ADVERTISE: self._advertise, SHARE: self._share_keys,
                    MASKED: self._masked_input, CONSISTENCY: self._consistency_check, UNMASK: self._unmask}
         new_state, answer = handler[envelope.stage](state, envelope)
+        outgoing = self._send(answer)
         self._round = new_state  # only now: a rejected request changed nothing
-        return [self._send(answer)]
+        return [outgoing]
 
     def _answer(self, state: _Round, stage: str, fields=None, arrays=None, blobs=None) -> Envelope:
         return self._envelope(state.round_id, stage, self._server_id, fields, arrays, blobs)
@@ -155,13 +170,14 @@ class MaskedClient(ClientSession):
         if envelope.fields["round_context"] != state.context:
             raise self._reject(f"the announced round context {envelope.fields['round_context']!r} differs from "
                                f"this client's {state.context!r}")
-        if state.weight > expected["max_weight"]:
-            raise self._reject(f"this client's weight {state.weight} exceeds {expected['max_weight']}, the largest "
-                               f"that cannot overflow 2^{self.options.modulus_bits} with {len(cohort)} clients")
+        if state.weight > expected["max_weight"]:  # this client's own input is at fault, not the request
+            raise MessageRejected(f"this client's input weight {state.weight} exceeds {expected['max_weight']}, the "
+                                  f"largest that cannot overflow 2^{self.options.modulus_bits} with {len(cohort)} "
+                                  "clients")
         view = view_digest(self.session, state.round_id, cohort, expected, state.context)
         nonce = os.urandom(NONCE_BYTES)
         new = replace(state, expecting=ADVERTISE, cohort=tuple(cohort), view=view, nonce=nonce,
-                      threshold=expected["threshold"])
+                      degree=expected["neighbours"], threshold=expected["threshold"])
         return new, self._answer(state, COMMIT, {"view": view, "commitment": nonce_commitment(view, nonce)})
 
     def _relayed(self, state: _Round, envelope: Envelope, stage: str, expected: tuple[str, ...],
@@ -217,6 +233,8 @@ class MaskedClient(ClientSession):
             nonce = inner.blobs.get(NONCE, b"")
             if set(inner.blobs) != {CIPHER_KEY, MASK_KEY, NONCE} or set(inner.fields) != {"view"} or inner.arrays:
                 raise self._reject(f"the relayed advertisement of {peer!r} is malformed")
+            if len(nonce) != NONCE_BYTES:
+                raise self._reject(f"{peer!r} revealed a ring nonce of {len(nonce)} bytes, not {NONCE_BYTES}")
             if nonce_commitment(state.view, nonce) != state.commitments[peer]:
                 raise self._reject(f"{peer!r} revealed a nonce that does not match its commitment")
             advertised[peer] = inner.blobs
@@ -225,9 +243,7 @@ class MaskedClient(ClientSession):
             raise self._reject("the relayed advertisement of this client is not the one it sent")
         seed = ring_seed(self.session, state.round_id, state.view, {peer: blobs[NONCE]
                                                                    for peer, blobs in advertised.items()})
-        ring = ring_order(seed, state.cohort)
-        terms = self.options.round_terms(len(state.cohort), len(state.encoded))
-        neighbours = ring_neighbours(ring, terms["neighbours"])[self.party_id]
+        neighbours = neighbours_of(ring_order(seed, state.cohort), state.degree, self.party_id)
         try:
             peer_keys = {peer: (keys.public_key(advertised[peer][CIPHER_KEY], peer),
                                 keys.public_key(advertised[peer][MASK_KEY], peer)) for peer in neighbours}
@@ -242,7 +258,7 @@ class MaskedClient(ClientSession):
                                                  state.round_id, self.party_id, peer, seed_shares[x] + key_shares[x])
                        for peer, x in xs.items()}
         commitment = self_mask_commitment(self.session, state.view, state.round_id, self.party_id, self_seed)
-        new = replace(state, expecting=MASKED, ring_seed=seed, ring=ring, neighbours=neighbours, peer_keys=peer_keys,
+        new = replace(state, expecting=MASKED, ring_seed=seed, neighbours=neighbours, peer_keys=peer_keys,
                       self_seed=self_seed)
         return new, self._answer(state, SHARE, fields={"self_mask_commitment": commitment}, blobs=ciphertexts)
 
@@ -349,7 +365,7 @@ class MaskedClient(ClientSession):
             "round_id": state.round_id, "encoded": state.encoded.copy(), "weight": state.weight,
             "context": state.context, "expecting": state.expecting, "cohort": list(state.cohort), "view": state.view,
             "nonce": state.nonce.hex(), "commitments": dict(state.commitments), "ring_seed": state.ring_seed,
-            "ring": list(state.ring), "neighbours": list(state.neighbours), "threshold": state.threshold,
+            "neighbours": list(state.neighbours), "degree": state.degree, "threshold": state.threshold,
             "partners": list(state.partners),
             "cipher_key": None if state.cipher_key is None else keys.raw_private(state.cipher_key).hex(),
             "mask_key": None if state.mask_key is None else keys.raw_private(state.mask_key).hex(),
@@ -375,7 +391,7 @@ class MaskedClient(ClientSession):
             weight=int(saved["weight"]), context=checked_context(saved["context"]),
             expecting=str(saved["expecting"]), cohort=tuple(saved["cohort"]), view=str(saved["view"]),
             nonce=bytes.fromhex(saved["nonce"]), commitments=dict(saved["commitments"]),
-            ring_seed=str(saved["ring_seed"]), ring=tuple(saved["ring"]), neighbours=tuple(saved["neighbours"]),
+            ring_seed=str(saved["ring_seed"]), neighbours=tuple(saved["neighbours"]), degree=int(saved["degree"]),
             threshold=int(saved["threshold"]), partners=tuple(saved["partners"]),
             cipher_key=private(saved["cipher_key"]), mask_key=private(saved["mask_key"]),
             self_seed=bytes.fromhex(saved["self_seed"]),

@@ -141,9 +141,17 @@ def resolve_parameters(n: int, graph: str, neighbours: int, threshold: int, adve
 
 def ring_neighbours(ring: tuple[str, ...], k: int) -> dict[str, tuple[str, ...]]:
     """Each client's neighbours in H(k, n) laid on ``ring``: the k/2 nearest on each side (all others if k = n-1)."""
+    return {client: _around(ring, k, position) for position, client in enumerate(ring)}
+
+
+def neighbours_of(ring: tuple[str, ...], k: int, client: str) -> tuple[str, ...]:
+    """``client``'s entry of ``ring_neighbours(ring, k)``, without building everyone's (a client needs only its own)."""
+    return _around(ring, k, ring.index(client))
+
+
+def _around(ring: tuple[str, ...], k: int, position: int) -> tuple[str, ...]:
     n = len(ring)
     if k >= n - 1:
-        return {client: tuple(other for other in ring if other != client) for client in ring}
+        return ring[:position] + ring[position + 1:]
     half = k // 2
-    return {client: tuple(ring[(position + offset) % n] for offset in range(-half, half + 1) if offset)
-            for position, client in enumerate(ring)}
+    return tuple(ring[(position + offset) % n] for offset in range(-half, half + 1) if offset)

@@ -41,7 +41,7 @@ from .stages import (
     masked_input_bytes,
     share_index,
 )
-from .view import nonce_commitment, ring_order, ring_seed, self_mask_commitment, view_digest
+from .view import NONCE_BYTES, nonce_commitment, ring_order, ring_seed, self_mask_commitment, view_digest
 
 _CIPHERTEXT_BYTES = keys.NONCE_BYTES + 2 * shamir.SHARE_BYTES + keys.TAG_BYTES
 
@@ -63,13 +63,15 @@ class _Round:
     terms: dict
     context: str
     view: str
-    threshold: int
     live: set[str]  # who may answer the current stage
-    ring: tuple[str, ...] = ()  # drawn from every member's nonce when advertise_keys closes
+    ring_seed: str = ""  # from every member's nonce, computed once when advertise_keys closes
+    ring: tuple[str, ...] = ()  # the cohort ordered by ring_seed
     neighbours: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    committed: dict[str, bytes] = field(default_factory=dict)  # signed commitments, relayed verbatim
+    # the signed commitments and advertisements are relayed verbatim; the fields the server checks or uses are kept
+    # beside them, parsed, so that no later step has to verify a signed message a second time
+    committed: dict[str, bytes] = field(default_factory=dict)
     nonce_commitments: dict[str, str] = field(default_factory=dict)
-    advertised: dict[str, bytes] = field(default_factory=dict)  # signed advertisements, relayed verbatim
+    advertised: dict[str, bytes] = field(default_factory=dict)
     nonces: dict[str, bytes] = field(default_factory=dict)
     mask_keys: dict[str, bytes] = field(default_factory=dict)
     ciphertexts: dict[str, dict[str, bytes]] = field(default_factory=dict)
@@ -84,10 +86,8 @@ class _Round:
     revealed: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
     @property
-    def ring_seed(self) -> str:
-        return ring_seed(self.session, self.round_id, self.view, self.nonces) if self.nonces else ""
-
-    session: str = ""
+    def threshold(self) -> int:
+        return int(self.terms["threshold"])
 
 
 class MaskedServer(ServerSession):
@@ -114,8 +114,7 @@ class MaskedServer(ServerSession):
         context = checked_context(round_context)
         terms = self.options.round_terms(len(clients), vector_length)  # refuses overflowing, unsafe or small rounds
         view = view_digest(self.session, round_id, clients, terms, context)
-        self._round = _Round(round_id, clients, vector_length, terms, context, view, terms["threshold"],
-                             set(clients), session=self.session)
+        self._round = _Round(round_id, clients, vector_length, terms, context, view, set(clients))
         self._result, self._aborted, self.stage, self.round_done = None, False, COMMIT, False
         return [self._request(client, {"cohort": list(clients), "terms": terms, "round_context": context})
                 for client in clients]
@@ -208,6 +207,8 @@ class MaskedServer(ServerSession):
         if set(blobs) != {CIPHER_KEY, MASK_KEY, NONCE} or envelope.fields != {"view": state.view} or envelope.arrays \
                 or blobs[CIPHER_KEY] == blobs[MASK_KEY]:
             raise MessageRejected("expected two distinct X25519 public keys, the nonce and the view", sender)
+        if len(blobs[NONCE]) != NONCE_BYTES:
+            raise MessageRejected(f"the ring nonce has {len(blobs[NONCE])} bytes, not {NONCE_BYTES}", sender)
         keys.public_key(blobs[CIPHER_KEY], sender)  # refuses low-order points now, not in advance() later
         keys.public_key(blobs[MASK_KEY], sender)
         if nonce_commitment(state.view, blobs[NONCE]) != state.nonce_commitments[sender]:
@@ -280,6 +281,7 @@ class MaskedServer(ServerSession):
 
     def _after_advertise(self, state: _Round) -> list[Outgoing]:
         self._require_everyone(state, state.advertised, "key advertisement")
+        state.ring_seed = ring_seed(self.session, state.round_id, state.view, state.nonces)
         state.ring = ring_order(state.ring_seed, state.clients)
         state.neighbours = ring_neighbours(state.ring, state.terms["neighbours"])
         live = set(state.clients)
@@ -400,7 +402,7 @@ class MaskedServer(ServerSession):
         self.stage, self.round_done, self._aborted = str(state["stage"]), bool(state["round_done"]), \
             bool(state["aborted"])
         saved = state["round"]
-        self._round = None if saved is None else _import_round(saved, self.options.word_dtype, self.session)
+        self._round = None if saved is None else _import_round(saved, self.options.word_dtype)
         result = state["result"]
         self._result = None if result is None else MaskedAggregate(
             np.array(result["vector"], dtype=np.float64), tuple(result["counted"]), float(result["total_weight"]),
@@ -416,10 +418,11 @@ def _bytes_map(values: Mapping[str, str]) -> dict[str, bytes]:
 
 
 def _export_round(state: _Round) -> dict[str, Any]:
-    """A round's state as plain values; the neighbourhoods are left out (they follow from ring and terms)."""
+    """A round's state as plain values; the ring and neighbourhoods are left out (they follow from the ring seed,
+    the cohort and the terms)."""
     return {
         "round_id": state.round_id, "clients": list(state.clients), "length": state.length, "terms": dict(state.terms),
-        "context": state.context, "view": state.view, "ring": list(state.ring), "live": sorted(state.live),
+        "context": state.context, "view": state.view, "ring_seed": state.ring_seed, "live": sorted(state.live),
         "committed": _hex_map(state.committed), "nonce_commitments": dict(state.nonce_commitments),
         "advertised": _hex_map(state.advertised), "nonces": _hex_map(state.nonces),
         "mask_keys": _hex_map(state.mask_keys),
@@ -435,14 +438,15 @@ def _export_round(state: _Round) -> dict[str, Any]:
     }
 
 
-def _import_round(saved: Mapping[str, Any], word_dtype: np.dtype, session: str) -> _Round:
-    terms, ring = dict(saved["terms"]), tuple(saved["ring"])
+def _import_round(saved: Mapping[str, Any], word_dtype: np.dtype) -> _Round:
+    terms, clients, seed = dict(saved["terms"]), tuple(saved["clients"]), str(saved["ring_seed"])
+    ring = ring_order(seed, clients) if seed else ()
     total = saved["total"]
     return _Round(
-        round_id=int(saved["round_id"]), clients=tuple(saved["clients"]), length=int(saved["length"]), terms=terms,
-        context=checked_context(saved["context"]), view=str(saved["view"]), session=session,
+        round_id=int(saved["round_id"]), clients=clients, length=int(saved["length"]), terms=terms,
+        context=checked_context(saved["context"]), view=str(saved["view"]), ring_seed=seed,
         ring=ring, neighbours=ring_neighbours(ring, int(terms["neighbours"])) if ring else {},
-        threshold=int(terms["threshold"]), live=set(saved["live"]), committed=_bytes_map(saved["committed"]),
+        live=set(saved["live"]), committed=_bytes_map(saved["committed"]),
         nonce_commitments=dict(saved["nonce_commitments"]), advertised=_bytes_map(saved["advertised"]),
         nonces=_bytes_map(saved["nonces"]), mask_keys=_bytes_map(saved["mask_keys"]),
         bad_shares={client: tuple(peers) for client, peers in saved["bad_shares"].items()},

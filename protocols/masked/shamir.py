@@ -4,23 +4,28 @@ The field is larger than any 32-byte secret, so a secret is one field element; s
 (x, y) with x the holder's public index (>= 1) and y a 66-byte big-endian field element.
 Coefficients come from ``secrets`` (the OS generator).
 
-``recover`` reconstructs from ANY t consistent shares when some holders lie (issue 10 item 6): it
-checks the candidate from the first t shares against a verifier (a commitment to the secret), and if
-that fails decodes all shares with Berlekamp–Welch (Welch & Berlekamp, US patent 4,633,470, 1986),
-which corrects up to ⌊(m − t)/2⌋ wrong shares among m. It also names every share that is off the
-recovered polynomial, so that the caller can flag its holder.
+``recover`` reconstructs from ANY t consistent shares when some holders lie (issue 10 item 6), using a
+verifier (a commitment to the secret). Within the unique-decoding radius ⌊(m − t)/2⌋ it interpolates the
+first t shares and, if their polynomial does not verify or disagrees with more than that many shares, decodes
+all of them with Berlekamp–Welch (Welch & Berlekamp, US patent 4,633,470, 1986): the polynomial it returns
+is the only one of degree < t that close to the shares, so the holders off it are exactly the liars.
+Beyond the radius (up to m − t bad shares, e.g. one bad share among t + 1) it searches t-subsets until one
+verifies, at most ``MAX_SUBSETS`` of them; there two or more colluding holders can craft shares that keep
+the secret but move the polynomial, so the holders it names are a lead, not proof.
 """
 
 from __future__ import annotations
 
+import itertools
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from ..errors import ProtocolError
 
 PRIME = (1 << 521) - 1
 SECRET_BYTES = 32
 SHARE_BYTES = 66
+MAX_SUBSETS = 512  # t-subsets tried beyond the unique-decoding radius: bounds a liar-made search
 
 
 def split(secret: bytes, threshold: int, xs: Iterable[int]) -> dict[int, bytes]:
@@ -40,48 +45,52 @@ def split(secret: bytes, threshold: int, xs: Iterable[int]) -> dict[int, bytes]:
     return shares
 
 
-def combine(shares: Mapping[int, bytes], threshold: int) -> bytes:
-    """The secret from ``threshold`` of ``shares`` (Lagrange interpolation at 0)."""
-    if len(shares) < threshold:
-        raise ProtocolError(f"{len(shares)} shares cannot reconstruct a {threshold}-of-n secret")
-    points = sorted(shares.items())[:threshold]
-    values = []
-    for x, y in points:
-        if len(y) != SHARE_BYTES or not 0 < x < PRIME:
-            raise ProtocolError("malformed share")
-        values.append((x, int.from_bytes(y, "big")))
-    secret = 0
-    for i, (x_i, y_i) in enumerate(values):
-        numerator, denominator = 1, 1
-        for j, (x_j, _) in enumerate(values):
-            if i != j:
-                numerator = numerator * x_j % PRIME
-                denominator = denominator * (x_j - x_i) % PRIME
-        secret = (secret + y_i * numerator * pow(denominator, -1, PRIME)) % PRIME
-    if secret >> (8 * SECRET_BYTES):
-        raise ProtocolError("the shares are inconsistent (they reconstruct no 32-byte secret)")
-    return secret.to_bytes(SECRET_BYTES, "big")
-
-
 def recover(shares: Mapping[int, bytes], threshold: int, verify: Callable[[bytes], bool]) -> tuple[bytes, set[int]]:
     """The secret that ``verify`` accepts, from any ``threshold`` consistent shares, and the indices of the shares
     that are not on its polynomial (wrong length, out of the field, or simply wrong).
 
-    Tries the first ``threshold`` well-formed shares; if their candidate fails ``verify``, Berlekamp–Welch over
-    all of them. Raises ProtocolError when neither yields a verified secret (too many bad shares)."""
+    In order (see the module docstring): the first ``threshold`` well-formed shares, Berlekamp–Welch over all,
+    then up to ``MAX_SUBSETS`` subsets of ``threshold`` shares. Raises ProtocolError when none yields a verified
+    secret (too many bad shares, or too few well-formed ones)."""
     points, bad = [], set()
     for x, y in sorted(shares.items()):
         value = int.from_bytes(y, "big") if len(y) == SHARE_BYTES else PRIME
         (bad.add(x) if value >= PRIME or not 0 < x < PRIME else points.append((x, value)))
     if len(points) < threshold:
         raise ProtocolError(f"{len(points)} well-formed shares cannot reconstruct a {threshold}-of-n secret")
+    radius = (len(points) - threshold) // 2
+    # the first t, then Berlekamp–Welch (O(m³), only when the first fails): each trusted only within the radius
     for decode in (lambda: _interpolate(points[:threshold]), lambda: _berlekamp_welch(points, threshold)):
-        polynomial = decode()  # the second only when the first fails: Berlekamp–Welch is O(m³)
-        secret = _secret(polynomial)
-        if secret is not None and verify(secret):
-            return secret, bad | {x for x, y in points if _evaluate(polynomial, x) != y}
+        found = _verified(decode(), points, verify)
+        if found is not None and len(found[1]) <= radius:
+            return found[0], bad | found[1]
+    for subset in itertools.islice(_subsets(points, threshold), MAX_SUBSETS):
+        found = _verified(_interpolate(subset), points, verify)
+        if found is not None:
+            return found[0], bad | found[1]
     raise ProtocolError(f"no {threshold} of the {len(shares)} shares reconstruct the committed secret "
-                        "(too many bad shares)")
+                        f"(too many bad shares, or more than {MAX_SUBSETS} subsets to search)")
+
+
+def _verified(polynomial: list[int] | None, points: list[tuple[int, int]],
+              verify: Callable[[bytes], bool]) -> tuple[bytes, set[int]] | None:
+    """The secret of ``polynomial`` and the indices of the points off it, if ``verify`` accepts that secret."""
+    secret = _secret(polynomial)
+    if secret is None or not verify(secret):
+        return None
+    return secret, {x for x, y in points if _evaluate(polynomial, x) != y}
+
+
+def _subsets(points: list[tuple[int, int]], threshold: int) -> Iterator[list[tuple[int, int]]]:
+    """Every ``threshold``-subset of ``points``, the leave-one-out subsets of the first t + 1 first: one bad share
+    among the first t (the only way a single bad share defeats the first try) is then passed over within t + 1
+    tries, whatever m is."""
+    first = min(threshold + 1, len(points))
+    for chosen in itertools.combinations(range(first), threshold):
+        yield [points[i] for i in chosen]
+    for chosen in itertools.combinations(range(len(points)), threshold):
+        if chosen[-1] >= first:  # lazily: the caller stops after MAX_SUBSETS
+            yield [points[i] for i in chosen]
 
 
 def _secret(polynomial: list[int] | None) -> bytes | None:

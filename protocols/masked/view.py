@@ -13,9 +13,17 @@ cohort member first commits to 32 fresh OS bytes, H(label ‖ nonce ‖ view); o
 every member's signed commitment does it reveal its nonce with its keys. The ring seed is
 SHA-256(label, session, round, view, every member's nonce in sorted-id order), and the ring orders the
 cohort by SHA-256(seed ‖ client id). As long as one client is honest its nonce is uniform and unknown
-to the others when they commit, so the seed (hence who neighbours whom) is uniform too. Withholding is
-the remaining lever (a server that drops a colluder's reveal picks between two rings), so every client
-refuses to go on unless every cohort member's reveal is there.
+to the others when they commit, so the seed (hence who neighbours whom) is uniform in each run of the
+round. Withholding one reveal would let a server pick between two rings, so every client refuses to go
+on unless every cohort member's reveal is there.
+
+What this does NOT stop: the server relays the reveals, so it learns the ring before any client does,
+and it can abort there (claim a dropout; nothing secret has been sent yet, only public keys) and re-run
+the round under a new round id with fresh nonces, until a ring suits it (e.g. colluders all around one
+victim). Each run's ring is uniform, so after r runs the chance that any of them is one of the bad rings
+the graph parameters bound (2^-40, ``graph.SECURITY_BITS``) is at most r · 2^-40 by the union bound.
+Nothing in the protocol caps r (a site sees an aborted run only as a round that never finished), so the
+guarantee is r · 2^-40 for the r runs of a round that a site agrees to join.
 """
 
 from __future__ import annotations
