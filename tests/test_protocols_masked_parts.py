@@ -109,6 +109,7 @@ def test_default_parameters_tolerate_the_assumed_dropouts_rounded_up(n):
     k, t = default_parameters(n).neighbours, default_parameters(n).threshold
     dropped, corrupt = math.ceil(0.1 * n), max(1, math.ceil(0.05 * n))
     assert k // 2 < t <= k
+    assert 2 * t - k >= 2  # one colluding neighbour can never complete both kinds of a site's shares
     if k == n - 1:
         assert 2 * t - k > corrupt
         assert k - t >= (dropped if n >= 5 else 0)
