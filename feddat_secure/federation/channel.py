@@ -131,7 +131,7 @@ class PartyAudit:
 class Served:
     """A replying party's end of the channel: logs each request and reply in the party's own log; a request
     the party refuses (MessageRejected, or any other protocol error its protocol session raised on it) is
-    logged as rejected and answered with nothing: a request must never stop a replying party."""
+    logged as rejected and answered with nothing: no request a party refuses stops it."""
 
     def __init__(self, party: Endpoint, audit: PartyAudit, *, server_id: str) -> None:
         self.party = party

@@ -63,8 +63,9 @@ class KeyHolder:
         if not isinstance(next_round, int) or isinstance(next_round, bool) or next_round < 0:
             raise MessageRejected("'next_round' must be an integer >= 0", envelope.sender)
         clients = envelope.fields.get("clients")
-        if not isinstance(clients, list) or not set(clients) <= set(self.roster.client_ids):
-            raise MessageRejected("'clients' must list enrolled sites", envelope.sender)
+        if not isinstance(clients, list) or not all(isinstance(client, str) for client in clients) \
+                or len(set(clients)) != len(clients) or not set(clients) <= set(self.roster.client_ids):
+            raise MessageRejected("'clients' must list distinct enrolled sites", envelope.sender)
         nonce = self.opening.offer(envelope.session, list(clients))  # refused once a session is confirmed
         return {"next_round": next_round, "nonce": nonce}
 
