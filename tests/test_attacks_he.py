@@ -73,6 +73,12 @@ def multiply_plain(public: ts.Context, chunk: bytes, coefficients: np.ndarray, s
     values = np.polynomial.polynomial.polyval(slot_roots(degree, list(range(degree // 2))), coefficients)
     ts.sealapi.CKKSEncoder(seal).encode(values.tolist(), ciphertext.parms_id(), 1.0, plain)  # exact at scale 1
     ts.sealapi.Evaluator(seal).multiply_plain_inplace(ciphertext, plain)
+    return tenseal_vector(ciphertext, vector.size(), scratch)
+
+
+def tenseal_vector(ciphertext, size: int, scratch) -> bytes:
+    """A SEAL ciphertext of ``size`` slots as TenSEAL's CKKSVectorProto {sizes = 1, ciphertexts = 2, scale = 3}
+    (TenSEAL cannot wrap a SEAL ciphertext itself); ``scratch`` is a file SEAL saves through."""
     ciphertext.save(str(scratch))
     data = scratch.read_bytes()
 
@@ -82,8 +88,8 @@ def multiply_plain(public: ts.Context, chunk: bytes, coefficients: np.ndarray, s
             out, value = out + bytes([value & 0x7F | 0x80]), value >> 7
         return out + bytes([value])
 
-    size = varint(vector.size())
-    return (b"\x0a" + varint(len(size)) + size + b"\x12" + varint(len(data)) + data
+    sizes = varint(size)
+    return (b"\x0a" + varint(len(sizes)) + sizes + b"\x12" + varint(len(data)) + data
             + b"\x19" + struct.pack("<d", ciphertext.scale))
 
 

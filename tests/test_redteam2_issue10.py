@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 import tenseal.sealapi  # noqa: F401  (SEAL's own encoder, evaluator and decryptor, for the attacker)
+from test_attacks_he import tenseal_vector
 from test_protocols_he import Harness as HEHarness
 from test_protocols_he import chunks_of
 
@@ -51,22 +52,6 @@ def _second_part_only(template, p: np.ndarray, context: ts.Context, scratch: Pat
     return ciphertext
 
 
-def _tenseal_vector(ciphertext, size: int, scratch: Path) -> bytes:
-    """A SEAL ciphertext in TenSEAL's CKKSVectorProto {sizes = 1, ciphertexts = 2, scale = 3}."""
-    ciphertext.save(str(scratch))
-    data = scratch.read_bytes()
-
-    def varint(value: int) -> bytes:
-        out = b""
-        while value >= 0x80:
-            out, value = out + bytes([value & 0x7F | 0x80]), value >> 7
-        return out + bytes([value])
-
-    sizes = varint(size)
-    return (b"\x0a" + varint(len(sizes)) + sizes + b"\x12" + varint(len(data)) + data
-            + b"\x19" + struct.pack("<d", ciphertext.scale))
-
-
 def _key_probe(context: ts.Context, chunk: bytes, direction: complex, gain: float, scratch: Path,
                canaries: int = 4) -> bytes:
     """The colluder's own chunk (c0, c1) with c1 replaced by c1 + P, P = Encode(gain·direction on every data slot,
@@ -81,7 +66,7 @@ def _key_probe(context: ts.Context, chunk: bytes, direction: complex, gain: floa
     ts.sealapi.CKKSEncoder(seal).encode(slots, ciphertext.parms_id(), gain * 2.0**40, plain)
     p = np.array([plain.data(i) for i in range(DEGREE)], dtype=np.uint64)
     ts.sealapi.Evaluator(seal).add_inplace(ciphertext, _second_part_only(ciphertext, p, context, scratch))
-    return _tenseal_vector(ciphertext, vector.size(), scratch)
+    return tenseal_vector(ciphertext, vector.size(), scratch)
 
 
 def _secret_key(context: ts.Context, slots: np.ndarray, scratch: Path):
