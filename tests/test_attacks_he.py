@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import struct
 
 import numpy as np
 import pytest
@@ -14,8 +13,10 @@ import tenseal.sealapi  # noqa: F401  (SEAL's own plaintext multiply, for the at
 from test_protocols_he import Harness, chunks_of, summed, weighted_sum
 
 from protocols import MessageRejected, RoundAborted, new_session_id
+from protocols.he import masks as he_masks
 from protocols.he import messages
 from protocols.he.chunks import Layout, ciphertexts_digest
+from protocols.he.ckks import tenseal_vector
 from protocols.he.sealing import seal
 from protocols.wire import Envelope
 
@@ -63,8 +64,7 @@ def crafted_polynomial(degree: int, keep: list[int], terms: int = 36, precision_
 def multiply_plain(public: ts.Context, chunk: bytes, coefficients: np.ndarray, scratch) -> bytes:
     """c · p for the integer polynomial p, with SEAL's own plaintext multiply at scale 1: the product stays a
     two-part ciphertext at the fresh level and scale 2^40 (what ``load_ciphertext`` checks). Only the public
-    context is used. TenSEAL wraps SEAL ciphertexts in its CKKSVectorProto {sizes = 1, ciphertexts = 2,
-    scale = 3}; the result is written back in that form."""
+    context is used; the result is written back in TenSEAL's format (``ckks.tenseal_vector``)."""
     vector = ts.ckks_vector_from(public, chunk)
     [ciphertext] = vector.ciphertext()
     seal = public.seal_context().data
@@ -76,28 +76,18 @@ def multiply_plain(public: ts.Context, chunk: bytes, coefficients: np.ndarray, s
     return tenseal_vector(ciphertext, vector.size(), scratch)
 
 
-def tenseal_vector(ciphertext, size: int, scratch) -> bytes:
-    """A SEAL ciphertext of ``size`` slots as TenSEAL's CKKSVectorProto {sizes = 1, ciphertexts = 2, scale = 3}
-    (TenSEAL cannot wrap a SEAL ciphertext itself); ``scratch`` is a file SEAL saves through."""
-    ciphertext.save(str(scratch))
-    data = scratch.read_bytes()
-
-    def varint(value: int) -> bytes:
-        out = b""
-        while value >= 0x80:
-            out, value = out + bytes([value & 0x7F | 0x80]), value >> 7
-        return out + bytes([value])
-
-    sizes = varint(size)
-    return (b"\x0a" + varint(len(sizes)) + sizes + b"\x12" + varint(len(data)) + data
-            + b"\x19" + struct.pack("<d", ciphertext.scale))
-
-
-def test_a_crafted_plaintext_polynomial_combination_passes_the_old_checks_but_not_the_committee(tmp_path):
+@pytest.mark.parametrize("masked", [False, True], ids=["without-masks", "with-masks"])
+def test_a_crafted_plaintext_polynomial_combination_passes_the_old_checks_but_not_the_committee(tmp_path, monkeypatch,
+                                                                                                masked):
     """Issue 10, item 1, played for real: with only the public context, the server multiplies the victim's
     ciphertext by a small integer polynomial p (found by lattice reduction) that is ≈ 1 on the canary slots and
     the weight slot and far from 1 elsewhere, adds the others' ciphertexts, and presents it with their genuine
-    receipts. The old key holder (receipts, quorum, canaries, ranges) decrypts it; the committee's digest stops it."""
+    receipts. Without the ciphertext masks (masks.py), the old key holder (receipts, quorum, canaries, ranges)
+    decrypts it; the committee's digest stops it. With the masks, even the old key holder refuses it: p·(c0 + r)
+    leaves (p − 1)·r, uniform, once r is removed, and the canaries miss."""
+    if not masked:  # the protocol as it was before the masks: every mask zero
+        monkeypatch.setattr(he_masks, "chunk_mask", lambda seed, chunk, moduli, degree:
+                            np.zeros((len(moduli), degree), dtype=np.uint64))
     harness = Harness(3, length=10)
     inputs = harness.start()
     layout = Layout(harness.length, 2048)
@@ -114,17 +104,26 @@ def test_a_crafted_plaintext_polynomial_combination_passes_the_old_checks_but_no
     old = harness.protocol.keyholder(harness.keyholder_identity, harness.roster, session=harness.session,
                                      state=harness.keyholder.state_dict())
     old._check_attestations = lambda *args: None  # the key holder as it was before the committee
-    released = harness.read(old.handle(forged)[0].data)  # receipts, quorum, canaries and ranges all pass
-    values = np.polynomial.polynomial.polyval(slot_roots(4096, list(range(harness.length))), p).real
-    others = weighted_sum(harness.xs, harness.ws, skip={0})
-    np.testing.assert_allclose(released.arrays["sum"], values * harness.ws[0] * harness.xs[0] + others, atol=1e-3)
-    assert np.min(np.abs(values - 1)) > 1  # every released coordinate of the victim is scaled, not summed
-    assert released.fields["total_weight"] == pytest.approx(sum(harness.ws), abs=1e-3)
+    if masked:
+        with pytest.raises(MessageRejected, match="canary error"):
+            old.handle(forged)
+    else:
+        check_the_old_key_holder_releases_the_isolated_victim(harness, old.handle(forged)[0].data, p)
     with pytest.raises(MessageRejected, match="did not attest this aggregate"):
         harness.keyholder.handle(forged)
     [result] = harness.keyholder.handle(aggregate.data)  # the refusal changed nothing: the honest sum is released
     np.testing.assert_allclose(harness.read(result.data).arrays["sum"], weighted_sum(harness.xs, harness.ws),
                                atol=1e-5)
+
+
+def check_the_old_key_holder_releases_the_isolated_victim(harness: Harness, data: bytes, p: np.ndarray) -> None:
+    """Receipts, quorum, canaries and ranges all passed: the release scales the victim's every coordinate."""
+    released = harness.read(data)
+    values = np.polynomial.polynomial.polyval(slot_roots(4096, list(range(harness.length))), p).real
+    others = weighted_sum(harness.xs, harness.ws, skip={0})
+    np.testing.assert_allclose(released.arrays["sum"], values * harness.ws[0] * harness.xs[0] + others, atol=1e-3)
+    assert np.min(np.abs(values - 1)) > 1  # every released coordinate of the victim is scaled, not summed
+    assert released.fields["total_weight"] == pytest.approx(sum(harness.ws), abs=1e-3)
 
 
 def test_a_colluding_site_cannot_submit_a_ciphertext_derived_from_an_honest_one_after_seeing_it():

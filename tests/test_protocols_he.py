@@ -27,7 +27,7 @@ from protocols import (
     new_session_id,
     simulate_round,
 )
-from protocols.he import HEOptions, HEProtocol, messages
+from protocols.he import HEOptions, HEProtocol, masks, messages
 from protocols.he.chunks import Layout, ciphertexts_digest
 from protocols.wire import Envelope
 
@@ -278,6 +278,48 @@ def test_the_server_sums_as_inputs_arrive_but_keeps_each_counted_input_until_the
     inputs = harness.start()
     assert len(harness.server._sum) == Layout(100, 2048).num_chunks == 1
     assert len(harness.server._inputs) == len(inputs) == 6
+
+
+# --- ciphertext masks: a single ciphertext decrypts to noise under any key ------------------------------------
+
+
+def test_every_mask_is_uniform_mod_its_prime_and_differs_per_chunk_and_per_client():
+    """χ² on the top four bits of r/q over 6 masks × 4096 coefficients (15 degrees of freedom; 37.7 is the
+    0.999 quantile): a sampler short of the prime's range (e.g. 59-bit words: half the buckets empty) fails it. No two
+    chunks of one client, nor the same chunk of two clients, share a coefficient (2^-60 each by chance)."""
+    moduli = [1152921504606830593]  # the data prime SEAL picks for N = 4096, moduli [60, 40]
+    first, second = (masks.masks(bytes([client]) * 32, 3, moduli, 4096) for client in (1, 2))
+    values = np.concatenate([mask.ravel() for mask in first + second])
+    assert values.dtype == np.uint64 and int(values.max()) < moduli[0]
+    counts = np.bincount((values.astype(np.float64) / moduli[0] * 16).astype(np.int64), minlength=16)
+    expected = values.size / 16
+    assert np.sum((counts - expected) ** 2 / expected) < 37.7
+    pairs = [(first[0], first[1]), (first[1], first[2]), (first[0], second[0]), (first[2], second[2])]
+    assert all(not np.any(a == b) for a, b in pairs)
+    assert np.array_equal(masks.chunk_mask(bytes([1]) * 32, 2, moduli, 4096), first[2])  # the key holder's copy
+
+
+def test_a_single_ciphertext_decrypts_to_noise_even_with_the_secret_key_and_the_sum_to_the_inputs():
+    """What a recovered key is worth (tests/test_redteam2_issue10.py): each counted ciphertext, decrypted with the
+    round's own secret key, is its input plus a uniform mask (~2^25 per slot against inputs of at most 150); the
+    released sum is still exact."""
+    harness = Harness(3, length=10)
+    inputs = harness.start()
+    secret = harness.keyholder._open.context
+    for index, client in enumerate(harness.clients):
+        [chunk] = chunks_of(harness, inputs[client])
+        decrypted = np.asarray(ts.ckks_vector_from(secret, chunk).decrypt())[:harness.length]
+        assert np.median(np.abs(decrypted - harness.ws[index] * harness.xs[index][:10])) > 1e5
+    np.testing.assert_allclose(harness.finish().vector, weighted_sum(harness.xs, harness.ws), atol=1e-5)
+
+
+def test_masks_cover_every_data_prime_of_a_multi_prime_level():
+    """Two data primes (40 and 30 bits): each mask row is uniform mod its own prime, and the key holder removes
+    both rows exactly (a wrong RNS layout would decrypt to noise)."""
+    options = {"coeff_mod_bit_sizes": (40, 30, 30), "global_scale_bits": 30}
+    xs, ws = updates(3, length=100), [3.0, 1.0, 2.0]
+    step = HEOptions(**SMALL, **options).output_step
+    np.testing.assert_allclose(simulate_round("he", xs, ws, **SMALL, **options), weighted_sum(xs, ws), atol=step)
 
 
 # --- the key holder decrypts only a verified sum -------------------------------------------------------------

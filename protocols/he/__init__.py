@@ -3,6 +3,7 @@
 Parties: clients encrypt, the server adds, a key holder (its own role; in a small deployment one site
 may take it) makes a fresh key pair per round and decrypts only the exact sum of enough committed, signed
 contributions, as recomputed and co-signed by a committee it draws from the sites whose inputs were counted.
+Every ciphertext carries a uniform mask mod q that only the key holder removes, from the sum (masks.py).
 The message flow is in messages.py, the threat model and parameters in docs/protocols.md.
 
 Importing this package does not import TenSEAL (a configuration is validated with ``HEOptions``

@@ -1,5 +1,9 @@
 """The TenSEAL calls, in one place, with every check a party needs before trusting a context or ciphertext.
 
+Masks (masks.py) are added to and removed from ciphertexts with SEAL's own evaluator (``tenseal.sealapi``):
+TenSEAL can neither build a SEAL plaintext from raw coefficients nor wrap a SEAL ciphertext, so both cross
+SEAL's serialization format (``_seal_object``) and TenSEAL's ``CKKSVectorProto`` (``tenseal_vector``) here.
+
 Performance note: never ``CKKSVector.copy()`` here; it copies the whole context each time (a 10-client
 sum took a minute and 13 GB that way). Sums use ``+=`` on vectors that share one context.
 """
@@ -8,11 +12,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import struct
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import tenseal as ts
-import tenseal.sealapi  # noqa: F401  (registers SEAL's types, so coefficient moduli can be inspected)
+import tenseal.sealapi  # noqa: F401  (SEAL's evaluator, decryptor and encoder, for the masks)
 
 from ..errors import ConfigurationError, MessageRejected
 from .config import HEOptions
@@ -60,9 +68,84 @@ def load_public_context(data: bytes, config: HEOptions, sender: str) -> ts.Conte
     return context
 
 
-def encrypt(context: ts.Context, plaintexts: Sequence[np.ndarray]) -> list[bytes]:
-    """One serialized ciphertext per plaintext chunk (public-key encryption)."""
-    return [ts.ckks_vector(context, chunk.tolist()).serialize() for chunk in plaintexts]
+def data_moduli(context: ts.Context) -> list[int]:
+    """The data primes of a fresh ciphertext's level (the special prime excluded): what a mask is uniform modulo."""
+    return [modulus.value() for modulus in context.seal_context().data.first_context_data().parms().coeff_modulus()]
+
+
+def encrypt(context: ts.Context, plaintexts: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> list[bytes]:
+    """One serialized ciphertext per plaintext chunk (public-key encryption), chunk k's mask added to its first
+    part c0: it decrypts, under any key, to the chunk plus a uniform polynomial (masks.py)."""
+    seal = context.seal_context().data
+    evaluator = ts.sealapi.Evaluator(seal)
+    out = []
+    with _scratch_folder() as folder:
+        scratch = Path(folder) / "seal.bin"
+        for chunk, mask in zip(plaintexts, masks, strict=True):
+            vector = ts.ckks_vector(context, chunk.tolist())
+            [ciphertext] = vector.ciphertext()  # a copy: TenSEAL hands out no reference to its own
+            evaluator.add_plain_inplace(ciphertext, rns_plaintext(seal, ciphertext, mask, scratch))
+            out.append(tenseal_vector(ciphertext, vector.size(), scratch))
+    return out
+
+
+def _varint(value: int) -> bytes:
+    out = b""
+    while value >= 0x80:
+        out, value = out + bytes([value & 0x7F | 0x80]), value >> 7
+    return out + bytes([value])
+
+
+def tenseal_vector(ciphertext: ts.sealapi.Ciphertext, size: int, scratch: Path) -> bytes:
+    """A SEAL ciphertext of ``size`` slots in TenSEAL's wire format, the protobuf message CKKSVectorProto
+    {repeated uint32 sizes = 1 (packed); repeated bytes ciphertexts = 2; double scale = 3}
+    (tenseal/proto/tensors.proto): what ``ts.ckks_vector_from`` loads. ``scratch`` is a file SEAL saves
+    through (sealapi saves only to a path)."""
+    ciphertext.save(str(scratch))
+    data = scratch.read_bytes()
+    sizes = _varint(size)
+    return (b"\x0a" + _varint(len(sizes)) + sizes + b"\x12" + _varint(len(data)) + data
+            + b"\x19" + struct.pack("<d", ciphertext.scale))
+
+
+_MEMORY = "/dev/shm"  # a scratch file there never touches a disk (sealapi loads and saves only through paths)
+
+
+def _scratch_folder() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(dir=_MEMORY if os.path.isdir(_MEMORY) else None)
+
+
+_SEAL_MAGIC = 0xA15E
+_SEAL_HEADER = "<HBBBBHQ"  # magic, header size, version major, minor, compression (0: none), reserved, total size
+
+
+@functools.cache
+def _seal_version() -> tuple[int, int]:
+    """The (major, minor) version SEAL writes in its headers, read off one of its own saves."""
+    with _scratch_folder() as folder:
+        path = Path(folder) / "seal.bin"
+        ts.sealapi.Plaintext().save(str(path))
+        return tuple(path.read_bytes()[3:5])
+
+
+def _seal_object(body: bytes) -> bytes:
+    """``body`` behind SEAL's serialization header, uncompressed (SEAL's ``Serialization::Save``)."""
+    header = struct.calcsize(_SEAL_HEADER)
+    return struct.pack(_SEAL_HEADER, _SEAL_MAGIC, header, *_seal_version(), 0, 0, header + len(body)) + body
+
+
+def rns_plaintext(seal: ts.sealapi.SEALContext, like: ts.sealapi.Ciphertext, coefficients: np.ndarray,
+                  scratch: Path) -> ts.sealapi.Plaintext:
+    """The NTT-form plaintext with these RNS coefficients (shape (primes, N)) at ``like``'s level and scale,
+    in SEAL's own format (``Plaintext::save_members``: parms_id, coefficient count, scale, then the coefficients
+    as a DynArray). SEAL's loader checks the level exists and every coefficient is below its prime."""
+    data = np.ascontiguousarray(coefficients, dtype="<u8").tobytes()
+    array = _seal_object(struct.pack("<Q", coefficients.size) + data)
+    body = struct.pack("<4QQd", *like.parms_id(), coefficients.size, like.scale) + array
+    scratch.write_bytes(_seal_object(body))
+    plain = ts.sealapi.Plaintext()
+    plain.load(seal, str(scratch))
+    return plain
 
 
 def load_ciphertext(context: ts.Context, data: bytes, size: int, config: HEOptions, sender: str,
@@ -88,9 +171,23 @@ def load_ciphertext(context: ts.Context, data: bytes, size: int, config: HEOptio
     return vector
 
 
-def decrypt(vector: ts.CKKSVector) -> np.ndarray:
-    """The slots of a ciphertext loaded with the secret context."""
-    return np.asarray(vector.decrypt(), dtype=np.float64)
+def decrypt_unmasked(context: ts.Context, vectors: Sequence[ts.CKKSVector],
+                     masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The slots of each (summed) ciphertext, loaded with the secret context, once its summed mask is
+    subtracted from its first part: only then is it the sum of the counted chunks (masks.py)."""
+    seal = context.seal_context().data
+    evaluator, encoder = ts.sealapi.Evaluator(seal), ts.sealapi.CKKSEncoder(seal)
+    decryptor = ts.sealapi.Decryptor(seal, context.secret_key().data)
+    out = []
+    with _scratch_folder() as folder:
+        scratch = Path(folder) / "seal.bin"
+        for vector, mask in zip(vectors, masks, strict=True):
+            [ciphertext] = vector.ciphertext()
+            evaluator.sub_plain_inplace(ciphertext, rns_plaintext(seal, ciphertext, mask, scratch))
+            plain = ts.sealapi.Plaintext()
+            decryptor.decrypt(ciphertext, plain)
+            out.append(np.asarray(encoder.decode_double(plain), dtype=np.float64)[:vector.size()])
+    return out
 
 
 def ciphertext_from_state(context: ts.Context, data: bytes) -> ts.CKKSVector:
@@ -116,9 +213,11 @@ def secret_context_from_state(data: bytes, config: HEOptions) -> ts.Context:
 @functools.cache
 def fresh_ciphertext_bytes(config: HEOptions) -> int:
     """The serialized size of one fresh full ciphertext, measured once per parameter set: what the per-stage
-    size limits and ``bytes_per_parameter`` start from (a sum of ciphertexts is no larger)."""
+    size limits and ``bytes_per_parameter`` start from (a sum of ciphertexts is no larger; a masked one is as
+    incompressible as a fresh one)."""
     context = secret_context(config)
-    return len(encrypt(context, [np.zeros(config.slots)])[0])
+    mask = np.zeros((len(data_moduli(context)), config.poly_modulus_degree), dtype=np.uint64)
+    return len(encrypt(context, [np.zeros(config.slots)], [mask])[0])
 
 
 def add_into(totals: list[ts.CKKSVector], vectors: list[ts.CKKSVector]) -> list[ts.CKKSVector]:

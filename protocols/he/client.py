@@ -9,6 +9,10 @@ holder decrypts only a ciphertext whose digest every member signed, so one hones
 a crafted ciphertext (issue 10, item 1). It takes part only on the key holder's signed committee announcement
 (the server forwards it): one that names it, for the committed list it revealed against and this round
 context. It keeps a running sum, never the counted inputs.
+
+Every ciphertext it uploads carries, in its first part, a uniform mask mod q that only the key holder can remove
+(masks.py): whoever learns the round's secret key (e.g. from a colluding site's malformed ciphertext, issue 10,
+red-team 2) still decrypts a single input only to noise.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from ..errors import ConfigurationError, MessageRejected, ProtocolError
 from ..identity import Identity, Roster
 from ..wire import Envelope, expect
 from ..x25519 import check_x25519_public_key
-from . import ckks, messages
+from . import ckks, masks, messages
 from .chunks import SEED_BYTES, Layout, ciphertexts_digest
 from .config import HEOptions
 from .messages import (
@@ -148,7 +152,8 @@ class HEClient(ClientSession):
                                                        len(state.clients)))
 
     def _commit(self, envelope: Envelope) -> list[Outgoing]:
-        """Encrypt under the round's key; keep the ciphertexts and send only the signed receipt."""
+        """Encrypt under the round's key, each chunk masked (masks.py) from the seed sealed to the key holder
+        alone; keep the ciphertexts and send only the signed receipt."""
         keyholder = envelope.sender
         if self._roster.role(keyholder) != "keyholder":
             raise MessageRejected(f"a public context must come from the key holder, not from a "
@@ -167,7 +172,9 @@ class HEClient(ClientSession):
 
         layout = Layout(len(vector), self.options.slots)
         seed = os.urandom(SEED_BYTES)
-        ciphertexts = ckks.encrypt(context, layout.split(vector * weight, weight, layout.canaries_from(seed)))
+        ciphertexts = ckks.encrypt(context, layout.split(vector * weight, weight, layout.canaries_from(seed)),
+                                   masks.masks(seed, layout.num_chunks, ckks.data_moduli(context),
+                                               self.options.poly_modulus_degree))
         context_digest = ckks.digest(envelope.blobs["context"])
         sealed = seal(seed, seal_key, messages.seal_associated(self.session, envelope.round, self.party_id,
                                                                 context_digest))

@@ -7,7 +7,8 @@ counted list and committed-list digest it drew them for, each member having reco
 itself from the counted ciphertexts and checked them against the commitments every site revealed against
 (client.py, messages.py); (2) of at least ``required(cohort)`` distinct, signed receipts of that round's
 clients, for this session, key, vector length and round context; (3) whose decrypted canary slots equal the
-sum of those clients' canaries (chunks.py: they bind the sum to the counted receipts' seeds); (4) whose
+sum of those clients' canaries (chunks.py: they bind the sum to the counted receipts' seeds), once the sum of
+their masks is subtracted (masks.py); (4) whose
 decrypted total weight and values lie in the range the counted inputs can produce (``min_weight``,
 ``max_weight``, ``input_bound``), so a zero or tiny total weight never reaches a division. Then it destroys the
 key. What it releases is rounded to ``config.output_step`` (Li-Micciancio 2021).
@@ -25,6 +26,13 @@ again until it got colluders), and sign the announcement the server forwards to 
 cannot bias the draw, and a client that dropped before its input was counted can never be a member: drawn at
 setup, a member that dropped at any point aborted the round (at 10 % dropout and n = 10, about 27 % of
 rounds). A member that drops after the draw, before it attests, still aborts the round.
+
+Why masks (issue 10, red-team 2, break 1): a colluding site can submit (c0, c1 + P) for a public P; the sum
+passes every check above and decrypts to Σm + P·s, so the released values carry the secret key s. Each client
+therefore adds to c0 a uniform polynomial mod q expanded from the seed it seals to this key holder alone, and
+the key holder removes the counted clients' masks from the attested sum just before decrypting: a key learnt
+from the release decrypts any single ciphertext (held by the server and the committee) only to its input plus a
+uniform mask. The release itself, and the key holder's trust, are unchanged.
 
 Why a key per round: one secret key decrypts one ciphertext set, so what a decryption leaks about the key
 (CKKS decryptions carry noise that depends on it) can never be combined across rounds, and a round whose
@@ -46,7 +54,7 @@ from ..base import KeyHolderSession, Outgoing, array_bytes, bytes_array, checked
 from ..errors import MessageRejected, ProtocolError
 from ..identity import Identity, Roster
 from ..wire import Envelope, expect
-from . import ckks, messages
+from . import ckks, masks, messages
 from .chunks import SEED_BYTES, Layout, ciphertexts_digest
 from .config import HEOptions
 from .messages import (
@@ -211,7 +219,9 @@ class HEKeyHolder(KeyHolderSession):
                    for index, (blob, size) in enumerate(zip(blobs, state.layout.chunk_sizes()))]
 
         self._open = None  # from here on this key is spent, whatever the outcome: one decryption per key
-        sums, total_weight, canaries = state.layout.join([ckks.decrypt(vector) for vector in vectors])
+        summed = masks.summed_masks(seeds, state.layout.num_chunks, ckks.data_moduli(state.context),
+                                    self.options.poly_modulus_degree)
+        sums, total_weight, canaries = state.layout.join(ckks.decrypt_unmasked(state.context, vectors, summed))
         expected = np.sum([state.layout.canaries_from(seed) for seed in seeds], axis=0)
         miss = float(np.max(np.abs(canaries - expected)))
         step = self.options.output_step
