@@ -1,8 +1,9 @@
 """Second red-team pass on issue 10's hardening: attacks played through the package's own parties and signed
 messages, after the first pass (tests/test_redteam_issue10.py) and the review fixes.
 
-A test marked ``xfail(strict=True)`` is a break that still works (the lead removes the mark once it is fixed); the
-other tests are attacks that the defence already stops and that no other test plays."""
+Each test plays an attack the defence now stops (the two breaks this pass found are fixed: the key holder refuses a
+malformed ``open``, and a key recovered through a malformed ciphertext decrypts no input) and that no other test
+plays."""
 
 from __future__ import annotations
 
