@@ -40,9 +40,7 @@ def test_break_2_a_server_cannot_show_a_victim_a_two_client_round():
 
 def test_break_2_a_client_refuses_relayed_commitments_of_another_view():
     h = Harness(n=5)
-    h.answer()
-    h.submit()
-    h.advance()
+    h.stage()
     request = h.read(h.requests["client-0"])
     blobs = dict(request.blobs)
     # the server showed client-1 a different cohort: its signed commitment names another view
@@ -57,9 +55,7 @@ def test_break_2_a_client_refuses_relayed_commitments_of_another_view():
 def test_break_2_the_ring_depends_on_every_nonce_so_withholding_a_reveal_aborts():
     h = Harness(n=5)
     h.stage()
-    h.answer()
-    h.submit()
-    h.advance()
+    h.stage()
     request = h.read(h.requests["client-0"])
     withheld = {peer: data for peer, data in request.blobs.items() if peer != "client-4"}
     with pytest.raises(MessageRejected, match="every cohort member's is needed"):
@@ -69,9 +65,7 @@ def test_break_2_the_ring_depends_on_every_nonce_so_withholding_a_reveal_aborts(
 def test_break_2_a_revealed_nonce_must_match_its_commitment():
     h = Harness(n=5)
     h.stage()
-    h.answer()
-    h.submit()
-    h.advance()
+    h.stage()
     request = h.read(h.requests["client-0"])
     blobs = dict(request.blobs)
     genuine = h.read(blobs["client-1"])
