@@ -48,6 +48,8 @@ EVENTS: dict[str, str] = {
     "privacy_spent": "differential-privacy budget spent (meta: epsilon, delta, ...)",
     "budget_exceeded": "a privacy budget would be exceeded; the party stops",
     "party_dropped": "a peer was dropped from a round (timeout, rejection)",
+    "node_bound": "a network node was bound to a roster party (meta.node_id; the party's signed proof checked)",
+    "node_refused": "a network node was refused as a party (meta.node_id, meta.reason)",
     "round_finished": "a round (or a stage of one) ends",
     "run_stopped": "the party ends a run (normally or not; meta.reason)",
     "tree_head": "the party's own signed tree head over every earlier entry (written by the log)",

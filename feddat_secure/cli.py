@@ -55,6 +55,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """A party's agent: the party (a site or the key holder) built from its own folder, serving its relay."""
+    folder = Path(args.site_dir if args.command == "site" else args.keyholder_dir)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from .deployment.agent import PartyAgent
+
+    socket_path = Path(args.socket) if args.socket else None
+    PartyAgent(folder, socket_path=socket_path, socket_group=args.socket_group).serve()
+    return 0
+
+
+def _deploy_local(args: argparse.Namespace) -> int:
+    if args.auth and not args.tls:
+        raise FeddatError("--auth needs --tls: Flower authenticates nodes only over TLS")
+    config = load_config(args.config)
+    values = to_dict(config)
+    if args.output_dir:
+        values["output_dir"] = args.output_dir
+    if args.sites is not None:
+        values["data"] = {**values["data"], "num_clients": args.sites}
+    config = config_from_dict(values)
+    from .deployment.local import LocalSettings, deploy_local
+
+    settings = LocalSettings(tls=args.tls, auth=args.auth, overwrite=args.overwrite,
+                             stage_deadline_s=args.stage_deadline, deadlines=args.deadlines or "",
+                             threads=args.threads, app_dir=Path(args.app) if args.app else None)
+    result = deploy_local(config, settings)
+    print(f"run folder: {result.run_dir}")
+    _print_audit_check(result.run_dir)
+    if result.stopped:
+        print(f"feddat-secure: {result.stopped}")
+        return 1
+    return 0
+
+
 def _with_keys(config: RunConfig, **values: Any) -> RunConfig:
     """``config`` with top-level keys replaced (from command-line options), validated like a config file's."""
     return config_from_dict({**to_dict(config), **values})
@@ -155,6 +193,35 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("enrolments", nargs="+", metavar="ENROLMENT_FILE", help="a party's enrolment.json")
     build.add_argument("--out", required=True, help="the roster file to write (never overwritten)")
     build.set_defaults(handler=_build_roster)
+    for role, option in (("site", "--site-dir"), ("keyholder", "--keyholder-dir")):
+        party = commands.add_parser(role, help=f"run this {role}'s agent in a deployment (docs/deployment.md)")
+        serve = party.add_subparsers(dest=f"{role}_command", required=True).add_parser(
+            "serve", help=f"serve the {role} from its own folder to its Flower node's relay until the run closes")
+        serve.add_argument(option, required=True, help="the party's own folder (identity, roster, config.toml, "
+                                                       "federation.json; 0700)")
+        serve.add_argument("--socket", help="the Unix socket to serve on (default: agent.sock in the folder; "
+                                            "the SuperNode's node-config agent-socket)")
+        serve.add_argument("--socket-group", help="let this group's members (the SuperNode's user) connect: socket "
+                                                  "0660 instead of 0600 (run the agent as a user of its own)")
+        serve.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+        serve.set_defaults(handler=_serve)
+    deploy = commands.add_parser("deploy", help="deploy a run on Flower")
+    local = deploy.add_subparsers(dest="deploy_command", required=True).add_parser(
+        "local", help="a real Flower deployment of CONFIG on this machine: SuperLink, one SuperNode and agent per "
+                      "party, the ServerApp; torn down at the end")
+    local.add_argument("config", help="path to CONFIG.toml")
+    local.add_argument("--sites", type=int, help="number of sites (default: the config's data.num_clients)")
+    local.add_argument("--tls", action="store_true", help="TLS with a certificate made for this run")
+    local.add_argument("--auth", action="store_true", help="node authentication (needs --tls): each SuperNode's key "
+                                                           "registered under its party's name")
+    local.add_argument("--stage-deadline", type=float, default=120.0,
+                       help="seconds each stage waits for replies (default 120)")
+    local.add_argument("--deadlines", help="per-stage deadlines, e.g. 'feddat:train=900,masked:masked_input=60'")
+    local.add_argument("--threads", type=int, default=1, help="torch threads per party process (default 1)")
+    local.add_argument("--app", help="the Flower app folder (default: deploy/flower of the source tree)")
+    local.add_argument("--output-dir", help="parent folder of the run folder (default: the config's)")
+    local.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    local.set_defaults(handler=_deploy_local)
     add_audit_commands(commands, _roster_keys)
     report = commands.add_parser(
         "privacy-report", help="write the privacy budget report (HTML, Markdown, JSON) of a run folder",

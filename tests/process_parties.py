@@ -266,7 +266,7 @@ def _serve_as(party: str, role: str, raw_config: dict[str, Any], control: Connec
                     len(benchmark.answers))
 
     if role == "server":
-        server = build_server(plan, run_dir, PipeChannel(links), resume=False)
+        server = build_server(plan, party_folder(run_dir, party), PipeChannel(links), resume=False)
         server.link.default_deadline_s = deadline_s
         server.open(resume=False)
         server.run(RoundLog(write=lambda record: record, echo=lambda line: None))
@@ -278,10 +278,10 @@ def _serve_as(party: str, role: str, raw_config: dict[str, Any], control: Connec
     if role == "client":
         client = next(c for c in benchmark.clients if c.client_id == party)
         answers = site_answers(config, benchmark, client)
-        endpoint = build_site(plan, run_dir, party, foundation, lora, encode_site(foundation, answers, client), answers,
-                              resume=False)
+        endpoint = build_site(plan, party_folder(run_dir, party), foundation, lora,
+                              encode_site(foundation, answers, client), answers, resume=False)
     else:
-        endpoint = build_keyholder(plan, run_dir, resume=False)
+        endpoint = build_keyholder(plan, party_folder(run_dir, party), resume=False)
     served = Served(endpoint, endpoint.audit, server_id=endpoint.roster.server_id)
     while True:
         try:

@@ -151,14 +151,14 @@ def party_folder(run_dir: Path, party_id: str) -> PartyFolder:
     return PartyFolder(Path(run_dir) / PARTIES_DIR / party_id, party_id)
 
 
-def party_identity(plan: RunPlan, run_dir: Path, party_id: str) -> tuple[Identity, Roster]:
+def party_identity(plan: RunPlan, folder: PartyFolder) -> tuple[Identity, Roster]:
     """This party's own identity (and the roster it pins), from ``secure_aggregation.keys/<party>/`` when the
-    configuration names a keys folder, else from its folder in the run; checked against the roster."""
+    configuration names a keys folder, else from its own folder; checked against the roster."""
     keys = plan.config.secure_aggregation.keys
-    folder = Path(keys) / party_id if keys else party_folder(run_dir, party_id).path
+    party_id = folder.party_id
     try:
-        roster = load_roster(Path(keys) if keys else party_folder(run_dir, party_id).roster)
-        identity = load_party_identity(folder, party_id)
+        roster = load_roster(Path(keys) if keys else folder.roster)
+        identity = load_party_identity(Path(keys) / party_id if keys else folder.path, party_id)
         roster.check_identity(identity)
     except ConfigurationError as error:
         if not keys:
@@ -173,10 +173,14 @@ def _audit(plan: RunPlan, folder: PartyFolder, identity: Identity, roster: Roste
                              resume=resume, run_id=plan.config.digest()[:16])
 
 
-def build_site(plan: RunPlan, run_dir: Path, site_id: str, foundation: Foundation, lora: LoraSettings,
-               split: tuple[EncodedSplit, EncodedSplit], answers: tuple[str, ...], *, resume: bool) -> Site:
-    identity, roster = party_identity(plan, run_dir, site_id)
-    folder = party_folder(run_dir, site_id)
+def build_site(plan: RunPlan, folder: PartyFolder, foundation: Foundation, lora: LoraSettings,
+               split: tuple[EncodedSplit, EncodedSplit], answers: tuple[str, ...], *, resume: bool,
+               opening_digest: str | None = None) -> Site:
+    """The site ``folder.party_id`` from its own folder (identity, roster, audit log, checkpoints, outputs).
+    ``opening_digest``: what the server's opening must carry (default: the configuration's SHA-256; a
+    deployment's agreement digest covers the federation's facts too)."""
+    identity, roster = party_identity(plan, folder)
+    site_id = folder.party_id
     index = plan.site_ids.index(site_id)
     seed = plan.config.seed * 1000 + index
     model = LocalModel(foundation, lora, plan.algorithm.adapters, plan.algorithm.trainable, len(answers),
@@ -184,18 +188,22 @@ def build_site(plan: RunPlan, run_dir: Path, site_id: str, foundation: Foundatio
     record = plan.privacy.record.get(site_id)
     trainer = plan.algorithm.trainer(plan.config, model, record, plan.head_travels)
     privacy = SitePrivacy(site_id, record, plan.privacy.client)
-    return Site(identity, roster, folder, config_digest=plan.config.digest(), trainer=trainer, train=split[0],
-                test=split[1], answers=answers, layout=plan.layout, sends_updates=plan.algorithm.sends_updates,
-                protocol=build_protocol(plan), privacy=privacy, weight=plan.weights[site_id], seed=seed,
-                audit=_audit(plan, folder, identity, roster, resume), base_model_path=foundation.path)
+    return Site(identity, roster, folder, config_digest=opening_digest or plan.config.digest(), trainer=trainer,
+                train=split[0], test=split[1], answers=answers, layout=plan.layout,
+                sends_updates=plan.algorithm.sends_updates, protocol=build_protocol(plan), privacy=privacy,
+                weight=plan.weights[site_id], seed=seed, audit=_audit(plan, folder, identity, roster, resume),
+                base_model_path=foundation.path)
 
 
-def build_server(plan: RunPlan, run_dir: Path, channel: Channel, *, resume: bool) -> Server:
-    identity, roster = party_identity(plan, run_dir, "server")
-    folder = party_folder(run_dir, "server")
+def build_server(plan: RunPlan, folder: PartyFolder, channel: Channel, *, resume: bool,
+                 opening_digest: str | None = None) -> Server:
+    """The server from its own folder, reaching the other parties through ``channel`` (``opening_digest``: as
+    for :func:`build_site`)."""
+    identity, roster = party_identity(plan, folder)
     config = plan.config
     link = ServerLink(channel, _audit(plan, folder, identity, roster, resume))
-    server_plan = ServerPlan(config_digest=config.digest(), rounds=config.federation.rounds, per_round=plan.per_round,
+    server_plan = ServerPlan(config_digest=opening_digest or config.digest(), rounds=config.federation.rounds,
+                             per_round=plan.per_round,
                              sends_updates=plan.algorithm.sends_updates, vector_length=plan.vector_length,
                              seed=config.seed)
     return Server(identity, roster, folder, server_plan, link,
@@ -203,8 +211,9 @@ def build_server(plan: RunPlan, run_dir: Path, channel: Channel, *, resume: bool
                   build_protocol(plan), ServerPrivacy(plan.privacy.client))
 
 
-def build_keyholder(plan: RunPlan, run_dir: Path, *, resume: bool) -> KeyHolder:
-    identity, roster = party_identity(plan, run_dir, "keyholder")
-    folder = party_folder(run_dir, "keyholder")
-    return KeyHolder(identity, roster, folder, config_digest=plan.config.digest(), protocol=build_protocol(plan),
-                     audit=_audit(plan, folder, identity, roster, resume))
+def build_keyholder(plan: RunPlan, folder: PartyFolder, *, resume: bool,
+                    opening_digest: str | None = None) -> KeyHolder:
+    """The HE key holder from its own folder (``opening_digest``: as for :func:`build_site`)."""
+    identity, roster = party_identity(plan, folder)
+    return KeyHolder(identity, roster, folder, config_digest=opening_digest or plan.config.digest(),
+                     protocol=build_protocol(plan), audit=_audit(plan, folder, identity, roster, resume))

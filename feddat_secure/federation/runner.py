@@ -80,7 +80,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
     provenance = {"config_sha256": config.digest(), "data_sha256": benchmark.digest(),
                   "base_model_sha256": foundation.digest}
     if centralized:
-        _check_new_or_resumable(run_dir, config, overwrite, resume, provenance)
+        check_run_dir(run_dir, config, overwrite, resume, provenance)
     else:
         counts = {cid: len(train) for cid, (train, _) in splits.items()}
         try:
@@ -95,9 +95,9 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
             build_protocol(plan)
         except ConfigurationError as error:
             raise ConfigError(f"secure_aggregation ({config.secure_aggregation.protocol}): {error}") from None
-        _check_new_or_resumable(run_dir, config, overwrite, resume, provenance)
+        check_run_dir(run_dir, config, overwrite, resume, provenance)
     if not resume:
-        _prepare_run_dir(run_dir, overwrite)
+        prepare_run_dir(run_dir, overwrite)
         (run_dir / "config.toml").write_text(to_toml(config))
         (run_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
     protocol = "none (pooled data)" if centralized else LABELS[config.secure_aggregation.protocol]
@@ -111,7 +111,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
     else:
         try:
             if not resume:
-                _enrol(plan, run_dir)
+                enrol_run(plan, run_dir)
             federation = simulate_federation(plan, run_dir, foundation, lora, splits, label_spaces, resume=resume)
             server = federation.server
             if resume:
@@ -136,14 +136,14 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
         save_peft_adapter(adapter, lora, foundation.path, run_dir / "global_adapter")
         if head:
             save_head(head, benchmark.answers, run_dir / "global_adapter")
-    _write_manifest(run_dir, config, foundation, benchmark, stopped, data_quality.to_dict())
+    write_manifest(run_dir, config, foundation, benchmark, stopped, data_quality.to_dict())
     if load_run_ledgers(run_dir) is not None:
         report = write_privacy_report(run_dir)
         echo(f"feddat-secure: privacy budget report: {report[0]}")
     return RunResult(run_dir, history, stopped)
 
 
-def _enrol(plan: RunPlan, run_dir: Path) -> None:
+def enrol_run(plan: RunPlan, run_dir: Path) -> None:
     """Every party gets its identity in its own folder (or uses the configured keys folder's); each party folder
     gets a copy of the roster it pins, and the run folder one for whoever verifies its logs."""
     keys = plan.config.secure_aggregation.keys
@@ -169,7 +169,7 @@ def _enrol(plan: RunPlan, run_dir: Path) -> None:
     del roster
 
 
-def _prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
+def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     if run_dir.exists() and overwrite:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
@@ -181,7 +181,7 @@ def _resumable(run_dir: Path) -> bool:
     return any((run_dir / PARTIES_DIR / "server" / "checkpoints").glob("round-*.safetensors"))
 
 
-def _check_new_or_resumable(run_dir: Path, config: RunConfig, overwrite: bool, resume: bool,
+def check_run_dir(run_dir: Path, config: RunConfig, overwrite: bool, resume: bool,
                             provenance: dict[str, str]) -> None:
     """A new run needs a free folder (or --overwrite); only an interrupted run of exactly this configuration, data
     and base model continues, and a finished run is sealed. Checked before anything is written."""
@@ -264,7 +264,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_manifest(run_dir: Path, config: RunConfig, foundation: Foundation, benchmark: Benchmark,
+def write_manifest(run_dir: Path, config: RunConfig, foundation: Foundation, benchmark: Benchmark,
                     stopped: str | None, data_quality: dict) -> None:
     # Every file written, except the parties' private keys: the run's bookkeeping never reads a party's key.
     files = {p.relative_to(run_dir).as_posix(): _sha256(p) for p in sorted(run_dir.rglob("*"))

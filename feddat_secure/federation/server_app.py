@@ -112,12 +112,13 @@ class Server:
 
     # ------------------------------------------------------------------------------------- the run
 
-    def open(self, *, resume: bool) -> None:
+    def open(self, *, resume: bool, session: str | None = None) -> None:
         """Start (or, on ``resume``, continue from this server's own checkpoint) the run's session with every
-        site and the key holder."""
+        site and the key holder. ``session``: the new session's id when the caller drew it already (a
+        deployment binds its network nodes to roster parties under it first); by default a fresh one."""
         state = self._restore() if resume else None
         # Every start, a resumed one too, is a new session: nothing signed before a crash is accepted after it.
-        self.stamp.session = new_session_id()
+        self.stamp.session = session or new_session_id()
         if self.protocol is not None and self.plan.sends_updates:
             self.session = self.protocol.server(self.identity, self.roster, session=self.stamp.session)
         self.audit.event("run_started", meta={"session": self.stamp.session,
@@ -153,8 +154,6 @@ class Server:
             self.history.append(log.write(record))
             self._warn(record, log)
             self.next_round = round_index + 1
-            self._exchange_tree_heads(round_index, [*record["trained"], *([self.keyholder_id] if self.keyholder_id
-                                                                         else [])])
             aborted = record["aggregation"].get("aborted")
             self.failures = [*self.failures, f"round {round_index + 1}: {aborted}"] if aborted else []
             self._checkpoint()
@@ -236,7 +235,7 @@ class Server:
                 epsilon["client:federation"] = spent
                 self.audit.event("privacy_spent", round=round_index,
                                  meta={"level": "client", "epsilon": spent, "delta": self.privacy.client.delta})
-        metrics = self._evaluate(round_index)
+        metrics = self._evaluate(round_index, [*trained, *([self.keyholder_id] if self.keyholder_id else [])])
         return {"round": round_index + 1, "participants": participants, "trained": trained,
                 "refused": refused, "clients": metrics, "mean": mean_accuracies(metrics), "train_loss": losses,
                 "clipped": clipped,
@@ -324,22 +323,22 @@ class Server:
                                round_index)
         return vector
 
-    def _evaluate(self, round_index: int) -> dict[str, dict]:
+    def _evaluate(self, round_index: int, head_parties: Sequence[str]) -> dict[str, dict]:
+        """Every site evaluates the new global model; in the same exchange (one message per party on a network:
+        a round trip fewer) the server and each of the round's parties (``head_parties``) swap signed tree heads,
+        as ordinary (logged) messages. Returns each answering site's metrics."""
         arrays = E.state_arrays(self.global_state) if self.plan.sends_updates else {}
         fields = {"model_sha256": E.model_digest(arrays)} if arrays else {}
-        replies = self._replies(E.METRICS, round_index,
-                                self._request(E.EVALUATE, round_index, self.site_ids, lambda _: fields, arrays),
-                                check=_check_metrics)
-        return {party: dict(replies[party].fields["metrics"]) for party in self.site_ids if party in replies}
-
-    def _exchange_tree_heads(self, round_index: int, parties: Sequence[str]) -> None:
-        """The server and each of the round's parties swap signed tree heads, as ordinary (logged) messages."""
-        if not parties:
-            return
         head = self.audit.tree_head()  # None when auditing is off: the exchange then only closes the round
-        self._replies(E.TREE_HEAD, round_index,
-                      self._request(E.TREE_HEAD, round_index, parties, lambda _: {"tree_head": head}, {}),
-                      check=self._record_tree_head)
+        requests = [Outgoing(p, self.stamp.envelope(E.EVALUATE, round_index, p, fields, arrays)) for p in self.site_ids]
+        requests += [Outgoing(p, self.stamp.envelope(E.TREE_HEAD, round_index, p, {"tree_head": head}))
+                     for p in head_parties]
+        replies = self.link.exchange(requests, f"{E.PROTOCOL}:{E.EVALUATE}")
+        answered = [{reply.party: list(reply.messages) for reply in part if reply.messages is not None}
+                    for part in (replies[:len(self.site_ids)], replies[len(self.site_ids):])]
+        metrics = self._replies(E.METRICS, round_index, answered[0], check=_check_metrics)
+        self._replies(E.TREE_HEAD, round_index, answered[1], check=self._record_tree_head)
+        return {party: dict(metrics[party].fields["metrics"]) for party in self.site_ids if party in metrics}
 
     def _record_tree_head(self, envelope: Envelope) -> None:
         """A tree-head (or closing) reply holds exactly ``tree_head``: None (auditing off) or a signed tree head

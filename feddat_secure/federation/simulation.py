@@ -19,7 +19,7 @@ from ..model.adapters import LoraSettings
 from ..model.backbone import Foundation
 from .channel import Endpoint, Reply, Served
 from .keyholder_app import KeyHolder
-from .parties import RunPlan, build_keyholder, build_server, build_site
+from .parties import RunPlan, build_keyholder, build_server, build_site, party_folder
 from .server_app import Server
 from .site_app import Site
 
@@ -59,11 +59,11 @@ def simulate_federation(plan: RunPlan, run_dir: Path, foundation: Foundation, lo
     """Build every party from its own folder under ``run_dir/parties/`` (identities already enrolled) and open
     the run's session (on ``resume``: every party continues from its own checkpoint)."""
     server_id = "server"
-    sites = {cid: build_site(plan, run_dir, cid, foundation, lora, splits[cid], answers[cid], resume=resume)
-             for cid in plan.site_ids}
-    keyholder = build_keyholder(plan, run_dir, resume=resume) if plan.keyholder else None
+    sites = {cid: build_site(plan, party_folder(run_dir, cid), foundation, lora, splits[cid], answers[cid],
+                             resume=resume) for cid in plan.site_ids}
+    keyholder = build_keyholder(plan, party_folder(run_dir, "keyholder"), resume=resume) if plan.keyholder else None
     parties: list[Site | KeyHolder] = [*sites.values(), *([keyholder] if keyholder else [])]
     channel = InMemoryChannel({party.party_id: Served(party, party.audit, server_id=server_id) for party in parties})
-    server = build_server(plan, run_dir, channel, resume=resume)
+    server = build_server(plan, party_folder(run_dir, server_id), channel, resume=resume)
     server.open(resume=resume)
     return Federation(server, sites, keyholder, channel)
