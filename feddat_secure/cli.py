@@ -65,7 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .deployment.agent import PartyAgent
 
     socket_path = Path(args.socket) if args.socket else None
-    PartyAgent(folder, socket_path=socket_path, socket_group=args.socket_group).serve()
+    role = "client" if args.command == "site" else "keyholder"
+    PartyAgent(folder, role=role, socket_path=socket_path, socket_group=args.socket_group).serve()
     return 0
 
 
@@ -84,7 +85,11 @@ def _deploy_local(args: argparse.Namespace) -> int:
     settings = LocalSettings(tls=args.tls, auth=args.auth, overwrite=args.overwrite,
                              stage_deadline_s=args.stage_deadline, deadlines=args.deadlines or "",
                              threads=args.threads, app_dir=Path(args.app) if args.app else None)
-    result = deploy_local(config, settings)
+    try:
+        result = deploy_local(config, settings)
+    except KeyboardInterrupt:
+        print("feddat-secure: deploy local interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
     print(f"run folder: {result.run_dir}")
     _print_audit_check(result.run_dir)
     if result.stopped:

@@ -104,8 +104,7 @@ class Predictor:
         foundation = _base_model(run, config, next(iter(adapter_dirs.values())))
         answers = _read_answers(head_dir / ANSWERS_FILE)
         head = _read_safetensors(head_dir / HEAD_FILE)
-        lora = LoraSettings(config.model.lora_rank, config.model.lora_alpha, config.model.lora_dropout,
-                            config.model.target_modules)
+        lora = LoraSettings.of(config.model)
         try:
             return cls(foundation, lora, adapters, weights, head, answers,
                        batch_size=config.training.eval_batch_size, metric=metric, site=site)

@@ -1,10 +1,9 @@
-"""Red team of issue 11 (the Flower deployment): attacks that still succeed, each a strict xfail.
+"""Red team of issue 11 (the Flower deployment): each test plays an attack and asserts the defence.
 
-Each test plays the attacker through the package's own classes and wire messages — a real agent
-(:class:`PartyAgent`, built from a party folder as ``deploy local`` makes them), the server's real signed bind
-requests, the server's :class:`GridChannel` and :func:`bind_nodes` over an in-memory Flower ``Grid`` with
-Flower's real ``Message`` — and asserts what the defence should guarantee. Each fails today; once the defence
-is in place the test passes and its ``xfail`` marker comes off (strict: an unexpected pass fails the suite).
+The attacker works through the package's own classes and wire messages: a real agent (:class:`PartyAgent`,
+built from a party folder as ``deploy local`` makes them), the server's real signed bind requests, the
+server's :class:`GridChannel` and :func:`bind_nodes` over an in-memory Flower ``Grid`` with Flower's real
+``Message``. Every attack here succeeded against the first version of the deployment and fails since its fix.
 """
 
 from __future__ import annotations
@@ -29,11 +28,12 @@ from test_deployment_parts import FakeGrid, agent, relay_reply, silent
 from audits import AuditLog
 from feddat_secure import cli
 from feddat_secure.data import build_benchmark
-from feddat_secure.deployment import local, relay
-from feddat_secure.deployment.agent import PartyAgent
+from feddat_secure.deployment import relay
+from feddat_secure.deployment.agent import MAX_CONNECTIONS, PartyAgent
 from feddat_secure.deployment.binding import bind_request
 from feddat_secure.deployment.grid_channel import GridChannel, bind_nodes
 from feddat_secure.deployment.party_dir import Agreement
+from feddat_secure.federation import runner
 from feddat_secure.federation.channel import PartyAudit
 from feddat_secure.federation.parties import plan_run
 from feddat_secure.federation.runner import enrol_run
@@ -67,9 +67,7 @@ def run_dir(tmp_path_factory, foundation) -> Path:
                                 test_per_client=config.data.test_per_client, image_size=foundation.image_size,
                                 seed=config.seed)
     counts = {client.client_id: len(client.train) for client in benchmark.clients}
-    lora = LoraSettings(config.model.lora_rank, config.model.lora_alpha, config.model.lora_dropout,
-                        config.model.target_modules)
-    plan = plan_run(config, foundation, lora, counts, len(benchmark.answers))
+    plan = plan_run(config, foundation, LoraSettings.of(config.model), counts, len(benchmark.answers))
     folder = root / "run"
     folder.mkdir()
     enrol_run(plan, folder)
@@ -103,11 +101,17 @@ class Said(io.StringIO):
 
 
 @pytest.fixture
-def site_agent(run_dir: Path, short_dir: Path) -> PartyAgent:
-    """client0's real agent, built from a fresh copy of its party folder (a folder serves one run)."""
+def site_folder(run_dir: Path, short_dir: Path) -> Path:
+    """A fresh copy of client0's party folder (a folder serves one run)."""
     folder = short_dir / "client0"
     shutil.copytree(run_dir / "parties" / "client0", folder)
-    return PartyAgent(folder, socket_path=short_dir / "a.sock", log=Said())
+    return folder
+
+
+@pytest.fixture
+def site_agent(site_folder: Path) -> PartyAgent:
+    """client0's real agent, built from its own folder."""
+    return PartyAgent(site_folder, socket_path=site_folder.parent / "a.sock", log=Said())
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +128,6 @@ def relayed(kind: bytes, node_id: int, *payloads: bytes) -> list[bytes]:
 
 # --- 1. the agent: one binding per run ----------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="agent.py _bind overwrites self.node_id on every valid bind request: a party "
-                                       "bound to node 11 re-binds to whatever node a later request names")
 def test_an_agent_bound_to_its_node_does_not_re_bind_to_another_node_of_the_same_run(site_agent, server):
     """The node id reaches the agent from the relay, i.e. from whatever code the SuperNode runs. Node 20 (a rogue
     node; without node authentication anyone can connect one) received the server's genuine bind request for
@@ -143,8 +145,6 @@ def test_an_agent_bound_to_its_node_does_not_re_bind_to_another_node_of_the_same
         site_agent.handle(relayed(relay.KIND_MESSAGES, 20, b"anything"))  # still reachable through node 11 only
 
 
-@pytest.mark.xfail(strict=True, reason="binding.answer_bind decodes with session=None and agent.py _bind rebinds: "
-                                       "a bind request of another run is signed and moves the agent's node")
 def test_an_agent_bound_for_a_run_answers_no_bind_request_of_another_run(site_agent, server):
     """The agent serves one run. A bind request of another session (replayed from an earlier run, or a second
     run started on the same SuperLink) must not be signed, nor move the node the agent takes messages from."""
@@ -158,39 +158,53 @@ def test_an_agent_bound_for_a_run_answers_no_bind_request_of_another_run(site_ag
 
 # --- 1b. the agent's socket: one stuck connection ------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="agent.py serve() answers one connection at a time and _answer waits up to "
-                                       "60 s per recv: a connection that announces a frame and never sends it "
-                                       "stops the agent answering its relay")
-def test_a_connection_that_never_finishes_its_frame_does_not_stop_the_agent_answering_its_relay(site_agent):
-    """Anything that can open the socket (the SuperNode's user: every run's ClientApp) announces a frame and sends
-    nothing more. The relay's next call (here a ping, 2 s deadline) must still be answered."""
+def ping_past_stuck_connections(agent: PartyAgent, stuck: int) -> object:
+    """Serve ``agent`` (in this, the main thread: it installs its SIGTERM handler) while another thread opens
+    ``stuck`` connections that each announce a 1000-byte frame and send nothing more (anything that can open the
+    socket can: the SuperNode's user, i.e. every run's ClientApp), then pings the agent as its relay does (2 s
+    deadline). Returns the ping's answer or error code."""
     outcome: dict[str, object] = {}
 
     def attacker_then_relay() -> None:
-        if not site_agent.log.serving.wait(30):
+        if not agent.log.serving.wait(30):
             return  # the agent never served: serve() has raised in the main thread
+        connections = []
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:
-                stuck.connect(str(site_agent.socket_path))
-                stuck.sendall(struct.pack(">I", 1000))  # a 1000-byte frame announced, never sent
-                try:
-                    outcome["ping"] = relay.call(str(site_agent.socket_path), relay.KIND_PING, 0, [], timeout_s=2)
-                except relay.RelayError as error:
-                    outcome["ping"] = error.code
+            for _ in range(stuck):
+                connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                connections.append(connection)
+                connection.connect(str(agent.socket_path))
+                connection.sendall(struct.pack(">I", 1000))
+            time.sleep(0.2)  # the agent has accepted them all
+            try:
+                outcome["ping"] = relay.call(str(agent.socket_path), relay.KIND_PING, 0, [], timeout_s=2)
+            except relay.RelayError as error:
+                outcome["ping"] = error.code
         finally:
+            for connection in connections:
+                connection.close()
             os.kill(os.getpid(), signal.SIGTERM)  # the agent's own way to stop (serve() turns it into a clean exit)
 
     thread = threading.Thread(target=attacker_then_relay)
     thread.start()
-    site_agent.serve()  # in the main thread: it installs its SIGTERM handler
+    agent.serve()
     thread.join(10)
-    assert outcome.get("ping") == [b"client0"]
+    return outcome.get("ping")
+
+
+def test_a_connection_that_never_finishes_its_frame_does_not_stop_the_agent_answering_its_relay(site_agent):
+    assert ping_past_stuck_connections(site_agent, 1) == [b"client0"]
+
+
+def test_as_many_stuck_connections_as_the_agent_reads_at_once_do_not_lock_its_relay_out(site_agent):
+    """The same attack, with MAX_CONNECTIONS connections (trickling a byte now and then would keep each open
+    indefinitely). The relay's fresh connection, which sends its whole frame at once, must still be answered:
+    e.g. evict the oldest unfinished reader when all are taken, and bound a frame's reading time as a whole."""
+    assert ping_past_stuck_connections(site_agent, MAX_CONNECTIONS) == [b"client0"]
 
 
 # --- 2. a malicious site against the ServerApp ---------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="grid_channel._grouped passes on any number of messages per request: one "
-                                       "reply makes the server verify and audit-log each of them (a stall)")
 def test_a_site_answering_one_request_with_a_flood_of_messages_drops_out_instead_of_stalling_the_server():
     """A site's own SuperNode can reply with any Flower content. 100 000 tiny messages to the server in answer to
     one request (≈ 3 MB) cost the server a signature check and two audit-log entries each (ServerLink.exchange,
@@ -211,9 +225,6 @@ def identities() -> dict[str, Identity]:
     return {name: Identity.generate(name) for name in ("server", "site-a", "site-b")}
 
 
-@pytest.mark.xfail(strict=True, reason="grid_channel.bind_nodes waits bind_deadline_s for every node of a batch, "
-                                       "so a node that never answers holds up the parties that already proved "
-                                       "who they are (60 s per batch by default)")
 def test_a_silent_node_does_not_hold_up_the_binding_of_the_parties_that_answered(tmp_path, identities):
     """Node 13 connects (no node authentication needed) and never answers its bind request. site-a's node answers
     at once; the binding must be done then, not when node 13's bind deadline runs out."""
@@ -235,15 +246,26 @@ def test_a_silent_node_does_not_hold_up_the_binding_of_the_parties_that_answered
 
 # --- 3. a new user: deploy local refuses bad options before it starts anything ------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="cli._deploy_local does not check --stage-deadline, --deadlines or --threads: "
-                                       "they fail (as a ServerApp or agent error) after every process has started")
 @pytest.mark.parametrize("option", [["--stage-deadline", "-1"], ["--stage-deadline", "nan"],
                                     ["--deadlines", "train 600"], ["--threads", "-2"]])
-def test_deploy_local_refuses_a_bad_option_in_one_line_before_starting_any_process(option, monkeypatch, capsys):
-    def started(*args, **kwargs):
-        raise AssertionError("deploy local started with a bad option")
+def test_deploy_local_refuses_a_bad_option_in_one_line_before_it_writes_or_starts_anything(option, tmp_path,
+                                                                                             monkeypatch, capsys):
+    def prepared(*args, **kwargs):
+        raise AssertionError("deploy local went on to write the run folder")
 
-    monkeypatch.setattr(local, "deploy_local", started)
-    assert cli.main(["deploy", "local", str(EXAMPLE), *option]) == 2
+    monkeypatch.setattr(runner, "prepare_run_dir", prepared)
+    assert cli.main(["deploy", "local", str(EXAMPLE), "--output-dir", str(tmp_path), *option]) == 2
     error = capsys.readouterr().err
     assert error.startswith("feddat-secure: error: ") and option[0] in error and error.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keyholder_serve_on_a_sites_folder_refuses_in_one_line_instead_of_serving_the_site(site_folder, monkeypatch,
+                                                                                          capsys):
+    def served(self) -> None:
+        raise AssertionError(f"`keyholder serve` went on to serve {self.party_id}")
+
+    monkeypatch.setattr(PartyAgent, "serve", served)
+    assert cli.main(["keyholder", "serve", "--keyholder-dir", str(site_folder)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("feddat-secure: error: ") and "client0" in error and error.count("\n") == 1

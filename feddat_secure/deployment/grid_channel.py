@@ -56,10 +56,11 @@ def reply_parts(message: Message) -> list[bytes] | str:
     return parts
 
 
-def push_and_pull(grid, messages: Mapping[str, Message], deadline_s: float) -> dict[str, Message]:
-    """Push one message per key and pull the replies until all are in, ``deadline_s`` passed, or the nodes still
-    waited for have left the federation (a node the SuperLink no longer lists cannot answer: waiting for it
-    would only run out the deadline)."""
+def push_and_pull(grid, messages: Mapping[str, Message], deadline_s: float,
+                  enough: Callable[[Mapping[str, Message]], bool] = lambda replies: False) -> dict[str, Message]:
+    """Push one message per key and pull the replies until all are in, ``deadline_s`` passed, the replies so far
+    are ``enough``, or the nodes still waited for have left the federation (a node the SuperLink no longer lists
+    cannot answer: waiting for it would only run out the deadline)."""
     if not messages:
         return {}
     online = set(grid.get_node_ids())
@@ -75,6 +76,8 @@ def push_and_pull(grid, messages: Mapping[str, Message], deadline_s: float) -> d
             key = by_id.get(reply.metadata.reply_to_message_id)
             if key is not None and key not in replies:
                 replies[key] = reply
+        if enough(replies):
+            break
         if len(replies) < len(by_id):
             if time.monotonic() > next_check:
                 online = set(grid.get_node_ids())
@@ -91,6 +94,9 @@ class GridChannel:
 
     grid: object  # flwr.serverapp.Grid
     nodes: dict[str, int] = field(default_factory=dict)
+    # the most messages a party may answer one request with; no party sends more than one per other party and
+    # one to the server (the HE key holder's setup: a context per site), so the server sets the roster's size
+    max_answers: int = 1024
     on_error: Callable[[str, str], None] = lambda party, code: None  # (party, error code) of a failed relay
 
     def exchange(self, requests: Sequence[Outgoing], *, deadline_s: float) -> list[Reply]:
@@ -110,7 +116,7 @@ class GridChannel:
                     self.on_error(party, parts)
                 answers.update({index: None for index in indices})
                 continue
-            grouped = _grouped(parts, len(indices))
+            grouped = _grouped(parts, len(indices), self.max_answers)
             if grouped is None:
                 self.on_error(party, "bad-frame")
                 answers.update({index: None for index in indices})
@@ -119,9 +125,11 @@ class GridChannel:
         return [Reply(request.recipient, answers[index]) for index, request in enumerate(requests)]
 
 
-def _grouped(parts: list[bytes], count: int) -> list[list[Outgoing]] | None:
-    """The agent's (index, recipient, data) triples as the messages answering each of ``count`` requests."""
-    if len(parts) % 3:
+def _grouped(parts: list[bytes], count: int, max_answers: int) -> list[list[Outgoing]] | None:
+    """The agent's (index, recipient, data) triples as the messages answering each of ``count`` requests; None
+    for anything else, or for more than ``max_answers`` messages answering one request (checked before any is
+    read: a flood of messages must not cost the server a signature check and log entries each)."""
+    if len(parts) % 3 or len(parts) > 3 * count * max_answers:
         return None
     grouped: list[list[Outgoing]] = [[] for _ in range(count)]
     for start in range(0, len(parts), 3):
@@ -130,7 +138,7 @@ def _grouped(parts: list[bytes], count: int) -> list[list[Outgoing]] | None:
             recipient = parts[start + 1].decode("ascii")
         except (UnicodeDecodeError, ValueError):
             return None
-        if not 0 <= index < count:
+        if not 0 <= index < count or len(grouped[index]) >= max_answers:
             return None
         grouped[index].append(Outgoing(recipient, parts[start + 2]))
     return grouped
@@ -162,11 +170,8 @@ def bind_nodes(grid, *, identity, roster, session: str, parties: Sequence[str], 
         if not due:
             time.sleep(0.5)
             continue
-        nonces, messages = {}, {}
-        for node_id in due:
-            data, nonces[node_id] = bind_request(identity, roster, session=session, node_id=node_id)
-            messages[str(node_id)] = request_message(relay.KIND_BIND, [data], node_id, bind_deadline_s)
-        pulled = push_and_pull(grid, messages, bind_deadline_s)
+        pulled, proofs = _ask_to_bind(grid, due, infos, identity=identity, roster=roster, session=session,
+                                      node_auth=node_auth, bind_deadline_s=bind_deadline_s, enough=wanted - set(bound))
         for node_id in due:
             message = pulled.get(str(node_id))
             parts = reply_parts(message) if message is not None else "no-answer"
@@ -178,11 +183,9 @@ def bind_nodes(grid, *, identity, roster, session: str, parties: Sequence[str], 
                 retry_at[node_id] = time.monotonic() + BIND_RETRY_S
                 continue
             try:
-                if not isinstance(parts, list) or len(parts) != 1:
-                    raise MessageRejected(f"no bind reply ({parts if isinstance(parts, str) else 'malformed'})")
-                name = infos[node_id].name if node_auth else None
-                party = check_bound(parts[0], roster, server_id=identity.party_id, session=session,
-                                    node_id=node_id, nonce=nonces[node_id], registered_name=name)
+                party = proofs[node_id]
+                if isinstance(party, MessageRejected):
+                    raise party
                 if party not in wanted:
                     raise MessageRejected(f"{party!r} takes no part in this run", party)
                 if party in bound:
@@ -196,3 +199,37 @@ def bind_nodes(grid, *, identity, roster, session: str, parties: Sequence[str], 
             audit.event("node_bound", peer=party, meta={"node_id": str(node_id)})
             echo(f"feddat-secure: node {node_id} is {party}")
     return bound
+
+
+def _ask_to_bind(grid, nodes: Sequence[int], infos: Mapping[int, object], *, identity, roster, session: str,
+                 node_auth: bool, bind_deadline_s: float, enough: set[str]) -> tuple[dict[str, Message],
+                                                                                    dict[int, str | MessageRejected]]:
+    """Send each of ``nodes`` a bind request and collect the replies until every party in ``enough`` has proven
+    its node (a silent node then holds up nobody) or the deadline passed. Returns the replies (by node id as a
+    string) and, for each node that replied, the party it proved or why its proof was refused."""
+    nonces, messages = {}, {}
+    for node_id in nodes:
+        data, nonces[node_id] = bind_request(identity, roster, session=session, node_id=node_id)
+        messages[str(node_id)] = request_message(relay.KIND_BIND, [data], node_id, bind_deadline_s)
+    proofs: dict[int, str | MessageRejected] = {}
+
+    def prove(node_id: int, message: Message) -> str | MessageRejected:
+        if node_id not in proofs:
+            parts = reply_parts(message)
+            try:
+                if not isinstance(parts, list) or len(parts) != 1:
+                    raise MessageRejected(f"no bind reply ({parts if isinstance(parts, str) else 'malformed'})")
+                proofs[node_id] = check_bound(parts[0], roster, server_id=identity.party_id, session=session,
+                                              node_id=node_id, nonce=nonces[node_id],
+                                              registered_name=infos[node_id].name if node_auth else None)
+            except MessageRejected as rejection:
+                proofs[node_id] = rejection
+        return proofs[node_id]
+
+    def proven(replies: Mapping[str, Message]) -> bool:
+        return enough <= {prove(int(key), message) for key, message in replies.items()}
+
+    pulled = push_and_pull(grid, messages, bind_deadline_s, enough=proven)
+    for key, message in pulled.items():
+        prove(int(key), message)
+    return pulled, proofs

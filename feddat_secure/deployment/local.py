@@ -25,15 +25,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, to_toml
 from . import relay
 from .party_dir import DATA_DIR, Agreement, DeploymentError
-from .server_role import METRICS_FILE, RESULT_FILE
+from .server_role import METRICS_FILE, RESULT_FILE, parse_deadlines
 from .tls import make_node_key, make_tls_certificates
 
 CONNECTION = "feddat-local"  # the flwr connection's name (never a folder name in flwr's working directory)
@@ -57,6 +58,18 @@ class LocalSettings:
     deadlines: str = ""  # "<protocol>:<stage>=<seconds>,..."
     threads: int = 1  # torch threads of each party's process (several share this machine's cores)
     app_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a bad option before anything is written or started, in one line naming it."""
+        if not (isinstance(self.stage_deadline_s, int | float) and 0 < self.stage_deadline_s <= 86400):
+            raise DeploymentError(f"--stage-deadline must be a number of seconds in (0, 86400], not "
+                                  f"{self.stage_deadline_s!r}")
+        try:
+            parse_deadlines(self.deadlines)
+        except DeploymentError as error:
+            raise DeploymentError(f"--deadlines: {error}".replace("run-config 'deadlines': ", "")) from None
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise DeploymentError(f"--threads must be a positive integer, not {self.threads!r}")
 
 
 @dataclass
@@ -92,29 +105,54 @@ class Processes:
                                   f"{self.logs / (name + '.log')}: {_tail(self.logs / (name + '.log'))}")
 
     def stop(self, grace_s: float = 5.0) -> None:
-        for _, process in reversed(self.started):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGTERM)
-        stop = time.monotonic() + grace_s
-        for _, process in reversed(self.started):
+        """SIGTERM to every started process and every descendant (Flower starts its ServerApp in a session of
+        its own: killing a process group would miss it), then SIGKILL to whatever is left after ``grace_s``."""
+        import psutil
+
+        everyone: list[psutil.Process] = []
+        for _, process in self.started:
+            with contextlib.suppress(psutil.Error):
+                started = psutil.Process(process.pid)
+                everyone += [started, *started.children(recursive=True)]
+        for process in everyone:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(everyone, timeout=grace_s)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(alive, timeout=5)
+        for _, process in self.started:  # reap our own children
             with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=max(0.0, stop - time.monotonic()))
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=5)
+                process.wait(timeout=1)
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a CI cancel, `timeout`, a closed terminal) stop a deployment as Ctrl-C does, so its
+    processes are torn down; only in the main thread, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, _raise_interrupt) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def deploy_local(config: RunConfig, settings: LocalSettings, *, echo: Callable[[str], None] = print) -> DeployResult:
     """Run ``config`` as a Flower deployment on this machine (see the module's docstring)."""
     from protocols import ConfigurationError
 
-    from ..config import check_against_data, check_against_model
-    from ..data import build_benchmark
     from ..federation.parties import build_protocol, plan_run
-    from ..federation.runner import PROVENANCE_FILE, check_run_dir, enrol_run, prepare_run_dir
+    from ..federation.runner import PROVENANCE_FILE, check_run_dir, enrol_run, load_inputs, prepare_run_dir
     from ..model.adapters import LoraSettings
-    from ..model.backbone import load_foundation
 
     app_dir = Path(settings.app_dir) if settings.app_dir else flower_app_dir()
     if not (app_dir / "pyproject.toml").is_file():
@@ -122,16 +160,9 @@ def deploy_local(config: RunConfig, settings: LocalSettings, *, echo: Callable[[
                               "install the project editable (README) or pass its folder")
     binaries = {name: _binary(name) for name in ("flower-superlink", "flower-supernode", "flwr")}
     # What the run needs is checked before any folder or process exists, as `feddat-secure run` does.
-    foundation = load_foundation(config.model.path, random_init=config.model.random_init, seed=config.seed)
-    check_against_model(config, foundation.lora_adaptable(), foundation.hidden_size)
-    benchmark = build_benchmark(config.data.benchmark, path=config.data.path, num_clients=config.data.num_clients,
-                                train_per_client=config.data.train_per_client,
-                                test_per_client=config.data.test_per_client, image_size=foundation.image_size,
-                                seed=config.seed)
+    foundation, benchmark = load_inputs(config)
     counts = {c.client_id: len(c.train) for c in benchmark.clients}
-    check_against_data(config, counts)
-    lora = LoraSettings(config.model.lora_rank, config.model.lora_alpha, config.model.lora_dropout,
-                        config.model.target_modules)
+    lora = LoraSettings.of(config.model)
     plan = plan_run(config, foundation, lora, counts, len(benchmark.answers))
     if not plan.uses_protocol:
         raise ConfigError(f"'federation.algorithm' {config.federation.algorithm!r} sends no updates: nothing to "
@@ -141,14 +172,14 @@ def deploy_local(config: RunConfig, settings: LocalSettings, *, echo: Callable[[
     except ConfigurationError as error:
         raise ConfigError(f"secure_aggregation ({config.secure_aggregation.protocol}): {error}") from None
     run_dir = Path(config.output_dir) / config.name
+    if run_dir.exists() and not settings.overwrite:
+        raise DeploymentError(f"run folder {str(run_dir)!r} already exists; choose another 'name' or pass --overwrite")
     provenance = {"config_sha256": config.digest(), "data_sha256": benchmark.digest(),
                   "base_model_sha256": foundation.digest}
     check_run_dir(run_dir, config, settings.overwrite, False, provenance)
     prepare_run_dir(run_dir, settings.overwrite)
     try:
         (run_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
-        from ..config import to_toml
-
         (run_dir / "config.toml").write_text(to_toml(config))
         enrol_run(plan, run_dir)
         agreement = Agreement(config, counts, tuple(benchmark.answers))
@@ -172,6 +203,8 @@ def _run_processes(run_dir: Path, plan, parties: list[str], settings: LocalSetti
                    binaries: dict[str, str], logs: Path, echo) -> tuple[list[dict], str | None]:
     work = Path(tempfile.mkdtemp(prefix="feddat-deploy-"))  # short paths: Unix sockets allow ~100 characters
     processes = Processes(logs)
+    stack = contextlib.ExitStack()
+    stack.enter_context(_signals_interrupt())
     env = {**os.environ, "FLWR_HOME": str(work / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": str(settings.threads),
            "PYTHONUNBUFFERED": "1",
@@ -245,6 +278,7 @@ def _run_processes(run_dir: Path, plan, parties: list[str], settings: LocalSetti
     finally:
         processes.stop()
         shutil.rmtree(work, ignore_errors=True)
+        stack.close()
     history = [json.loads(line) for line in (run_dir / "parties" / "server" / METRICS_FILE).read_text().splitlines()
                if line.strip()] if (run_dir / "parties" / "server" / METRICS_FILE).exists() else []
     return history, result.get("stopped")

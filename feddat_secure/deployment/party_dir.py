@@ -152,8 +152,7 @@ def load_plan(folder: Path) -> PlannedParty:
         check_against_model(config, foundation.lora_adaptable(), foundation.hidden_size)
     except ConfigError as error:
         raise DeploymentError(f"{folder / CONFIG_FILE}: {error}") from None
-    lora = LoraSettings(config.model.lora_rank, config.model.lora_alpha, config.model.lora_dropout,
-                        config.model.target_modules)
+    lora = LoraSettings.of(config.model)
     plan = plan_run(config, foundation, lora, dict(agreement.sites), len(agreement.answers))
     if not plan.uses_protocol:
         raise DeploymentError(f"a deployment runs an algorithm whose updates travel; {config.federation.algorithm!r} "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 MAGIC = b"feddat-relay-1"
 KIND_PING, KIND_BIND, KIND_MESSAGES = b"ping", b"bind", b"messages"
@@ -81,17 +82,26 @@ def send_frame(connection: socket.socket, parts: list[bytes]) -> None:
     connection.sendall(_U32.pack(len(frame)) + frame)
 
 
-def receive_frame(connection: socket.socket, *, max_bytes: int = MAX_FRAME_BYTES) -> list[bytes]:
-    """One length-prefixed frame from ``connection``; RelayError('bad-frame') on a short or oversized one."""
-    (length,) = _U32.unpack(_receive_exactly(connection, 4))
+def receive_frame(connection: socket.socket, *, max_bytes: int = MAX_FRAME_BYTES,
+                  deadline_s: float | None = None) -> list[bytes]:
+    """One length-prefixed frame from ``connection``; RelayError('bad-frame') on a short or oversized one, and
+    TimeoutError when the whole frame has not arrived within ``deadline_s`` (a sender that trickles bytes
+    cannot hold a reader longer than that)."""
+    stop = None if deadline_s is None else time.monotonic() + deadline_s
+    (length,) = _U32.unpack(_receive_exactly(connection, 4, stop))
     if length > max_bytes:
         raise RelayError("bad-frame")
-    return unpack(_receive_exactly(connection, length))
+    return unpack(_receive_exactly(connection, length, stop))
 
 
-def _receive_exactly(connection: socket.socket, size: int) -> bytes:
+def _receive_exactly(connection: socket.socket, size: int, stop: float | None = None) -> bytes:
     buffer = bytearray()
     while len(buffer) < size:
+        if stop is not None:
+            left = stop - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the frame did not arrive in time")
+            connection.settimeout(left)
         chunk = connection.recv(min(size - len(buffer), 1 << 20))
         if not chunk:
             raise RelayError("bad-frame")

@@ -91,6 +91,7 @@ def run_server_role(grid, settings: ServerRoleSettings, *, echo: Callable[[str],
     channel = GridChannel(grid)
     server = build_server(plan, PartyFolder(folder, party_id), channel, resume=False,
                           opening_digest=planned.agreement.digest())
+    channel.max_answers = len(server.roster.entries) + 1  # one message per other party and one to the server
     channel.on_error = lambda party, code: server.audit.event("party_dropped", peer=party,
                                                               meta={"reason": f"relay error {code}"})
     server.link.default_deadline_s = settings.stage_deadline_s

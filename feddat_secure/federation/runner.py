@@ -58,13 +58,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
         echo: Callable[[str], None] = tqdm.write) -> RunResult:
     # Everything that needs the model or the data is checked here, before any folder exists (the configuration
     # alone was checked when it loaded): a refused run leaves nothing behind.
-    foundation = load_foundation(config.model.path, random_init=config.model.random_init, seed=config.seed)
-    check_against_model(config, foundation.lora_adaptable(), foundation.hidden_size)
-    benchmark = build_benchmark(config.data.benchmark, path=config.data.path, num_clients=config.data.num_clients,
-                                train_per_client=config.data.train_per_client,
-                                test_per_client=config.data.test_per_client, image_size=foundation.image_size,
-                                seed=config.seed)
-    check_against_data(config, {c.client_id: len(c.train) for c in benchmark.clients})
+    foundation, benchmark = load_inputs(config)
     data_quality = data_report(benchmark, foundation.tokenizer, foundation.max_text_length)
     for warning in data_quality.warnings:
         echo(f"feddat-secure: warning: {warning}")
@@ -72,8 +66,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
     label_spaces = {c.client_id: site_answers(config, benchmark, c) for c in benchmark.clients}
     splits = {c.client_id: encode_site(foundation, label_spaces[c.client_id], c)
               for c in benchmark.clients}
-    lora = LoraSettings(config.model.lora_rank, config.model.lora_alpha, config.model.lora_dropout,
-                        config.model.target_modules)
+    lora = LoraSettings.of(config.model)
     run_dir = Path(config.output_dir) / config.name
     centralized = config.federation.algorithm == "centralized"
     plan = None
@@ -141,6 +134,19 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
         report = write_privacy_report(run_dir)
         echo(f"feddat-secure: privacy budget report: {report[0]}")
     return RunResult(run_dir, history, stopped)
+
+
+def load_inputs(config: RunConfig) -> tuple[Foundation, Benchmark]:
+    """The base model and the benchmark of ``config``, checked against it (what only the model and the data can
+    tell: LoRA targets, sizes, the number of sites, batch and privacy terms); ConfigError naming the key."""
+    foundation = load_foundation(config.model.path, random_init=config.model.random_init, seed=config.seed)
+    check_against_model(config, foundation.lora_adaptable(), foundation.hidden_size)
+    benchmark = build_benchmark(config.data.benchmark, path=config.data.path, num_clients=config.data.num_clients,
+                                train_per_client=config.data.train_per_client,
+                                test_per_client=config.data.test_per_client, image_size=foundation.image_size,
+                                seed=config.seed)
+    check_against_data(config, {c.client_id: len(c.train) for c in benchmark.clients})
+    return foundation, benchmark
 
 
 def enrol_run(plan: RunPlan, run_dir: Path) -> None:

@@ -43,6 +43,11 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
 
+    @classmethod
+    def of(cls, model) -> LoraSettings:
+        """The settings of a run configuration's ``[model]`` table (``RunConfig.model``)."""
+        return cls(model.lora_rank, model.lora_alpha, model.lora_dropout, model.target_modules)
+
     def to_peft(self) -> LoraConfig:
         return LoraConfig(
             r=self.rank,
