@@ -73,8 +73,9 @@ SURVIVORS = ["client0", "client1", "client2", "client3"]
 def deployments(tmp_path_factory, foundation) -> dict[str, dict]:
     """Three deployments, run side by side (each mostly waits on Flower's polling), and what the in-process
     simulation computes for each: ``masked`` (3 sites, TLS and node authentication), ``he`` (3 sites and the key
-    holder) and ``dropout`` (5 sites, masked; the SuperNode of client4 is killed once the server has sent the
-    masked_input requests). 5 sites, not 4: with 4 the complete graph's threshold is t = 3 of k = 3 share holders
+    holder) and ``dropout`` (5 sites, masked; the SuperNode of client4 is killed — SIGTERM, so it leaves the
+    federation at once; a SIGKILL takes the stage's deadline, and the SuperLink's own ≈ 45 s, to be noticed —
+    once the server has sent the masked_input requests). 5 sites, not 4: with 4 the complete graph's threshold is t = 3 of k = 3 share holders
     (2t - k > c needs it), so a single dropout leaves a secret with too few holders and the round rightly aborts."""
     root = tmp_path_factory.mktemp("deployments")
     jobs = {"masked": (tiny(root / "masked", "masked"), LocalSettings(tls=True, auth=True)),
@@ -111,7 +112,7 @@ def deployments(tmp_path_factory, foundation) -> dict[str, dict]:
 
 
 def kill_during_masked_input(config: RunConfig, thread: threading.Thread) -> bool:
-    """SIGKILL the SuperNode of KILLED (by the process id deploy local recorded) as soon as the server's audit log
+    """Kill the SuperNode of KILLED (by the process id deploy local recorded) as soon as the server's audit log
     shows the masked_input requests sent; whether that happened."""
     run_dir = Path(config.output_dir) / config.name
     log = run_dir / "parties" / "server" / "server.audit.jsonl"
@@ -120,7 +121,7 @@ def kill_during_masked_input(config: RunConfig, thread: threading.Thread) -> boo
         if log.exists() and any('"masked:masked_input"' in line and '"message_sent"' in line
                                 for line in log.read_text().splitlines()):
             state = json.loads((run_dir / DEPLOYMENT_DIR / STATE_FILE).read_text())
-            os.kill(state["processes"][f"supernode-{KILLED}"], signal.SIGKILL)
+            os.kill(state["processes"][f"supernode-{KILLED}"], signal.SIGTERM)
             return True
         time.sleep(0.1)
     return False

@@ -190,7 +190,7 @@ def deploy_local(config: RunConfig, settings: LocalSettings, *, echo: Callable[[
                 _copy_site_data(Path(config.data.path), party, run_dir / "parties" / party / DATA_DIR)
         logs = run_dir / DEPLOYMENT_DIR
         logs.mkdir()
-        history, stopped = _run_processes(run_dir, plan, parties, settings, app_dir, binaries, logs, echo)
+        history, stopped = _run_processes(run_dir, parties, settings, app_dir, binaries, logs, echo)
     except BaseException:
         if not (run_dir / "parties" / "server" / RESULT_FILE).exists():
             echo(f"feddat-secure: the deployment failed; its logs are in {run_dir / DEPLOYMENT_DIR}")
@@ -199,8 +199,10 @@ def deploy_local(config: RunConfig, settings: LocalSettings, *, echo: Callable[[
     return DeployResult(run_dir, history, stopped)
 
 
-def _run_processes(run_dir: Path, plan, parties: list[str], settings: LocalSettings, app_dir: Path,
+def _run_processes(run_dir: Path, parties: list[str], settings: LocalSettings, app_dir: Path,
                    binaries: dict[str, str], logs: Path, echo) -> tuple[list[dict], str | None]:
+    """Start every process, run the ServerApp to its end, tear everything down; (history, why it stopped)."""
+    nodes = [party for party in parties if party != "server"]  # the sites and the key holder: node + agent each
     work = Path(tempfile.mkdtemp(prefix="feddat-deploy-"))  # short paths: Unix sockets allow ~100 characters
     processes = Processes(logs)
     stack = contextlib.ExitStack()
@@ -231,7 +233,7 @@ def _run_processes(run_dir: Path, plan, parties: list[str], settings: LocalSetti
             *(["--enable-supernode-auth"] if settings.auth else [])], env=env, cwd=work)
         _wait_for_port(superlink_port, lambda: processes.check_alive("superlink", superlink))
         agents = {}
-        for party in parties[1:]:
+        for party in nodes:
             socket_path = work / f"{party}.sock"
             command = "keyholder" if party == "keyholder" else "site"
             option = "--keyholder-dir" if party == "keyholder" else "--site-dir"
@@ -241,11 +243,11 @@ def _run_processes(run_dir: Path, plan, parties: list[str], settings: LocalSetti
                 str(settings.threads)], env=env, cwd=work))
         node_keys = {}
         if settings.auth:
-            for party in parties[1:]:
+            for party in nodes:
                 node_keys[party] = make_node_key(work / "node-keys", party)
                 _checked_run([binaries["flwr"], "supernode", "register", str(node_keys[party][1]), CONNECTION,
                               "--name", party], env=env, cwd=work, what=f"registering {party}'s node key")
-        for party in parties[1:]:
+        for party in nodes:
             auth = ["--auth-supernode-private-key", str(node_keys[party][0])] if settings.auth else []
             processes.start(f"supernode-{party}", [
                 binaries["flower-supernode"], *node_tls, "--superlink", f"{HOST}:{superlink_port}", *auth,
