@@ -75,8 +75,9 @@ def deployments(tmp_path_factory, foundation) -> dict[str, dict]:
     simulation computes for each: ``masked`` (3 sites, TLS and node authentication), ``he`` (3 sites and the key
     holder) and ``dropout`` (5 sites, masked; the SuperNode of client4 is killed — SIGTERM, so it leaves the
     federation at once; a SIGKILL takes the stage's deadline, and the SuperLink's own ≈ 45 s, to be noticed —
-    once the server has sent the masked_input requests). 5 sites, not 4: with 4 the complete graph's threshold is t = 3 of k = 3 share holders
-    (2t - k > c needs it), so a single dropout leaves a secret with too few holders and the round rightly aborts."""
+    once the server has sent the masked_input requests). 5 sites, not 4: with 4 the complete graph's threshold
+    is t = 3 of k = 3 share holders (2t - k > c needs it), so a single dropout leaves a secret with too few
+    holders and the round rightly aborts."""
     root = tmp_path_factory.mktemp("deployments")
     jobs = {"masked": (tiny(root / "masked", "masked"), LocalSettings(tls=True, auth=True)),
             "he": (tiny(root / "he", "he"), LocalSettings()),
