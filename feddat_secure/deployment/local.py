@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, to_toml
+from ..config import RunConfig, to_toml
 from . import relay
-from .party_dir import DATA_DIR, Agreement, DeploymentError
+from .party_dir import DATA_DIR, Agreement, DeploymentError, deployable_plan
 from .server_role import METRICS_FILE, RESULT_FILE, parse_deadlines
 from .tls import make_node_key, make_tls_certificates
 
@@ -148,9 +148,6 @@ def _raise_interrupt(signum, frame) -> None:
 
 def deploy_local(config: RunConfig, settings: LocalSettings, *, echo: Callable[[str], None] = print) -> DeployResult:
     """Run ``config`` as a Flower deployment on this machine (see the module's docstring)."""
-    from protocols import ConfigurationError
-
-    from ..federation.parties import build_protocol, plan_run
     from ..federation.runner import PROVENANCE_FILE, check_run_dir, enrol_run, load_inputs, prepare_run_dir
     from ..model.adapters import LoraSettings
 
@@ -162,15 +159,7 @@ def deploy_local(config: RunConfig, settings: LocalSettings, *, echo: Callable[[
     # What the run needs is checked before any folder or process exists, as `feddat-secure run` does.
     foundation, benchmark = load_inputs(config)
     counts = {c.client_id: len(c.train) for c in benchmark.clients}
-    lora = LoraSettings.of(config.model)
-    plan = plan_run(config, foundation, lora, counts, len(benchmark.answers))
-    if not plan.uses_protocol:
-        raise ConfigError(f"'federation.algorithm' {config.federation.algorithm!r} sends no updates: nothing to "
-                          "deploy (use 'feddat-secure run')")
-    try:
-        build_protocol(plan)
-    except ConfigurationError as error:
-        raise ConfigError(f"secure_aggregation ({config.secure_aggregation.protocol}): {error}") from None
+    plan = deployable_plan(config, foundation, LoraSettings.of(config.model), counts, len(benchmark.answers))
     run_dir = Path(config.output_dir) / config.name
     if run_dir.exists() and not settings.overwrite:
         raise DeploymentError(f"run folder {str(run_dir)!r} already exists; choose another 'name' or pass --overwrite")

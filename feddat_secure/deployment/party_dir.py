@@ -141,7 +141,6 @@ class PlannedParty:
 def load_plan(folder: Path) -> PlannedParty:
     """Load the base model and derive the run plan from the agreement in ``folder`` (imports torch)."""
     from ..config import ConfigError, check_against_model
-    from ..federation.parties import build_protocol, plan_run
     from ..model.adapters import LoraSettings
     from ..model.backbone import load_foundation
 
@@ -153,7 +152,16 @@ def load_plan(folder: Path) -> PlannedParty:
     except ConfigError as error:
         raise DeploymentError(f"{folder / CONFIG_FILE}: {error}") from None
     lora = LoraSettings.of(config.model)
-    plan = plan_run(config, foundation, lora, dict(agreement.sites), len(agreement.answers))
+    return PlannedParty(agreement, foundation, lora, deployable_plan(config, foundation, lora, agreement.sites,
+                                                                     len(agreement.answers)))
+
+
+def deployable_plan(config: RunConfig, foundation, lora, counts: dict[str, int], num_answers: int):
+    """The run plan every party derives (``parties.plan_run``), refused in one line when it cannot be deployed:
+    an algorithm whose updates do not travel, or a protocol setting the largest round cannot meet."""
+    from ..federation.parties import build_protocol, plan_run
+
+    plan = plan_run(config, foundation, lora, dict(counts), num_answers)
     if not plan.uses_protocol:
         raise DeploymentError(f"a deployment runs an algorithm whose updates travel; {config.federation.algorithm!r} "
                               "sends none (run it with 'feddat-secure run')")
@@ -161,7 +169,7 @@ def load_plan(folder: Path) -> PlannedParty:
         build_protocol(plan)
     except ConfigurationError as error:
         raise DeploymentError(f"secure_aggregation ({config.secure_aggregation.protocol}): {error}") from None
-    return PlannedParty(agreement, foundation, lora, plan)
+    return plan
 
 
 def site_data(folder: Path, planned: PlannedParty, site_id: str):
