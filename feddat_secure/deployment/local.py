@@ -101,7 +101,7 @@ class Processes:
 
     def check_alive(self, name: str, process: subprocess.Popen) -> None:
         if process.poll() is not None:
-            raise DeploymentError(f"{name} exited with code {process.returncode} while starting; its log: "
+            raise DeploymentError(f"{name} exited with code {process.returncode}; its log: "
                                   f"{self.logs / (name + '.log')}: {_tail(self.logs / (name + '.log'))}")
 
     def stop(self, grace_s: float = 5.0) -> None:
@@ -246,10 +246,8 @@ def _run_processes(run_dir: Path, parties: list[str], settings: LocalSettings, a
         state["processes"] = {name: process.pid for name, process in processes.started}
         state["superlink_port"] = superlink_port
         (logs / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
-        for party, (socket_path, process) in agents.items():
-            _wait_for_agent(party, socket_path, lambda n=f"agent-{party}", p=process: processes.check_alive(n, p))
-        echo(f"feddat-secure: SuperLink on {HOST}:{superlink_port}{' (TLS)' if settings.tls else ''}"
-             f"{', node authentication on' if settings.auth else ''}; {len(agents)} agents ready")
+        # The ServerApp starts (and loads the model) while the agents load theirs: it asks a node whose agent is
+        # not serving yet again until the join timeout, and an agent that fails stops the deployment at once.
         run_config = _toml_file(work / "run-config.toml", {
             "server-dir": str(run_dir / "parties" / "server"), "stage-deadline-s": float(settings.stage_deadline_s),
             "deadlines": settings.deadlines, "node-auth": settings.auth})
@@ -257,8 +255,18 @@ def _run_processes(run_dir: Path, parties: list[str], settings: LocalSettings, a
                                                 str(run_config), "--stream"], env=env, cwd=work)
         state["processes"]["flwr-run"] = flwr_run.pid
         (logs / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n")
+
+        def check_agents() -> None:
+            for party, (_, process) in agents.items():
+                if process.poll() not in (None, 0):
+                    processes.check_alive(f"agent-{party}", process)
+
+        for party, (socket_path, _) in agents.items():
+            _wait_for_agent(party, socket_path, check_agents)
+        echo(f"feddat-secure: SuperLink on {HOST}:{superlink_port}{' (TLS)' if settings.tls else ''}"
+             f"{', node authentication on' if settings.auth else ''}; {len(agents)} agents ready")
         result_file = run_dir / "parties" / "server" / RESULT_FILE
-        _follow(logs / "flwr-run.log", flwr_run, result_file, echo)
+        _follow(logs / "flwr-run.log", flwr_run, result_file, echo, check_agents)
         if not result_file.exists():
             raise DeploymentError(f"the ServerApp did not finish the run; see {logs / 'flwr-run.log'}: "
                                   f"{_tail(logs / 'flwr-run.log')}")
@@ -299,11 +307,13 @@ def _collect(run_dir: Path, config: RunConfig, foundation, benchmark, stopped: s
     write_manifest(run_dir, config, foundation, benchmark, stopped, quality.to_dict())
 
 
-def _follow(log: Path, process: subprocess.Popen, result_file: Path, echo) -> None:
+def _follow(log: Path, process: subprocess.Popen, result_file: Path, echo, check: Callable[[], None]) -> None:
     """Echo the ServerApp's lines (round tables, warnings) while ``flwr run`` runs; return when it exits, or
-    when the server wrote its result (``flwr run --stream`` may linger on the log stream)."""
+    when the server wrote its result (``flwr run --stream`` may linger on the log stream). ``check`` raises
+    when a party's process failed meanwhile."""
     position = 0
     while True:
+        check()
         done = process.poll() is not None
         if log.exists():
             with open(log, "rb") as stream:
