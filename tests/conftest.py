@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,16 @@ from protocols.identity import ROSTER_FILE
 
 if TYPE_CHECKING:
     from feddat_secure.federation.simulation import Federation
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A fresh folder with a short path (0700): a Unix socket's path holds at most ~100 characters."""
+    folder = Path(tempfile.mkdtemp(prefix="fd-", dir="/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

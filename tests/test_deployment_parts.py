@@ -8,11 +8,9 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import stat
 import struct
-import tempfile
 import threading
 import time
 import uuid
@@ -41,17 +39,6 @@ from feddat_secure.deployment.server_role import ServerRoleSettings, parse_deadl
 from feddat_secure.federation.channel import PartyAudit, Reply
 from protocols import Identity, MessageRejected, Outgoing, Roster
 from protocols.wire import Envelope, encode, new_session_id, peek
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A folder with a short path: a Unix socket's path holds at most ~100 characters."""
-    folder = Path(tempfile.mkdtemp(prefix="fd-", dir="/tmp"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
 
 # --- 1. the relay: framing, one call, error codes ----------------------------------------------------------------
 

@@ -14,10 +14,8 @@ import shutil
 import signal
 import socket
 import struct
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,16 +73,6 @@ def run_dir(tmp_path_factory, foundation) -> Path:
     for party, _ in plan.parties():
         agreement.save(folder / "parties" / party)
     return folder
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A folder with a short path (a Unix socket's path holds at most ~100 characters), 0700."""
-    folder = Path(tempfile.mkdtemp(prefix="rt11-", dir="/tmp"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 class Said(io.StringIO):

@@ -148,7 +148,7 @@ def _raise_interrupt(signum, frame) -> None:
 
 def deploy_local(config: RunConfig, settings: LocalSettings, *, echo: Callable[[str], None] = print) -> DeployResult:
     """Run ``config`` as a Flower deployment on this machine (see the module's docstring)."""
-    from ..federation.runner import PROVENANCE_FILE, check_run_dir, enrol_run, load_inputs, prepare_run_dir
+    from ..federation.runner import PROVENANCE_FILE, enrol_run, load_inputs, prepare_run_dir
     from ..model.adapters import LoraSettings
 
     app_dir = Path(settings.app_dir) if settings.app_dir else flower_app_dir()
@@ -165,7 +165,6 @@ def deploy_local(config: RunConfig, settings: LocalSettings, *, echo: Callable[[
         raise DeploymentError(f"run folder {str(run_dir)!r} already exists; choose another 'name' or pass --overwrite")
     provenance = {"config_sha256": config.digest(), "data_sha256": benchmark.digest(),
                   "base_model_sha256": foundation.digest}
-    check_run_dir(run_dir, config, settings.overwrite, False, provenance)
     prepare_run_dir(run_dir, settings.overwrite)
     try:
         (run_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
