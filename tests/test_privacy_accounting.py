@@ -113,7 +113,7 @@ def test_a_round_that_would_exceed_the_budget_is_refused_with_the_reason():
     assert f"round {spent + 1}" in message and "site-a" in message and "budget ε = 5" in message
 
 
-def test_resume_restores_spent_budget_and_never_counts_a_round_twice():
+def test_resume_restores_spent_budget_and_charges_a_retried_round_again():
     book = ledger(budget=6.0)
     for round_index in range(3):
         book.spend(book.planned_events(round_index), round_index)
@@ -122,10 +122,11 @@ def test_resume_restores_spent_budget_and_never_counts_a_round_twice():
     resumed.load_state_dict(state)
     assert resumed.epsilon() == book.epsilon()
     assert resumed.spent_rounds == [0, 1, 2]
-    with pytest.raises(ValueError, match="already recorded"):
-        resumed.spend(resumed.planned_events(2), 2)
-    resumed.spend(resumed.planned_events(3), 3)
-    assert resumed.epsilon() > book.epsilon()
+    with pytest.raises(ValueError, match="comes before round 3"):
+        resumed.spend(resumed.planned_events(1), 1)  # the past is never rewritten
+    retried = resumed.spend(resumed.planned_events(2), 2)  # round 3 released a second time: a second charge
+    assert retried > book.epsilon() and resumed.spent_rounds == [0, 1, 2, 2]
+    assert resumed.spend(resumed.planned_events(3), 3) > retried
     assert PrivacyAccountant.from_state_dict(resumed.state_dict()).epsilon() == resumed.epsilon()
 
 

@@ -276,10 +276,14 @@ class PrivacyAccountant:
                 f"({self.accountant}, δ = {self.delta:g}), over the budget ε = {self.budget_epsilon:g}")
 
     def spend(self, events: Sequence[GaussianEvent], round_index: int) -> float:
-        """Record what ``round_index`` spent; returns ε so far. A round is recorded once only."""
-        if self.rounds and round_index <= self.rounds[-1][0]:
-            raise ValueError(f"{self.name}: round {round_index + 1} is already recorded (spent rounds up to "
-                             f"{self.rounds[-1][0] + 1}); a round's privacy cost is never counted twice")
+        """Record what an attempt at ``round_index`` spent; returns ε so far.
+
+        Rounds are charged in order. Charging the last charged round again is a retry (a run resumed after a
+        crash inside that round releases it a second time, with fresh noise), and it costs again: every
+        release is a mechanism run. An earlier round is refused (a ledger never rewrites its past)."""
+        if self.rounds and round_index < self.rounds[-1][0]:
+            raise ValueError(f"{self.name}: round {round_index + 1} comes before round {self.rounds[-1][0] + 1}, "
+                             "the last one charged; a ledger is charged in round order")
         self.rounds.append((round_index, tuple(events)))
         return self.epsilon()
 
