@@ -47,6 +47,8 @@ EVENTS: dict[str, str] = {
     "adapter_applied": "a party replaced its state with received parameters",
     "privacy_spent": "differential-privacy budget spent (meta: epsilon, delta, ...)",
     "budget_exceeded": "a privacy budget would be exceeded; the party stops",
+    "privacy_budget": "a dataset ledger's budget of one level (meta: level, budget_epsilon, delta, accountant)",
+    "privacy_charged": "a dataset ledger's charge of one round before it ran (meta: level, run, events)",
     "party_dropped": "a peer was dropped from a round (timeout, rejection)",
     "node_bound": "a network node was bound to a roster party (meta.node_id; the party's signed proof checked)",
     "node_refused": "a network node was refused as a party (meta.node_id, meta.reason)",

@@ -257,6 +257,16 @@ class AuditLog:
                 self._fd = None
             return sth
 
+    def release(self) -> None:
+        """fsync and close the file WITHOUT a final tree head, so that a later :meth:`open` continues the log (a
+        log kept across runs, such as a dataset's privacy ledger, is released after each use, never closed)."""
+        with self._lock:
+            if self._fd is not None:
+                self._sync()
+                os.close(self._fd)
+                self._fd = None
+                self._closed = True
+
     @property
     def closed(self) -> bool:
         return self._closed

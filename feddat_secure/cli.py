@@ -66,7 +66,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     socket_path = Path(args.socket) if args.socket else None
     role = "client" if args.command == "site" else "keyholder"
-    PartyAgent(folder, role=role, socket_path=socket_path, socket_group=args.socket_group).serve()
+    ledgers = getattr(args, "dataset_ledger_dir", None)
+    PartyAgent(folder, role=role, socket_path=socket_path, socket_group=args.socket_group,
+               dataset_ledger_dir=ledgers).serve()
     return 0
 
 
@@ -136,6 +138,12 @@ def _privacy_report(args: argparse.Namespace) -> int:
     from .privacy.cli import run_privacy_report_command
 
     return run_privacy_report_command(args)
+
+
+def _privacy_ledger(args: argparse.Namespace) -> int:
+    from .privacy.cli import run_ledger_command
+
+    return run_ledger_command(args)
 
 
 def _create_keys(args: argparse.Namespace) -> int:
@@ -209,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument("--socket-group", help="let this group's members (the SuperNode's user) connect: socket "
                                                   "0660 instead of 0600 (run the agent as a user of its own)")
         serve.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+        if role == "site":
+            serve.add_argument("--dataset-ledger-dir", help="where the data owner keeps the privacy ledger of this "
+                                                            "site's dataset across runs (default: "
+                                                            "$FEDDAT_SECURE_LEDGER_DIR, else "
+                                                            "~/.local/share/feddat-secure/privacy-ledgers)")
         serve.set_defaults(handler=_serve)
     deploy = commands.add_parser("deploy", help="deploy a run on Flower")
     local = deploy.add_subparsers(dest="deploy_command", required=True).add_parser(
@@ -234,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "privacy_report.json into the run folder.")
     report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (runs/<name>)")
     report.set_defaults(handler=_privacy_report)
+    privacy = commands.add_parser("privacy", help="a dataset's privacy ledger across runs (docs/privacy.md)")
+    ledger = privacy.add_subparsers(dest="privacy_command", required=True).add_parser(
+        "ledger", help="verify and read a dataset ledger")
+    ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
+    for name, text in (("show", "verify the ledger, then print per level ε (rdp, prv), δ, budget, remaining and "
+                                "each run's share"),
+                       ("export", "verify the ledger, then print its entries as JSON for an auditor")):
+        command = ledger_commands.add_parser(name, help=text, description=text + "; exit 1 if it does not verify, "
+                                                                                 "naming the first bad entry")
+        command.add_argument("ledger", metavar="LEDGER", help="the ledger file (<dataset sha256>"
+                                                              ".privacy-ledger.jsonl)")
+        command.add_argument("--public-key", help="the data owner's ledger public key (PEM; default: the key in "
+                                                  "the ledger's folder)")
+        command.set_defaults(handler=_privacy_ledger)
     return parser
 
 

@@ -157,6 +157,9 @@ class RecordPrivacyConfig:
     target_epsilon: float = _range(0.0, low=0)  # > 0: calibrate noise_multiplier for the planned rounds
     delta: float = _range(1e-5, low=0, low_open=True, high=1, high_open=True)
     budget_epsilon: float = _budget()  # a round that would exceed it is not run
+    # the budget of the site's dataset across all runs (docs/privacy.md "One budget per dataset"); fixed when the
+    # dataset's ledger is created; 0: this run's budget_epsilon
+    dataset_budget_epsilon: float = field(default=0.0, metadata={"minimum": 0, "strict": False, "unbounded": True})
     accountant: str = _choice("rdp", "prv", default="rdp")
     reproducible: bool = False  # true: sampling and noise from the run seed (tests only: no privacy if it is known)
 
@@ -185,6 +188,9 @@ class ClientPrivacyConfig:
 class PrivacyConfig:
     record: RecordPrivacyConfig = RecordPrivacyConfig()
     client: ClientPrivacyConfig = ClientPrivacyConfig()
+    # where each site's dataset ledger lives in a simulation ("": $FEDDAT_SECURE_LEDGER_DIR, else
+    # $XDG_DATA_HOME/feddat-secure/privacy-ledgers); a deployed site uses `site serve --dataset-ledger-dir`
+    dataset_ledger_dir: str = ""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,31 @@ if TYPE_CHECKING:
     from feddat_secure.federation.simulation import Federation
 
 
+def _ledger_dir(folder: Path) -> Iterator[Path]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDDAT_SECURE_LEDGER_DIR", str(folder))
+        yield folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_ledger_dir(tmp_path_factory) -> Iterator[Path]:
+    """No test writes a dataset privacy ledger under ~: session-scoped fixtures get a folder of their own..."""
+    yield from _ledger_dir(tmp_path_factory.mktemp("ledgers-session"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_ledger_dir(tmp_path_factory) -> Iterator[Path]:
+    """... each module's (module-scoped fixtures that run DP federations) one, ..."""
+    yield from _ledger_dir(tmp_path_factory.mktemp("ledgers-module"))
+
+
+@pytest.fixture(autouse=True)
+def ledger_dir(tmp_path_factory) -> Iterator[Path]:
+    """... and each test one (processes it spawns inherit it): runs on the same data never share a budget
+    across tests."""
+    yield from _ledger_dir(tmp_path_factory.mktemp("ledgers"))
+
+
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A fresh folder with a short path (0700): a Unix socket's path holds at most ~100 characters."""

@@ -49,7 +49,8 @@ class PartyAgent:
     """One party (a site or the key holder) built from its own folder, served over a Unix socket."""
 
     def __init__(self, folder: Path, *, role: str | None = None, socket_path: Path | None = None,
-                 socket_group: str | None = None, log=sys.stderr) -> None:
+                 socket_group: str | None = None, dataset_ledger_dir: Path | str | None = None,
+                 log=sys.stderr) -> None:
         from ..federation.channel import Served
         from ..federation.parties import build_keyholder, build_site
         from ..federation.party_folder import PartyFolder
@@ -75,7 +76,7 @@ class PartyAgent:
         if role == "client":
             split, answers = site_data(self.folder, planned, self.party_id)
             party = build_site(planned.plan, own, planned.foundation, planned.lora, split, answers, resume=False,
-                               opening_digest=planned.agreement.digest())
+                               opening_digest=planned.agreement.digest(), dataset_ledger_dir=dataset_ledger_dir)
         elif role == "keyholder":
             if not planned.plan.keyholder:
                 raise DeploymentError(f"{self.party_id}: the agreed configuration needs no key holder")

@@ -25,7 +25,8 @@ from ..data import Benchmark, ClientData
 from ..data.batching import EncodedSplit, encode_split
 from ..model.adapters import LoraSettings
 from ..model.backbone import Foundation
-from ..privacy.run_privacy import PrivacySettings, ServerPrivacy, SitePrivacy, privacy_settings
+from ..privacy.budget import BudgetExceeded
+from ..privacy.run_privacy import PrivacySettings, ServerPrivacy, SitePrivacy, dataset_account, privacy_settings
 from ..training.adapter_names import SHARED
 from ..training.local_model import LocalModel
 from .algorithms import Algorithm, get_algorithm
@@ -175,10 +176,12 @@ def _audit(plan: RunPlan, folder: PartyFolder, identity: Identity, roster: Roste
 
 def build_site(plan: RunPlan, folder: PartyFolder, foundation: Foundation, lora: LoraSettings,
                split: tuple[EncodedSplit, EncodedSplit], answers: tuple[str, ...], *, resume: bool,
-               opening_digest: str | None = None) -> Site:
+               opening_digest: str | None = None, dataset_ledger_dir: str | Path | None = None) -> Site:
     """The site ``folder.party_id`` from its own folder (identity, roster, audit log, checkpoints, outputs).
     ``opening_digest``: what the server's opening must carry (default: the configuration's SHA-256; a
-    deployment's agreement digest covers the federation's facts too)."""
+    deployment's agreement digest covers the federation's facts too). ``dataset_ledger_dir``: where the data
+    owner keeps its dataset's privacy ledger (default: ``$FEDDAT_SECURE_LEDGER_DIR``, else under
+    ``$XDG_DATA_HOME``)."""
     identity, roster = party_identity(plan, folder)
     site_id = folder.party_id
     index = plan.site_ids.index(site_id)
@@ -187,7 +190,10 @@ def build_site(plan: RunPlan, folder: PartyFolder, foundation: Foundation, lora:
                        seed=seed + 1)
     record = plan.privacy.record.get(site_id)
     trainer = plan.algorithm.trainer(plan.config, model, record, plan.head_travels)
-    privacy = SitePrivacy(site_id, record, plan.privacy.client)
+    dataset = dataset_account(plan.config, split[0], dataset_ledger_dir, record, plan.privacy.client)
+    privacy = SitePrivacy(site_id, record, plan.privacy.client, dataset)
+    if not resume and (overdraw := privacy.start_refusal(0)) is not None:  # before this run opens anything
+        raise BudgetExceeded(0, [f"{site_id} refuses this run: {overdraw}"])
     return Site(identity, roster, folder, config_digest=opening_digest or plan.config.digest(), trainer=trainer,
                 train=split[0], test=split[1], answers=answers, layout=plan.layout,
                 sends_updates=plan.algorithm.sends_updates, protocol=build_protocol(plan), privacy=privacy,

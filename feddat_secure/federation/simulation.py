@@ -60,7 +60,8 @@ def simulate_federation(plan: RunPlan, run_dir: Path, foundation: Foundation, lo
     the run's session (on ``resume``: every party continues from its own checkpoint)."""
     server_id = "server"
     sites = {cid: build_site(plan, party_folder(run_dir, cid), foundation, lora, splits[cid], answers[cid],
-                             resume=resume) for cid in plan.site_ids}
+                             resume=resume, dataset_ledger_dir=plan.config.privacy.dataset_ledger_dir)
+             for cid in plan.site_ids}
     keyholder = build_keyholder(plan, party_folder(run_dir, "keyholder"), resume=resume) if plan.keyholder else None
     parties: list[Site | KeyHolder] = [*sites.values(), *([keyholder] if keyholder else [])]
     channel = InMemoryChannel({party.party_id: Served(party, party.audit, server_id=server_id) for party in parties})

@@ -30,6 +30,7 @@ from protocols.wire import Envelope, peek
 from ..data.batching import EncodedSplit
 from ..model.adapters import save_peft_adapter
 from ..model.classifier import save_head
+from ..privacy.budget import BudgetExceeded
 from ..privacy.run_privacy import SitePrivacy, write_ledger
 from ..training.trainers import LocalTrainer
 from . import envelopes as E
@@ -114,6 +115,8 @@ class Site:
         self.stamp.session = envelope.session
         if state is not None:
             self._restore(state, next_round)
+        else:
+            self.privacy.run = envelope.session  # the run's id in the dataset ledger: its first session
         if self.sends_updates and self.protocol is not None:  # a fresh protocol session: rounds are whole
             self.aggregation = self.protocol.client(self.stamp.identity, self.roster, self.roster.server_id,
                                                     session=envelope.session)
@@ -132,23 +135,29 @@ class Site:
         model = E.checked_model(envelope) if send_update else None
         clip_norm, noise_shares = self._client_terms(envelope)
         refusal = self.privacy.refusal(round_index)
+        if refusal is None:
+            if model is not None:  # checked before anything is charged: a model that does not fit costs nothing
+                self._load_global(model, envelope.sender)
+                self.audit.event("adapter_applied", round=round_index)
+            try:  # write-ahead: charged (dataset ledger fsynced, then the run's) before anything is computed
+                spent = self.privacy.charge_ahead(round_index)
+            except BudgetExceeded as exceeded:  # the dataset's budget, across every run on these records
+                refusal = "; ".join(exceeded.reasons)
         if refusal is not None:
             self.audit.event("budget_exceeded", round=round_index, meta={"reason": refusal[:256]})
             self.last_trained_round = round_index
             return {"refused": refusal, "num_examples": len(self.train), "losses": {}, "epsilon": {}, "clipped": 0}
-        if model is not None:
-            self._load_global(model, envelope.sender)
-            self.audit.event("adapter_applied", round=round_index)
+        self.last_trained_round = round_index  # charged: this round is never charged again in this session
+        for level, epsilon_so_far in spent.items():
+            delta = (self.privacy.record if level == "record" else self.privacy.client).delta
+            self.audit.event("privacy_spent", round=round_index,
+                             meta={"level": level, "epsilon": epsilon_so_far, "delta": delta,
+                                   **self._dataset_anchor()})
         received = self.trainer.shared_state()
         with self._own_torch_rng():
             losses = self.trainer.train_round_on(self.train, self.rng, round_index)
-        self.last_trained_round = round_index
-        epsilon, clipped = {}, 0
-        spent = self.privacy.charge_training(self.trainer.round_events, round_index)
-        if spent is not None:
-            epsilon["record"] = spent
-            self.audit.event("privacy_spent", round=round_index,
-                             meta={"level": "record", "epsilon": spent, "delta": self.privacy.record.delta})
+        self.privacy.check_trained(self.trainer.round_events)
+        epsilon, clipped = dict(spent), 0
         if send_update:
             update = update_vector(self.layout, self.trainer.shared_state(), received)
             update, noise = self.privacy.update_step(update, clip_norm=clip_norm, noise_shares=noise_shares,
@@ -162,14 +171,15 @@ class Site:
             except ProtocolError as error:  # this site's own input or terms do not fit the protocol: it takes no part
                 raise MessageRejected(f"this site cannot take part in round {round_index + 1}'s aggregation: "
                                       f"{error}", envelope.sender) from None
-            released = self.privacy.charge_release(round_index)
-            if released is not None:
-                epsilon["client"] = released
-                self.audit.event("privacy_spent", round=round_index,
-                                 meta={"level": "client", "epsilon": released,
-                                       "delta": self.privacy.client.delta})
         return {"refused": None, "num_examples": len(self.train), "losses": losses, "epsilon": epsilon,
                 "clipped": clipped}
+
+    def _dataset_anchor(self) -> dict[str, Any]:
+        """The dataset ledger's size and head after this round's charge: this signed log then shows a later cut."""
+        contents = self.privacy.dataset_contents
+        if contents is None:
+            return {}
+        return {"dataset_ledger_entries": contents.entries, "dataset_ledger_head": contents.head_sha256}
 
     def _load_global(self, model: dict[str, np.ndarray], sender: str) -> None:
         """Replace the received adapters with the server's model, refusing (nothing applied) one that does not fit."""
@@ -252,6 +262,7 @@ class Site:
     def _checkpoint(self, next_round: int) -> None:
         save_checkpoint(self.folder.checkpoint(next_round), {
             "session": self.stamp.session,
+            "run": self.privacy.run,
             "trainer": self.trainer.state_dict(),
             "rng": self.rng.bit_generator.state,
             "torch_rng": self.torch_rng,
@@ -282,4 +293,5 @@ class Site:
         self.last_trained_round = int(state["last_trained_round"])
         self.last_evaluated_round = int(state["last_evaluated_round"])
         self.privacy.load_state_dict(state["privacy"])
+        self.privacy.resume(state["run"])
         self.folder.keep_checkpoints_from(next_round)

@@ -1,9 +1,11 @@
-"""``feddat-secure privacy-report RUN_DIR``: what the main CLI runs for the subcommand (registered there, so
-that ``--help`` stays light; this module loads the report and its accountants only when the command runs)."""
+"""``feddat-secure privacy-report RUN_DIR`` and ``privacy ledger show|export LEDGER``: what the main CLI runs for
+these subcommands (registered there, so that ``--help`` stays light; this module loads the report and its
+accountants only when a command runs)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .report import ReportError, write_privacy_report
@@ -18,3 +20,36 @@ def run_privacy_report_command(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
+
+
+def run_ledger_command(args: argparse.Namespace) -> int:
+    """``privacy ledger show|export LEDGER``: verify a dataset ledger; exit 1 naming its first bad entry."""
+    from pathlib import Path
+
+    from .dataset_ledger import DatasetLedgerError, load_public_key, read_ledger
+
+    try:
+        key = load_public_key(Path(args.public_key)) if args.public_key else None
+        contents = read_ledger(args.ledger, key)
+    except DatasetLedgerError as error:
+        print(f"feddat-secure: error: {error}", file=sys.stderr)
+        return 1
+    if args.ledger_command == "export":
+        print(json.dumps(contents.to_json(), indent=1, sort_keys=True))
+        return 0
+    summary = contents.summary()
+    print(f"dataset ledger {summary['path']}: intact, {summary['entries']} entries, head {summary['head_sha256']}")
+    print(f"dataset sha256 {summary['dataset_sha256']}, signed by ledger key {summary['key_id']}")
+    for level, values in summary["levels"].items():
+        budget = values["budget_epsilon"]
+        epsilons = ", ".join(f"{name} {_number(value)}" for name, value in values["epsilon"].items())
+        remaining = "no budget" if budget is None else f"budget {budget:g}, remaining {values['remaining_epsilon']:.3f}"
+        print(f"{level} level: ε {epsilons} at δ = {values['delta']:g} ({values['accountant']} governs); "
+              f"{remaining}; {values['charges']} charges")
+        for run, share in values["runs"].items():
+            print(f"  run {run}: {share['charges']} charges, ε {share['epsilon']:.3f} alone (rdp)")
+    return 0
+
+
+def _number(value: float | None) -> str:
+    return "n/a (outside PRV's range)" if value is None else f"{value:.3f}"

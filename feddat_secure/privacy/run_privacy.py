@@ -19,6 +19,7 @@ the report.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..config import INDICATOR_SCALE, RunConfig
 from ..federation.algorithms import dp_steps_per_batch
-from .accounting import GaussianEvent, PrivacyAccountant
+from .accounting import GaussianEvent, PrivacyAccountant, merge_events
 from .budget import BudgetExceeded, check_budgets
 from .client_level import (
     AdaptiveClipping,
@@ -40,6 +41,16 @@ from .client_level import (
     make_client_privacy,
     poisson_participants,
 )
+from .dataset_ledger import (
+    DatasetLedger,
+    DatasetLedgerError,
+    LedgerContents,
+    LevelBudget,
+    dataset_digest,
+    projected_refusal,
+    resolve_ledger_dir,
+)
+from .dp_sgd import PrivacyError
 from .record import RecordPrivacy, make_record_privacy
 
 LEDGER_FILE = "privacy_ledger.json"
@@ -122,17 +133,53 @@ def write_ledger(path: Path, content: Mapping[str, Any]) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class DatasetAccount:
+    """A site's dataset ledger in one run: the ledger, the budgets this run proposes for a level the ledger has
+    none of yet (a ledger's budgets are fixed when first set), and the run's planned rounds."""
+
+    ledger: DatasetLedger
+    budgets: Mapping[str, LevelBudget]
+    rounds: int
+
+
+def dataset_account(config: RunConfig, train: Any, ledger_dir: str | Path | None, record: RecordPrivacy | None,
+                    client: ClientPrivacy | None) -> DatasetAccount | None:
+    """The dataset ledger of a site whose DP it accounts itself (record level; client level under local noise),
+    in ``ledger_dir`` (default: :func:`~.dataset_ledger.default_ledger_dir`); None when the site holds no ledger.
+    The record-level dataset budget is ``dataset_budget_epsilon``, by default the run's own ``budget_epsilon``
+    (so a re-run on the same data cannot silently multiply the spend); the client-level one is the run's."""
+    budgets = {}
+    if record is not None:
+        settings = config.privacy.record
+        budgets["record"] = LevelBudget("record", settings.dataset_budget_epsilon or settings.budget_epsilon,
+                                        record.delta, record.accountant)
+    if client is not None and client.per_client_ledgers:
+        budgets["client"] = LevelBudget("client", config.privacy.client.budget_epsilon, client.delta,
+                                        client.accountant)
+    if not budgets:
+        return None
+    ledger = DatasetLedger(resolve_ledger_dir(ledger_dir), dataset_digest(train))
+    return DatasetAccount(ledger, budgets, config.federation.rounds)
+
+
 class SitePrivacy:
     """One site's DP: its record-level ledger and budget gate, its client-level step on its own update, and
-    (local noise) its client-level ledger."""
+    (local noise) its client-level ledger; with ``dataset``, every round is charged first to its dataset's
+    ledger (write-ahead: before the round trains), then to the run's ledgers."""
 
-    def __init__(self, site_id: str, record: RecordPrivacy | None, client: ClientPrivacy | None) -> None:
+    def __init__(self, site_id: str, record: RecordPrivacy | None, client: ClientPrivacy | None,
+                 dataset: DatasetAccount | None = None) -> None:
         self.site_id = site_id
         self.record = record
         self.client = client
         self.record_accountant = record.new_accountant(site_id) if record is not None else None
         self.client_accountant = client.new_accountant(site_id) if client is not None and client.per_client_ledgers \
             else None
+        self.dataset = dataset
+        self.run: str | None = None  # the run's id in the dataset ledger: its first session
+        self.charged: dict[str, list[GaussianEvent]] = {}  # what the round in progress was charged
+        self.dataset_contents: LedgerContents | None = None  # the dataset ledger as of the last charge
 
     @property
     def accountants(self) -> list[PrivacyAccountant]:
@@ -141,6 +188,58 @@ class SitePrivacy:
     def refusal(self, round_index: int) -> str | None:
         """Why this site must not take part in ``round_index`` (a budget of its own it would pass), or None."""
         return _refusal(round_index, [(a, a.planned_events(round_index)) for a in self.accountants])
+
+    def _plans(self, round_index: int) -> dict[str, list[GaussianEvent]]:
+        return {a.level: a.planned_events(round_index) for a in self.accountants}
+
+    def start_refusal(self, next_round: int) -> str | None:
+        """Why a fresh run from ``next_round`` must not start: its planned rounds would overdraw the dataset's
+        budget (all runs' charges so far plus this whole plan). A resumed run is gated round by round instead
+        (its retried round costs one round more than planned)."""
+        if self.dataset is None:
+            return None
+        return projected_refusal(self.dataset.ledger.read(), self._plans(next_round), self.dataset.budgets,
+                                 self.dataset.rounds - next_round)
+
+    def charge_ahead(self, round_index: int) -> dict[str, float]:
+        """Charge the round's planned mechanisms before the round trains (write-ahead): to the dataset ledger
+        (fsynced; :class:`BudgetExceeded` if the dataset's budget would pass, nothing charged then), then to
+        the run's ledgers. Returns ε so far of each run ledger by level. A round that then fails is charged all
+        the same: a crash must never release what no ledger holds (issue 12, fault 3)."""
+        plans = self._plans(round_index)
+        if not plans:
+            return {}
+        if self.dataset is not None:
+            if self.run is None:
+                raise RuntimeError("the run's id is set when its session is confirmed, before any round")
+            self.dataset_contents = self.dataset.ledger.charge(self.run, round_index, plans, self.dataset.budgets)
+        self.charged = plans
+        spent = {"record": self.charge_training(plans.get("record", []), round_index),
+                 "client": self.charge_release(round_index)}
+        return {level: epsilon for level, epsilon in spent.items() if epsilon is not None}
+
+    def check_trained(self, events: Sequence[GaussianEvent]) -> None:
+        """The DP-SGD mechanisms the round actually ran must be the ones charged ahead of it (never under-charge)."""
+        charged = self.charged.get("record", [])
+        if merge_events(events) != merge_events(charged):
+            raise PrivacyError(f"{self.site_id}: local training ran {merge_events(events)}, but "
+                               f"{merge_events(charged)} was charged before it; the ledgers would be wrong")
+
+    def resume(self, run: str) -> None:
+        """Continue run ``run`` after its checkpoint was loaded: the run's ledgers become exactly this run's
+        charges in the dataset ledger, which hold the checkpoint's rounds and, after them, the charge of a round
+        interrupted by a crash (its retry is a second release and is charged again)."""
+        self.run = run
+        if self.dataset is None:
+            return
+        contents = self.dataset.ledger.read()
+        for accountant in self.accountants:
+            charged = contents.run_charges(run, accountant.level) if contents is not None else []
+            if charged[:len(accountant.rounds)] != accountant.rounds:
+                raise DatasetLedgerError(f"{self.dataset.ledger.path}: the dataset ledger does not hold the "
+                                         f"{accountant.level}-level charges this run's checkpoint holds (was it cut "
+                                         "or replaced?)")
+            accountant.rounds = list(charged)
 
     def charge_training(self, events: Sequence[GaussianEvent], round_index: int) -> float | None:
         """Charge the DP-SGD mechanisms a round of local training ran; ε of the record-level ledger so far."""
@@ -176,7 +275,27 @@ class SitePrivacy:
     def ledger(self) -> dict[str, Any]:
         record = {self.site_id: self.record.describe()} if self.record is not None else {}
         client = self.client.describe() if self.client_accountant is not None else None
-        return _ledger_json(self.accountants, record, client, None)
+        content = _ledger_json(self.accountants, record, client, None)
+        if self.dataset is not None:
+            content["dataset_ledger"] = self.dataset_ledger()
+        return content
+
+    def dataset_ledger(self) -> dict[str, Any]:
+        """The dataset ledger as this run leaves it, at its governing level (record, else client): where it is,
+        its size and head (anchors against a cut), δ, budget, and the cumulative ε before and with this run."""
+        contents = self.dataset.ledger.read()
+        level = "record" if self.record_accountant is not None else "client"
+        budget = contents.budgets.get(level, self.dataset.budgets[level]) if contents else self.dataset.budgets[level]
+        if contents is None:
+            entries, head, before, now = 0, None, 0.0, 0.0
+        else:
+            entries, head = contents.entries, contents.head_sha256
+            before = contents.accountant(level, proposed=budget, exclude_run=self.run).epsilon()
+            now = contents.accountant(level, proposed=budget).epsilon()
+        return {"path": str(self.dataset.ledger.path), "dataset_sha256": self.dataset.ledger.dataset_sha256,
+                "level": level, "entries": entries, "head_sha256": head, "delta": budget.delta,
+                "budget_epsilon": None if math.isinf(budget.epsilon) else budget.epsilon,
+                "epsilon_before_run": before, "epsilon": now}
 
     def state_dict(self) -> dict[str, Any]:
         return {"ledgers": [a.state_dict() for a in self.accountants]}

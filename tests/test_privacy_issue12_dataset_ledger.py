@@ -1,0 +1,173 @@
+"""Issue 12, faults 3 (site part) and 8: one privacy budget per dataset across runs, charged before each round.
+
+The data owner's dataset ledger lives outside every run folder, so neither ``--overwrite``, a new run name nor a
+deleted run folder resets what the data has spent; a run that would overdraw it is refused before any round; a
+crash inside a round leaves its charge in place, so the retried round is a second charge; a tampered ledger is
+refused. Every ε is recomputed with Google's dp_accounting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_config
+from dp_accounting import dp_event
+from dp_accounting.rdp import RdpAccountant
+
+from feddat_secure.cli import USER_ERRORS, main
+from feddat_secure.data.batching import EncodedSplit
+from feddat_secure.federation import site_app
+from feddat_secure.federation.runner import run
+from feddat_secure.privacy.accounting import GaussianEvent, compute_epsilon
+from feddat_secure.privacy.dataset_ledger import (
+    LEDGER_SUFFIX,
+    DatasetLedger,
+    DatasetLedgerError,
+    LevelBudget,
+    dataset_digest,
+    read_ledger,
+)
+from feddat_secure.privacy.run_privacy import LEDGER_FILE, privacy_settings
+
+QUIET = {"progress": False, "echo": lambda _: None}
+DELTA = 1e-5
+
+
+def dp_accounting_epsilon(events: list[GaussianEvent]) -> float:
+    accountant = RdpAccountant()
+    for e in events:
+        accountant.compose(dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(e.sample_rate, dp_event.GaussianDpEvent(e.noise_multiplier)), e.steps))
+    return accountant.get_epsilon(DELTA)
+
+
+def test_the_dataset_digest_is_of_the_records_not_of_their_order(tiny_split):
+    order = torch.randperm(len(tiny_split), generator=torch.Generator().manual_seed(0))
+    shuffled = EncodedSplit(*(getattr(tiny_split, f)[order] for f in
+                              ("pixel_values", "input_ids", "attention_mask", "labels")))
+    assert dataset_digest(shuffled) == dataset_digest(tiny_split)  # shuffling opens no fresh budget
+    changed = EncodedSplit(tiny_split.pixel_values.clone(), tiny_split.input_ids, tiny_split.attention_mask,
+                           tiny_split.labels)
+    changed.pixel_values[3, 0, 0, 0] += 1.0
+    assert dataset_digest(changed) != dataset_digest(tiny_split)  # one changed record: other data
+
+
+def charged_ledger(folder: Path) -> DatasetLedger:
+    """A ledger of two runs (4 charges after one budget entry), written through the package's own class."""
+    ledger = DatasetLedger(folder, "ab" * 32)
+    budget = {"record": LevelBudget("record", 50.0, DELTA, "rdp")}
+    for run_id in ("run-a", "run-b"):
+        for round_index in range(2):
+            ledger.charge(run_id, round_index, {"record": [GaussianEvent(1.0, 0.1, 10)]}, budget)
+    return ledger
+
+
+def _edit(lines: list[bytes]) -> list[bytes]:
+    lines[3] = lines[3].replace(b'"run-a"', b'"run-x"')  # move a charge to another run
+    return lines
+
+
+TAMPERING = {
+    "edited": (_edit, "line 4 (seq 3): signature does not verify"),
+    "reordered": (lambda lines: [*lines[:2], lines[3], lines[2], *lines[4:]], "line 3 (seq 3)"),
+    "deleted": (lambda lines: [*lines[:2], *lines[3:]], "line 3 (seq 3)"),
+    "cut": (lambda lines: [*lines[:-1], lines[-1][:40]], "line 6: incomplete last line"),
+}
+
+
+@pytest.mark.parametrize("tampering", list(TAMPERING))
+def test_a_tampered_ledger_is_refused_by_show_naming_the_first_bad_entry_and_by_the_next_run(tmp_path, capsys,
+                                                                                            tampering):
+    ledger = charged_ledger(tmp_path)
+    assert main(["privacy", "ledger", "show", str(ledger.path)]) == 0
+    shown = capsys.readouterr().out
+    assert "intact, 6 entries" in shown and "run run-a: 2 charges" in shown and "run run-b: 2 charges" in shown
+    change, named = TAMPERING[tampering]
+    lines = ledger.path.read_bytes().split(b"\n")[:-1]
+    ledger.path.write_bytes(b"\n".join(change(lines)) + (b"" if tampering == "cut" else b"\n"))
+
+    for command in ("show", "export"):
+        assert main(["privacy", "ledger", command, str(ledger.path)]) == 1
+        error = capsys.readouterr().err
+        assert "does not verify" in error and named in error, error
+    if tampering == "cut":  # a torn last line (what a crash while appending leaves) is set aside, on the record
+        contents = ledger.charge("run-c", 0, {"record": [GaussianEvent(1.0, 0.1, 10)]},
+                                 {"record": LevelBudget("record", 50.0, DELTA, "rdp")})
+        assert [c.run for c in contents.charges] == ["run-a", "run-a", "run-b", "run-c"]
+        assert b'"event":"log_recovered"' in ledger.path.read_bytes()
+    else:
+        with pytest.raises(DatasetLedgerError, match="does not verify"):
+            ledger.charge("run-c", 0, {"record": [GaussianEvent(1.0, 0.1, 10)]},
+                          {"record": LevelBudget("record", 50.0, DELTA, "rdp")})
+
+
+def test_a_ledger_signed_by_another_key_is_refused(tmp_path):
+    ledger = charged_ledger(tmp_path / "owner")
+    forged = tmp_path / "forger"
+    DatasetLedger(forged, "cd" * 32).key()  # another data owner's key
+    shutil.copy(ledger.path, forged / ledger.path.name)
+    with pytest.raises(DatasetLedgerError, match="line 1 .*signature does not verify"):
+        read_ledger(forged / ledger.path.name)
+    assert main(["privacy", "ledger", "show", str(ledger.path), "--public-key",
+                 str(forged / "ledger_key.pub.pem")]) == 1
+
+
+def test_a_crash_inside_a_round_stays_charged_and_no_new_run_resets_the_datasets_spend(tmp_path, ledger_dir):
+    """Round 2 is released (the sites trained and the aggregate was logged) and the run crashes before any
+    checkpoint of it. After resume, every site's dataset ledger holds each release that happened: round 1,
+    round 2's interrupted attempt, round 2's retry. A second run on the same data (``--overwrite``, or another
+    name) would overdraw the dataset's budget and is refused before any round."""
+    def config_of(budget: float):
+        return small_config(tmp_path, privacy={"record": {"enabled": True, "noise_multiplier": 1.5,
+                                                          "budget_epsilon": budget}},
+                            training={"local_steps": 2}, secure_aggregation={"protocol": "plain"},
+                            data={"num_clients": 2})
+
+    per_round = privacy_settings(config_of(100.0), {"client0": 32}, update_dimension=1).record["client0"].round_events()
+    three, five = (compute_epsilon(per_round * rounds, DELTA) for rounds in (3, 5))
+    budget = round((three + five) / 2, 3)  # 3 rounds fit (a retried one included), 5 (a second run) do not
+    config = config_of(budget)
+
+    releases = []
+
+    def counted_update(*args, original=site_app.update_vector):
+        releases.append(1)  # a site computed an update from its trained model: a release
+        return original(*args)
+
+    def crash_in_round_2(text: str) -> None:
+        if text.startswith("round   2"):
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(site_app, "update_vector", counted_update)
+        with pytest.raises(KeyboardInterrupt):
+            run(config, progress=False, echo=crash_in_round_2)
+        resumed = run(config, resume=True, **QUIET)
+    ledgers = sorted(ledger_dir.glob("*" + LEDGER_SUFFIX))
+    assert len(ledgers) == 2  # one per site's data, outside the run folder
+    assert len(releases) == 6  # 2 sites × (round 1, round 2, round 2 again)
+    for site in ("client0", "client1"):
+        run_ledger = json.loads((resumed.run_dir / "parties" / site / LEDGER_FILE).read_text())
+        summary = run_ledger["dataset_ledger"]
+        contents = read_ledger(summary["path"])
+        assert [(c.round, c.level) for c in contents.charges] == [(0, "record"), (1, "record"), (1, "record")]
+        events = [e for c in contents.charges for e in c.events]
+        assert contents.charges[0].events == tuple(per_round)
+        reference = dp_accounting_epsilon(events)
+        assert summary["epsilon"] == pytest.approx(reference, rel=0.01)
+        assert summary["epsilon_before_run"] == 0.0 and summary["budget_epsilon"] == budget
+        assert (summary["entries"], summary["head_sha256"]) == (contents.entries, contents.head_sha256)
+        (spent,) = run_ledger["ledgers"]  # the run's own ledger counts the interrupted release too
+        assert [r["round"] for r in spent["rounds"]] == [0, 1, 1]
+        assert reference == pytest.approx(dp_accounting_epsilon(per_round * 3), rel=1e-9)
+    before = {path: path.read_bytes() for path in ledgers}
+
+    for again, overwrite in ((config, True), (dataclasses.replace(config, name="tiny-retuned"), False)):
+        with pytest.raises(USER_ERRORS, match=r"client0 refuses this run: the record-level budget of this site's"):
+            run(again, overwrite=overwrite, **QUIET)
+        assert {path: path.read_bytes() for path in ledgers} == before  # refused before any round: nothing charged
+    assert not resumed.run_dir.exists()  # --overwrite deleted the run folder; the data owner's ledgers remain
