@@ -270,7 +270,7 @@ def test_a_site_refuses_to_train_past_its_own_record_level_budget_even_when_the_
     [answer] = reply.messages
     report = server.stamp.open(answer.data, session=server.stamp.session)
     assert report.stage == E.UPDATE and "over the budget" in report.fields["refused"]
-    assert report.fields["epsilon"] == {} and report.fields["losses"] == {}
+    assert report.fields["epsilon"] == {} and report.fields["losses"] is None  # under DP a site keeps its metrics
     after = site_state(site)
     for key, value in before.items():
         np.testing.assert_array_equal(after[key], value, err_msg=key)
@@ -320,3 +320,6 @@ def test_a_resumed_dp_run_spends_exactly_what_an_uninterrupted_one_spends(tmp_pa
     assert all([spent["round"] for spent in ledger["rounds"]] == [0, 1] for ledger in ledgers[1])
     report = json.loads((resumed.run_dir / "privacy_report.json").read_text())
     assert {ledger["level"] for ledger in report["ledgers"]} == {"record", "client"}
+    # each site's own metrics (withheld under DP) hold every round once: the interrupted round 2 is kept once
+    kept = (resumed.run_dir / "parties" / "client0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in kept] == [1, 2]

@@ -70,6 +70,12 @@ class RunPlan:
         return self.layout.size + self.privacy.extra_coordinates
 
     @property
+    def site_metrics_shared(self) -> bool:
+        """Whether sites send the server what they compute from their records outside any DP mechanism (losses,
+        clipped counts, accuracies): always without DP; under DP only when ``privacy.share_site_metrics`` opts in."""
+        return not self.privacy.enabled or self.config.privacy.share_site_metrics
+
+    @property
     def uses_protocol(self) -> bool:
         return self.algorithm.sends_updates
 
@@ -187,7 +193,9 @@ def build_site(plan: RunPlan, folder: PartyFolder, foundation: Foundation, lora:
                        seed=seed + 1)
     record = plan.privacy.record.get(site_id)
     trainer = plan.algorithm.trainer(plan.config, model, record, plan.head_travels)
-    privacy = SitePrivacy(site_id, record, plan.privacy.client)
+    privacy = SitePrivacy(site_id, record, plan.privacy.client,
+                          share_site_metrics=plan.config.privacy.share_site_metrics,
+                          sends_updates=plan.algorithm.sends_updates)
     return Site(identity, roster, folder, config_digest=opening_digest or plan.config.digest(), trainer=trainer,
                 train=split[0], test=split[1], answers=answers, layout=plan.layout,
                 sends_updates=plan.algorithm.sends_updates, protocol=build_protocol(plan), privacy=privacy,
@@ -205,7 +213,7 @@ def build_server(plan: RunPlan, folder: PartyFolder, channel: Channel, *, resume
     server_plan = ServerPlan(config_digest=opening_digest or config.digest(), rounds=config.federation.rounds,
                              per_round=plan.per_round,
                              sends_updates=plan.algorithm.sends_updates, vector_length=plan.vector_length,
-                             seed=config.seed)
+                             seed=config.seed, site_metrics=plan.site_metrics_shared)
     return Server(identity, roster, folder, server_plan, link,
                   {k: np.array(v, dtype=np.float32) for k, v in plan.initial_state.items()}, plan.layout,
                   build_protocol(plan), ServerPrivacy(plan.privacy.client))

@@ -44,6 +44,10 @@ from .record import RecordPrivacy, make_record_privacy
 
 LEDGER_FILE = "privacy_ledger.json"
 LEDGER_FORMAT = "feddat-secure-privacy-ledger/2"
+# What a site computes from its records outside any DP mechanism and reports when it shares its metrics: its
+# training losses (exact, from the training records), how many update entries the protocol clipped (from the
+# update) and its test accuracies (under FedDAT from the never-noised client adapter and local head).
+TRAIN_LOSS, CLIPPED, TEST_ACCURACY = "train_loss", "clipped", "test_accuracy"
 
 
 @dataclass(frozen=True)
@@ -124,19 +128,37 @@ def write_ledger(path: Path, content: Mapping[str, Any]) -> Path:
 
 class SitePrivacy:
     """One site's DP: its record-level ledger and budget gate, its client-level step on its own update, and
-    (local noise) its client-level ledger."""
+    (local noise) its client-level ledger.
 
-    def __init__(self, site_id: str, record: RecordPrivacy | None, client: ClientPrivacy | None) -> None:
+    With any DP level on, what the site computes from its records outside an accounted mechanism stays on the
+    site (``withholds_metrics``) unless the configuration opts in (``share_site_metrics``): the ledger then
+    lists each such channel under ``unprotected_releases``, so the report names it. A DP guarantee covers only
+    the mechanism's output (post-processing, Dwork & Roth 2014, Prop. 2.1); an exact loss or accuracy is a
+    separate, unaccounted release, which under local or distributed noise would void the protection against
+    the server."""
+
+    def __init__(self, site_id: str, record: RecordPrivacy | None, client: ClientPrivacy | None, *,
+                 share_site_metrics: bool = False, sends_updates: bool = True) -> None:
         self.site_id = site_id
         self.record = record
         self.client = client
         self.record_accountant = record.new_accountant(site_id) if record is not None else None
         self.client_accountant = client.new_accountant(site_id) if client is not None and client.per_client_ledgers \
             else None
+        enabled = record is not None or client is not None
+        self.withholds_metrics = enabled and not share_site_metrics
+        releases = ([TRAIN_LOSS] if record is None else []) + ([CLIPPED] if sends_updates else []) + [TEST_ACCURACY]
+        # record-level DP: training computes no losses at all (LocalTrainer.train_round_on), so none is released
+        self.unprotected_releases: tuple[str, ...] = tuple(releases) if enabled and share_site_metrics else ()
 
     @property
     def accountants(self) -> list[PrivacyAccountant]:
         return [a for a in (self.record_accountant, self.client_accountant) if a is not None]
+
+    @property
+    def keeps_ledger(self) -> bool:
+        """Whether this site writes a ledger file: it holds a ledger, or it releases something unprotected."""
+        return bool(self.accountants or self.unprotected_releases)
 
     def refusal(self, round_index: int) -> str | None:
         """Why this site must not take part in ``round_index`` (a budget of its own it would pass), or None."""
@@ -176,7 +198,8 @@ class SitePrivacy:
     def ledger(self) -> dict[str, Any]:
         record = {self.site_id: self.record.describe()} if self.record is not None else {}
         client = self.client.describe() if self.client_accountant is not None else None
-        return _ledger_json(self.accountants, record, client, None)
+        return {**_ledger_json(self.accountants, record, client, None),
+                "unprotected_releases": list(self.unprotected_releases)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"ledgers": [a.state_dict() for a in self.accountants]}
@@ -281,7 +304,7 @@ def load_run_ledgers(run_dir: Path) -> dict[str, Any] | None:
     if not files:
         return None
     merged: dict[str, Any] = {"format": LEDGER_FORMAT, "levels": {"record": {}, "client": None}, "ledgers": [],
-                              "adaptive_clipping": None, "files": []}
+                              "adaptive_clipping": None, "unprotected_releases": {}, "files": []}
     for path in files:
         content = json.loads(path.read_text())
         if content.get("format") != LEDGER_FORMAT:
@@ -290,5 +313,7 @@ def load_run_ledgers(run_dir: Path) -> dict[str, Any] | None:
         merged["levels"]["client"] = merged["levels"]["client"] or content["levels"]["client"]
         merged["ledgers"].extend(content["ledgers"])
         merged["adaptive_clipping"] = merged["adaptive_clipping"] or content["adaptive_clipping"]
+        if content.get("unprotected_releases"):  # a site's; the server's ledger has no such list
+            merged["unprotected_releases"][path.parent.name] = list(content["unprotected_releases"])
         merged["files"].append(path.relative_to(run_dir).as_posix())
     return merged
