@@ -38,8 +38,9 @@ DP_RUNS = {
 
 def one_round(tmp_path: Path, privacy: dict, protocol: str = "plain", **extra) -> dict:
     """A one-round, 3-site FedDAT configuration (uniform weights, as client-level DP requires)."""
-    return small_config(tmp_path, federation={"rounds": 1, "aggregation": "uniform"}, data={"test_per_client": 8},
-                        training={"local_steps": 2}, secure_aggregation={"protocol": protocol},
+    return small_config(tmp_path, federation={"rounds": 1, "aggregation": "uniform"},
+                        data={"train_per_client": 16, "test_per_client": 4}, training={"local_steps": 1},
+                        secure_aggregation={"protocol": protocol},
                         **({"privacy": privacy} if privacy else {}), **extra)
 
 
