@@ -5,7 +5,8 @@
 
 With image/question pairs it prints each question's three most probable answers. Without any, it regenerates
 the run's test examples from its config.toml (a built-in benchmark or a data folder) and compares the accuracy
-with the one the run reported in metrics.jsonl. docs/api.md describes the API.
+with the one the run reported in metrics.jsonl (under differential privacy the sites keep their accuracies: then
+the one the site kept in its own parties/<site>/metrics.jsonl). docs/api.md describes the API.
 """
 
 from __future__ import annotations
@@ -57,8 +58,12 @@ def rescore_test_split(predictor: feddat_secure.Predictor, run: Path) -> None:
             continue
         answers = predictor.predict([ex.image for ex in client.test], [ex.question for ex in client.test])
         accuracy = sum(a == ex.answer for a, ex in zip(answers, client.test)) / len(client.test)
+        reported = last["clients"][client.client_id]
+        if reported is None:  # withheld from the server under DP: the site's own record of the same round
+            kept = (run / "parties" / client.client_id / "metrics.jsonl").read_text().splitlines()
+            reported = next(r["accuracy"] for r in map(json.loads, kept) if r["round"] == last["round"])
         print(f"{client.client_id}: accuracy {accuracy:.3f} on {len(client.test)} test examples "
-              f"(the run reported {predictor.metric} = {last['clients'][client.client_id][predictor.metric]:.3f})")
+              f"(the run reported {predictor.metric} = {reported[predictor.metric]:.3f})")
 
 
 if __name__ == "__main__":

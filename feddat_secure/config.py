@@ -191,6 +191,10 @@ class PrivacyConfig:
     # where each site's dataset ledger lives in a simulation ("": $FEDDAT_SECURE_LEDGER_DIR, else
     # $XDG_DATA_HOME/feddat-secure/privacy-ledgers); a deployed site uses `site serve --dataset-ledger-dir`
     dataset_ledger_dir: str = ""
+    # With any DP level on, a site keeps what it computes from its records outside an accounted mechanism
+    # (training losses, the protocol's clipped count, test accuracies) in its own folder; true sends them to
+    # the server too, and every site's ledger lists them as unprotected releases (docs/privacy.md).
+    share_site_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -389,6 +393,10 @@ def _check_privacy(config: RunConfig) -> None:
     if federation.algorithm == "centralized" and (record.enabled or client.placement != "off"):
         raise ConfigError("differential privacy is for federated runs; the 'centralized' reference pools the data "
                           "and has none (set privacy.record.enabled = false and privacy.client.placement = 'off')")
+    if config.privacy.share_site_metrics and not record.enabled and client.placement == "off":
+        raise ConfigError("key 'privacy.share_site_metrics' opts out of keeping site metrics under differential "
+                          "privacy; without DP they are always shared (remove it, or enable privacy.record or "
+                          "privacy.client)")
     if record.enabled:
         _check_noise_and_budget("privacy.record", record.noise_multiplier, record.target_epsilon,
                                 record.budget_epsilon)

@@ -71,6 +71,12 @@ class RunPlan:
         return self.layout.size + self.privacy.extra_coordinates
 
     @property
+    def site_metrics_shared(self) -> bool:
+        """Whether sites send the server what they compute from their records outside any DP mechanism (losses,
+        clipped counts, accuracies): always without DP; under DP only when ``privacy.share_site_metrics`` opts in."""
+        return not self.privacy.enabled or self.config.privacy.share_site_metrics
+
+    @property
     def uses_protocol(self) -> bool:
         return self.algorithm.sends_updates
 
@@ -191,7 +197,9 @@ def build_site(plan: RunPlan, folder: PartyFolder, foundation: Foundation, lora:
     record = plan.privacy.record.get(site_id)
     trainer = plan.algorithm.trainer(plan.config, model, record, plan.head_travels)
     dataset = dataset_account(plan.config, split[0], dataset_ledger_dir, record, plan.privacy.client)
-    privacy = SitePrivacy(site_id, record, plan.privacy.client, dataset)
+    privacy = SitePrivacy(site_id, record, plan.privacy.client, dataset,
+                          share_site_metrics=plan.config.privacy.share_site_metrics,
+                          sends_updates=plan.algorithm.sends_updates)
     if not resume and (overdraw := privacy.start_refusal(0)) is not None:  # before this run opens anything
         raise BudgetExceeded(0, [f"{site_id} refuses this run: {overdraw}"])
     return Site(identity, roster, folder, config_digest=opening_digest or plan.config.digest(), trainer=trainer,
@@ -211,7 +219,7 @@ def build_server(plan: RunPlan, folder: PartyFolder, channel: Channel, *, resume
     server_plan = ServerPlan(config_digest=opening_digest or config.digest(), rounds=config.federation.rounds,
                              per_round=plan.per_round,
                              sends_updates=plan.algorithm.sends_updates, vector_length=plan.vector_length,
-                             seed=config.seed)
+                             seed=config.seed, site_metrics=plan.site_metrics_shared)
     return Server(identity, roster, folder, server_plan, link,
                   {k: np.array(v, dtype=np.float32) for k, v in plan.initial_state.items()}, plan.layout,
                   build_protocol(plan), ServerPrivacy(plan.privacy.client))

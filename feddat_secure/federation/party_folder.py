@@ -7,12 +7,16 @@ A party's folder (in a simulation ``runs/<name>/parties/<party>/``; in a deploym
     roster.json             the roster it pinned (its SHA-256 is in every message it signs or accepts)
     <party>.audit.jsonl     its own audit log: only what it sent and received
     privacy_ledger.json     its privacy ledgers (sites: record level; the server: client level)
+    metrics.jsonl           a site under DP: what it computed from its records and kept (losses, clipped count,
+                            accuracies per round); the server's folder: the run's rounds (deployments)
     checkpoints/            its round checkpoints (resume restores each party from its own)
     outputs                 a site's adapters and head (PEFT format), the server's global state
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,10 @@ class PartyFolder:
         from ..privacy.run_privacy import LEDGER_FILE
 
         return self.path / LEDGER_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
 
     @property
     def roster(self) -> Path:
@@ -86,3 +94,15 @@ class PartyFolder:
             log = AuditLog.create(self.audit_log, self.party_id, identity.private_key,
                                   tree_head_every=tree_head_every, run_id=run_id)
         return PartyAudit(log, keys)
+
+
+def keep_rounds_until(path: Path, rounds: int) -> None:
+    """Drop the lines of a per-round JSON-lines file (``metrics.jsonl``) after round ``rounds`` (1-based): what a
+    crash between writing a round's line and checkpointing it left behind, before the round runs again."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["round"] <= rounds]
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("".join(line + "\n" for line in kept))
+    os.replace(temporary, path)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +34,9 @@ from ..privacy.report import write_privacy_report
 from ..privacy.run_privacy import load_run_ledgers
 from ..training.local_model import split_head
 from .centralized import run_centralized
-from .parties import RunPlan, build_protocol, encode_site, plan_run, site_answers
-from .party_folder import PARTIES_DIR
-from .server_app import LABELS, RoundLog
+from .parties import RunPlan, build_protocol, encode_site, party_folder, plan_run, site_answers
+from .party_folder import PARTIES_DIR, keep_rounds_until
+from .server_app import LABELS, RoundLog, mean_accuracies
 from .simulation import simulate_federation
 
 PROVENANCE_FILE = "provenance.json"  # what the run started from: config, data and base model digests
@@ -48,10 +47,18 @@ class RunResult:
     run_dir: Path
     history: list[dict] = field(default_factory=list)
     stopped: str | None = None  # why the run ended before its last round (a privacy budget), if it did
+    # When the sites withheld their metrics from the server (DP without privacy.share_site_metrics): one record
+    # per round, as the sites kept them in their own folders (:func:`sites_round`); empty otherwise.
+    site_history: list[dict] = field(default_factory=list)
 
     @property
     def final_mean(self) -> dict[str, float]:
-        return self.history[-1]["mean"]
+        """The last round's mean accuracy per inference mode: as the server received it or, when the sites
+        withheld their metrics, the mean of what they kept (a simulation's operator is every party)."""
+        last = self.history[-1]
+        if last["mean"] is not None:
+            return last["mean"]
+        return next(kept["mean"] for kept in self.site_history if kept["round"] == last["round"])
 
 
 def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, progress: bool = True,
@@ -97,7 +104,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
     echo(f"feddat-secure: {config.federation.algorithm} on {benchmark.name} ({len(benchmark.clients)} clients, "
          f"{per_round} per round, {config.federation.rounds} rounds), model {foundation.path.name}, "
          f"aggregation: {protocol}")
-    stopped = None
+    stopped, site_history = None, []
     if centralized:
         history, global_state = run_centralized(config, foundation, benchmark, splits, lora, run_dir, progress,
                                                 lambda record: _log_round(run_dir, record, echo))
@@ -108,13 +115,17 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
             federation = simulate_federation(plan, run_dir, foundation, lora, splits, label_spaces, resume=resume)
             server = federation.server
             if resume:
-                _keep_metrics_until(run_dir, server.next_round)
+                keep_rounds_until(run_dir / "metrics.jsonl", server.next_round)
                 echo(f"feddat-secure: resuming {run_dir} after round {server.next_round}")
             with tqdm(total=config.federation.rounds - server.next_round, disable=not progress, unit="round",
                       leave=False) as bar:
                 def write(record: dict) -> dict:
                     bar.update(1)
-                    return _log_round(run_dir, record, echo)
+                    _log_round(run_dir, record, echo)
+                    if record.get("site_metrics") == "withheld":  # the operator of a simulation is every party
+                        echo(format_round_table(sites_round(run_dir, plan.site_ids, record["round"]),
+                                                "read from the sites' folders; the server did not receive them"))
+                    return record
 
                 server.run(RoundLog(write=write, echo=echo))
         except BaseException:
@@ -123,6 +134,8 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
             raise
         history, stopped = server.history, server.stopped
         server.close()
+        if not plan.site_metrics_shared:
+            site_history = [sites_round(run_dir, plan.site_ids, record["round"]) for record in history]
         global_state = server.global_state if plan.algorithm.sends_updates else None
     if global_state is not None:
         adapter, head = split_head(global_state)
@@ -133,7 +146,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
     if load_run_ledgers(run_dir) is not None:
         report = write_privacy_report(run_dir)
         echo(f"feddat-secure: privacy budget report: {report[0]}")
-    return RunResult(run_dir, history, stopped)
+    return RunResult(run_dir, history, stopped, site_history)
 
 
 def load_inputs(config: RunConfig) -> tuple[Foundation, Benchmark]:
@@ -233,18 +246,6 @@ def _changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
     return changed
 
 
-def _keep_metrics_until(run_dir: Path, rounds: int) -> None:
-    """Drop metrics of rounds after the checkpoint (a crash between logging and checkpointing)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["round"] <= rounds]
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text("".join(line + "\n" for line in kept))
-    os.replace(temporary, path)
-
-
 def _log_round(run_dir: Path, record: dict, echo) -> dict:
     with open(run_dir / "metrics.jsonl", "a") as stream:
         stream.write(json.dumps(record, sort_keys=True) + "\n")
@@ -252,9 +253,29 @@ def _log_round(run_dir: Path, record: dict, echo) -> dict:
     return record
 
 
-def format_round_table(record: dict) -> str:
+def sites_round(run_dir: Path, site_ids: Sequence[str], round_number: int) -> dict:
+    """Round ``round_number`` (1-based) as the sites kept it in their own ``parties/<site>/metrics.jsonl`` when
+    they withheld it from the server: {"round", "clients" (accuracies), "mean", "train_loss", "clipped"}."""
+    clients, losses, clipped = {}, {}, {}
+    for site in site_ids:
+        path = party_folder(run_dir, site).metrics
+        lines = path.read_text().splitlines() if path.exists() else []
+        for kept in (json.loads(line) for line in lines if line.strip()):
+            if kept["round"] == round_number:
+                clients[site] = kept["accuracy"]
+                if "train_loss" in kept:
+                    losses[site], clipped[site] = kept["train_loss"], kept["clipped"]
+    return {"round": round_number, "clients": clients, "mean": mean_accuracies(clients), "train_loss": losses,
+            "clipped": clipped}
+
+
+def format_round_table(record: dict, source: str = "") -> str:
+    """A round's accuracies per site and their mean; ``source`` names where they were read from."""
+    if record["mean"] is None:
+        return (f"round {record['round']:>3}  accuracies withheld by the sites (differential privacy; "
+                "privacy.share_site_metrics is false)")
     modes = list(record["mean"])
-    header = f"round {record['round']:>3}  " + "".join(f"{m:>8}" for m in modes)
+    header = f"round {record['round']:>3}  " + "".join(f"{m:>8}" for m in modes) + (f"  ({source})" if source else "")
     rows = [header]
     for cid, values in record["clients"].items():
         rows.append(f"{cid:>11}" + "".join(f"{values[m]:8.3f}" for m in modes))

@@ -71,6 +71,9 @@ class ServerPlan:
     sends_updates: bool
     vector_length: int  # the protocol input's length (the update, plus the adaptive-clipping indicator)
     seed: int
+    # whether sites report losses, clipped counts and accuracies (False: DP without privacy.share_site_metrics,
+    # the sites withhold them and every reply must carry them as null)
+    site_metrics: bool
 
 
 @dataclass
@@ -187,11 +190,12 @@ class Server:
 
     @staticmethod
     def _warn(record: dict, log: RoundLog) -> None:
-        """One line in the round log for a failed round, and one when the protocol clipped any site's input."""
+        """One line in the round log for a failed round, and one when the protocol clipped any site's input
+        (when the sites report it)."""
         if "aborted" in record["aggregation"]:
             log.echo(f"feddat-secure: round {record['round']} failed, nothing applied: "
                      f"{record['aggregation']['aborted']}")
-        clipped = {site: count for site, count in record["clipped"].items() if count}
+        clipped = {site: count for site, count in (record["clipped"] or {}).items() if count}
         if clipped:
             log.echo(f"feddat-secure: warning: round {record['round']}: the protocol clipped update entries to its "
                      f"input range ({', '.join(f'{site}: {count}' for site, count in clipped.items())}); the "
@@ -208,6 +212,7 @@ class Server:
         replies = self._replies(E.UPDATE, round_index,
                                 self._request(E.TRAIN, round_index, participants, lambda _: fields, arrays))
         trained, refused, losses, epsilon, clipped = [], {}, {}, {}, {}
+        shared = self.plan.site_metrics
         for party in participants:
             report = replies.get(party)
             if report is None:
@@ -222,8 +227,9 @@ class Server:
                 refused[party] = reason
                 continue
             trained.append(party)
-            clipped[party] = report.fields["clipped"]
-            losses[party] = dict(report.fields["losses"])
+            if shared:
+                clipped[party] = report.fields["clipped"]
+                losses[party] = dict(report.fields["losses"])
             epsilon.update({f"{level}:{party}": value for level, value in report.fields["epsilon"].items()})
         if refused and not trained:
             self.stopped = "; ".join(f"{party}: {reason}" for party, reason in refused.items())
@@ -236,9 +242,12 @@ class Server:
                 self.audit.event("privacy_spent", round=round_index,
                                  meta={"level": "client", "epsilon": spent, "delta": self.privacy.client.delta})
         metrics = self._evaluate(round_index, [*trained, *([self.keyholder_id] if self.keyholder_id else [])])
+        # Withheld (DP without privacy.share_site_metrics): null, never 0 or an empty mean; "clients" still says
+        # which sites evaluated.
+        withheld = {} if shared else {"site_metrics": "withheld"}
         return {"round": round_index + 1, "participants": participants, "trained": trained,
-                "refused": refused, "clients": metrics, "mean": mean_accuracies(metrics), "train_loss": losses,
-                "clipped": clipped,
+                "refused": refused, "clients": metrics, "mean": mean_accuracies(metrics) if shared else None,
+                "train_loss": losses if shared else None, "clipped": clipped if shared else None, **withheld,
                 "seconds": round(time.perf_counter() - start, 3), "aggregation": aggregate,
                 "bytes_to_server_total": sum(self.link.bytes_received.values()),
                 "bytes_to_clients_total": sum(self.link.bytes_sent.values()), "privacy": epsilon}
@@ -249,14 +258,19 @@ class Server:
         if set(fields) != {"refused", "num_examples", "losses", "epsilon", "clipped"}:
             raise MessageRejected(f"an update report has fields {sorted(fields)}", sender)
         clipped = fields["clipped"]
-        if not isinstance(clipped, int) or isinstance(clipped, bool) or not 0 <= clipped <= self.plan.vector_length:
+        if not self.plan.site_metrics:
+            if clipped is not None or fields["losses"] is not None:
+                raise MessageRejected("under DP without privacy.share_site_metrics an update report carries "
+                                      "'losses' and 'clipped' as null", sender)
+        elif not isinstance(clipped, int) or isinstance(clipped, bool) or not 0 <= clipped <= self.plan.vector_length:
             raise MessageRejected(f"'clipped' must be an integer in 0..{self.plan.vector_length}", sender)
         if fields["refused"] is not None:
             return str(fields["refused"])
         count = fields["num_examples"]
         if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
             raise MessageRejected("num_examples must be a positive integer", sender)
-        if not isinstance(fields["losses"], dict) or not isinstance(fields["epsilon"], dict):
+        losses = fields["losses"]
+        if not isinstance(fields["epsilon"], dict) or (self.plan.site_metrics and not isinstance(losses, dict)):
             raise MessageRejected("'losses' and 'epsilon' must be objects", sender)
         if envelope.arrays or envelope.blobs:
             raise MessageRejected("an update report carries data; updates travel only through the secure-aggregation "
@@ -323,10 +337,10 @@ class Server:
                                round_index)
         return vector
 
-    def _evaluate(self, round_index: int, head_parties: Sequence[str]) -> dict[str, dict]:
+    def _evaluate(self, round_index: int, head_parties: Sequence[str]) -> dict[str, dict | None]:
         """Every site evaluates the new global model; in the same exchange (one message per party on a network:
         a round trip fewer) the server and each of the round's parties (``head_parties``) swap signed tree heads,
-        as ordinary (logged) messages. Returns each answering site's metrics."""
+        as ordinary (logged) messages. Returns each answering site's metrics (None: withheld)."""
         arrays = E.state_arrays(self.global_state) if self.plan.sends_updates else {}
         fields = {"model_sha256": E.model_digest(arrays)} if arrays else {}
         head = self.audit.tree_head()  # None when auditing is off: the exchange then only closes the round
@@ -336,9 +350,11 @@ class Server:
         replies = self.link.exchange(requests, f"{E.PROTOCOL}:{E.EVALUATE}")
         answered = [{reply.party: list(reply.messages) for reply in part if reply.messages is not None}
                     for part in (replies[:len(self.site_ids)], replies[len(self.site_ids):])]
-        metrics = self._replies(E.METRICS, round_index, answered[0], check=_check_metrics)
+        check = _check_metrics if self.plan.site_metrics else _check_withheld_metrics
+        metrics = self._replies(E.METRICS, round_index, answered[0], check=check)
         self._replies(E.TREE_HEAD, round_index, answered[1], check=self._record_tree_head)
-        return {party: dict(metrics[party].fields["metrics"]) for party in self.site_ids if party in metrics}
+        return {party: dict(metrics[party].fields["metrics"]) if self.plan.site_metrics else None
+                for party in self.site_ids if party in metrics}
 
     def _record_tree_head(self, envelope: Envelope) -> None:
         """A tree-head (or closing) reply holds exactly ``tree_head``: None (auditing off) or a signed tree head
@@ -435,6 +451,14 @@ def _check_metrics(envelope: Envelope) -> None:
                        for value in metrics.values()):
         raise MessageRejected("an evaluate reply holds exactly 'metrics', accuracies in [0, 1] by name",
                               envelope.sender)
+
+
+def _check_withheld_metrics(envelope: Envelope) -> None:
+    """Under DP without privacy.share_site_metrics an evaluate reply holds exactly ``metrics``: null."""
+    if set(envelope.fields) != {"metrics"} or envelope.fields["metrics"] is not None or envelope.arrays \
+            or envelope.blobs:
+        raise MessageRejected("under DP without privacy.share_site_metrics an evaluate reply holds exactly "
+                              "'metrics': null", envelope.sender)
 
 
 def mean_accuracies(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

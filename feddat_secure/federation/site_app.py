@@ -10,12 +10,16 @@ After local training the site's update (the change of its travelling state) neve
 directly: after its own client-level step (clipping, local noise, or a distributed noise share) it becomes
 the input of the site's secure-aggregation session; the ``update`` reply carries only the example count,
 the losses when no record-level DP is on, the ε the site has spent, and how many of the update's entries the
-protocol clipped to its input range.
+protocol clipped to its input range. Under DP (either level) the losses, the clipped count and the
+``evaluate`` reply's accuracies are computed from the site's records outside any accounted mechanism: unless
+the configuration opts in (``privacy.share_site_metrics``) they travel as null and the site keeps them in its
+own ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,7 @@ from ..training.trainers import LocalTrainer
 from . import envelopes as E
 from .channel import PartyAudit
 from .checkpoint import load_checkpoint, save_checkpoint
-from .party_folder import PartyFolder
+from .party_folder import PartyFolder, keep_rounds_until
 from .updates import StateLayout, update_vector
 
 
@@ -69,6 +73,7 @@ class Site:
         self.opening = E.Opening()
         self.last_trained_round = -1
         self.last_evaluated_round = -1
+        self.kept: dict[str, Any] = {}  # DP, metrics withheld: this round's training values for its metrics file
 
     # ------------------------------------------------------------------------------------------ messages
 
@@ -146,7 +151,8 @@ class Site:
         if refusal is not None:
             self.audit.event("budget_exceeded", round=round_index, meta={"reason": refusal[:256]})
             self.last_trained_round = round_index
-            return {"refused": refusal, "num_examples": len(self.train), "losses": {}, "epsilon": {}, "clipped": 0}
+            return {"refused": refusal, "num_examples": len(self.train), "epsilon": {},
+                    **self._reported(round_index, {"losses": {}, "clipped": 0}, trained=False)}
         self.last_trained_round = round_index  # charged: this round is never charged again in this session
         for level, epsilon_so_far in spent.items():
             delta = (self.privacy.record if level == "record" else self.privacy.client).delta
@@ -171,8 +177,17 @@ class Site:
             except ProtocolError as error:  # this site's own input or terms do not fit the protocol: it takes no part
                 raise MessageRejected(f"this site cannot take part in round {round_index + 1}'s aggregation: "
                                       f"{error}", envelope.sender) from None
-        return {"refused": None, "num_examples": len(self.train), "losses": losses, "epsilon": epsilon,
-                "clipped": clipped}
+        return {"refused": None, "num_examples": len(self.train), "epsilon": epsilon,
+                **self._reported(round_index, {"losses": losses, "clipped": clipped}, trained=True)}
+
+    def _reported(self, round_index: int, values: dict[str, Any], *, trained: bool) -> dict[str, Any]:
+        """The update reply's ``losses`` and ``clipped``: as computed, or, when this site withholds its metrics
+        (DP without ``privacy.share_site_metrics``), null in the reply and kept for its own metrics file."""
+        if not self.privacy.withholds_metrics:
+            return values
+        self.kept = {"round": round_index, "train_loss": values["losses"], "clipped": values["clipped"]} \
+            if trained else {}
+        return dict.fromkeys(values)
 
     def _dataset_anchor(self) -> dict[str, Any]:
         """The dataset ledger's size and head after this round's charge: this signed log then shows a later cut."""
@@ -219,8 +234,21 @@ class Site:
         with self._own_torch_rng():
             metrics = self.trainer.evaluate(self.test)
         self.last_evaluated_round = round_index
+        if self.privacy.withholds_metrics:
+            self._keep_metrics(round_index, metrics)
+            metrics = None
         self._checkpoint(round_index + 1)
         return {"metrics": metrics}
+
+    def _keep_metrics(self, round_index: int, accuracy: dict[str, float]) -> None:
+        """Append the round's line to this site's own ``metrics.jsonl``: its accuracies and, when it trained
+        in the round, its losses and clipped count; the data owner sees them, the server does not."""
+        line = {"round": round_index + 1, "accuracy": accuracy}
+        if self.kept.get("round") == round_index:
+            line.update(train_loss=self.kept["train_loss"], clipped=self.kept["clipped"])
+        with open(self.folder.metrics, "a") as stream:
+            stream.write(json.dumps(line, sort_keys=True) + "\n")
+        self.kept = {}
 
     def _tree_head(self, envelope: Envelope) -> dict[str, Any]:
         head = envelope.fields.get("tree_head")
@@ -233,7 +261,7 @@ class Site:
         if not isinstance(reason, str):
             raise MessageRejected("'reason' must be a string", envelope.sender)
         self.save_outputs()
-        if self.privacy.accountants:
+        if self.privacy.keeps_ledger:
             write_ledger(self.folder.ledger, self.privacy.ledger())
         head = self.audit.close_after_reply(reason)
         self.folder.drop_checkpoints()
@@ -270,7 +298,7 @@ class Site:
             "last_evaluated_round": self.last_evaluated_round,
             "privacy": self.privacy.state_dict(),
         })
-        if self.privacy.accountants:
+        if self.privacy.keeps_ledger:
             write_ledger(self.folder.ledger, self.privacy.ledger())
         self.folder.keep_checkpoints_from(next_round - 1)
 
@@ -294,4 +322,5 @@ class Site:
         self.last_evaluated_round = int(state["last_evaluated_round"])
         self.privacy.load_state_dict(state["privacy"])
         self.privacy.resume(state["run"])
+        keep_rounds_until(self.folder.metrics, next_round)
         self.folder.keep_checkpoints_from(next_round)

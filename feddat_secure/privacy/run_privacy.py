@@ -55,6 +55,10 @@ from .record import RecordPrivacy, make_record_privacy
 
 LEDGER_FILE = "privacy_ledger.json"
 LEDGER_FORMAT = "feddat-secure-privacy-ledger/2"
+# What a site computes from its records outside any DP mechanism and reports when it shares its metrics: its
+# training losses (exact, from the training records), how many update entries the protocol clipped (from the
+# update) and its test accuracies (under FedDAT from the never-noised client adapter and local head).
+TRAIN_LOSS, CLIPPED, TEST_ACCURACY = "train_loss", "clipped", "test_accuracy"
 
 
 @dataclass(frozen=True)
@@ -166,10 +170,18 @@ def dataset_account(config: RunConfig, train: Any, ledger_dir: str | Path | None
 class SitePrivacy:
     """One site's DP: its record-level ledger and budget gate, its client-level step on its own update, and
     (local noise) its client-level ledger; with ``dataset``, every round is charged first to its dataset's
-    ledger (write-ahead: before the round trains), then to the run's ledgers."""
+    ledger (write-ahead: before the round trains), then to the run's ledgers.
+
+    With any DP level on, what the site computes from its records outside an accounted mechanism stays on the
+    site (``withholds_metrics``) unless the configuration opts in (``share_site_metrics``): the ledger then
+    lists each such channel under ``unprotected_releases``, so the report names it. A DP guarantee covers only
+    the mechanism's output (post-processing, Dwork & Roth 2014, Prop. 2.1); an exact loss or accuracy is a
+    separate, unaccounted release, which under local or distributed noise would void the protection against
+    the server."""
 
     def __init__(self, site_id: str, record: RecordPrivacy | None, client: ClientPrivacy | None,
-                 dataset: DatasetAccount | None = None) -> None:
+                 dataset: DatasetAccount | None = None, *, share_site_metrics: bool = False,
+                 sends_updates: bool = True) -> None:
         self.site_id = site_id
         self.record = record
         self.client = client
@@ -180,10 +192,20 @@ class SitePrivacy:
         self.run: str | None = None  # the run's id in the dataset ledger: its first session
         self.charged: dict[str, list[GaussianEvent]] = {}  # what the round in progress was charged
         self.dataset_contents: LedgerContents | None = None  # the dataset ledger as of the last charge
+        enabled = record is not None or client is not None
+        self.withholds_metrics = enabled and not share_site_metrics
+        releases = ([TRAIN_LOSS] if record is None else []) + ([CLIPPED] if sends_updates else []) + [TEST_ACCURACY]
+        # record-level DP: training computes no losses at all (LocalTrainer.train_round_on), so none is released
+        self.unprotected_releases: tuple[str, ...] = tuple(releases) if enabled and share_site_metrics else ()
 
     @property
     def accountants(self) -> list[PrivacyAccountant]:
         return [a for a in (self.record_accountant, self.client_accountant) if a is not None]
+
+    @property
+    def keeps_ledger(self) -> bool:
+        """Whether this site writes a ledger file: it holds a ledger, or it releases something unprotected."""
+        return bool(self.accountants or self.unprotected_releases)
 
     def refusal(self, round_index: int) -> str | None:
         """Why this site must not take part in ``round_index`` (a budget of its own it would pass), or None."""
@@ -275,7 +297,8 @@ class SitePrivacy:
     def ledger(self) -> dict[str, Any]:
         record = {self.site_id: self.record.describe()} if self.record is not None else {}
         client = self.client.describe() if self.client_accountant is not None else None
-        content = _ledger_json(self.accountants, record, client, None)
+        content = {**_ledger_json(self.accountants, record, client, None),
+                   "unprotected_releases": list(self.unprotected_releases)}
         if self.dataset is not None:
             content["dataset_ledger"] = self.dataset_ledger()
         return content
@@ -400,7 +423,7 @@ def load_run_ledgers(run_dir: Path) -> dict[str, Any] | None:
     if not files:
         return None
     merged: dict[str, Any] = {"format": LEDGER_FORMAT, "levels": {"record": {}, "client": None}, "ledgers": [],
-                              "adaptive_clipping": None, "files": []}
+                              "adaptive_clipping": None, "unprotected_releases": {}, "files": []}
     for path in files:
         content = json.loads(path.read_text())
         if content.get("format") != LEDGER_FORMAT:
@@ -409,5 +432,7 @@ def load_run_ledgers(run_dir: Path) -> dict[str, Any] | None:
         merged["levels"]["client"] = merged["levels"]["client"] or content["levels"]["client"]
         merged["ledgers"].extend(content["ledgers"])
         merged["adaptive_clipping"] = merged["adaptive_clipping"] or content["adaptive_clipping"]
+        if content.get("unprotected_releases"):  # a site's; the server's ledger has no such list
+            merged["unprotected_releases"][path.parent.name] = list(content["unprotected_releases"])
         merged["files"].append(path.relative_to(run_dir).as_posix())
     return merged
