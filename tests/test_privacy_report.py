@@ -43,7 +43,7 @@ def run_dir(tmp_path):
         for cid in participants:
             assert sites[cid].refusal(round_index) is None
             sites[cid].charge_training(settings.record[cid].round_events(), round_index)
-        server.charge(round_index, len(participants), len(participants))
+        server.charge(round_index)
     folder = tmp_path / "dp-run"
     for party, privacy in [*sites.items(), ("server", server)]:  # each party writes only its own ledger
         write_ledger(folder / "parties" / party / LEDGER_FILE, privacy.ledger())

@@ -9,7 +9,7 @@ Requests (server → site or key holder) and their replies::
 
     open        fields {config_sha256, next_round, resume, clients}          → opened  fields {nonce}
     confirm     fields {nonce: the party's own, echoed}                   → confirmed
-    train       fields {model_sha256, send_update, clip_norm, noise_shares}, arrays {global state}
+    train       fields {model_sha256, send_update, clip_norm, noise_shares[, zero_input]}, arrays {global state}
                                                                            → update  fields {num_examples, losses,
                                                                                              epsilon, refused, clipped}
     evaluate    fields {model_sha256}, arrays {global state}              → metrics fields {metrics}

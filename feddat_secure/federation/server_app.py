@@ -6,10 +6,14 @@ It never holds a site's or the key holder's private key, data, ledger or model: 
 report in their signed replies and, of their updates, only what the secure-aggregation protocol reveals
 (the weighted sum).
 
-A round: sample the participants (from OS entropy under DP unless ``reproducible``) → ``train`` requests
-carrying the global state, its SHA-256 and the client-level terms → the protocol round among the sites that
-trained → apply the aggregate (central noise and DP-FedAvg's denominator under client-level DP) → ``evaluate``
-at every site → signed tree heads with the round's parties → checkpoint.
+A round: sample the participants (from OS entropy under client-level DP unless ``reproducible``), and under
+Poisson sampling draw fillers when the sample is smaller than the protocol's minimum → ``train`` requests
+carrying the global state, its SHA-256 and the client-level terms (a filler's says ``zero_input``: it inputs
+the zero vector and does not train) → charge the federation's client-level ledger and write it to disk
+(write-ahead: before anything of the round can be released) → the protocol round among the sites that
+trained and the fillers → apply the aggregate (central noise and DP-FedAvg's denominator under client-level
+DP) → ``evaluate`` at every site → signed tree heads with the round's parties → checkpoint. On resume the
+ledger comes from that file, which is ahead of the checkpoint by the charge of an interrupted round.
 
 A failed round never crashes the run: a malicious server or site can always deny service, but it must not
 corrupt the global state or stop the run uncleanly. Whatever makes the protocol round fail (an abort, any
@@ -145,12 +149,14 @@ class Server:
         while self.next_round < self.plan.rounds:
             round_index = self.next_round
             participants = self.privacy.participants(self.site_ids, self.plan.per_round, self.sampler)
+            fillers = self.privacy.fillers(self.site_ids, participants, self.min_participants, self.sampler) \
+                if self.session is not None else []
             refusal = self.privacy.refusal(round_index)
             if refusal is not None:
                 self._budget_stop(round_index, refusal, log)
                 return
             self.audit.event("round_started", round=round_index)
-            record = self._round(round_index, participants)
+            record = self._round(round_index, participants, fillers)
             if record is None:
                 self._budget_stop(round_index, self.stopped, log)
                 return
@@ -203,17 +209,19 @@ class Server:
 
     # ------------------------------------------------------------------------------------- one round
 
-    def _round(self, round_index: int, participants: list[str]) -> dict | None:
+    def _round(self, round_index: int, participants: list[str], fillers: list[str]) -> dict | None:
+        """One round among the sampled ``participants`` and the ``fillers`` (zero input, no training)."""
         start = time.perf_counter()
         terms = self.privacy.train_terms(len(participants))
         arrays = E.state_arrays(self.global_state) if self.plan.sends_updates else {}
         digest = E.model_digest(arrays) if arrays else None
         fields = {"model_sha256": digest, "send_update": self.plan.sends_updates, **terms}
-        replies = self._replies(E.UPDATE, round_index,
-                                self._request(E.TRAIN, round_index, participants, lambda _: fields, arrays))
-        trained, refused, losses, epsilon, clipped = [], {}, {}, {}, {}
+        requests = self._request(E.TRAIN, round_index, [*participants, *fillers],
+                                 lambda party: {**fields, "zero_input": True} if party in fillers else fields, arrays)
+        replies = self._replies(E.UPDATE, round_index, requests)
+        trained, filled, refused, losses, epsilon, clipped = [], [], {}, {}, {}, {}
         shared = self.plan.site_metrics
-        for party in participants:
+        for party in [*participants, *fillers]:
             report = replies.get(party)
             if report is None:
                 continue
@@ -226,6 +234,9 @@ class Server:
             if reason is not None:
                 refused[party] = reason
                 continue
+            if party in fillers:
+                filled.append(party)
+                continue
             trained.append(party)
             if shared:
                 clipped[party] = report.fields["clipped"]
@@ -234,18 +245,15 @@ class Server:
         if refused and not trained:
             self.stopped = "; ".join(f"{party}: {reason}" for party, reason in refused.items())
             return None
-        aggregate, charged_shares = self._aggregate(round_index, trained, digest or "")
-        if charged_shares is not None:
-            spent = self.privacy.charge(round_index, len(trained), charged_shares)
-            if spent is not None:
-                epsilon["client:federation"] = spent
-                self.audit.event("privacy_spent", round=round_index,
-                                 meta={"level": "client", "epsilon": spent, "delta": self.privacy.client.delta})
-        metrics = self._evaluate(round_index, [*trained, *([self.keyholder_id] if self.keyholder_id else [])])
+        cohort = [party for party in self.site_ids if party in trained or party in filled]
+        aggregate, spent = self._aggregate(round_index, cohort, digest or "")
+        if spent is not None:
+            epsilon["client:federation"] = spent
+        metrics = self._evaluate(round_index, [*cohort, *([self.keyholder_id] if self.keyholder_id else [])])
         # Withheld (DP without privacy.share_site_metrics): null, never 0 or an empty mean; "clients" still says
         # which sites evaluated.
         withheld = {} if shared else {"site_metrics": "withheld"}
-        return {"round": round_index + 1, "participants": participants, "trained": trained,
+        return {"round": round_index + 1, "participants": participants, "fillers": fillers, "trained": trained,
                 "refused": refused, "clients": metrics, "mean": mean_accuracies(metrics) if shared else None,
                 "train_loss": losses if shared else None, "clipped": clipped if shared else None, **withheld,
                 "seconds": round(time.perf_counter() - start, 3), "aggregation": aggregate,
@@ -277,32 +285,33 @@ class Server:
                                   "protocol", sender)
         return None
 
-    def _aggregate(self, round_index: int, trained: list[str], context: str) -> tuple[dict[str, Any], int | None]:
-        """Run the protocol round among ``trained`` under ``context`` (the SHA-256 of the model the server sent)
-        and apply its aggregate. Returns the round's aggregation record and the number of noise shares its
-        client-level charge assumes (None: nothing to charge).
+    def _aggregate(self, round_index: int, cohort: list[str], context: str) -> tuple[dict[str, Any], float | None]:
+        """Run the protocol round among ``cohort`` (the sites that trained and the fillers) under ``context`` (the
+        SHA-256 of the model the server sent) and apply its aggregate. Returns the round's aggregation record and
+        ε of the federation's client-level ledger after the round's charge (None: nothing charged).
 
-        Client-level DP of an aborted round: charged whenever any site sent the server protocol messages in it
-        (conservative: a malicious server may have seen a sum before the abort, e.g. an out-of-range decoded
-        sum), as if only the fewest shares a released sum may hold (the protocol's minimum) had reached it.
-        Record-level DP needs nothing here: each site charged its own ledger when it trained."""
+        The client-level charge (central, distributed) is the round's planned event, written to disk before the
+        protocol round starts: whatever the round then releases (a sum a malicious server computed before an
+        abort, the noisy aggregate, a crash after either) is already accounted, and an aborted round is charged
+        like any other. Record-level DP needs nothing here: each site charges its own ledger."""
         if self.session is None:
             return {"protocol": "none (local training)"}, None
         name = self.protocol.name
-        if len(trained) < self.min_participants:
-            # Too few sites (Poisson sampling, refusals, dropouts): nothing is aggregated or applied. A round
-            # whose mechanism would have run is charged as if it had (docs/privacy.md).
-            reason = f"{len(trained)} sites trained, the protocol needs {self.min_participants}"
+        if len(cohort) < self.min_participants:
+            # Too few inputs (sites refused or dropped; never the sample's size: fillers make up a small Poisson
+            # sample): nothing is aggregated or applied. Central noise: charged as if the round had released
+            # (which sites refuse or drop may depend on who was sampled); distributed: no share reached any sum.
+            reason = f"{len(cohort)} sites sent input, the protocol needs {self.min_participants}"
             self.audit.event("round_finished", round=round_index, meta={"outcome": "skipped"})
-            # Distributed noise: no share reached any sum, nothing was released, so there is no mechanism to charge.
-            distributed = self.privacy.client is not None and self.privacy.client.placement == "distributed"
+            central = self.privacy.client is not None and self.privacy.client.placement == "central"
             return {"protocol": name, "rejections": [], "skipped": reason, "counted": [], "counted_sites": 0}, \
-                None if distributed else 0
+                self._charge(round_index) if central else None
+        spent = self._charge(round_index)
         rejections: list[str] = []
         answered: set[str] = set()
-        relay_to = {*trained, *([self.keyholder_id] if self.keyholder_id else [])}
+        relay_to = {*cohort, *([self.keyholder_id] if self.keyholder_id else [])}
         try:
-            result = run_protocol_round(self.session, self.link, trained, round_index, self.plan.vector_length,
+            result = run_protocol_round(self.session, self.link, cohort, round_index, self.plan.vector_length,
                                         protocol=name, server_id=self.party_id, relay_to=relay_to,
                                         rejections=rejections, answered=answered, round_context=context)
             vector = self._checked_result(result, round_index)
@@ -310,9 +319,8 @@ class Server:
             reason = f"aborted at stage {failure.stage!r}: {failure.reason}" if isinstance(failure, RoundAborted) \
                 else f"{type(failure).__name__}: {failure}"
             self.audit.event("round_finished", round=round_index, meta={"outcome": "aborted", "reason": reason[:256]})
-            charged = min(len(answered), self.min_participants) if answered else None
             return {"protocol": name, "rejections": rejections, "aborted": reason, "counted": [],
-                    "counted_sites": None, "sent_protocol_messages": sorted(answered)}, charged
+                    "counted_sites": None, "sent_protocol_messages": sorted(answered)}, spent
         summed, denominator = self.privacy.aggregate_to_apply(vector, result.total_weight, self.sampler)
         self.global_state = apply_mean_update(self.layout, self.global_state, summed, denominator)
         self.audit.event("aggregate_computed", round=round_index,
@@ -320,7 +328,18 @@ class Server:
                          meta={"protocol": name, "counted": len(result.counted)})
         self.audit.event("adapter_applied", round=round_index)
         return {"protocol": name, "rejections": rejections, "counted": list(result.counted),
-                "counted_sites": len(result.counted), "total_weight": result.total_weight}, len(result.counted)
+                "counted_sites": len(result.counted), "total_weight": result.total_weight}, spent
+
+    def _charge(self, round_index: int) -> float | None:
+        """Charge the round's planned client-level event to the federation's ledger and write the ledger file
+        durably, before anything of the round can be released (write-ahead: a crash after this point resumes
+        with the charge, and the retried round is charged again). ε so far, or None without that ledger."""
+        spent = self.privacy.charge(round_index)
+        if spent is not None:
+            self._write_ledger()
+            self.audit.event("privacy_spent", round=round_index,
+                             meta={"level": "client", "epsilon": spent, "delta": self.privacy.client.delta})
+        return spent
 
     def _checked_result(self, result: AggregateResult, round_index: int) -> np.ndarray:
         """The aggregate's vector, when it is one the server can apply: a finite vector of the round's length with
@@ -440,6 +459,10 @@ class Server:
         self.history = list(state["history"])
         self.failures = list(state["failures"])
         self.privacy.load_state_dict(state["privacy"])
+        try:  # the charge of a round interrupted after it was charged is in the ledger file, not the checkpoint
+            self.privacy.restore_written_ahead(self.folder.ledger)
+        except ValueError as error:
+            raise FederationError(f"cannot resume: {error}") from None
         return state
 
 

@@ -139,6 +139,8 @@ class Site:
                                   envelope.sender)
         model = E.checked_model(envelope) if send_update else None
         clip_norm, noise_shares = self._client_terms(envelope)
+        if "zero_input" in envelope.fields:  # a filler: no training, no charge (docs/privacy.md, "Who takes part")
+            return self._zero_input(envelope)
         refusal = self.privacy.refusal(round_index)
         if refusal is None:
             if model is not None:  # checked before anything is charged: a model that does not fit costs nothing
@@ -195,6 +197,29 @@ class Site:
         if contents is None:
             return {}
         return {"dataset_ledger_entries": contents.entries, "dataset_ledger_head": contents.head_sha256}
+
+    def _zero_input(self, envelope: Envelope) -> dict[str, Any]:
+        """Take part in the round's aggregation with the zero vector, without training: a filler that makes up a
+        Poisson sample of sites smaller than the protocol's minimum, so that the round releases exactly the
+        sampled sites' clipped updates plus the central noise. Zero adds nothing to the sum nor to the adaptive
+        clipping count (its indicator slot is 0, not ±½), and nothing of this site's records is used, so nothing
+        is charged. Taken only under central client-level DP with Poisson sampling, whose server is trusted
+        anyway: elsewhere a malicious server could silence a site's contribution without anyone noticing."""
+        client, round_index = self.privacy.client, envelope.round
+        if envelope.fields["zero_input"] is not True or client is None or not client.poisson_sampling \
+                or self.aggregation is None:
+            raise MessageRejected("'zero_input' is taken only under central client-level DP with Poisson sampling "
+                                  "of sites", envelope.sender)
+        self.last_trained_round = round_index
+        length = self.layout.size + (1 if client.adaptive else 0)
+        try:
+            self.aggregation.set_input(round_index, np.zeros(length), self.weight,
+                                       round_context=envelope.fields["model_sha256"])
+        except ProtocolError as error:
+            raise MessageRejected(f"this site cannot take part in round {round_index + 1}'s aggregation: {error}",
+                                  envelope.sender) from None
+        return {"refused": None, "num_examples": len(self.train), "epsilon": {},
+                **self._reported(round_index, {"losses": {}, "clipped": 0}, trained=False)}
 
     def _load_global(self, model: dict[str, np.ndarray], sender: str) -> None:
         """Replace the received adapters with the server's model, refusing (nothing applied) one that does not fit."""

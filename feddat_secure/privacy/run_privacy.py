@@ -129,11 +129,22 @@ def _ledger_json(accountants: Sequence[PrivacyAccountant], record: Mapping[str, 
 
 
 def write_ledger(path: Path, content: Mapping[str, Any]) -> Path:
-    """Write a ledger file atomically (a crash leaves the old file or the new one)."""
+    """Write a ledger file atomically and durably: a crash, even of the machine, leaves the old file or the new
+    one, and once this returns the new one survives a power loss. A charge written ahead of its release is only
+    ahead if it is on disk before the release leaves: the file is fsynced before it replaces the old one, and
+    the folder after (the rename itself lives in the folder's entry; POSIX rename(2) and fsync(2))."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
+    with open(temporary, "w") as stream:
+        stream.write(json.dumps(content, indent=1, sort_keys=True) + "\n")
+        stream.flush()
+        os.fsync(stream.fileno())
     os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
     return path
 
 
@@ -351,10 +362,32 @@ class ServerPrivacy:
 
     def participants(self, ids: Sequence[str], per_round: int, sampler: np.random.Generator) -> list[str]:
         """Poisson sampling of sites when the client-level accountant counts on it; otherwise a fixed-size
-        sample (the same draws as a run without DP)."""
+        sample. Under client-level DP the draws come from the OS's entropy (unless ``reproducible``): from the
+        run's seeded ``sampler``, anyone holding the configuration would recompute who took part, and
+        amplification by sampling assumes they cannot (docs/privacy.md, "Who takes part")."""
+        rng = self._secret_rng(sampler)
         if self.client is not None and self.client.poisson_sampling:
-            return poisson_participants(ids, self.client.sample_rate, sampler)
-        return sorted(sampler.choice(ids, size=per_round, replace=False).tolist(), key=list(ids).index)
+            return poisson_participants(ids, self.client.sample_rate, rng)
+        return sorted(rng.choice(ids, size=per_round, replace=False).tolist(), key=list(ids).index)
+
+    def fillers(self, ids: Sequence[str], participants: Sequence[str], minimum: int,
+                sampler: np.random.Generator) -> list[str]:
+        """Sites that input the zero vector so that a Poisson sample smaller than the protocol's ``minimum`` is
+        still aggregated (the fewest needed, drawn like the sample, from the sites not sampled); none outside
+        Poisson sampling. Skipping such a round instead would make the release depend on the sample's size,
+        which is not the Poisson-subsampled Gaussian the ledger charges; with fillers every round releases
+        Σ_{i∈S} clip(u_i) + N(0, σ²C²) over the sample S."""
+        missing = minimum - len(participants)
+        if self.client is None or not self.client.poisson_sampling or missing <= 0:
+            return []
+        others = [cid for cid in ids if cid not in participants]
+        drawn = self._secret_rng(sampler).choice(others, size=min(missing, len(others)), replace=False).tolist()
+        return sorted(drawn, key=list(ids).index)
+
+    def _secret_rng(self, sampler: np.random.Generator) -> np.random.Generator:
+        """The generator for what the server draws in secret: the OS's entropy under client-level DP (unless
+        ``reproducible``), else the run's seeded ``sampler`` (draws as a run without DP)."""
+        return self.client.noise_rng(sampler) if self.client is not None else sampler
 
     def refusal(self, round_index: int) -> str | None:
         """Why the round must not run (the federation's client-level budget it would pass), or None."""
@@ -384,14 +417,36 @@ class ServerPrivacy:
             self.adaptive.server_update(indicators, self.client.noise_rng(rng))
         return summed, self.client.expected_participants
 
-    def charge(self, round_index: int, participants: int, counted: int) -> float | None:
-        """Charge the round's client-level mechanism once an aggregate was released (``counted`` noise shares
-        reached it, for distributed noise); ε of the federation's ledger so far."""
+    def charge(self, round_index: int) -> float | None:
+        """Charge the round's planned client-level mechanism, before anything of it is released (the caller
+        writes the ledger file durably first); ε of the federation's ledger so far, or None without one.
+
+        Distributed noise: the planned event is what a released sum costs, because honest sites refuse to
+        unmask a sum with fewer than the planned noise shares (so the guarantee holds while at most
+        ``tolerated_dropouts`` sites drop out or collude with the server)."""
         if self.accountant is None:
             return None
-        events = self.client.round_events(participants, counted) if self.client.placement == "distributed" \
-            else self.client.round_events()
-        return self.accountant.spend(events, round_index)
+        return self.accountant.spend(self.accountant.planned_events(round_index), round_index)
+
+    def restore_written_ahead(self, path: Path) -> None:
+        """On resume, after :meth:`load_state_dict` from the checkpoint: adopt the charges of ``path`` (this
+        party's ledger file), which is ahead of the checkpoint by the charges of a round interrupted after its
+        charge (write-ahead: charge, write the file, release, checkpoint). Its rounds must extend the
+        checkpoint's; a missing file, or one that lost or changed a charge, raises ValueError."""
+        if self.accountant is None:
+            return
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"the server's privacy ledger {str(path)!r} cannot be read ({error}); it holds the "
+                             "charges of an interrupted round") from None
+        ledgers = {(s.get("level"), s.get("client")): s for s in saved.get("ledgers", [])}
+        state = ledgers.get((self.accountant.level, self.accountant.client))
+        kept = self.accountant.state_dict()["rounds"]
+        if state is None or state.get("rounds", [])[:len(kept)] != kept:
+            raise ValueError(f"the server's privacy ledger {str(path)!r} does not extend the charges of its "
+                             f"checkpoint ({len(kept)} rounds charged); it was changed or replaced")
+        self.accountant.load_state_dict(state)
 
     def ledger(self) -> dict[str, Any]:
         return _ledger_json(self.accountants, {}, self.client.describe() if self.client else None, self.adaptive)
