@@ -19,6 +19,7 @@ from feddat_secure.privacy.client_level import (
     AdaptiveClipping,
     central_noise,
     clip_update,
+    conditional_rounding_bound,
     distributed_noise_share,
     epsilon_for_surviving_shares,
     local_noise,
@@ -70,7 +71,7 @@ def test_distributed_noise_shares_sum_to_the_target_variance():
     sensitivity: the same noise multiplier as central noise, in grid steps."""
     dimension, sigma, clip, step, sites = 50_000, 1.1, 0.1, 2 * 0.25 / (2**16 - 1), 5
     l2, _ = quantized_sensitivity(clip, step, dimension)
-    assert l2 == pytest.approx(clip / step + 1.5 * math.sqrt(dimension))
+    assert l2 == pytest.approx(conditional_rounding_bound(clip, step, dimension) + math.sqrt(dimension) / 2)
     rng = np.random.default_rng(1)
     shares = [distributed_noise_share(dimension, noise_multiplier=sigma, clip_norm=clip, quantization_step=step,
                                       planned_shares=sites, rng=rng) for _ in range(sites)]

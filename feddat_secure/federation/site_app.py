@@ -172,7 +172,12 @@ class Site:
                                                      rng=self.rng)
             # The protocol binds the digest of the model this site verified and trained from (checked_model
             # above) into what the site signs, so a server that sent the sites different models gets no sum.
-            extra = {} if noise is None else {"noise": noise}
+            # Distributed noise: this site's share is sized for planned_shares(noise_shares) shares, so it refuses
+            # to be unmasked among fewer survivors (a server claiming dropouts would otherwise release a sum with
+            # less noise), and rounds conditionally to the norm bound its sensitivity counts on.
+            extra = {} if noise is None else {"noise": noise,
+                                              "min_survivors": self.privacy.client.planned_shares(noise_shares),
+                                              "rounding_norm_bound": self.privacy.client.rounding_norm_bound}
             try:
                 clipped = self.aggregation.set_input(round_index, update, self.weight,
                                                      round_context=envelope.fields["model_sha256"], **extra)

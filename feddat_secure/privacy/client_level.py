@@ -38,6 +38,10 @@ from .accounting import AccountingError, GaussianEvent, PrivacyAccountant, calib
 PLACEMENTS = ("central", "local", "distributed")
 SKELLAM_RDP_ORDERS: tuple[int, ...] = tuple(range(2, 257))  # the Skellam bound holds at integer orders > 1
 NOISE_BOUND_STDS = 12  # a Skellam share value lies within this many standard deviations (P < 1e-30)
+# β of conditional randomized rounding: each draw exceeds the norm bound with probability at most β (Kairouz,
+# Liu & Steinke 2021; e^-0.5 is the value of the authors' code, google-research/federated distributed_dp); it
+# changes how often a site redraws its rounding, not ε
+ROUNDING_BETA = math.exp(-0.5)
 
 
 def default_rng() -> np.random.Generator:
@@ -89,18 +93,41 @@ def poisson_participants(client_ids: Sequence[str], sample_rate: float, rng: np.
 
 # ---------------------------------------------------------------- distributed: Skellam shares
 
+def conditional_rounding_bound(clip_norm: float, quantization_step: float, dimension: int) -> float:
+    """B: the L2 norm, in grid steps from the grid's centre, that the masked protocol's conditional randomized
+    rounding keeps every quantized update within (its ``rounding_norm_bound``).
+
+    Kairouz, Liu & Steinke 2021 (ICML, Theorem 1): for u ∈ R^d with ‖u‖₂ ≤ c, the randomized rounding ũ of u
+    satisfies ‖ũ‖₂² ≤ c² + d/4 + √(2 ln(1/β))·(c + √d/2) with probability at least 1 − β, and always
+    ‖ũ‖₂ ≤ c + √d. The proof holds on this code's grid too: in grid steps from the centre L/2 (where 0 lies)
+    an update is u = x/step, rounded to one of the two neighbouring half-integers (L is odd), each
+    coordinate independently; E‖ũ‖² = ‖u‖² + Σ p_i(1 − p_i) ≤ ‖u‖² + d/4, and ũ_i² takes two values
+    |2⌊u_i⌋ + 1| ≤ 2|u_i| + 1 apart, so Hoeffding's inequality with Σ(2|u_i| + 1)² ≤ (2‖u‖ + √d)² gives the
+    tail. Per-value clipping to [−r, r] only shrinks u, so c = C/step. The site redraws the rounding until
+    it is within B (at most MAX_ROUNDING_DRAWS draws, each failing with probability ≤ β): the bound holds
+    for every vector that leaves, and β only sets how often a draw is repeated — no δ term.
+    """
+    c = clip_norm / quantization_step
+    root_d = math.sqrt(dimension)
+    tail = math.sqrt(2 * math.log(1 / ROUNDING_BETA))
+    return min(c + root_d, math.sqrt(c**2 + dimension / 4 + tail * (c + root_d / 2)))
+
+
 def quantized_sensitivity(clip_norm: float, quantization_step: float, dimension: int) -> tuple[float, float]:
     """(L2, L1) sensitivity, in grid steps, of one site's quantized clipped update.
 
-    The masked protocol maps a value x to the grid (x + r)/step, rounded stochastically.
-    Neighbouring runs differ in one site's update: its clipped update x (‖x‖ ≤ C) against the
-    zero update (who takes part is visible, so a site is "removed" by zeroing its update). Per
-    value the two quantized inputs differ by x/step plus the difference of two roundings: x's
-    (less than 1) and zero's (r/step is a half-integer when the grid has an odd number of
-    steps, so exactly ½). Hence, whatever the rounding draws, L2 ≤ C/step + 1.5·√d, and
-    L1 ≤ √d · L2. A deterministic bound: no failure probability to add to δ.
+    The masked protocol maps a value x to the grid (x + r)/step, rounded stochastically, and
+    conditionally (:func:`conditional_rounding_bound`): measured from the grid's centre L/2, a
+    site's rounded update a has ‖a‖₂ ≤ B whatever the draws. Neighbouring runs differ in one site's
+    update: its clipped update x (‖x‖ ≤ C) against the zero update (who takes part is visible, so a
+    site is "removed" by zeroing its update). Zero sits halfway between two grid points (r/step = L/2
+    is a half-integer as L = 2^bits − 1 is odd), so its rounding b has every coordinate ±½. Hence
+    ‖a − b‖₂² = ‖a‖² − 2⟨a, b⟩ + d/4 ≤ B² + ‖a‖₁ + d/4 ≤ (B + √d/2)², and L1 ≤ √d · L2. A
+    deterministic bound over the rounding outcomes: no failure probability to add to δ. (The output
+    is a mixture over both roundings; the Rényi divergence of mixtures with common weights is at most
+    the largest over the pairs, so the worst pair bounds it.)
     """
-    l2 = clip_norm / quantization_step + 1.5 * math.sqrt(dimension)
+    l2 = conditional_rounding_bound(clip_norm, quantization_step, dimension) + math.sqrt(dimension) / 2
     return l2, math.sqrt(dimension) * l2
 
 
@@ -269,15 +296,16 @@ class ClientPrivacy:
                              f"dropouts")
         return shares
 
-    def round_events(self, participants: int | None = None, surviving: int | None = None) -> list[GaussianEvent]:
-        """What one round spends. ``distributed``: from the ``surviving`` shares that reached the sum
-        of a round of ``participants`` (default: a round that loses exactly the tolerated dropouts)."""
+    def round_events(self, participants: int | None = None) -> list[GaussianEvent]:
+        """What one round spends. ``distributed``: a sum that holds exactly the planned shares of a round of
+        ``participants`` (the fewest an honest site lets be unmasked: ``min_survivors``), i.e. the target noise;
+        the event does not depend on ``participants``."""
         if self.placement == "distributed":
             planned = self.planned_shares(participants or self.tolerated_dropouts + 1)
             return [epsilon_for_surviving_shares(
                 noise_multiplier=self.noise_multiplier, clip_norm=self.clip_norm,
                 quantization_step=self.quantization_step, dimension=self.dimension, planned_shares=planned,
-                surviving_shares=planned if surviving is None else surviving)]
+                surviving_shares=planned)]
         if self.placement == "local":  # against the server, who sees each noised update and who sent it
             return [GaussianEvent(self.noise_multiplier, 1.0, 1)]
         return [GaussianEvent(self.noise_multiplier, self.sample_rate, 1)]  # central
@@ -301,6 +329,14 @@ class ClientPrivacy:
         return distributed_noise_share(self.dimension, noise_multiplier=self.noise_multiplier,
                                        clip_norm=self.clip_norm, quantization_step=self.quantization_step,
                                        planned_shares=self.planned_shares(participants), rng=rng)
+
+    @property
+    def rounding_norm_bound(self) -> float:
+        """distributed: the masked protocol's ``rounding_norm_bound`` (conditional randomized rounding) that the
+        quantized sensitivity counts on (:func:`conditional_rounding_bound`)."""
+        if self.placement != "distributed":
+            raise ValueError(f"conditional rounding belongs to the distributed placement, not {self.placement!r}")
+        return conditional_rounding_bound(self.clip_norm, self.quantization_step, self.dimension)
 
     def noise_bound(self, participants: int) -> int:
         """distributed: the masked protocol's ``noise_bound`` (largest |share value|) for rounds of

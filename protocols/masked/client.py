@@ -67,6 +67,7 @@ class _Round:
     partners: tuple[str, ...] = ()  # the neighbours this client masked with
     held_shares: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # peer -> (self-mask, mask-key)
     survivors: tuple[str, ...] = ()
+    min_survivors: int = 0  # the fewest survivors whose inputs this one's may be unmasked with (set_input)
 
 
 class MaskedClient(ClientSession):
@@ -85,10 +86,17 @@ class MaskedClient(ClientSession):
         self._load(state)
 
     def set_input(self, round_id: int, vector: np.ndarray, weight: float, *, round_context: str = "",
-                  noise: np.ndarray | None = None) -> int:
+                  noise: np.ndarray | None = None, min_survivors: int = 0,
+                  rounding_norm_bound: float | None = None) -> int:
         """This round's input; returns how many entries were clipped to ±clip_range (the caller reports them).
         ``weight`` must be a positive integer (an example count); ``noise`` (int64, same length,
-        |noise| <= noise_bound) is added to the quantized, weighted input before masking."""
+        |noise| <= noise_bound) is added to the quantized, weighted input before masking.
+
+        Distributed DP: ``min_survivors`` is the fewest inputs this one may be unmasked with; the client refuses
+        a cohort (at commit) or a survivor set (at the consistency check, before it reveals any share) smaller
+        than that, so a sum that holds this input always holds at least that many noise shares, however many
+        dropouts the server claims. ``rounding_norm_bound`` (grid steps) turns on conditional randomized
+        rounding (``Quantizer.quantize``)."""
         vector, weight = checked_input(vector, weight)
         context = checked_context(round_context)
         if not weight.is_integer():
@@ -96,8 +104,14 @@ class MaskedClient(ClientSession):
         weight = int(weight)
         if self.options.max_weight and weight > self.options.max_weight:
             raise ConfigurationError(f"weight {weight} exceeds max_weight {self.options.max_weight}")
+        clients = len(self._roster.client_ids)
+        if isinstance(min_survivors, bool) or not isinstance(min_survivors, int) \
+                or not 0 <= min_survivors <= clients:
+            raise ConfigurationError(f"min_survivors must be an integer in 0..{clients} (the enrolled clients), "
+                                     f"not {min_survivors!r}")
         clipped = int(np.count_nonzero(np.abs(vector) > self.options.clip_range))
-        quantized = self.options.quantizer.quantize(vector, self.options.rng("rounding", round_id, self.party_id))
+        quantized = self.options.quantizer.quantize(vector, self.options.rng("rounding", round_id, self.party_id),
+                                                    rounding_norm_bound)
         encoded = quantized * weight
         if noise is not None:
             noise = np.asarray(noise)
@@ -107,7 +121,7 @@ class MaskedClient(ClientSession):
                 raise ConfigurationError(f"noise exceeds noise_bound {self.options.noise_bound}; raise noise_bound "
                                          "(the overflow check accounts for it)")
             encoded = encoded + noise.astype(np.int64)
-        self._round = _Round(round_id, encoded, weight, context)
+        self._round = _Round(round_id, encoded, weight, context, min_survivors=min_survivors)
         return clipped
 
     def handle(self, data: bytes) -> list[Outgoing]:
@@ -161,6 +175,9 @@ class MaskedClient(ClientSession):
         if len(cohort) < self.options.min_clients:
             raise self._reject(f"the cohort lists {len(cohort)} clients, fewer than this client's min_clients "
                                f"{self.options.min_clients}; refusing a round that small")
+        if len(cohort) < state.min_survivors:
+            raise self._reject(f"the cohort lists {len(cohort)} clients, fewer than the {state.min_survivors} "
+                               "survivors this round's input needs (its noise share is sized for them)")
         try:
             expected = self.options.round_terms(len(cohort), len(state.encoded))
         except ConfigurationError as error:
@@ -316,6 +333,9 @@ class MaskedClient(ClientSession):
         if len(survivors) < self.options.min_clients:
             raise self._reject(f"the survivor set lists {len(survivors)} clients, fewer than this client's "
                                f"min_clients {self.options.min_clients}: the sum would hide this input among too few")
+        if len(survivors) < state.min_survivors:
+            raise self._reject(f"the survivor set lists {len(survivors)} clients, fewer than the {state.min_survivors} "
+                               "this round's input needs: the sum would hold less noise than planned")
         partners_left = set(survivors) & set(state.partners)
         if len(partners_left) < state.threshold:
             raise self._reject(f"only {len(partners_left)} of this client's mask partners survive, fewer than the "
@@ -374,7 +394,7 @@ class MaskedClient(ClientSession):
                           for peer, (cipher, mask) in state.peer_keys.items()},
             "held_shares": {peer: [self_mask.hex(), mask_key.hex()]
                             for peer, (self_mask, mask_key) in state.held_shares.items()},
-            "survivors": list(state.survivors),
+            "survivors": list(state.survivors), "min_survivors": state.min_survivors,
         }}
 
     def _import(self, state: Mapping[str, Any]) -> None:
@@ -400,4 +420,4 @@ class MaskedClient(ClientSession):
                        for peer, (cipher, mask) in saved["peer_keys"].items()},
             held_shares={peer: (bytes.fromhex(self_mask), bytes.fromhex(mask_key))
                          for peer, (self_mask, mask_key) in saved["held_shares"].items()},
-            survivors=tuple(saved["survivors"]))
+            survivors=tuple(saved["survivors"]), min_survivors=int(saved["min_survivors"]))

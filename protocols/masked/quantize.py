@@ -11,15 +11,25 @@ weight, which keeps the result exact whichever clients end up counted.
 
 The stochastic rounding draws from numpy's PCG64 seeded from the protocol seed, the round and
 the client id: reproducible, and deliberately not cryptographic (it hides nothing; the masks do).
+
+Conditional randomized rounding (Kairouz, Liu & Steinke 2021, "The Distributed Discrete Gaussian
+Mechanism for Federated Learning with Secure Aggregation", ICML, §4.1 and Theorem 1): given a
+``norm_bound``, the rounding is drawn again until the rounded vector, measured from the grid's
+centre L/2 (where 0 lies), has L2 norm at most ``norm_bound`` (in grid steps). Every vector that
+leaves then satisfies the bound, whatever the draws: a differential-privacy sensitivity built on
+it needs no failure probability.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ConfigurationError
+
+MAX_ROUNDING_DRAWS = 100  # conditional rounding: draws before refusing (each fails with probability <= β)
 
 
 @dataclass(frozen=True)
@@ -37,15 +47,38 @@ class Quantizer:
         """The value of one integer step, 2r / L (the quantized-domain unit, for DP sensitivity)."""
         return 2 * self.clip_range / self.levels
 
-    def quantize(self, vector: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Clip and stochastically round ``vector`` to int64 values in 0..L."""
+    def quantize(self, vector: np.ndarray, rng: np.random.Generator, norm_bound: float | None = None) -> np.ndarray:
+        """Clip and stochastically round ``vector`` to int64 values in 0..L; with ``norm_bound``, by
+        conditional randomized rounding (the module docstring): redrawn until ‖q − L/2‖₂ <= norm_bound.
+
+        The norm is compared in floating point with the margin of Higham's inner-product bound
+        (Accuracy and Stability of Numerical Algorithms, 2nd ed., §3.1: |fl(yᵀy) − yᵀy| <= γ_d·yᵀy,
+        γ_d = d·u/(1 − d·u), u = 2^-53; the half-integers y = q − L/2 are exact in float64), so an accepted
+        vector's exact norm never exceeds the bound. Refuses (ConfigurationError) when no draw in
+        MAX_ROUNDING_DRAWS meets it: for an input whose norm is within what the bound was computed for, each
+        draw fails with probability at most β, so this only happens to an input that was not clipped."""
         grid = np.clip(vector, -self.clip_range, self.clip_range)  # a fresh array, updated in place below
         grid += self.clip_range
         grid /= self.scale
         low = np.floor(grid)
         grid -= low  # the fractional part: the probability of rounding up
-        low += rng.random(grid.shape) < grid
-        return np.clip(low, 0, self.levels, out=low).astype(np.int64)
+        if norm_bound is None:
+            low += rng.random(grid.shape) < grid
+            return np.clip(low, 0, self.levels, out=low).astype(np.int64)
+        if not (isinstance(norm_bound, int | float) and not isinstance(norm_bound, bool) and norm_bound > 0
+                and math.isfinite(norm_bound)):
+            raise ConfigurationError(f"the rounding norm bound must be a positive number, not {norm_bound!r}")
+        unit = 2.0**-53
+        accepted = norm_bound**2 * (1 - 2 * (len(grid) + 2) * unit)  # <= bound² / (1 + γ_d), rounding included
+        low -= self.levels / 2  # from the centre: half-integers when L is odd, exact in float64
+        for _ in range(MAX_ROUNDING_DRAWS):
+            centred = low + (rng.random(grid.shape) < grid)
+            if float(np.dot(centred, centred)) <= accepted:
+                centred += self.levels / 2
+                return np.clip(centred, 0, self.levels, out=centred).astype(np.int64)
+        raise ConfigurationError(f"conditional rounding: no rounding of this input has norm <= {norm_bound:.6g} grid "
+                                 f"steps in {MAX_ROUNDING_DRAWS} draws; the input is larger than the bound allows "
+                                 "(clip it to the norm the bound was computed for)")
 
     def dequantize_sum(self, integer_sum: np.ndarray, total_weight: int) -> np.ndarray:
         """Σ w_i·x̂_i from Σ (w_i q_i + z_i) and Σ w_i (x̂ = q·scale − r is the quantized input)."""
