@@ -130,7 +130,7 @@ def _not_negative(epsilon: float) -> float:
     return max(epsilon, 0.0)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.cache  # a ledger's ε is the maximum over its prefixes: each is computed once
 def _prv_epsilon(history: tuple[GaussianEvent, ...], delta: float) -> float:
     rdp_epsilon = _rdp_epsilon(history, delta, RDP_ORDERS)
     if rdp_epsilon > PRV_MAX_RDP_EPSILON:

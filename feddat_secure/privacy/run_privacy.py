@@ -105,7 +105,8 @@ def privacy_settings(config: RunConfig, train_sizes: Mapping[str, int], *, updat
 def central_rounding(config: RunConfig) -> float:
     """ρ: how far, per value, the protocol's rounding can move one site's contribution to the sum the server
     adds central noise to, beyond the site's clipped update x (value units). The neighbouring sum lacks the
-    site's contribution, or holds its zero update instead (the same sum without rounding); ρ covers both.
+    site's contribution, or holds its zero update instead (without rounding the two would be equal); ρ
+    covers both.
 
     - ``plain``: the float64 sum itself (0).
     - ``masked`` (protocols/masked/quantize.py): each value is rounded stochastically onto the grid
