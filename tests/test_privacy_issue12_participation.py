@@ -116,7 +116,8 @@ def test_a_small_poisson_sample_runs_with_zero_input_fillers_and_releases_exactl
         replay = np.random.default_rng()  # the reproducible noise: the server's generator, replayed
         replay.bit_generator.state = rng.bit_generator.state
         noise = central_noise(len(vector) - 1, clip_norm=server.privacy.clip_norm,
-                              noise_multiplier=settings.update_noise_multiplier, rng=replay)
+                              noise_multiplier=settings.update_noise_multiplier, rounding_l2=settings.rounding_l2,
+                              rng=replay)
         applied.append((np.array(vector, copy=True), noise, StateLayout.of(server.global_state).flatten(
             server.global_state)))
         return aggregate_to_apply(vector, total_weight, rng)

@@ -116,10 +116,21 @@ def _rdp_epsilon(history: tuple[GaussianEvent, ...], delta: float, orders: tuple
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns when the best order is an extreme one
         epsilon, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
-    return float(epsilon)
+    return _not_negative(float(epsilon))
 
 
-@functools.lru_cache(maxsize=1024)
+def _not_negative(epsilon: float) -> float:
+    """ε clamped at 0: a bound below 0 is a conversion artefact, never a privacy statement.
+
+    Opacus's conversions return ε < 0 for large δ and little privacy loss: the RDP → (ε, δ) conversion of
+    Balle et al. 2020 (Thm. 21) is ln(1 − δ) < 0 at zero RDP and order α = 1/δ, and PRV's upper bound can
+    cross 0 by its discretisation error. Privacy loss is measured from 0 (a mechanism that ignores its input
+    has ε = 0; dp_accounting never reports less), and (ε, δ)-DP implies (ε', δ)-DP for every ε' ≥ ε, so 0 is
+    valid wherever the negative bound is, and a budget is never credited with privacy nobody spent."""
+    return max(epsilon, 0.0)
+
+
+@functools.cache  # a ledger's ε is the maximum over its prefixes: each is computed once
 def _prv_epsilon(history: tuple[GaussianEvent, ...], delta: float) -> float:
     rdp_epsilon = _rdp_epsilon(history, delta, RDP_ORDERS)
     if rdp_epsilon > PRV_MAX_RDP_EPSILON:
@@ -132,9 +143,9 @@ def _prv_epsilon(history: tuple[GaussianEvent, ...], delta: float) -> float:
             epsilon = float(prv.get_epsilon(delta, eps_error=PRV_EPS_ERROR))
         except (ValueError, RuntimeError, OverflowError, MemoryError) as error:
             raise AccountingError(f"PRV accountant cannot bound these events: {error}") from error
-    if not math.isfinite(epsilon) or epsilon < 0:
+    if not math.isfinite(epsilon):
         raise AccountingError(f"PRV accountant returned ε = {epsilon}")
-    return epsilon
+    return _not_negative(epsilon)
 
 
 def calibrate(epsilon_of: Callable[[float], float], target_epsilon: float, *, low: float = 0.05,
@@ -239,20 +250,30 @@ class PrivacyAccountant:
         return list(self.per_round)
 
     def epsilon(self, accountant: str | None = None, *, extra: Iterable[GaussianEvent] = ()) -> float:
-        """ε spent so far (plus ``extra`` events, if given) at this ledger's δ.
+        """ε spent so far (plus ``extra`` events, if given) at this ledger's δ: never below an ε it reported
+        after an earlier round (the running maximum, see :meth:`epsilon_history`).
 
         When this ledger's own accountant is PRV and PRV cannot bound the events (ε far out of
         its range), RDP's bound — also valid, only looser — is used. Asking for an accountant
         explicitly raises AccountingError instead.
         """
-        return self._epsilon([*self.events, *extra], accountant)
+        now = self._epsilon([*self.events, *extra], accountant)
+        return max([now, *(epsilon for _, epsilon in self.epsilon_history(accountant))])
 
     def epsilon_history(self, accountant: str | None = None) -> list[tuple[int, float]]:
-        """(round, ε spent up to and including that round) for every spent round."""
-        history, events = [], []
+        """(round, ε spent up to and including that round) for every spent round, never decreasing.
+
+        The mechanism of rounds 1..k+1 contains that of rounds 1..k (composition with more mechanisms never
+        costs less privacy), so its true ε is at least round k's; a bound that goes down is the accountant's
+        numerical error (PRV's discretisation changes with the number of steps: measured 0.01157 → 0.01135
+        for (σ 3, q 0.001, 1 step) per round at δ = 1e-5, rounds 2 → 4). The running maximum of valid bounds
+        is a valid bound (it is at least the current one), and keeps every ε this ledger has reported, and a
+        budget was checked against, from shrinking later."""
+        history, events, highest = [], [], 0.0
         for round_index, round_events in self.rounds:
             events.extend(round_events)
-            history.append((round_index, self._epsilon(events, accountant)))
+            highest = max(highest, self._epsilon(events, accountant))
+            history.append((round_index, highest))
         return history
 
     def _epsilon(self, events: list[GaussianEvent], accountant: str | None) -> float:

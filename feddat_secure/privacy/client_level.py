@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ClientPrivacyConfig
+from ..config import INDICATOR_SCALE, ClientPrivacyConfig
 from .accounting import AccountingError, GaussianEvent, PrivacyAccountant, calibrate, compute_epsilon
 
 PLACEMENTS = ("central", "local", "distributed")
@@ -71,10 +71,12 @@ def gaussian_noise(length: int, std: float, rng: np.random.Generator | None = No
     return (rng or default_rng()).normal(0.0, std, size=length) if std > 0 else np.zeros(length)
 
 
-def central_noise(length: int, *, clip_norm: float, noise_multiplier: float,
+def central_noise(length: int, *, clip_norm: float, noise_multiplier: float, rounding_l2: float = 0.0,
                   rng: np.random.Generator | None = None) -> np.ndarray:
-    """What the server adds to the SUM of the clipped updates: N(0, (σC)²) per value."""
-    return gaussian_noise(length, noise_multiplier * clip_norm, rng)
+    """What the server adds to the SUM of the clipped updates: N(0, (σ(C + r))²) per value, with r the L2 bound
+    of the rounding the protocol applied before (:attr:`ClientPrivacy.rounding_l2`): one site moves that sum
+    by at most C + r, the sensitivity the noise multiplier σ is relative to."""
+    return gaussian_noise(length, noise_multiplier * (clip_norm + rounding_l2), rng)
 
 
 def local_noise(length: int, *, clip_norm: float, noise_multiplier: float,
@@ -259,6 +261,9 @@ class ClientPrivacy:
     clip_learning_rate: float = 0.2
     count_noise_std: float = 0.0
     reproducible: bool = False  # noise from the caller's seeded generator (tests, benchmarks)
+    # central: how far the protocol's rounding moves one value of a site's contribution to the sum the server
+    # noises, at most (value units; 0 for an exact sum); see feddat_secure.privacy.run_privacy.central_rounding
+    rounding_per_value: float = 0.0
 
     def noise_rng(self, rng: np.random.Generator | None = None) -> np.random.Generator:
         """The generator to draw this party's noise (and Poisson participation) from: the OS's entropy,
@@ -280,6 +285,20 @@ class ClientPrivacy:
     def expected_participants(self) -> float:
         """The fixed denominator of the noisy mean (McMahan et al. 2018)."""
         return self.sample_rate * self.num_clients
+
+    @property
+    def rounding_l2(self) -> float:
+        """central: r, the L2 bound of the rounding between a site's clipped update and what it adds to the
+        sum the server noises. The sum's sensitivity is C + r (the triangle inequality: rounding every value
+        by up to ρ moves a vector by up to ρ·√d), so the central noise is σ·(C + r)."""
+        return self.rounding_per_value * math.sqrt(self.dimension)
+
+    @property
+    def count_rounding(self) -> float:
+        """central, adaptive clipping: the rounding bound of the clipping indicator in count units (it travels
+        as one more value of the protocol's input, scaled by INDICATOR_SCALE): the count's sensitivity is
+        ½ + this, and the count noise grows with it (:meth:`adaptive_clipping`)."""
+        return self.rounding_per_value / INDICATOR_SCALE
 
     @property
     def update_noise_multiplier(self) -> float:
@@ -346,10 +365,12 @@ class ClientPrivacy:
         return math.ceil(NOISE_BOUND_STDS * self.noise_multiplier * l2 / math.sqrt(self.planned_shares(participants)))
 
     def adaptive_clipping(self) -> AdaptiveClipping | None:
+        """The server's clip-norm state. Its count noise is σ_b·(1 + 2·count_rounding): σ_b relative to the
+        count's sensitivity ½ + count_rounding, as :func:`update_noise_multiplier` assumes for ½."""
         if not self.adaptive:
             return None
         return AdaptiveClipping(self.clip_norm, self.target_quantile, self.clip_learning_rate,
-                                self.count_noise_std, self.expected_participants)
+                                self.count_noise_std * (1 + 2 * self.count_rounding), self.expected_participants)
 
     def describe(self) -> dict[str, Any]:
         mechanism = {
@@ -367,20 +388,26 @@ class ClientPrivacy:
             l2, l1 = quantized_sensitivity(self.clip_norm, self.quantization_step, self.dimension)
             description.update(quantization_step=self.quantization_step, tolerated_dropouts=self.tolerated_dropouts,
                                quantized_l2_sensitivity=l2, quantized_l1_sensitivity=l1)
+        if self.placement == "central":
+            description.update(rounding_l2_sensitivity=self.rounding_l2,
+                               effective_l2_sensitivity=self.clip_norm + self.rounding_l2)
         if self.adaptive:
             description.update(adaptive_clipping=True, target_quantile=self.target_quantile,
                                clip_learning_rate=self.clip_learning_rate, count_noise_std=self.count_noise_std,
-                               update_noise_multiplier=self.update_noise_multiplier)
+                               update_noise_multiplier=self.update_noise_multiplier,
+                               count_sensitivity=0.5 + self.count_rounding)
         return description
 
 
 def make_client_privacy(config: ClientPrivacyConfig, *, num_clients: int, clients_per_round: int, rounds: int,
-                        dimension: int, quantization_step: float = 0.0) -> ClientPrivacy | None:
+                        dimension: int, quantization_step: float = 0.0,
+                        rounding_per_value: float = 0.0) -> ClientPrivacy | None:
     """The run's client-level DP settings, or None when ``placement`` is ``off``.
 
     q = clients_per_round / num_clients (participants drawn by :func:`poisson_participants`).
     ``quantization_step`` (the masked protocol's ``Quantizer.scale``) is needed with
-    ``distributed``. With ``target_epsilon`` > 0 the noise multiplier is calibrated for
+    ``distributed``; ``rounding_per_value`` (:attr:`ClientPrivacy.rounding_per_value`) is the protocol's
+    rounding under ``central``. With ``target_epsilon`` > 0 the noise multiplier is calibrated for
     ``rounds`` rounds. The configuration was checked when it loaded (feddat_secure.config); impossible
     arguments here raise ``ValueError``, and so does a target ε no noise multiplier reaches.
     """
@@ -411,7 +438,7 @@ def make_client_privacy(config: ClientPrivacyConfig, *, num_clients: int, client
                              tolerated_dropouts=config.tolerated_dropouts,
                              adaptive=config.adaptive_clipping, target_quantile=config.target_quantile,
                              clip_learning_rate=config.clip_learning_rate, count_noise_std=count_std,
-                             reproducible=config.reproducible)
+                             reproducible=config.reproducible, rounding_per_value=rounding_per_value)
     if config.target_epsilon > 0:
         def epsilon_of(sigma: float) -> float:
             trial = replace(settings, noise_multiplier=sigma)

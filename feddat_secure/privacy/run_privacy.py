@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from protocols.masked import MaskedOptions
+
 from ..config import INDICATOR_SCALE, RunConfig
 from ..federation.algorithms import dp_steps_per_batch
 from .accounting import GaussianEvent, PrivacyAccountant, merge_events
@@ -108,9 +110,50 @@ def privacy_settings(config: RunConfig, train_sizes: Mapping[str, int], *, updat
         masked = config.secure_aggregation.masked
         step = Quantizer(masked.clip_range, masked.quantization_bits).scale
     per_round = participants_per_round or config.participants_per_round(len(train_sizes))
+    rounding = central_rounding(config) if config.privacy.client.placement == "central" else 0.0
     client = make_client_privacy(config.privacy.client, num_clients=len(train_sizes), clients_per_round=per_round,
-                                 rounds=config.federation.rounds, dimension=update_dimension, quantization_step=step)
+                                 rounds=config.federation.rounds, dimension=update_dimension, quantization_step=step,
+                                 rounding_per_value=rounding)
     return PrivacySettings(record, client)
+
+
+def central_rounding(config: RunConfig) -> float:
+    """ρ: how far, per value, the protocol's rounding can move one site's contribution to the sum the server
+    adds central noise to, beyond the site's clipped update x (value units). The neighbouring sum lacks the
+    site's contribution, or holds its zero update instead (without rounding the two would be equal); ρ
+    covers both.
+
+    - ``plain``: the float64 sum itself (0).
+    - ``masked`` (protocols/masked/quantize.py): each value is rounded stochastically onto the grid
+      k·step − r, k = 0..L. With the site, the sum holds x + e (|e| < step per value); without it, nothing;
+      with its zero update instead, a rounded zero, ±step/2 (r/step = L/2 is a half-integer, L odd), so
+      the two differ by x plus less than 1.5·step per value: ρ = 1.5·step.
+    - ``he`` (protocols/he/keyholder.py): the key holder rounds the decrypted sum to the nearest multiple
+      of ``output_step``; the sum with the site and the one without are rounded separately (≤ step/2 each)
+      and differ, besides x, by the site's own CKKS encoding and encryption error ξ (a zero update encrypts
+      to 0 + ξ too): ρ = step + max|ξ|. The output grid is sized to stay at least 2^6 above the CKKS error
+      (protocols/he/config.py, NOISE_MARGIN_BITS: a fresh ciphertext's measured at 2^-9.5 of the step at
+      the default scale), so ρ = (1 + 2^-6)·output_step. That margin is the protocol's measured bound, not
+      a worst case proven for every draw of the encryption noise.
+
+    The masked grid is the one ``feddat_secure.federation.parties.build_protocol`` gives the protocol: under
+    central noise with a fixed clip norm C, the default ``clip_range`` is narrowed to C (every value of an
+    update clipped to L2 norm C lies in [−C, C]); an explicitly configured one, or any under adaptive
+    clipping, is kept."""
+    protocol = config.secure_aggregation.protocol
+    if protocol == "masked":
+        from protocols.masked.quantize import Quantizer
+
+        masked, client = config.secure_aggregation.masked, config.privacy.client
+        clip_range = masked.clip_range
+        if not client.adaptive_clipping and clip_range == MaskedOptions().clip_range:
+            clip_range = client.clip_norm
+        return 1.5 * Quantizer(clip_range, masked.quantization_bits).scale
+    if protocol == "he":
+        return (1 + 2.0**-6) * config.secure_aggregation.he.output_step
+    if protocol == "plain":
+        return 0.0
+    raise ValueError(f"no rounding bound is known for the {protocol!r} protocol under central noise")
 
 
 def _refusal(round_index: int, plans: Sequence[tuple[PrivacyAccountant, list[GaussianEvent]]]) -> str | None:
@@ -412,7 +455,7 @@ class ServerPrivacy:
         if self.client.placement == "central":
             summed = summed + central_noise(len(summed), clip_norm=self.clip_norm,
                                             noise_multiplier=self.client.update_noise_multiplier,
-                                            rng=self.client.noise_rng(rng))
+                                            rounding_l2=self.client.rounding_l2, rng=self.client.noise_rng(rng))
         if self.adaptive is not None:
             self.adaptive.server_update(indicators, self.client.noise_rng(rng))
         return summed, self.client.expected_participants
