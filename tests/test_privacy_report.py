@@ -4,6 +4,7 @@ ledger every party keeps in its own folder."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
@@ -32,6 +33,7 @@ SITES = {"site-0": 40, "site-1": 30, "site-2": 20}
 def run_dir(tmp_path):
     config = config_from_dict({
         "name": "dp-run", "federation": {"rounds": 4, "aggregation": "uniform", "clients_per_round": 2},
+        "audit": {"enabled": False},  # ledgers written by hand: no signed entries to check them against
         "data": {"num_clients": 3}, "training": {"local_steps": 5, "batch_size": 8},
         "privacy": {"record": {"enabled": True, "noise_multiplier": 2.0, "budget_epsilon": 20.0},
                     "client": {"placement": "central", "noise_multiplier": 1.5, "budget_epsilon": 30.0}}})
@@ -50,7 +52,9 @@ def run_dir(tmp_path):
     (folder / "config.toml").write_text(to_toml(config))
     manifest = {"base_model": {"sha256": "a" * 64}, "data": {"sha256": "b" * 64},
                 "config": {"sha256": config.digest(), "resolved": to_dict(config)},
-                "files": {"global_adapter/adapter_model.safetensors": "c" * 64}}
+                "files": {"global_adapter/adapter_model.safetensors": "c" * 64,
+                          **{p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                             for p in folder.glob(f"parties/*/{LEDGER_FILE}")}}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     heads = [{"event": "log_opened", "party": "server"},
              {"event": "tree_head", "party": "server", "meta": {},

@@ -2,10 +2,12 @@
 
 Reads what the run left behind — every party's ``parties/<party>/privacy_ledger.json``
 (:func:`~feddat_secure.privacy.run_privacy.load_run_ledgers`), ``manifest.json`` (digests of config,
-base model and data) or, for an unfinished run, ``config.toml``, and the signed tree heads of the
-parties' audit logs — and recomputes every ε
-from the recorded events under every accountant that applies. The JSON shape is documented
-in docs/privacy.md; the HTML is one self-contained file (the plot is an embedded PNG).
+base model, data and every file) or, for an unfinished run, ``config.toml``, and the parties' signed audit
+logs. Before any ε is shown, every ledger file is checked against that evidence
+(:mod:`~feddat_secure.privacy.evidence`); a ledger that does not match is refused (:class:`EvidenceMismatch`).
+Every ε is then recomputed from the recorded events under every accountant that applies, with group and
+replace-one ε from dp_accounting (:mod:`~feddat_secure.privacy.protection`). The JSON shape is documented in
+docs/privacy.md; the HTML is one self-contained file (the plot is an embedded PNG).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +27,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import FeddatError
 from .accounting import AccountingError, GaussianEvent, PrivacyAccountant, compute_epsilon
+from .evidence import EvidenceCheck, check_ledgers, party_of
+from .protection import GROUP_SIZES, group_epsilon, replace_one_epsilon
 from .run_privacy import load_run_ledgers
 
-REPORT_FORMAT = "feddat-secure-privacy-report/1"
+REPORT_FORMAT = "feddat-secure-privacy-report/2"
+# the software whose versions a reviewer needs (distribution names; absent ones are reported as not installed)
+SOFTWARE = ("feddat-secure", "torch", "opacus", "dp-accounting", "transformers", "peft", "tenseal", "cryptography",
+            "flwr")
 HTML_FILE, MARKDOWN_FILE, JSON_FILE = "privacy_report.html", "privacy_report.md", "privacy_report.json"
 
 
@@ -33,27 +42,80 @@ class ReportError(FeddatError, ValueError):
     """The folder is not a run folder this report can describe."""
 
 
+class EvidenceMismatch(ReportError):
+    """A ledger file does not match the run's signed evidence: no ε from it may be reported."""
+
+    def __init__(self, check: EvidenceCheck) -> None:
+        self.check = check
+        super().__init__("the privacy ledgers do not match the run's evidence; no report was written:\n"
+                         + "\n".join(f"  {m}" for m in check.mismatches))
+
+
 # ---------------------------------------------------------------- gathering
 
 def build_report(run_dir: Path) -> dict[str, Any]:
-    """The report as plain data (what privacy_report.json holds)."""
+    """The report as plain data (what privacy_report.json holds); :class:`EvidenceMismatch` when a ledger file
+    does not match the run's evidence."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{str(run_dir)!r} is not a folder")
+    run, resolved = _run_identity(run_dir)
     ledger = load_run_ledgers(run_dir)
+    files = ledger["files"] if ledger else []
+    manifest = json.loads((run_dir / "manifest.json").read_text()) if run["finished"] else None
+    privacy = resolved.get("privacy", {})
+    configured = privacy.get("record", {}).get("enabled") or privacy.get("client", {}).get("placement", "off") != "off"
+    evidence = check_ledgers(run_dir, files, manifest=manifest,
+                             audit_enabled=bool(resolved.get("audit", {}).get("enabled", True))) \
+        if files or configured else EvidenceCheck(unchecked=["no differential privacy was configured: no ledger"])
+    if evidence.mismatches:
+        raise EvidenceMismatch(evidence)
+    run["ledger_files"] = [{"file": name, "party": party_of(name), "sha256": evidence.ledger_sha256[name]}
+                           for name in files]
+    run["roster_sha256"] = evidence.roster_sha256
+    run["privacy_ledger"] = ledger is not None
+    contents = {name: json.loads((run_dir / name).read_text()) for name in files}
     accountants = [PrivacyAccountant.from_state_dict(s) for s in ledger["ledgers"]] if ledger else []
     levels = ledger["levels"] if ledger else {"record": {}, "client": None}
     entries = [entry for a in accountants for entry in _ledger_entries(a)]
     return {
         "format": REPORT_FORMAT,
-        "run": _run_identity(run_dir, ledger is not None),
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "software": _software(),
+        "run": run,
+        "evidence": evidence.to_json(),
         "levels": {"record": {"enabled": bool(levels["record"]), "sites": levels["record"]},
                    "client": {"enabled": levels["client"] is not None, "settings": levels["client"]}},
         "summary": _summary(entries),
         "ledgers": entries,
+        "other_neighbours": [_other_neighbours(a) for a in accountants if a.rdp_orders is None],
+        "dataset_ledgers": [{"party": party_of(name), **content["dataset_ledger"]}
+                            for name, content in contents.items() if content.get("dataset_ledger")],
+        "unprotected_releases": [{"party": party_of(name), "releases": list(content["unprotected_releases"])}
+                                 for name, content in contents.items() if content.get("unprotected_releases")],
         "adaptive_clipping": ledger.get("adaptive_clipping") if ledger else None,
-        "assumptions": _assumptions(levels),
+        "assumptions": _assumptions(levels, resolved),
     }
+
+
+def _software() -> dict[str, str | None]:
+    """Installed versions (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in SOFTWARE:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _other_neighbours(accountant: PrivacyAccountant) -> dict[str, Any]:
+    """ε of one ledger for groups of records and for the replace-one relation (PLD; protection.py)."""
+    events = accountant.events
+    groups = {str(k): _finite(group_epsilon(events, accountant.delta, k)) for k in GROUP_SIZES} \
+        if accountant.level == "record" else {}
+    return {"level": accountant.level, "client": accountant.client, "delta": accountant.delta, "accountant": "pld",
+            "replace_one_epsilon": _finite(replace_one_epsilon(events, accountant.delta)), "group_epsilon": groups}
 
 
 def _ledger_entries(accountant: PrivacyAccountant) -> list[dict[str, Any]]:
@@ -106,6 +168,8 @@ def _summary(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             values = [e for e in mine if e["accountant"] == name]
             worst = max(values, key=lambda e: -1 if e["epsilon"] is None else e["epsilon"])
             per_accountant[name] = {"epsilon": worst["epsilon"], "client": worst["client"]}
+            if "epsilon_if_participation_known" in worst:
+                per_accountant[name]["epsilon_if_participation_known"] = worst["epsilon_if_participation_known"]
         governing = [e for e in mine if e["governs_budget"]]
         summary[level] = {"delta": mine[0]["delta"], "epsilon": per_accountant,
                           "budget_epsilon": governing[0]["budget_epsilon"],
@@ -114,10 +178,11 @@ def _summary(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _run_identity(run_dir: Path, has_ledger: bool) -> dict[str, Any]:
+def _run_identity(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run's identity for the report, its resolved configuration as plain data)."""
     identity: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "name": run_dir.name, "finished": False,
                                 "config_sha256": None, "base_model_sha256": None, "data_sha256": None,
-                                "global_adapter_sha256": None, "privacy_ledger": has_ledger}
+                                "global_adapter_sha256": None}
     manifest_path = run_dir / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -128,17 +193,32 @@ def _run_identity(run_dir: Path, has_ledger: bool) -> dict[str, Any]:
         identity["global_adapter_sha256"] = manifest.get("files", {}).get(
             "global_adapter/adapter_model.safetensors")
         resolved = manifest.get("config", {}).get("resolved", {})
-        identity["name"] = resolved.get("name", identity["name"])
-        identity["algorithm"] = resolved.get("federation", {}).get("algorithm")
     elif (run_dir / "config.toml").is_file():
-        from ..config import load_config
+        from ..config import load_config, to_dict
 
         config = load_config(run_dir / "config.toml")
-        identity.update(name=config.name, config_sha256=config.digest(), algorithm=config.federation.algorithm)
+        identity["config_sha256"] = config.digest()
+        resolved = to_dict(config)
     else:
         raise ReportError(f"{str(run_dir)!r} holds neither manifest.json nor config.toml: not a run folder")
+    identity["name"] = resolved.get("name", identity["name"])
+    identity["algorithm"] = resolved.get("federation", {}).get("algorithm")
     identity["audit_tree_heads"] = _audit_tree_heads(run_dir / "parties")
-    return identity
+    identity["started"], identity["ended"] = _run_times(run_dir / "parties")
+    return identity, resolved
+
+
+def _run_times(folder: Path) -> tuple[str | None, str | None]:
+    """(first, last) entry time over the parties' audit logs (UTC, as signed); (None, None) without logs."""
+    times = []
+    for path in sorted(folder.rglob("*.audit.jsonl")) if folder.is_dir() else []:
+        lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        for line in (lines[:1] + lines[-1:]):
+            try:
+                times.append(json.loads(line)["time"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return (min(times), max(times)) if times else (None, None)
 
 
 def _audit_tree_heads(folder: Path) -> list[dict[str, Any]]:
@@ -163,28 +243,38 @@ def _audit_tree_heads(folder: Path) -> list[dict[str, Any]]:
     return heads
 
 
-def _assumptions(levels: dict[str, Any]) -> list[str]:
+def _assumptions(levels: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
+    """What is protected and what is not, in plain sentences a reviewer can sign off on (issue 12, item 9)."""
     record, client = levels["record"], levels["client"]
     notes = []
     if not record and not client:
         return ["No differential privacy was configured for this run: nothing below bounds what its outputs "
-                "reveal about the training data (ε is unbounded)."]
+                "reveal about the training data (ε = ∞)."]
     if record:
         settings = next(iter(record.values()))
         notes += [
-            "Record level protects each single training record (one image, question and answer) of a site: "
-            "whether it was used cannot be told, up to ε and δ, from anything the site's training produced — the "
-            "shared adapter sent to the server every round, hence every global model, and also the site's own "
+            "Protected unit (record level): one training record, i.e. one (image, question, answer) triple of a "
+            "site. Whether it was used cannot be told, up to ε and δ, from anything the site's training produced: "
+            "the shared adapter sent to the server every round, hence every global model, and also the site's own "
             "client adapter and answer head.",
-            "Neighbouring datasets differ by adding or removing one record. Each site's dataset size is treated as "
-            "public: it sets the sampling rate and is sent to the server as the aggregation weight.",
+            "A person or an image with several records is protected only as a group: the group ε for 2, 5 and 10 "
+            "records (section 'Other neighbours') is far larger than the single-record ε. It is exact for the "
+            "Poisson-subsampled Gaussian (a mixture of Gaussians: j ~ Binomial(k, q) of the group's k records are "
+            "in a batch; Ganesh 2024, arXiv:2401.10294), computed with dp_accounting's PLD accountant.",
+            "Neighbouring datasets differ by adding or removing one record. Each site's dataset size is released "
+            "exactly (it sets the sampling rate and is the aggregation weight the server sees), so the ε for one "
+            "record replaced by another is given too ('replace-one'; dp_accounting's PLD accountant, dominating "
+            "pair of Zhu, Dong, Wang 2022).",
             "Every parameter trained on a site's data is trained by DP-SGD: batches are drawn by Poisson sampling, "
             "each record's gradient is clipped to the clipping norm, and Gaussian noise is added. ViLT's backbone, "
             "embeddings included, stays frozen.",
-            "Sites hold disjoint records, so a record is protected by its own site's ledger; the federation's "
-            "record-level ε is the largest site ε.",
-            "Evaluation accuracies are computed on held-out test records and reported without noise: test records "
-            "are not protected.",
+            "Composition across sites: sites hold disjoint records, so a record is protected by its own site's "
+            "ledger; the federation's record-level ε is the largest site ε. A person with records at several sites "
+            "is protected by the composition of those sites' ledgers (ε adds up at worst).",
+            "Composition across runs: each run on the same data spends again. A site's persistent dataset ledger "
+            "(table 'Across runs', when present) holds the dataset's cumulative ε over every run; without it, this "
+            "report covers this run only.",
+            "Evaluation accuracies are computed on held-out test records: test records are not protected.",
         ]
         if settings.get("mechanisms_per_batch", 1) > 1:
             notes.append("FedDAT takes two DP-SGD steps on every batch (the shared adapter with the head, then the "
@@ -193,18 +283,25 @@ def _assumptions(levels: dict[str, Any]) -> list[str]:
     if client:
         placement = client["placement"]
         notes += [
-            "Client level protects a whole site: whether its data took part at all (all its records at once). "
-            "Neighbouring runs differ in one site's update being replaced by a zero update.",
+            "Protected unit (client level): a whole site, i.e. whether its data took part at all (all its records "
+            "at once). Neighbouring runs differ in one site's whole contribution being replaced by nothing: its "
+            "clipped update (and, under adaptive clipping, its clip-count bit) is absent from the sum. The number of "
+            "sites is public; the replace-one ε (one site's data replaced by another's) is given too.",
             "Participation is visible to the server: it knows which sites were asked and which answered.",
         ]
+        if client.get("adaptive_clipping"):
+            notes.append("Adaptive clipping: a site contributes b − ½ to the clip count (b = 1 when its update norm "
+                         "was at most the clip norm), so removing the site changes the count by at most ½; the "
+                         "count's noise is part of the round's one accounted Gaussian event (Andrew et al. 2021).")
         if placement == "central":
             notes.append("Central noise: the server adds the noise. The guarantee holds against everyone who sees "
                          "the global models, not against the server, which sees the sum before noise (and each "
                          "update, without secure aggregation).")
             if client["sample_rate"] < 1:
-                notes.append("The reported ε counts the amplification of sampling sites by Poisson sampling; it "
-                             "assumes who took part stays hidden from those who see the models. Against someone who "
-                             "knows the participants, 'epsilon_if_participation_known' applies.")
+                notes.append("The amplified ε counts the amplification of sampling sites by Poisson sampling; it "
+                             "holds only while who took part stays hidden from those who see the models. The "
+                             "server, and every site of a round's secure-aggregation cohort, know the participants: "
+                             "against them the 'participation known' ε in the headline applies.")
         elif placement == "local":
             notes.append("Local noise: every site adds the full noise to its own update, so the guarantee holds "
                          "against the server too, for each site separately and without any sampling amplification.")
@@ -214,6 +311,12 @@ def _assumptions(levels: dict[str, Any]) -> list[str]:
                          "share that reached it; ε is computed from the shares that actually survived each round, "
                          "with the quantization's rounding included in the sensitivity, and without sampling "
                          "amplification (the server knows who took part).")
+    notes.append("Not protected (metadata every party can see or infer): each site's number of training records "
+                 "(the aggregation weight and the sampling rate), who took part in which round, and the timing and "
+                 "size of every message.")
+    if resolved.get("privacy", {}).get("share_site_metrics"):
+        notes.append("Released without protection by choice (privacy.share_site_metrics = true): the sites' training "
+                     "losses and accuracies reach the server as computed (table 'Unprotected releases').")
     reproducible = any(s.get("reproducible") for s in record.values()) or bool(client and client.get("reproducible"))
     if reproducible:
         notes.append("WARNING: this run drew its DP sampling and noise from the run's seed (a test setting). Anyone "
@@ -239,18 +342,70 @@ def _eps(value: float | None) -> str:
     return "∞ (no bound)" if value is None else f"{value:.3f}"
 
 
+def _headline(report: dict[str, Any]) -> list[str]:
+    """One sentence per level with the figures a reviewer signs off on."""
+    summary, lines = report["summary"], []
+    for level, unit in (("record", "one training record"), ("client", "one whole site")):
+        s = summary.get(level)
+        if s is None:
+            lines.append(f"{level.capitalize()} level: no differential privacy, ε = ∞ for {unit}.")
+            continue
+        accountant = s["budget_accountant"]
+        value = s["epsilon"][accountant]
+        budget = f", budget {_fmt(s['budget_epsilon'])}" if s["budget_epsilon"] else ", no budget"
+        where = f" (largest site: {value['client']})" if level == "record" and value["client"] else ""
+        line = (f"{level.capitalize()} level: ε = {_eps(value['epsilon'])}{where} at δ = {_fmt(s['delta'], 8)} "
+                f"({accountant}{budget}) for {unit}")
+        if "epsilon_if_participation_known" in value:
+            known = value["epsilon_if_participation_known"]
+            line += (f" while who took part stays hidden; ε = {_eps(known)} against anyone who knows the "
+                     "participants (the server and each round's cohort)")
+        others = [o for o in report["other_neighbours"] if o["level"] == level]
+        if others:
+            worst = max(others, key=lambda o: math.inf if o["replace_one_epsilon"] is None
+                        else o["replace_one_epsilon"])
+            line += f"; replace-one ε = {_eps(worst['replace_one_epsilon'])}"
+            if level == "record":
+                groups = ", ".join(f"{k} records: {_eps(_worst_group(others, k))}" for k in map(str, GROUP_SIZES))
+                line += f"; groups of {groups}"
+        lines.append(line + ".")
+    return lines
+
+
+def _worst_group(others: list[dict[str, Any]], size: str) -> float | None:
+    values = [o["group_epsilon"].get(size) for o in others]
+    return None if any(v is None for v in values) else max(values, default=0.0)
+
+
 def _blocks(report: dict[str, Any]) -> list[tuple]:
     run, levels, summary = report["run"], report["levels"], report["summary"]
     blocks: list[tuple] = [("h1", f"Privacy budget report — {run['name']}")]
     blocks.append(("p", "What the run spent of its differential-privacy budgets, per level, recomputed from the "
-                        "recorded noise mechanisms. ε bounds how much any output can reveal about what is protected "
-                        "(smaller is better); δ is the small probability with which the bound may fail."))
+                        "recorded noise mechanisms after checking each ledger against the run's signed evidence. ε "
+                        "bounds how much any output can reveal about what is protected (smaller is better); δ is the "
+                        "small probability with which the bound may fail."))
+    blocks.append(("p", f"Generated {report['generated']} by feddat-secure "
+                        f"{report['software'].get('feddat-secure') or '(version unknown)'}."))
+    blocks.append(("h2", "Headline"))
+    blocks.append(("ul", _headline(report)))
     blocks.append(("h2", "Run"))
     rows = [["run folder", run["run_dir"]], ["finished (manifest written)", "yes" if run["finished"] else "no"],
+            ["started (first audit entry, UTC)", _fmt(run["started"])],
+            ["ended (last audit entry, UTC)", _fmt(run["ended"])],
             ["algorithm", _fmt(run.get("algorithm"))], ["config SHA-256", _fmt(run["config_sha256"])],
             ["base model SHA-256", _fmt(run["base_model_sha256"])], ["data SHA-256", _fmt(run["data_sha256"])],
-            ["global adapter SHA-256", _fmt(run["global_adapter_sha256"])]]
-    blocks.append(("table", ["", ""], rows))
+            ["global adapter SHA-256", _fmt(run["global_adapter_sha256"])],
+            ["roster SHA-256 (compare with the value every party pinned)", _fmt(run["roster_sha256"])]]
+    blocks.append(("pairs", rows))
+    blocks.append(("h3", "Software"))
+    blocks.append(("pairs", [[name, version or "not installed"] for name, version in report["software"].items()]))
+    blocks.append(("h2", "Evidence: the ledgers against the run's signed records"))
+    evidence = report["evidence"]
+    blocks.append(("ul", [f"Checked: {c}." for c in evidence["checks"]]
+                   + [f"Not checked: {c}." for c in evidence["unchecked"]]))
+    if run["ledger_files"]:
+        blocks.append(("table", ["ledger file", "party", "SHA-256"],
+                       [[f["file"], f["party"], f["sha256"]] for f in run["ledger_files"]]))
     if run["audit_tree_heads"]:
         blocks.append(("p", "Final signed tree heads of the run's audit logs (verify them with the audit tools):"))
         blocks.append(("table", ["log", "party", "tree size", "root", "time", "final"],
@@ -263,26 +418,60 @@ def _blocks(report: dict[str, Any]) -> list[tuple]:
     for level in ("record", "client"):
         s = summary.get(level)
         if s is None:
-            rows.append([level, "off", "—", "—", "—", "—"])
+            rows.append([level, "— (no DP at this level)", "∞", "—", "∞", "none", "—"])
             continue
         for name, value in s["epsilon"].items():
             governs = name == s["budget_accountant"]
             budget = s["budget_epsilon"]
             left = None if budget is None or value["epsilon"] is None else max(0.0, budget - value["epsilon"])
             where = f" (largest: {value['client']})" if level == "record" and value["client"] else ""
+            known = _eps(value["epsilon_if_participation_known"]) if "epsilon_if_participation_known" in value \
+                else ("same (no site sampling claimed)" if level == "client" else "— (record level)")
             rows.append([level, name + (" (decides the budget)" if governs else ""), _eps(value["epsilon"]) + where,
-                         _fmt(s["delta"], 8), "none" if not budget else _fmt(budget), _fmt(left)])
-    blocks.append(("table", ["level", "accountant", "ε spent", "δ", "budget ε", "ε left"], rows))
+                         _fmt(s["delta"], 8), known,
+                         "none" if not budget else _fmt(budget), _fmt(left)])
+    blocks.append(("table", ["level", "accountant", "ε spent", "δ", "ε if participation is known", "budget ε",
+                             "ε left"], rows))
     blocks.append(("img", "ε spent after each round (every ledger, each under the accountant that decides its "
-                          "budget)"))
+                          "budget; dashed: its budget)"))
     blocks += _level_blocks(report, levels)
+    blocks += _across_runs_blocks(report)
     blocks.append(("h2", "What is protected, and what is not"))
     blocks.append(("ul", report["assumptions"]))
     blocks.append(("h2", "Recomputing ε"))
     blocks.append(("p", "privacy_report.json lists, for every ledger, the Gaussian mechanisms that were composed "
                         "(noise multiplier σ, sampling rate q, steps T per round). Feeding them to another accountant "
                         "(e.g. Google's dp-accounting: PoissonSampledDpEvent(q, GaussianDpEvent(σ)) self-composed T "
-                        "times) recomputes ε independently."))
+                        "times) recomputes ε independently; the group ε is MixtureOfGaussiansDpEvent(σ, [0..k], "
+                        "Binomial(k, q)) under the PLD accountant, the replace-one ε the same Poisson events under "
+                        "PLDAccountant(NeighboringRelation.REPLACE_ONE)."))
+    return blocks
+
+
+def _across_runs_blocks(report: dict[str, Any]) -> list[tuple]:
+    blocks: list[tuple] = []
+    others = report["other_neighbours"]
+    if others:
+        blocks.append(("h2", "Other neighbours: groups of records, replace-one"))
+        headers = ["ledger", "δ", "replace-one ε"] + [f"group of {k} records ε" for k in GROUP_SIZES]
+        rows = [[f"{o['level']}: {o['client'] or 'federation'}", _fmt(o["delta"], 8), _eps(o["replace_one_epsilon"])]
+                + [_eps(o["group_epsilon"][str(k)]) if o["group_epsilon"] else "— (not a record ledger)"
+                   for k in GROUP_SIZES] for o in others]
+        blocks.append(("table", headers, rows))
+        blocks.append(("p", "Computed with dp_accounting's PLD accountant (pessimistic, privacy-loss grid 0.01); its "
+                            "RDP accountant supports neither the mixture of Gaussians nor replace-one under Poisson "
+                            "sampling."))
+    if report["dataset_ledgers"]:
+        blocks.append(("h2", "Across runs: each site's dataset ledger"))
+        blocks.append(("table", ["site", "dataset SHA-256", "entries", "δ", "ε before this run", "ε now (all runs)",
+                                 "dataset budget ε", "ledger", "head SHA-256"],
+                       [[d["party"], _fmt(d.get("dataset_sha256")), _fmt(d.get("entries")), _fmt(d.get("delta"), 8),
+                         _eps(d.get("epsilon_before_run")), _eps(d.get("epsilon")), _fmt(d.get("budget_epsilon")),
+                         _fmt(d.get("path")), _fmt(d.get("head_sha256"))] for d in report["dataset_ledgers"]]))
+    if report["unprotected_releases"]:
+        blocks.append(("h2", "Unprotected releases (opted in)"))
+        blocks.append(("table", ["site", "released without DP"],
+                       [[u["party"], ", ".join(map(str, u["releases"]))] for u in report["unprotected_releases"]]))
     return blocks
 
 
@@ -301,8 +490,9 @@ def _level_blocks(report: dict[str, Any], levels: dict[str, Any]) -> list[tuple]
         blocks.append(("table", ["setting", "value"], [
             ["mechanism", first["mechanism"]],
             ["noise multiplier σ per DP-SGD step", sigma("noise_multiplier")],
-            ["DP-SGD steps per batch", first["mechanisms_per_batch"]],
-            ["accounted noise multiplier per batch (σ/√steps)", sigma("accounted_noise_multiplier")],
+            ["DP-SGD mechanisms per batch k (2 under FedDAT: two optimizers, one Poisson batch)",
+             first["mechanisms_per_batch"]],
+            ["accounted noise multiplier per batch (σ/√k)", sigma("accounted_noise_multiplier")],
             ["clipping norm C (per record, per step)", _fmt(first["max_grad_norm"])],
             ["batches per round", first["local_steps"]], ["δ", _fmt(first["delta"], 8)],
             ["target ε (σ calibrated to it)", _fmt(first["target_epsilon"]) if first["target_epsilon"] else "none"],
@@ -330,7 +520,9 @@ def _level_blocks(report: dict[str, Any], levels: dict[str, Any]) -> list[tuple]
                 ["budget ε", _fmt(c["budget_epsilon"]) if c["budget_epsilon"] else "none"]]
         if c["placement"] == "distributed":
             rows += [["quantization step", _fmt(c["quantization_step"], 8)],
-                     ["L2 sensitivity in grid steps (rounding included)", _fmt(c["quantized_l2_sensitivity"], 1)],
+                     ["L2 sensitivity in grid steps (how far one site's quantized update can move the integer "
+                      "sum, counted in quantization steps: C / step plus the stochastic rounding's worst case; the "
+                      "Skellam noise is sized against it)", _fmt(c["quantized_l2_sensitivity"], 1)],
                      ["tolerated dropouts per round", c["tolerated_dropouts"]]]
         if c.get("adaptive_clipping"):
             rows += [["adaptive clipping: target quantile", _fmt(c["target_quantile"])],
@@ -342,7 +534,8 @@ def _level_blocks(report: dict[str, Any], levels: dict[str, Any]) -> list[tuple]
         blocks.append(("table", ["setting", "value"], rows))
         mine = [e for e in entries if e["level"] == "client"]
         rows = [[e["client"] or "federation", e["accountant"], e["rounds_spent"], _eps(e["epsilon"]),
-                 _eps(e["epsilon_if_participation_known"]) if "epsilon_if_participation_known" in e else "—",
+                 _eps(e["epsilon_if_participation_known"]) if "epsilon_if_participation_known" in e
+                 else "same (q = 1)",
                  _fmt(e["remaining_epsilon"])] for e in mine]
         blocks.append(("table", ["ledger", "accountant", "rounds", "ε", "ε if participation is known", "ε left"], rows))
         blocks += _per_round_table(mine, "Client-level ε after each round")
@@ -386,6 +579,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += [f"- {item}" for item in block[1]] + [""]
         elif kind == "img":
             lines += [f"*{block[1]}: see the plot in {HTML_FILE}.*", ""]
+        elif kind == "pairs":
+            lines += [f"- **{key}**: {value}" for key, value in block[1]] + [""]
         else:
             headers, rows = block[1], block[2]
             lines.append("| " + " | ".join(headers) + " |")
@@ -416,6 +611,10 @@ def render_html(report: dict[str, Any], png: bytes) -> str:
             data = base64.b64encode(png).decode()
             parts.append(f"<figure><img alt=\"{html.escape(block[1])}\" src=\"data:image/png;base64,{data}\">"
                          f"<figcaption>{html.escape(block[1])}</figcaption></figure>")
+        elif kind == "pairs":  # a key-value table: no header row
+            body = "".join(f"<tr><th scope=\"row\">{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                           for k, v in block[1])
+            parts.append(f"<table class=\"pairs\"><tbody>{body}</tbody></table>")
         else:
             head = "".join(f"<th>{html.escape(str(h))}</th>" for h in block[1])
             body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
@@ -471,6 +670,7 @@ def plot_epsilon(report: dict[str, Any], *, width: int = 900, height: int = 460)
     if not series:
         draw.text(((left + right) / 2, (top + bottom) / 2), "no privacy spending recorded", fill="#888", font=font,
                   anchor="mm")
+    legend: list[tuple[str, str, int, bool]] = []  # (text, colour, width, dashed)
     for index, (label, points, thick, budget) in enumerate(series):
         colour = "#000000" if thick else PALETTE[index % len(PALETTE)]
         coords = [xy(r, e) for r, e in points]
@@ -478,19 +678,29 @@ def plot_epsilon(report: dict[str, Any], *, width: int = 900, height: int = 460)
             draw.line(coords, fill=colour, width=4 if thick else 2)
         for x, y in coords:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        legend.append((label, colour, 4 if thick else 2, False))
         if budget:
             _, y = xy(1, budget)
-            for x in range(left, right, 12):
-                draw.line([x, y, min(x + 6, right), y], fill=colour, width=1)
+            _dashed(draw, left, right, y, colour)
+            legend.append((f"budget {budget:g} ({label.split(':')[0]})", colour, 1, True))
+    for index, (text, colour, width, dashed) in enumerate(legend):
         legend_y = top + 6 + 20 * index
-        if legend_y < bottom - 30:
-            draw.line([right + 15, legend_y + 7, right + 40, legend_y + 7], fill=colour, width=4 if thick else 2)
-            draw.text((right + 46, legend_y), label[:24], fill="#222", font=small)
-    if budgets:
-        draw.text((right + 15, bottom - 18), "- - - budget", fill="#555", font=small)
+        if legend_y > bottom - 14:
+            draw.text((right + 15, legend_y), f"... {len(legend) - index} more", fill="#555", font=small)
+            break
+        if dashed:
+            _dashed(draw, right + 15, right + 40, legend_y + 7, colour)
+        else:
+            draw.line([right + 15, legend_y + 7, right + 40, legend_y + 7], fill=colour, width=width)
+        draw.text((right + 46, legend_y), text[:26], fill="#222", font=small)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=True)
     return buffer.getvalue()
+
+
+def _dashed(draw: ImageDraw.ImageDraw, x0: float, x1: float, y: float, colour: str) -> None:
+    for x in range(int(x0), int(x1), 12):
+        draw.line([x, y, min(x + 6, x1), y], fill=colour, width=2)
 
 
 def _merge_identical(series: list[tuple]) -> list[tuple]:
