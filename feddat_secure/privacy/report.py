@@ -518,11 +518,16 @@ def _level_blocks(report: dict[str, Any], levels: dict[str, Any]) -> list[tuple]
                 ["planned rounds", c["rounds"]], ["δ", _fmt(c["delta"], 8)],
                 ["target ε (σ calibrated to it)", _fmt(c["target_epsilon"]) if c["target_epsilon"] else "none"],
                 ["budget ε", _fmt(c["budget_epsilon"]) if c["budget_epsilon"] else "none"]]
+        if c.get("rounding_l2_sensitivity"):
+            rows += [["rounding term r of the sensitivity (L2 bound of the protocol's rounding before the server's "
+                      "noise)", _fmt(c["rounding_l2_sensitivity"], 6)],
+                     ["L2 sensitivity C + r (the noise std is σ·(C + r))", _fmt(c["effective_l2_sensitivity"], 6)]]
         if c["placement"] == "distributed":
             rows += [["quantization step", _fmt(c["quantization_step"], 8)],
                      ["L2 sensitivity in grid steps (how far one site's quantized update can move the integer "
-                      "sum, counted in quantization steps: C / step plus the stochastic rounding's worst case; the "
-                      "Skellam noise is sized against it)", _fmt(c["quantized_l2_sensitivity"], 1)],
+                      "sum, counted in quantization steps: the conditionally rounded update's norm bound plus the zero "
+                      "update's half step per value; the Skellam noise is sized against it)",
+                      _fmt(c["quantized_l2_sensitivity"], 1)],
                      ["tolerated dropouts per round", c["tolerated_dropouts"]]]
         if c.get("adaptive_clipping"):
             rows += [["adaptive clipping: target quantile", _fmt(c["target_quantile"])],
