@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Recompute every privacy ledger of a run and write privacy_report.html, privacy_report.md and "
                     "privacy_report.json into the run folder.")
     report.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (runs/<name>)")
+    report.add_argument("--allow-unsigned", action="store_true",
+                        help="report on a run that kept no audit log (its ledgers cannot be checked against signed "
+                             "entries; the report's headline says so)")
     report.set_defaults(handler=_privacy_report)
     privacy = commands.add_parser("privacy", help="a dataset's privacy ledger across runs (docs/privacy.md)")
     ledger = privacy.add_subparsers(dest="privacy_command", required=True).add_parser(

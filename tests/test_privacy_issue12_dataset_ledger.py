@@ -167,7 +167,9 @@ def test_a_crash_inside_a_round_stays_charged_and_no_new_run_resets_the_datasets
     before = {path: path.read_bytes() for path in ledgers}
 
     for again, overwrite in ((config, True), (dataclasses.replace(config, name="tiny-retuned"), False)):
-        with pytest.raises(USER_ERRORS, match=r"client0 refuses this run: the record-level budget of this site's"):
+        with pytest.raises(USER_ERRORS, match=r"this run was not started.*client0 refuses this run: the record-level "
+                                              r"budget of this site's.*client1 refuses this run") as refused:
             run(again, overwrite=overwrite, **QUIET)
+        assert "privacy ledger show" in str(refused.value) and "dataset_budget_epsilon" in str(refused.value)
         assert {path: path.read_bytes() for path in ledgers} == before  # refused before any round: nothing charged
-    assert not resumed.run_dir.exists()  # --overwrite deleted the run folder; the data owner's ledgers remain
+    assert (resumed.run_dir / "manifest.json").is_file()  # refused before --overwrite could remove the last run

@@ -17,7 +17,7 @@ from scipy import stats
 
 from feddat_secure.cli import main
 from feddat_secure.federation.runner import run
-from feddat_secure.privacy.evidence import check_ledgers
+from feddat_secure.privacy.evidence import SIGNED_UNCHECKED, check_ledgers
 from feddat_secure.privacy.report import JSON_FILE, MARKDOWN_FILE, build_report
 from feddat_secure.privacy.run_privacy import LEDGER_FILE, load_run_ledgers
 from tests.conftest import small_config
@@ -170,15 +170,45 @@ def test_a_ledger_file_whose_digest_differs_from_the_manifest_is_refused(copy_of
     assert any(line.startswith("manifest.json is not written yet") for line in report["evidence"]["unchecked"])
 
 
-def test_a_run_without_audit_logs_says_which_checks_could_not_run(finished_run):
-    files = load_run_ledgers(finished_run)["files"]
-    manifest = json.loads((finished_run / "manifest.json").read_text())
-    check = check_ledgers(finished_run, files, manifest=manifest, audit_enabled=False)
-    assert not check.mismatches
+def test_a_run_without_audit_logs_is_refused_unless_the_reviewer_accepts_unsigned_ledgers(copy_of_run, capsys):
+    for log in (copy_of_run / "parties").glob("*/*.audit.jsonl"):
+        log.unlink()
+    files = load_run_ledgers(copy_of_run)["files"]
+    manifest = json.loads((copy_of_run / "manifest.json").read_text())
+    check = check_ledgers(copy_of_run, files, manifest=manifest, audit_enabled=False)
+    assert [m.what for m in check.mismatches] == ["signed evidence for the ledgers"]
+    check = check_ledgers(copy_of_run, files, manifest=manifest, audit_enabled=False, allow_unsigned=True)
+    assert not check.mismatches and SIGNED_UNCHECKED in check.unchecked
     assert check.checks[0] == "every ledger file's SHA-256 against manifest.json (written when the run finished)"
     assert not any("audit" in line for line in check.checks)
-    assert any("could be checked against signed privacy_spent entries" in line for line in check.unchecked)
     assert len(check.ledger_sha256) == 4
+    assert main(["privacy-report", str(copy_of_run), "--allow-unsigned"]) == 1  # the run says it kept logs
+    assert "found no audit logs" in capsys.readouterr().err
+    manifest["config"]["resolved"]["audit"]["enabled"] = False  # a run that really kept none
+    (copy_of_run / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["privacy-report", str(copy_of_run)]) == 1
+    assert main(["privacy-report", str(copy_of_run), "--allow-unsigned"]) == 0
+    assert "NOT CHECKED against signed evidence" in (copy_of_run / MARKDOWN_FILE).read_text()
+
+
+def test_the_runs_unsigned_configuration_cannot_switch_the_signed_checks_off(copy_of_run, capsys):
+    """The red team's forgery: ledgers cut to one round with σ tripled, audit.enabled = false written into the
+    (unsigned) manifest and config, the manifest's digests recomputed. The signed logs are still there: checked."""
+    for path in (copy_of_run / "parties").glob(f"*/{LEDGER_FILE}"):
+        content = json.loads(path.read_text())
+        for ledger in content["ledgers"]:
+            ledger["rounds"] = [{**r, "events": [{**e, "noise_multiplier": 3 * e["noise_multiplier"]}
+                                                 for e in r["events"]]} for r in ledger["rounds"][:1]]
+        path.write_text(json.dumps(content))
+    manifest_path = copy_of_run / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config"]["resolved"]["audit"]["enabled"] = False
+    for name in manifest["files"]:
+        if (copy_of_run / name).is_file():
+            manifest["files"][name] = hashlib.sha256((copy_of_run / name).read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(["privacy-report", str(copy_of_run)]) == 1
+    assert "number of charges" in capsys.readouterr().err
 
 
 def test_the_report_reads_as_a_reviewer_needs(finished_run):
@@ -187,7 +217,7 @@ def test_the_report_reads_as_a_reviewer_needs(finished_run):
     assert report["run"]["started"] < report["run"]["ended"]
     assert {f["party"] for f in report["run"]["ledger_files"]} == {"server", "client0", "client1", "client2"}
     page = (finished_run / "privacy_report.html").read_text()
-    assert "σ/√k" in page and "σ/√steps" not in page and "L2 sensitivity" not in page  # central: no grid
+    assert "σ/√k" in page and "σ/√steps" not in page and "in grid steps" not in page  # central: no grid
     run_table = page.split("<h2>Run</h2>")[1].split("</table>")[0]
     assert "<thead>" not in run_table and "<th></th>" not in run_table
     assistant = "\n".join(report["assumptions"])

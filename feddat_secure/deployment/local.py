@@ -302,7 +302,7 @@ def _collect(run_dir: Path, config: RunConfig, foundation, benchmark, stopped: s
         shutil.copytree(server / "global_adapter", run_dir / "global_adapter")
     quality = data_report(benchmark, foundation.tokenizer, foundation.max_text_length)
     if load_run_ledgers(run_dir) is not None:
-        write_privacy_report(run_dir)
+        write_privacy_report(run_dir, allow_unsigned=not config.audit.enabled)
     write_manifest(run_dir, config, foundation, benchmark, stopped, quality.to_dict())
 
 

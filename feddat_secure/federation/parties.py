@@ -180,6 +180,28 @@ def _audit(plan: RunPlan, folder: PartyFolder, identity: Identity, roster: Roste
                              resume=resume, run_id=plan.config.digest()[:16])
 
 
+def site_privacy(plan: RunPlan, site_id: str, train: EncodedSplit,
+                 dataset_ledger_dir: str | Path | None = None) -> SitePrivacy:
+    """The DP state of site ``site_id``: its run ledgers and its dataset ledger (in ``dataset_ledger_dir``)."""
+    record = plan.privacy.record.get(site_id)
+    dataset = dataset_account(plan.config, train, dataset_ledger_dir, record, plan.privacy.client)
+    return SitePrivacy(site_id, record, plan.privacy.client, dataset,
+                       share_site_metrics=plan.config.privacy.share_site_metrics,
+                       sends_updates=plan.algorithm.sends_updates)
+
+
+def start_refusal(privacy: SitePrivacy) -> str | None:
+    """Why the site refuses a fresh run (its planned rounds would overdraw its dataset's budget), naming the site,
+    its dataset ledger and how to read it; None when the run fits."""
+    overdraw = privacy.start_refusal(0)
+    if overdraw is None:
+        return None
+    path = privacy.dataset.ledger.path
+    return (f"{privacy.site_id} refuses this run: {overdraw} (its dataset ledger: {path}; read it with "
+            f"`feddat-secure privacy ledger show {path}`; a dataset's budget is set when its ledger is created, "
+            "by privacy.record.dataset_budget_epsilon)")
+
+
 def build_site(plan: RunPlan, folder: PartyFolder, foundation: Foundation, lora: LoraSettings,
                split: tuple[EncodedSplit, EncodedSplit], answers: tuple[str, ...], *, resume: bool,
                opening_digest: str | None = None, dataset_ledger_dir: str | Path | None = None) -> Site:
@@ -196,12 +218,9 @@ def build_site(plan: RunPlan, folder: PartyFolder, foundation: Foundation, lora:
                        seed=seed + 1)
     record = plan.privacy.record.get(site_id)
     trainer = plan.algorithm.trainer(plan.config, model, record, plan.head_travels)
-    dataset = dataset_account(plan.config, split[0], dataset_ledger_dir, record, plan.privacy.client)
-    privacy = SitePrivacy(site_id, record, plan.privacy.client, dataset,
-                          share_site_metrics=plan.config.privacy.share_site_metrics,
-                          sends_updates=plan.algorithm.sends_updates)
-    if not resume and (overdraw := privacy.start_refusal(0)) is not None:  # before this run opens anything
-        raise BudgetExceeded(0, [f"{site_id} refuses this run: {overdraw}"])
+    privacy = site_privacy(plan, site_id, split[0], dataset_ledger_dir)
+    if not resume and (overdraw := start_refusal(privacy)) is not None:  # before this run opens anything
+        raise BudgetExceeded(0, [overdraw], whole_run=True)
     return Site(identity, roster, folder, config_digest=opening_digest or plan.config.digest(), trainer=trainer,
                 train=split[0], test=split[1], answers=answers, layout=plan.layout,
                 sends_updates=plan.algorithm.sends_updates, protocol=build_protocol(plan), privacy=privacy,

@@ -30,11 +30,21 @@ from ..data.report import data_report
 from ..model.adapters import LoraSettings, save_peft_adapter
 from ..model.backbone import Foundation, load_foundation
 from ..model.classifier import save_head
+from ..privacy.budget import BudgetExceeded
 from ..privacy.report import write_privacy_report
 from ..privacy.run_privacy import load_run_ledgers
 from ..training.local_model import split_head
 from .centralized import run_centralized
-from .parties import RunPlan, build_protocol, encode_site, party_folder, plan_run, site_answers
+from .parties import (
+    RunPlan,
+    build_protocol,
+    encode_site,
+    party_folder,
+    plan_run,
+    site_answers,
+    site_privacy,
+    start_refusal,
+)
 from .party_folder import PARTIES_DIR, keep_rounds_until
 from .server_app import LABELS, RoundLog, mean_accuracies
 from .simulation import simulate_federation
@@ -96,6 +106,11 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
         except ConfigurationError as error:
             raise ConfigError(f"secure_aggregation ({config.secure_aggregation.protocol}): {error}") from None
         check_run_dir(run_dir, config, overwrite, resume, provenance)
+        if not resume:  # every site's dataset budget, before --overwrite removes the previous run's folder
+            refusals = [reason for cid in plan.site_ids if (reason := start_refusal(site_privacy(
+                plan, cid, splits[cid][0], config.privacy.dataset_ledger_dir))) is not None]
+            if refusals:
+                raise BudgetExceeded(0, refusals, whole_run=True)
     if not resume:
         prepare_run_dir(run_dir, overwrite)
         (run_dir / "config.toml").write_text(to_toml(config))
@@ -144,7 +159,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
             save_head(head, benchmark.answers, run_dir / "global_adapter")
     write_manifest(run_dir, config, foundation, benchmark, stopped, data_quality.to_dict())
     if load_run_ledgers(run_dir) is not None:
-        report = write_privacy_report(run_dir)
+        report = write_privacy_report(run_dir, allow_unsigned=not config.audit.enabled)
         echo(f"feddat-secure: privacy budget report: {report[0]}")
     return RunResult(run_dir, history, stopped, site_history)
 

@@ -11,11 +11,12 @@ from .accounting import GaussianEvent, PrivacyAccountant
 class BudgetExceeded(FeddatError, RuntimeError):
     """The next round would spend more than a privacy budget allows; every reason is listed."""
 
-    def __init__(self, round_index: int, reasons: Sequence[str]) -> None:
+    def __init__(self, round_index: int, reasons: Sequence[str], *, whole_run: bool = False) -> None:
         self.round_index = round_index
         self.reasons = tuple(reasons)
-        super().__init__(f"privacy budget: round {round_index + 1} was not run, it would exceed the budget; "
-                         + "; ".join(self.reasons))
+        what = "this run was not started, its planned rounds would exceed a dataset's budget" if whole_run \
+            else f"round {round_index + 1} was not run, it would exceed the budget"
+        super().__init__(f"privacy budget: {what}; " + "; ".join(self.reasons))
 
 
 def check_budgets(round_index: int,

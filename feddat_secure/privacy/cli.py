@@ -16,7 +16,7 @@ from .report import EvidenceMismatch, ReportError, write_privacy_report
 
 def run_privacy_report_command(args: argparse.Namespace) -> int:
     try:
-        paths = write_privacy_report(args.run_dir)
+        paths = write_privacy_report(args.run_dir, allow_unsigned=args.allow_unsigned)
     except EvidenceMismatch as mismatch:
         print(f"feddat-secure: error: {mismatch}", file=sys.stderr)
         return 1
@@ -51,11 +51,15 @@ def run_ledger_command(args: argparse.Namespace) -> int:
         epsilons = ", ".join(f"{name} {_number(value)}" for name, value in values["epsilon"].items())
         remaining = "no budget" if budget is None else f"budget {budget:g}, remaining {values['remaining_epsilon']:.3f}"
         print(f"{level} level: ε {epsilons} at δ = {values['delta']:g} ({values['accountant']} governs); "
-              f"{remaining}; {values['charges']} charges")
+              f"{remaining}; {_charges(values['charges'])}")
         for run, share in values["runs"].items():
-            print(f"  run {run}: {share['charges']} charges, ε {share['epsilon']:.3f} alone (rdp)")
+            print(f"  run {run}: {_charges(share['charges'])}, ε {share['epsilon']:.3f} alone (rdp)")
     return 0
 
 
 def _number(value: float | None) -> str:
     return "n/a (outside PRV's range)" if value is None else f"{value:.3f}"
+
+
+def _charges(count: int) -> str:
+    return f"{count} charge" + ("" if count == 1 else "s")

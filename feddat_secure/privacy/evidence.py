@@ -61,24 +61,39 @@ class EvidenceCheck:
                 "unchecked": self.unchecked, "mismatches": [str(m) for m in self.mismatches]}
 
 
+SIGNED_UNCHECKED = ("no party kept an audit log (audit.enabled = false): no ledger could be checked against signed "
+                    "privacy_spent entries, so every ε below rests on unsigned files")
+
+
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def check_ledgers(run_dir: Path, ledger_files: Sequence[str], *, manifest: Mapping[str, Any] | None,
-                  audit_enabled: bool) -> EvidenceCheck:
+                  audit_enabled: bool, allow_unsigned: bool = False) -> EvidenceCheck:
     """Check every party's ledger file (paths relative to ``run_dir``, ``parties/<party>/privacy_ledger.json``)
-    against the manifest's digests, the parties' signed audit logs and the dataset-ledger summaries."""
+    against the manifest's digests, the parties' signed audit logs and the dataset-ledger summaries.
+
+    Whether the audit logs are checked is never taken from the run's own (unsigned) configuration: whenever a
+    party's log is in the folder, or the configuration says auditing was on, every log is verified and every
+    ledger compared with its signed entries. A run folder with no audit log at all has nothing signed to check
+    its ledgers against: that is a mismatch unless ``allow_unsigned`` (the report then says, in its headline,
+    that its ε figures are unchecked)."""
     result = EvidenceCheck(ledger_sha256={name: sha256_file(run_dir / name) for name in ledger_files})
     roster_path = run_dir / ROSTER_FILE
     result.roster_sha256 = sha256_file(roster_path) if roster_path.is_file() else None
     contents = {name: json.loads((run_dir / name).read_text()) for name in ledger_files}
     _against_manifest(result, manifest)
-    if audit_enabled:
+    if audit_enabled or any((run_dir / "parties").glob("*/*.audit.jsonl")):
         _against_audit_logs(result, run_dir, contents, finished=manifest is not None)
+    elif allow_unsigned:
+        result.unchecked.append(SIGNED_UNCHECKED)
     else:
-        result.unchecked.append("the run's audit logs were off (audit.enabled = false): no ledger could be checked "
-                                "against signed privacy_spent entries")
+        result.mismatches.append(Mismatch("run", "parties/", "signed evidence for the ledgers",
+                                          "every party's signed audit log",
+                                          "no audit log in the run folder (the run's configuration says "
+                                          "audit.enabled = false; pass --allow-unsigned to report the ledgers "
+                                          "unchecked)"))
     _against_dataset_ledgers(result, contents)
     return result
 

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import FeddatError
 from .accounting import AccountingError, GaussianEvent, PrivacyAccountant, compute_epsilon
-from .evidence import EvidenceCheck, check_ledgers, party_of
+from .evidence import SIGNED_UNCHECKED, EvidenceCheck, check_ledgers, party_of
 from .protection import GROUP_SIZES, group_epsilon, replace_one_epsilon
 from .run_privacy import load_run_ledgers
 
@@ -53,9 +53,10 @@ class EvidenceMismatch(ReportError):
 
 # ---------------------------------------------------------------- gathering
 
-def build_report(run_dir: Path) -> dict[str, Any]:
+def build_report(run_dir: Path, *, allow_unsigned: bool = False) -> dict[str, Any]:
     """The report as plain data (what privacy_report.json holds); :class:`EvidenceMismatch` when a ledger file
-    does not match the run's evidence."""
+    does not match the run's evidence, or when the run kept no signed audit log to check it against (unless
+    ``allow_unsigned``: the headline then says that its ε figures are unchecked)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{str(run_dir)!r} is not a folder")
@@ -65,7 +66,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     manifest = json.loads((run_dir / "manifest.json").read_text()) if run["finished"] else None
     privacy = resolved.get("privacy", {})
     configured = privacy.get("record", {}).get("enabled") or privacy.get("client", {}).get("placement", "off") != "off"
-    evidence = check_ledgers(run_dir, files, manifest=manifest,
+    evidence = check_ledgers(run_dir, files, manifest=manifest, allow_unsigned=allow_unsigned,
                              audit_enabled=bool(resolved.get("audit", {}).get("enabled", True))) \
         if files or configured else EvidenceCheck(unchecked=["no differential privacy was configured: no ledger"])
     if evidence.mismatches:
@@ -308,9 +309,12 @@ def _assumptions(levels: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
         else:
             notes.append("Distributed noise: every site adds a share of Skellam noise to its quantized update inside "
                          "masked secure aggregation. The server only learns the sum, which carries the noise of every "
-                         "share that reached it; ε is computed from the shares that actually survived each round, "
-                         "with the quantization's rounding included in the sensitivity, and without sampling "
-                         "amplification (the server knows who took part).")
+                         "share that reached it. Every site refuses to be unmasked among fewer survivors than the "
+                         "planned shares (participants − tolerated dropouts), so ε is computed from the planned "
+                         "shares, with the conditional rounding's norm bound in the sensitivity, and without "
+                         "sampling amplification (the server knows who took part). The guarantee holds while at "
+                         "most the tolerated dropouts drop out or collude with the server: a colluding site can "
+                         "hand the server its own share, removing it as a dropout would.")
     notes.append("Not protected (metadata every party can see or infer): each site's number of training records "
                  "(the aggregation weight and the sampling rate), who took part in which round, and the timing and "
                  "size of every message.")
@@ -345,6 +349,9 @@ def _eps(value: float | None) -> str:
 def _headline(report: dict[str, Any]) -> list[str]:
     """One sentence per level with the figures a reviewer signs off on."""
     summary, lines = report["summary"], []
+    if SIGNED_UNCHECKED in report["evidence"]["unchecked"]:
+        lines.append("NOT CHECKED against signed evidence: the run kept no audit log, so every ε below rests on "
+                     "unsigned ledger files (reported with --allow-unsigned).")
     for level, unit in (("record", "one training record"), ("client", "one whole site")):
         s = summary.get(level)
         if s is None:
@@ -353,7 +360,7 @@ def _headline(report: dict[str, Any]) -> list[str]:
         accountant = s["budget_accountant"]
         value = s["epsilon"][accountant]
         budget = f", budget {_fmt(s['budget_epsilon'])}" if s["budget_epsilon"] else ", no budget"
-        where = f" (largest site: {value['client']})" if level == "record" and value["client"] else ""
+        where = f" (largest, at {value['client']})" if level == "record" and value["client"] else ""
         line = (f"{level.capitalize()} level: ε = {_eps(value['epsilon'])}{where} at δ = {_fmt(s['delta'], 8)} "
                 f"({accountant}{budget}) for {unit}")
         if "epsilon_if_participation_known" in value:
@@ -369,6 +376,14 @@ def _headline(report: dict[str, Any]) -> list[str]:
                 groups = ", ".join(f"{k} records: {_eps(_worst_group(others, k))}" for k in map(str, GROUP_SIZES))
                 line += f"; groups of {groups}"
         lines.append(line + ".")
+    for level in ("record", "client"):
+        ledgers = [d for d in report["dataset_ledgers"] if d.get("level", "record") == level]
+        if ledgers:
+            worst = max(ledgers, key=lambda d: d.get("epsilon") or 0.0)
+            budget = f" of its budget {_fmt(worst['budget_epsilon'])}" if worst.get("budget_epsilon") else ""
+            lines.append(f"Across runs ({level} level, each site's dataset ledger): the most spent dataset is at "
+                         f"ε = {_eps(worst.get('epsilon'))}{budget} ({worst['party']}; "
+                         f"{_eps(worst.get('epsilon_before_run'))} before this run).")
     return lines
 
 
@@ -731,10 +746,11 @@ def _nice_ceiling(value: float) -> float:
 
 # ---------------------------------------------------------------- writing
 
-def write_privacy_report(run_dir: Path | str) -> list[Path]:
-    """Write privacy_report.html, .md and .json into ``run_dir``; returns their paths."""
+def write_privacy_report(run_dir: Path | str, *, allow_unsigned: bool = False) -> list[Path]:
+    """Write privacy_report.html, .md and .json into ``run_dir``; returns their paths (see :func:`build_report`
+    for ``allow_unsigned``)."""
     run_dir = Path(run_dir)
-    report = build_report(run_dir)
+    report = build_report(run_dir, allow_unsigned=allow_unsigned)
     paths = [run_dir / HTML_FILE, run_dir / MARKDOWN_FILE, run_dir / JSON_FILE]
     paths[0].write_text(render_html(report, plot_epsilon(report)), encoding="utf-8")
     paths[1].write_text(render_markdown(report), encoding="utf-8")
