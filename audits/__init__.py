@@ -34,8 +34,10 @@ from .reconcile import Exchange, ReconciliationReport, reconcile
 from .verify import (
     LOG_SUFFIX,
     LogReport,
+    PartyRecord,
     Problem,
     Roster,
+    RunRecord,
     VerificationReport,
     check_log,
     find_logs,
@@ -46,8 +48,8 @@ from .verify import (
 
 __all__ = [
     "EVENTS", "FORMAT", "LOG_SUFFIX", "RECORDABLE_EVENTS", "AuditError", "AuditLog", "ConsistencyProof", "Entry",
-    "Exchange", "InclusionProof", "LogReport", "Problem", "ProofError", "ReconciliationReport", "Recovery", "Roster",
-    "SchemaError", "SignedTreeHead", "VerificationReport", "check_consistency_proof", "check_inclusion_proof",
-    "check_log", "consistency_proof", "find_logs", "inclusion_proof", "key_id", "log_path", "parse_entry", "reconcile",
-    "torn_path", "verify_path",
+    "Exchange", "InclusionProof", "LogReport", "PartyRecord", "Problem", "ProofError", "ReconciliationReport",
+    "Recovery", "Roster", "RunRecord", "SchemaError", "SignedTreeHead", "VerificationReport",
+    "check_consistency_proof", "check_inclusion_proof", "check_log", "consistency_proof", "find_logs",
+    "inclusion_proof", "key_id", "log_path", "parse_entry", "reconcile", "torn_path", "verify_path",
 ]

@@ -5,12 +5,16 @@
 command's default. Exit codes: 0 intact / valid / reconciled; 1 tampered, invalid or unmatched;
 2 a user error (a missing file or folder, no roster, an index the log cannot prove).
 ``load_roster(path)`` reads a roster file into a mapping party id -> Ed25519 public key; any
-exception it raises is reported as an unreadable roster (exit 2).
+exception it raises is reported as an unreadable roster (exit 2). ``roster_digest(path)`` is the host's
+digest of a roster file, the value every party pins (default: SHA-256 of the file's bytes);
+``find_run_record(folder)`` finds the record a finished run wrote about its logs (the host's manifest) for
+the folder being verified: ``(file, record)``, or None when there is none (the run did not finish).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -20,18 +24,24 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .entries import AuditError
 from .proofs import InclusionProof, ProofError, check_inclusion_proof, inclusion_proof
 from .reconcile import reconcile
-from .verify import verify_path
+from .verify import RunRecord, verify_path
 
 ROSTER_FILE = "roster.json"
 RosterLoader = Callable[[Path], Mapping[str, Ed25519PublicKey]]
+RosterDigest = Callable[[Path], str]
+RunRecordFinder = Callable[[Path], "tuple[Path, RunRecord] | None"]
 
 
 class _UserError(Exception):
     pass
 
 
-def add_audit_commands(subparsers: argparse._SubParsersAction, load_roster: RosterLoader) -> argparse.ArgumentParser:
-    """Register ``audit {verify,reconcile,proof,check-proof}`` under ``subparsers``; returns the ``audit`` parser."""
+def add_audit_commands(subparsers: argparse._SubParsersAction, load_roster: RosterLoader, *,
+                       roster_digest: RosterDigest | None = None,
+                       find_run_record: RunRecordFinder | None = None) -> argparse.ArgumentParser:
+    """Register ``audit {verify,reconcile,proof,check-proof}`` under ``subparsers``; returns the ``audit`` parser.
+    With ``find_run_record``, verifying a folder needs the finished run's record unless ``--allow-unfinished``."""
+    digest_of = roster_digest or _file_sha256
     audit = subparsers.add_parser("audit", help="verify, reconcile and prove tamper-evident audit logs",
                                   description="Verify, reconcile and prove tamper-evident audit logs.")
     commands = audit.add_subparsers(dest="audit_command", required=True)
@@ -45,7 +55,14 @@ def add_audit_commands(subparsers: argparse._SubParsersAction, load_roster: Rost
     verify.add_argument("--all", action="store_true", help="list every problem, not only the first")
     verify.add_argument("--require-closed", action="store_true",
                         help="a log without its final tree head is a problem (for runs that ended normally)")
-    verify.set_defaults(handler=lambda args: _guard(_verify, args, load_roster))
+    verify.add_argument("--roster-sha256", metavar="HEX",
+                        help="the roster digest every party pinned; the roster used must have it (without it, a "
+                             "roster replaced together with the logs goes unnoticed)")
+    if find_run_record is not None:
+        verify.add_argument("--allow-unfinished", action="store_true",
+                            help="verify a run that did not finish (no manifest): closure cannot be checked; a "
+                                 "finished run is always checked against its manifest")
+    verify.set_defaults(handler=lambda args: _guard(_verify, args, load_roster, digest_of, find_run_record))
 
     rec = commands.add_parser("reconcile", help="match every sent message with its peer's receipt",
                               description="Match every message_sent entry with the peer's message_received or "
@@ -71,15 +88,23 @@ def add_audit_commands(subparsers: argparse._SubParsersAction, load_roster: Rost
     return audit
 
 
-def _guard(handler, args: argparse.Namespace, load_roster: RosterLoader) -> int:
+def _guard(handler, args: argparse.Namespace, *context) -> int:
     try:
-        return handler(args, load_roster)
+        return handler(args, *context)
     except _UserError as error:
         print(f"feddat-secure: error: {error}", file=sys.stderr)
         return 2
 
 
-def _roster(given: str | None, base: Path, load_roster: RosterLoader) -> Mapping[str, Ed25519PublicKey]:
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _warn(message: str) -> None:
+    print(f"feddat-secure: warning: {message}", file=sys.stderr)
+
+
+def _roster_path(given: str | None, base: Path) -> Path:
     if given is not None:
         path = Path(given)
     else:
@@ -90,19 +115,59 @@ def _roster(given: str | None, base: Path, load_roster: RosterLoader) -> Mapping
                              "pass --roster FILE")
     if not path.is_file():
         raise _UserError(f"no roster file {path}")
+    return path
+
+
+def _roster(given: str | None, base: Path, load_roster: RosterLoader) -> Mapping[str, Ed25519PublicKey]:
+    path = _roster_path(given, base)
     try:
         return load_roster(path)
     except Exception as error:  # the host's loader raises its own error types for a bad file
         raise _UserError(f"cannot read roster {path}: {error}") from None
 
 
-def _verify(args: argparse.Namespace, load_roster: RosterLoader) -> int:
+def _verify(args: argparse.Namespace, load_roster: RosterLoader, roster_digest: RosterDigest,
+            find_run_record: RunRecordFinder | None) -> int:
     path = Path(args.path)
     if not path.exists():
         raise _UserError(f"no such log or folder: {path}")
-    roster = _roster(args.roster, path.resolve() if path.is_dir() else path.resolve().parent, load_roster)
+    base = path.resolve() if path.is_dir() else path.resolve().parent
+    roster_file = _roster_path(args.roster, base)
+    roster = _roster(str(roster_file), base, load_roster)
+    digest = roster_digest(roster_file)
+    # Which roster, and whether it is pinned: a roster taken from the folder being verified proves nothing
+    # against whoever replaced it together with the logs (issue 13, fault 3).
+    print(f"roster: {roster_file} (sha256 {digest})")
+    pinned = args.roster_sha256
+    if pinned is not None and pinned.strip().lower() != digest:
+        print(f"NOT INTACT: the roster {roster_file} has sha256 {digest}, not the pinned {pinned.strip().lower()}: "
+              "it is not the run's roster (its keys, and so every signature checked against them, prove nothing)")
+        return 1
+    if pinned is None:
+        _warn("roster not pinned: signatures are checked against this roster's keys only; whoever replaced the "
+              "roster and the logs together would pass. Pass --roster-sha256 with the digest every party pinned")
+    record = None
+    if find_run_record is not None:
+        try:
+            found = find_run_record(base)
+        except Exception as error:  # the host raises its own error types for a malformed manifest
+            print(f"NOT INTACT: the run's record of its logs cannot be read: {error}")
+            return 1
+        if found is not None:
+            print(f"run record: {found[0]} ({len(found[1].parties)} parties, their final signed tree heads)")
+            record = found[1]
+        elif path.is_dir() and not args.allow_unfinished:
+            print(f"NOT INTACT: {path} holds no record of a finished run (manifest): the run did not finish, or its "
+                  "manifest was removed, and whether every log is complete cannot be checked; pass "
+                  "--allow-unfinished to verify a run that crashed")
+            return 1
+        elif path.is_dir():
+            _warn("unfinished run (no manifest): whether every party's log is complete and closed could not be "
+                  "checked; a cut tail after the last exchanged tree head, or a removed log of a party that "
+                  "exchanged none, would pass")
     try:
-        report = verify_path(path, roster, require_closed=args.require_closed)
+        report = verify_path(path, roster, require_closed=args.require_closed, record=record,
+                             roster_sha256=digest)
     except (OSError, AuditError) as error:
         raise _UserError(str(error)) from None
     print(report.summary())

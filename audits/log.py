@@ -79,6 +79,7 @@ class AuditLog:
         self._since_tree_head = 0
         self._unsynced = 0
         self._last_tree_head: SignedTreeHead | None = None
+        self._final_tree_head: SignedTreeHead | None = None
         self._closed = False
 
     # ----------------------------------------------------------------------------------------- opening
@@ -250,7 +251,7 @@ class AuditLog:
             if self._closed:
                 return self._last_tree_head
             try:
-                sth = self._write_tree_head(final=True)
+                sth = self._final_tree_head = self._write_tree_head(final=True)
             finally:
                 self._closed = True
                 os.close(self._fd)
@@ -270,6 +271,12 @@ class AuditLog:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def final_tree_head(self) -> SignedTreeHead | None:
+        """The final signed tree head :meth:`close` wrote (None until then, and for a released log): what a
+        finished run records, so that a log cut or re-sealed afterwards is told from the one it closed."""
+        return self._final_tree_head
 
     @property
     def size(self) -> int:

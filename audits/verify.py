@@ -12,6 +12,11 @@ that many entries (else it was truncated), and the recorded tree head must be co
 peer's latest own signed tree head (an RFC 9162 consistency proof computed from the log), or, when
 the log holds no own tree head that large, be the Merkle root of its first entries (else its
 history was rewritten).
+
+A finished run: with its :class:`RunRecord` (written into the run's manifest when it ended) every party the
+record names must have exactly one log, closed with exactly the final signed tree head the record holds
+(same size, root and signature: a cut tail, a missing log and a log rewritten and re-sealed with its own key
+all fail), and the roster used must be the one whose digest the record holds.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from urllib.parse import quote
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import merkle
-from .entries import GENESIS, AuditError, Entry, SchemaError, SignedTreeHead, key_id, parse_entry
+from .entries import GENESIS, AuditError, Entry, SchemaError, SignedTreeHead, check_party, key_id, parse_entry
 
 LOG_SUFFIX = ".audit.jsonl"
 TORN_SUFFIX = ".torn"
@@ -47,6 +52,52 @@ def torn_path(path: Path | str) -> Path:
 def find_logs(folder: Path | str) -> list[Path]:
     """Every ``*.audit.jsonl`` under ``folder`` (recursively), sorted."""
     return sorted(p for p in Path(folder).rglob("*" + LOG_SUFFIX) if p.is_file())
+
+
+@dataclass(frozen=True)
+class PartyRecord:
+    """One party's log as a finished run recorded it: where it is (relative to the run folder) and the final
+    signed tree head its ``close()`` wrote."""
+
+    log: str
+    final_tree_head: SignedTreeHead
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run that finished recorded about its logs (the ``audit`` object of its manifest): the digest of
+    the roster it ran under and every party's final signed tree head. Without it, a log cut after the last
+    tree head a peer holds, or a whole log removed, cannot be told from a run that crashed (issue 13)."""
+
+    roster_sha256: str
+    parties: Mapping[str, PartyRecord]
+
+    def to_dict(self) -> dict:
+        return {"roster_sha256": self.roster_sha256,
+                "parties": {party: {"log": record.log, "final_tree_head": record.final_tree_head.to_dict()}
+                            for party, record in sorted(self.parties.items())}}
+
+    @classmethod
+    def from_dict(cls, value: object) -> RunRecord:
+        """Strict inverse of :meth:`to_dict`; :class:`AuditError` naming what is malformed."""
+        if not isinstance(value, Mapping) or set(value) != {"roster_sha256", "parties"}:
+            raise AuditError("a run's audit record is an object with exactly the keys 'roster_sha256' and 'parties'")
+        digest, parties = value["roster_sha256"], value["parties"]
+        if not isinstance(digest, str) or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise AuditError("the audit record's roster_sha256 must be 64 lowercase hex digits")
+        if not isinstance(parties, Mapping) or not parties:
+            raise AuditError("the audit record's 'parties' must name every party of the run")
+        records = {}
+        for party, item in parties.items():
+            check_party(party, "audit record party")
+            if not isinstance(item, Mapping) or set(item) != {"log", "final_tree_head"} \
+                    or not isinstance(item["log"], str):
+                raise AuditError(f"the audit record of {party!r} needs exactly 'log' (a path) and 'final_tree_head'")
+            head = SignedTreeHead.from_dict(item["final_tree_head"])
+            if head.party != party:
+                raise AuditError(f"the audit record of {party!r} holds a tree head of {head.party!r}")
+            records[party] = PartyRecord(item["log"], head)
+        return cls(digest, records)
 
 
 @dataclass(frozen=True)
@@ -221,6 +272,7 @@ class VerificationReport:
     problems: list[Problem]
     peer_checks: int = 0
     folder: bool = False
+    record: RunRecord | None = None  # the finished run's record the logs were checked against, if any
 
     @property
     def ok(self) -> bool:
@@ -241,15 +293,20 @@ class VerificationReport:
         heads = sum(len(log.tree_heads) for log in self.logs)
         open_logs = [log.party for log in self.logs if not log.closed]
         state = "all closed" if not open_logs else f"not closed: {', '.join(map(repr, open_logs))}"
+        if self.record is not None:
+            state += f", every final tree head as the run's record holds it ({len(self.record.parties)} parties)"
         return (f"intact: {len(self.logs)} logs in {self.path}, {entries} entries, {heads} signed tree heads, "
                 f"{self.peer_checks} exchanged tree heads matched against their party's log, {state}")
 
 
-def verify_path(path: Path | str, roster: Roster, *, require_closed: bool = False) -> VerificationReport:
+def verify_path(path: Path | str, roster: Roster, *, require_closed: bool = False, record: RunRecord | None = None,
+                roster_sha256: str | None = None) -> VerificationReport:
     """Verify one log file, or every ``*.audit.jsonl`` in a folder together with the tree heads the parties
     exchanged. ``require_closed``: a log without its final tree head is a problem too (use it for runs that
-    ended normally: a cut tail is then detected even after the last exchanged tree head). Raises
-    :class:`FileNotFoundError` for a missing path and :class:`AuditError` for a folder without logs."""
+    ended normally: a cut tail is then detected even after the last exchanged tree head). ``record``: the
+    finished run's :class:`RunRecord`; every party it names needs its log (in a folder), closed with exactly
+    the recorded final tree head, and ``roster_sha256`` (the digest of ``roster``) must be the recorded one.
+    Raises :class:`FileNotFoundError` for a missing path and :class:`AuditError` for a folder without logs."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such log or folder: {path}")
@@ -266,8 +323,12 @@ def verify_path(path: Path | str, roster: Roster, *, require_closed: bool = Fals
         if log.problem is not None:
             problems.append(log.problem)
     if path.is_file():
-        return VerificationReport(path, logs, problems)
-    report = VerificationReport(path, logs, problems, folder=True)
+        report = VerificationReport(path, logs, problems, record=record)
+        if record is not None:
+            _check_run_record(report, {log.party: log for log in logs if log.party is not None}, roster_sha256,
+                              every_party=False)
+        return report
+    report = VerificationReport(path, logs, problems, folder=True, record=record)
     by_party: dict[str, LogReport] = {}
     for log in logs:
         if log.party is None:
@@ -278,7 +339,48 @@ def verify_path(path: Path | str, roster: Roster, *, require_closed: bool = Fals
             continue
         by_party[log.party] = log
     _check_exchanged_tree_heads(report, by_party)
+    if record is not None:
+        _check_run_record(report, by_party, roster_sha256, every_party=True)
     return report
+
+
+def _check_run_record(report: VerificationReport, by_party: dict[str, LogReport], roster_sha256: str | None, *,
+                      every_party: bool) -> None:
+    """The logs against the finished run's record: the roster it ran under, and for every party it names (all
+    of them when ``every_party``, else those whose log is here) a log that ends with exactly the recorded final
+    tree head. A log that does not is cut (not closed), or rewritten and re-sealed (another head)."""
+    record = report.record
+    where = report.path
+    if roster_sha256 != record.roster_sha256:
+        report.problems.append(Problem(where, None, None, f"the roster used (sha256 {roster_sha256}) is not the one "
+                                       f"the run recorded (sha256 {record.roster_sha256})"))
+    for party, expected in sorted(record.parties.items()):
+        log = by_party.get(party)
+        head = expected.final_tree_head
+        if log is None:
+            if every_party:
+                report.problems.append(Problem(where, None, None, f"no log of party {party!r}: the run finished and "
+                                               f"recorded its log ({expected.log}, final tree head of size "
+                                               f"{head.tree_size}); it was removed"))
+            continue
+        if log.problem is not None:  # already reported at its first bad line
+            continue
+        if not log.closed:
+            report.problems.append(Problem(log.path, len(log.entries), len(log.entries) - 1,
+                                           f"the log of {party!r} ends without its final tree head, but the run "
+                                           f"finished and recorded one of size {head.tree_size}: it was cut"))
+        elif log.tree_heads[-1] != head:
+            found = log.tree_heads[-1]
+            report.problems.append(Problem(log.path, len(log.entries), len(log.entries) - 1,
+                                           f"the log of {party!r} ends with a final tree head of size "
+                                           f"{found.tree_size} (root {found.root.hex()[:16]}...), but the run "
+                                           f"recorded size {head.tree_size} (root {head.root.hex()[:16]}...): it "
+                                           "was rewritten or cut, and sealed again"))
+    if every_party:
+        for party, log in sorted(by_party.items()):
+            if party not in record.parties:
+                report.problems.append(Problem(log.path, None, None, f"a log of party {party!r}, which the run's "
+                                               "record does not name"))
 
 
 def _check_exchanged_tree_heads(report: VerificationReport, by_party: dict[str, LogReport]) -> None:

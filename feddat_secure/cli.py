@@ -110,7 +110,9 @@ def _print_audit_check(run_dir: Path) -> None:
     from audits import reconcile, verify_path
 
     roster = _roster_keys(run_dir / "roster.json")
-    print("audit:", verify_path(run_dir / "parties", roster, require_closed=True).summary())
+    found = _run_record(run_dir)
+    print("audit:", verify_path(run_dir / "parties", roster, require_closed=True, record=found and found[1],
+                                roster_sha256=load_roster(run_dir / "roster.json").digest).summary())
     print("audit:", reconcile(run_dir / "parties").summary())
 
 
@@ -168,6 +170,34 @@ def _build_roster(args: argparse.Namespace) -> int:
 def _roster_keys(path: Path) -> dict:
     roster = load_roster(path)
     return {entry.party_id: entry.public_key for entry in roster.entries}
+
+
+def _roster_digest(path: Path) -> str:
+    """The roster's own digest (``Roster.digest``): what ``roster build`` prints and every party pins."""
+    return load_roster(path).digest
+
+
+RUN_RECORD_FILES = ("manifest.json", "result.json")  # a run folder's; a deployed server's own folder's
+
+
+def _run_record(folder: Path):
+    """The record a finished run wrote of its audit logs, for ``folder`` (a run folder, its ``parties``, a party's
+    folder, or a deployed server's folder): ``(file, audits.RunRecord)``, or None when the run did not finish.
+    A manifest without the record is refused (ValueError): closure could not be checked."""
+    import json
+
+    from audits import RunRecord
+
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        for name in RUN_RECORD_FILES:
+            path = candidate / name
+            if path.is_file():
+                record = json.loads(path.read_text()).get("audit")
+                if record is None:
+                    raise ValueError(f"{path} records no audit logs (a run without audit logs, or written before "
+                                     "manifests recorded every party's final tree head)")
+                return path, RunRecord.from_dict(record)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--output-dir", help="parent folder of the run folder (default: the config's)")
     local.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     local.set_defaults(handler=_deploy_local)
-    add_audit_commands(commands, _roster_keys)
+    add_audit_commands(commands, _roster_keys, roster_digest=_roster_digest, find_run_record=_run_record)
     report = commands.add_parser(
         "privacy-report", help="write the privacy budget report (HTML, Markdown, JSON) of a run folder",
         description="Recompute every privacy ledger of a run and write privacy_report.html, privacy_report.md and "

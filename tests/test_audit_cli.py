@@ -39,7 +39,7 @@ def test_verify_a_folder_or_a_log_with_the_roster_found_by_default(run_dir, caps
     for target in (run_dir, run_dir / "audit", run_dir / "audit" / "server.audit.jsonl"):
         assert main(["audit", "verify", str(target)]) == 0
         out = capsys.readouterr().out.strip().splitlines()
-        assert len(out) == 1 and out[0].startswith("intact: ")
+        assert len(out) == 2 and out[0].startswith("roster: ") and out[1].startswith("intact: ")
     assert main(["audit", "verify", str(run_dir), "--roster", str(run_dir / "roster.json"), "--require-closed"]) == 0
 
 
@@ -50,12 +50,12 @@ def test_verify_names_the_first_bad_entry_and_exits_1(run_dir, capsys):
     write_lines(path, lines)
     assert main(["audit", "verify", str(run_dir)]) == 1
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1
-    assert out[0].startswith(f"NOT INTACT: {path}: line 4 (seq 4): sequence number 4 where 3 was expected")
+    assert len(out) == 2 and out[0].startswith("roster: ")
+    assert out[1].startswith(f"NOT INTACT: {path}: line 4 (seq 4): sequence number 4 where 3 was expected")
     (run_dir / "audit" / "server.audit.jsonl").write_bytes(b"{}\n")
     assert main(["audit", "verify", str(run_dir), "--all"]) == 1
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("NOT INTACT: ") and len(out) > 1
+    assert out[1].startswith("NOT INTACT: ") and len(out) > 2
 
 
 def test_user_errors_exit_2(run_dir, tmp_path, capsys):

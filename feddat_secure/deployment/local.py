@@ -183,7 +183,7 @@ def deploy_local(config: RunConfig, settings: LocalSettings, *, echo: Callable[[
         if not (run_dir / "parties" / "server" / RESULT_FILE).exists():
             echo(f"feddat-secure: the deployment failed; its logs are in {run_dir / DEPLOYMENT_DIR}")
         raise
-    _collect(run_dir, config, foundation, benchmark, stopped)
+    _collect(run_dir, config, foundation, benchmark, stopped, parties)
     return DeployResult(run_dir, history, stopped)
 
 
@@ -289,10 +289,12 @@ def _copy_site_data(root: Path, site: str, target: Path) -> None:
     shutil.copytree(root / site, target / site, symlinks=False)
 
 
-def _collect(run_dir: Path, config: RunConfig, foundation, benchmark, stopped: str | None) -> None:
-    """The run folder's own files, from the server's folder (as `feddat-secure run` writes them)."""
+def _collect(run_dir: Path, config: RunConfig, foundation, benchmark, stopped: str | None,
+             parties: list[str]) -> None:
+    """The run folder's own files, from the server's folder (as `feddat-secure run` writes them), and the
+    manifest's record of every party's closed audit log (every party's folder is under this run folder)."""
     from ..data.report import data_report
-    from ..federation.runner import write_manifest
+    from ..federation.runner import audit_record, write_manifest
     from ..privacy.report import write_privacy_report
     from ..privacy.run_privacy import load_run_ledgers
 
@@ -303,7 +305,8 @@ def _collect(run_dir: Path, config: RunConfig, foundation, benchmark, stopped: s
     quality = data_report(benchmark, foundation.tokenizer, foundation.max_text_length)
     if load_run_ledgers(run_dir) is not None:
         write_privacy_report(run_dir, allow_unsigned=not config.audit.enabled)
-    write_manifest(run_dir, config, foundation, benchmark, stopped, quality.to_dict())
+    write_manifest(run_dir, config, foundation, benchmark, stopped, quality.to_dict(),
+                   audit_record(run_dir, parties) if config.audit.enabled else None)
 
 
 def _follow(log: Path, process: subprocess.Popen, result_file: Path, echo, check: Callable[[], None]) -> None:

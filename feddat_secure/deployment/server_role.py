@@ -110,13 +110,25 @@ def run_server_role(grid, settings: ServerRoleSettings, *, echo: Callable[[str],
 
     server.open(resume=False, session=session)
     server.run(RoundLog(write=write, echo=echo))
-    server.close()
+    heads = server.close()
     _save_global_adapter(planned, server.global_state, folder)
     result = {"session": session, "rounds": len(server.history), "stopped": server.stopped,
               "nodes": {party: str(node) for party, node in channel.nodes.items()},
-              "bytes_sent": dict(server.link.bytes_sent), "bytes_received": dict(server.link.bytes_received)}
+              "bytes_sent": dict(server.link.bytes_sent), "bytes_received": dict(server.link.bytes_received),
+              "audit": _audit_record(server, folder, heads[party_id])}
     (folder / RESULT_FILE).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
+
+
+def _audit_record(server, folder: Path, final_head: str | None) -> dict | None:
+    """The server's own closed log in ``audit verify``'s run record (the other parties' logs are in their
+    folders; the heads they closed with are in the server's log): a cut or re-sealed server log then fails."""
+    from audits import PartyRecord, RunRecord, SignedTreeHead
+
+    if final_head is None:  # audit logs off
+        return None
+    record = PartyRecord(server.folder.audit_log.relative_to(folder).as_posix(), SignedTreeHead.from_json(final_head))
+    return RunRecord(server.roster.digest, {server.party_id: record}).to_dict()
 
 
 def _save_global_adapter(planned, global_state, folder: Path) -> None:

@@ -3,8 +3,9 @@
 Run folder ``<output_dir>/<name>/``: the run's own files at the top — ``config.toml`` (resolved),
 ``metrics.jsonl`` (one line per round), ``global_adapter/`` (PEFT format), ``roster.json`` (the parties'
 public keys; its SHA-256 is in every message), ``privacy_report.*`` with DP, and ``manifest.json`` (SHA-256
-of the base model, data, config and every file written; written last: a run folder without one did not
-finish). Each party's own files are in ``parties/<party>/`` (:mod:`.party_folder`): its identity, audit log,
+of the base model, data, config and every file written, and under ``audit`` the roster's digest and every
+party's final signed tree head, which ``audit verify`` checks by default; written last: a run folder without
+one did not finish). Each party's own files are in ``parties/<party>/`` (:mod:`.party_folder`): its identity, audit log,
 privacy ledger, checkpoints and, for a site, its adapters and head. ``resume=True`` continues an interrupted
 run with every party restored from its own checkpoint.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from audits import PartyRecord, RunRecord, check_log
 from protocols import ConfigurationError
 from protocols.enrolment import IDENTITY_FILE, enrol_parties
 from protocols.identity import ROSTER_FILE, load_roster
@@ -27,6 +29,7 @@ from protocols.identity import ROSTER_FILE, load_roster
 from ..config import ConfigError, RunConfig, check_against_data, check_against_model, load_config, to_dict, to_toml
 from ..data import Benchmark, build_benchmark
 from ..data.report import data_report
+from ..errors import FederationError
 from ..model.adapters import LoraSettings, save_peft_adapter
 from ..model.backbone import Foundation, load_foundation
 from ..model.classifier import save_head
@@ -45,7 +48,7 @@ from .parties import (
     site_privacy,
     start_refusal,
 )
-from .party_folder import PARTIES_DIR, keep_rounds_until
+from .party_folder import PARTIES_DIR, PartyFolder, keep_rounds_until
 from .server_app import LABELS, RoundLog, mean_accuracies
 from .simulation import simulate_federation
 
@@ -157,7 +160,9 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
         save_peft_adapter(adapter, lora, foundation.path, run_dir / "global_adapter")
         if head:
             save_head(head, benchmark.answers, run_dir / "global_adapter")
-    write_manifest(run_dir, config, foundation, benchmark, stopped, data_quality.to_dict())
+    audit = audit_record(run_dir, [party for party, _ in plan.parties()]) \
+        if plan is not None and config.audit.enabled else None
+    write_manifest(run_dir, config, foundation, benchmark, stopped, data_quality.to_dict(), audit)
     if load_run_ledgers(run_dir) is not None:
         report = write_privacy_report(run_dir, allow_unsigned=not config.audit.enabled)
         echo(f"feddat-secure: privacy budget report: {report[0]}")
@@ -306,8 +311,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def audit_record(run_dir: Path, parties: Sequence[str]) -> dict:
+    """The manifest's ``audit`` object (:class:`audits.RunRecord`): the digest of the run's roster and, for every
+    party of the run, its log and the final signed tree head it closed it with, read once every party has
+    closed its log and checked against the roster. A log cut or rewritten and re-sealed later, or removed,
+    then no longer matches what the finished run recorded (issue 13, faults 1 and 2)."""
+    roster = load_roster(run_dir / ROSTER_FILE)
+    keys = {entry.party_id: entry.public_key for entry in roster.entries}
+    records = {}
+    for party in parties:
+        path = PartyFolder(run_dir / PARTIES_DIR / party, party).audit_log
+        log = check_log(path, keys, party=party) if path.is_file() else None
+        if log is None or log.problem is not None or not log.closed:
+            why = "is missing" if log is None else (str(log.problem) if log.problem else "is not closed")
+            raise FederationError(f"the run finished but the audit log of {party!r} {why}; no manifest is written")
+        records[party] = PartyRecord(path.relative_to(run_dir).as_posix(), log.tree_heads[-1])
+    return RunRecord(roster.digest, records).to_dict()
+
+
 def write_manifest(run_dir: Path, config: RunConfig, foundation: Foundation, benchmark: Benchmark,
-                    stopped: str | None, data_quality: dict) -> None:
+                    stopped: str | None, data_quality: dict, audit: dict | None) -> None:
     # Every file written, except the parties' private keys: the run's bookkeeping never reads a party's key.
     files = {p.relative_to(run_dir).as_posix(): _sha256(p) for p in sorted(run_dir.rglob("*"))
              if p.is_file() and p.name != IDENTITY_FILE}
@@ -317,5 +340,6 @@ def write_manifest(run_dir: Path, config: RunConfig, foundation: Foundation, ben
         "config": {"sha256": config.digest(), "resolved": to_dict(config)},
         "files": files,
         "finished": "stopped early: " + stopped if stopped else "all rounds",
+        "audit": audit,  # None: a centralized run, or audit logs off
     }
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -249,7 +249,9 @@ class Server:
         aggregate, spent = self._aggregate(round_index, cohort, digest or "")
         if spent is not None:
             epsilon["client:federation"] = spent
-        metrics = self._evaluate(round_index, [*cohort, *([self.keyholder_id] if self.keyholder_id else [])])
+        # Tree heads with every party every round, not only the round's cohort: a party that did not take part still
+        # logged the round (its evaluation), and a log no peer holds a recent head of can be cut unnoticed.
+        metrics = self._evaluate(round_index, [*self.site_ids, *([self.keyholder_id] if self.keyholder_id else [])])
         # Withheld (DP without privacy.share_site_metrics): null, never 0 or an empty mean; "clients" still says
         # which sites evaluated.
         withheld = {} if shared else {"site_metrics": "withheld"}

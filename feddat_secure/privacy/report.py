@@ -73,7 +73,7 @@ def build_report(run_dir: Path, *, allow_unsigned: bool = False) -> dict[str, An
         raise EvidenceMismatch(evidence)
     run["ledger_files"] = [{"file": name, "party": party_of(name), "sha256": evidence.ledger_sha256[name]}
                            for name in files]
-    run["roster_sha256"] = evidence.roster_sha256
+    run["roster_sha256"] = _roster_digest(run_dir) if evidence.roster_sha256 is not None else None
     run["privacy_ledger"] = ledger is not None
     contents = {name: json.loads((run_dir / name).read_text()) for name in files}
     accountants = [PrivacyAccountant.from_state_dict(s) for s in ledger["ledgers"]] if ledger else []
@@ -177,6 +177,14 @@ def _summary(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
                           "budget_accountant": governing[0]["accountant"],
                           "rounds_spent": max(e["rounds_spent"] for e in mine)}
     return summary
+
+
+def _roster_digest(run_dir: Path) -> str:
+    """The run roster's own digest (``Roster.digest``, what ``roster build`` prints, every party pins and the
+    manifest records), not the file's SHA-256: the one value a reviewer compares everywhere (issue 13)."""
+    from protocols.identity import ROSTER_FILE, load_roster
+
+    return load_roster(run_dir / ROSTER_FILE).digest
 
 
 def _run_identity(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -410,7 +418,7 @@ def _blocks(report: dict[str, Any]) -> list[tuple]:
             ["algorithm", _fmt(run.get("algorithm"))], ["config SHA-256", _fmt(run["config_sha256"])],
             ["base model SHA-256", _fmt(run["base_model_sha256"])], ["data SHA-256", _fmt(run["data_sha256"])],
             ["global adapter SHA-256", _fmt(run["global_adapter_sha256"])],
-            ["roster SHA-256 (compare with the value every party pinned)", _fmt(run["roster_sha256"])]]
+            ["roster SHA-256 (what every party pinned; audit verify --roster-sha256)", _fmt(run["roster_sha256"])]]
     blocks.append(("pairs", rows))
     blocks.append(("h3", "Software"))
     blocks.append(("pairs", [[name, version or "not installed"] for name, version in report["software"].items()]))
