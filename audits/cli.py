@@ -11,6 +11,7 @@ exception it raises is reported as an unreadable roster (exit 2).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .entries import AuditError
 from .proofs import InclusionProof, ProofError, check_inclusion_proof, inclusion_proof
+from .receipt import ReceiptError, check_receipt, load_receipt
 from .reconcile import reconcile
-from .verify import verify_path
+from .verify import Problem, VerificationReport, verify_path
 
 ROSTER_FILE = "roster.json"
 RosterLoader = Callable[[Path], Mapping[str, Ed25519PublicKey]]
@@ -45,6 +47,9 @@ def add_audit_commands(subparsers: argparse._SubParsersAction, load_roster: Rost
     verify.add_argument("--all", action="store_true", help="list every problem, not only the first")
     verify.add_argument("--require-closed", action="store_true",
                         help="a log without its final tree head is a problem (for runs that ended normally)")
+    verify.add_argument("--receipt", metavar="FILE",
+                        help="the run's audit receipt, kept outside the run folder: every party's log must extend its "
+                             "signed tree head in it, and the roster must be the one it names")
     verify.set_defaults(handler=lambda args: _guard(_verify, args, load_roster))
 
     rec = commands.add_parser("reconcile", help="match every sent message with its peer's receipt",
@@ -79,15 +84,18 @@ def _guard(handler, args: argparse.Namespace, load_roster: RosterLoader) -> int:
         return 2
 
 
-def _roster(given: str | None, base: Path, load_roster: RosterLoader) -> Mapping[str, Ed25519PublicKey]:
+def _roster_file(given: str | None, base: Path) -> Path:
     if given is not None:
-        path = Path(given)
-    else:
-        candidates = [base / ROSTER_FILE, base.parent / ROSTER_FILE]
-        path = next((c for c in candidates if c.is_file()), None)
-        if path is None:
-            raise _UserError(f"no {ROSTER_FILE} in {candidates[0].parent} or {candidates[1].parent}; "
-                             "pass --roster FILE")
+        return Path(given)
+    candidates = [base / ROSTER_FILE, base.parent / ROSTER_FILE]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise _UserError(f"no {ROSTER_FILE} in {candidates[0].parent} or {candidates[1].parent}; pass --roster FILE")
+    return path
+
+
+def _roster(given: str | None, base: Path, load_roster: RosterLoader) -> Mapping[str, Ed25519PublicKey]:
+    path = _roster_file(given, base)
     if not path.is_file():
         raise _UserError(f"no roster file {path}")
     try:
@@ -100,16 +108,45 @@ def _verify(args: argparse.Namespace, load_roster: RosterLoader) -> int:
     path = Path(args.path)
     if not path.exists():
         raise _UserError(f"no such log or folder: {path}")
-    roster = _roster(args.roster, path.resolve() if path.is_dir() else path.resolve().parent, load_roster)
+    base = path.resolve() if path.is_dir() else path.resolve().parent
+    roster = _roster(args.roster, base, load_roster)
     try:
         report = verify_path(path, roster, require_closed=args.require_closed)
     except (OSError, AuditError) as error:
         raise _UserError(str(error)) from None
+    anchored = None if args.receipt is None else \
+        _check_against_receipt(args, report, roster, _roster_file(args.roster, base))
     print(report.summary())
+    if anchored is not None and report.ok:
+        print(anchored)
     if args.all:
         for problem in report.problems[1:]:
             print(f"  {problem}")
     return 0 if report.ok else 1
+
+
+def _check_against_receipt(args: argparse.Namespace, report: VerificationReport,
+                           roster: Mapping[str, Ed25519PublicKey], roster_file: Path) -> str:
+    """Add to ``report`` every problem of its logs against the receipt in ``args.receipt`` (a receipt that cannot
+    be read is a user error; one that is malformed or not authentic is a problem: the evidence fails); returns
+    the line that says what the receipt anchored."""
+    file = Path(args.receipt)
+    if not file.is_file():
+        raise _UserError(f"no such receipt file: {file}")
+    if not report.folder:
+        raise _UserError("--receipt checks a folder of logs (a run folder), not a single log")
+    try:
+        receipt, digest = load_receipt(file)
+    except ReceiptError as error:
+        report.problems.append(Problem(file, None, None, str(error)))
+        return ""
+    except OSError as error:
+        raise _UserError(f"cannot read receipt {file}: {error}") from None
+    roster_sha256 = hashlib.sha256(roster_file.read_bytes()).hexdigest()
+    report.problems.extend(check_receipt(receipt, report, roster, receipt_file=file, roster_sha256=roster_sha256))
+    return (f"receipt {file} (SHA-256 {digest}, signed by {receipt.signer!r}, session {receipt.session}): the logs of "
+            f"{', '.join(map(repr, receipt.parties))} extend their signed tree heads in it; roster SHA-256 "
+            f"{roster_sha256} as it names")
 
 
 def _reconcile(args: argparse.Namespace, load_roster: RosterLoader) -> int:
