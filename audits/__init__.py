@@ -30,6 +30,16 @@ from .proofs import (
     consistency_proof,
     inclusion_proof,
 )
+from .receipt import (
+    Receipt,
+    ReceiptError,
+    check_receipt,
+    default_receipt_dir,
+    load_receipt,
+    receipt_path,
+    resolve_receipt_dir,
+    write_receipt,
+)
 from .reconcile import Exchange, ReconciliationReport, reconcile
 from .verify import (
     LOG_SUFFIX,
@@ -48,8 +58,9 @@ from .verify import (
 
 __all__ = [
     "EVENTS", "FORMAT", "LOG_SUFFIX", "RECORDABLE_EVENTS", "AuditError", "AuditLog", "ConsistencyProof", "Entry",
-    "Exchange", "InclusionProof", "LogReport", "PartyRecord", "Problem", "ProofError", "ReconciliationReport",
-    "Recovery", "Roster", "RunRecord", "SchemaError", "SignedTreeHead", "VerificationReport",
-    "check_consistency_proof", "check_inclusion_proof", "check_log", "consistency_proof", "find_logs",
-    "inclusion_proof", "key_id", "log_path", "parse_entry", "reconcile", "torn_path", "verify_path",
+    "Exchange", "InclusionProof", "LogReport", "PartyRecord", "Problem", "ProofError", "Receipt", "ReceiptError",
+    "ReconciliationReport", "Recovery", "Roster", "RunRecord", "SchemaError", "SignedTreeHead", "VerificationReport",
+    "check_consistency_proof", "check_inclusion_proof", "check_log", "check_receipt", "consistency_proof",
+    "default_receipt_dir", "find_logs", "inclusion_proof", "key_id", "load_receipt", "log_path", "parse_entry",
+    "receipt_path", "reconcile", "resolve_receipt_dir", "torn_path", "verify_path", "write_receipt",
 ]

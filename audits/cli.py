@@ -23,8 +23,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .entries import AuditError
 from .proofs import InclusionProof, ProofError, check_inclusion_proof, inclusion_proof
+from .receipt import ReceiptError, check_receipt, load_receipt
 from .reconcile import reconcile
-from .verify import RunRecord, verify_path
+from .verify import Problem, RunRecord, VerificationReport, verify_path
 
 ROSTER_FILE = "roster.json"
 RosterLoader = Callable[[Path], Mapping[str, Ed25519PublicKey]]
@@ -58,6 +59,9 @@ def add_audit_commands(subparsers: argparse._SubParsersAction, load_roster: Rost
     verify.add_argument("--roster-sha256", metavar="HEX",
                         help="the roster digest every party pinned; the roster used must have it (without it, a "
                              "roster replaced together with the logs goes unnoticed)")
+    verify.add_argument("--receipt", metavar="FILE",
+                        help="the run's audit receipt, kept outside the run folder: every party's log must extend its "
+                             "signed tree head in it, and the roster must be the one it names")
     if find_run_record is not None:
         verify.add_argument("--allow-unfinished", action="store_true",
                             help="verify a run that did not finish (no manifest): closure cannot be checked; a "
@@ -170,11 +174,38 @@ def _verify(args: argparse.Namespace, load_roster: RosterLoader, roster_digest: 
                              roster_sha256=digest)
     except (OSError, AuditError) as error:
         raise _UserError(str(error)) from None
+    anchored = None if args.receipt is None else \
+        _check_against_receipt(args, report, roster, digest)
     print(report.summary())
+    if anchored is not None and report.ok:
+        print(anchored)
     if args.all:
         for problem in report.problems[1:]:
             print(f"  {problem}")
     return 0 if report.ok else 1
+
+
+def _check_against_receipt(args: argparse.Namespace, report: VerificationReport,
+                           roster: Mapping[str, Ed25519PublicKey], roster_sha256: str) -> str:
+    """Add to ``report`` every problem of its logs against the receipt in ``args.receipt`` (a receipt that cannot
+    be read is a user error; one that is malformed or not authentic is a problem: the evidence fails); returns
+    the line that says what the receipt anchored."""
+    file = Path(args.receipt)
+    if not file.is_file():
+        raise _UserError(f"no such receipt file: {file}")
+    if not report.folder:
+        raise _UserError("--receipt checks a folder of logs (a run folder), not a single log")
+    try:
+        receipt, digest = load_receipt(file)
+    except ReceiptError as error:
+        report.problems.append(Problem(file, None, None, str(error)))
+        return ""
+    except OSError as error:
+        raise _UserError(f"cannot read receipt {file}: {error}") from None
+    report.problems.extend(check_receipt(receipt, report, roster, receipt_file=file, roster_sha256=roster_sha256))
+    return (f"receipt {file} (SHA-256 {digest}, signed by {receipt.signer!r}, session {receipt.session}): the logs of "
+            f"{', '.join(map(repr, receipt.parties))} extend their signed tree heads in it; roster SHA-256 "
+            f"{roster_sha256} as it names")
 
 
 def _reconcile(args: argparse.Namespace, load_roster: RosterLoader) -> int:

@@ -145,6 +145,9 @@ class SecureAggregationConfig:
 class AuditConfig:
     enabled: bool = True
     tree_head_every: int = _range(64, low=1)
+    # where the run's signed audit receipt is written when it closes, outside the run folder ("":
+    # $FEDDAT_SECURE_RECEIPT_DIR, else $XDG_DATA_HOME/feddat-secure/audit-receipts; docs/audit.md)
+    receipt_dir: str = ""
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,29 @@ def ledger_dir(tmp_path_factory) -> Iterator[Path]:
     yield from _ledger_dir(tmp_path_factory.mktemp("ledgers"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_receipt_dir(tmp_path_factory) -> Iterator[Path]:
+    """No run writes its audit receipt under ~ either (docs/audit.md "The audit receipt"): a folder per session,
+    per module and per test, like the ledgers'."""
+    yield from _receipt_dir(tmp_path_factory.mktemp("receipts-session"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_receipt_dir(tmp_path_factory) -> Iterator[Path]:
+    yield from _receipt_dir(tmp_path_factory.mktemp("receipts-module"))
+
+
+@pytest.fixture(autouse=True)
+def receipt_dir(tmp_path_factory) -> Iterator[Path]:
+    yield from _receipt_dir(tmp_path_factory.mktemp("receipts"))
+
+
+def _receipt_dir(folder: Path) -> Iterator[Path]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FEDDAT_SECURE_RECEIPT_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A fresh folder with a short path (0700): a Unix socket's path holds at most ~100 characters."""

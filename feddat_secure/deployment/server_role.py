@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from audits import resolve_receipt_dir, write_receipt
 from protocols.wire import new_session_id
 
 from .party_dir import DeploymentError, check_unused, load_plan, party_of, private_folder
@@ -111,11 +112,16 @@ def run_server_role(grid, settings: ServerRoleSettings, *, echo: Callable[[str],
     server.open(resume=False, session=session)
     server.run(RoundLog(write=write, echo=echo))
     heads = server.close()
+    receipt = server.audit_receipt(plan.config.name)
+    kept = None if receipt is None else write_receipt(receipt, resolve_receipt_dir(plan.config.audit.receipt_dir))
+    if kept is not None:  # the server's copy, outside its folder; its operator hands it to the sites and reviewer
+        echo(f"feddat-secure: audit receipt: {kept}")
     _save_global_adapter(planned, server.global_state, folder)
     result = {"session": session, "rounds": len(server.history), "stopped": server.stopped,
               "nodes": {party: str(node) for party, node in channel.nodes.items()},
               "bytes_sent": dict(server.link.bytes_sent), "bytes_received": dict(server.link.bytes_received),
-              "audit": _audit_record(server, folder, heads[party_id])}
+              "audit": _audit_record(server, folder, heads[party_id]),
+              "audit_receipt": None if kept is None else str(kept)}
     (folder / RESULT_FILE).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return result
 

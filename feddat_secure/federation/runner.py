@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from audits import PartyRecord, RunRecord, check_log
+from audits import PartyRecord, RunRecord, check_log, resolve_receipt_dir, write_receipt
 from protocols import ConfigurationError
 from protocols.enrolment import IDENTITY_FILE, enrol_parties
 from protocols.identity import ROSTER_FILE, load_roster
@@ -152,6 +152,10 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
             raise
         history, stopped = server.history, server.stopped
         server.close()
+        receipt = server.audit_receipt(config.name)
+        if receipt is not None:  # kept outside the run folder: whoever holds the folder cannot rewrite it
+            kept = write_receipt(receipt, resolve_receipt_dir(config.audit.receipt_dir))
+            echo(f"feddat-secure: audit receipt (keep a copy outside the run folder): {kept}")
         if not plan.site_metrics_shared:
             site_history = [sites_round(run_dir, plan.site_ids, record["round"]) for record in history]
         global_state = server.global_state if plan.algorithm.sends_updates else None

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from audits import Receipt, SignedTreeHead
 from protocols import AggregateResult, MessageRejected, Outgoing, Protocol, ProtocolError, Roster, RoundAborted
 from protocols.identity import Identity
 from protocols.wire import Envelope, new_session_id
@@ -95,6 +96,7 @@ class Server:
     next_round: int = 0
     stopped: str | None = None
     failures: list[str] = field(default_factory=list)  # why each of the latest failed rounds in a row failed
+    closing_heads: dict[str, str | None] = field(default_factory=dict)  # every party's last tree head, by close()
 
     def __post_init__(self) -> None:
         self.party_id = self.identity.party_id
@@ -184,7 +186,20 @@ class Server:
             save_file(self.global_state, str(self.folder.path / GLOBAL_STATE_FILE))
         heads[self.party_id] = self.audit.close(reason)
         self.folder.drop_checkpoints()
+        self.closing_heads = heads
         return heads
+
+    def audit_receipt(self, run: str) -> Receipt | None:
+        """The run's audit receipt (audits/receipt.py), signed by this server once :meth:`close` ran: the last
+        tree head each party handed it (in its close reply) and its own final one, and the SHA-256 of the roster
+        file it pinned. None when auditing is off. Whoever keeps it outside the run folder can later tell a
+        rewritten log, even one re-signed with every party's key."""
+        if not self.closing_heads or None in self.closing_heads.values():
+            return None
+        heads = {party: SignedTreeHead.from_bytes(head) for party, head in self.closing_heads.items()}
+        return Receipt.sign(self.identity.private_key, signer=self.party_id, run=run, session=self.stamp.session,
+                            roster_sha256=self.roster.digest,
+                            tree_heads=heads)
 
     def _budget_stop(self, round_index: int, reason: str, log: RoundLog) -> None:
         self.audit.event("budget_exceeded", round=round_index, meta={"reason": reason[:256]})

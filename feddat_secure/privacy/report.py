@@ -13,6 +13,7 @@ docs/privacy.md; the HTML is one self-contained file (the plot is an embedded PN
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+from audits import receipt_path, resolve_receipt_dir
 
 from ..errors import FeddatError
 from .accounting import AccountingError, GaussianEvent, PrivacyAccountant, compute_epsilon
@@ -213,6 +216,8 @@ def _run_identity(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     identity["name"] = resolved.get("name", identity["name"])
     identity["algorithm"] = resolved.get("federation", {}).get("algorithm")
     identity["audit_tree_heads"] = _audit_tree_heads(run_dir / "parties")
+    identity["audit_receipt"] = _audit_receipt(run_dir / "parties", identity["name"],
+                                               resolved.get("audit", {}).get("receipt_dir"))
     identity["started"], identity["ended"] = _run_times(run_dir / "parties")
     return identity, resolved
 
@@ -250,6 +255,29 @@ def _audit_tree_heads(folder: Path) -> list[dict[str, Any]]:
                           "tree_size": sth.get("tree_size"), "root": sth.get("root"), "time": sth.get("time"),
                           "signature": sth.get("sig"), "final": bool((last.get("meta") or {}).get("final"))})
     return heads
+
+
+def _audit_receipt(folder: Path, name: str, receipt_dir: str | None) -> dict[str, str] | None:
+    """The run's audit receipt (docs/audit.md "The audit receipt"), found in the receipts folder by the run's
+    name and the session its logs last started: its path and the SHA-256 of its bytes, which a reviewer compares
+    with their own copy. Not checked here (``feddat-secure audit verify RUN --receipt FILE`` does that); None
+    when there is none."""
+    sessions = []
+    for path in sorted(folder.rglob("*.audit.jsonl")) if folder.is_dir() else []:
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            for line in stream:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict) and entry.get("event") == "run_started" \
+                        and isinstance((entry.get("meta") or {}).get("session"), str):
+                    sessions.append(entry["meta"]["session"])
+    for session in reversed(sessions):
+        path = receipt_path(resolve_receipt_dir(receipt_dir), name, session)
+        if path.is_file():
+            return {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return None
 
 
 def _assumptions(levels: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
@@ -418,7 +446,9 @@ def _blocks(report: dict[str, Any]) -> list[tuple]:
             ["algorithm", _fmt(run.get("algorithm"))], ["config SHA-256", _fmt(run["config_sha256"])],
             ["base model SHA-256", _fmt(run["base_model_sha256"])], ["data SHA-256", _fmt(run["data_sha256"])],
             ["global adapter SHA-256", _fmt(run["global_adapter_sha256"])],
-            ["roster SHA-256 (what every party pinned; audit verify --roster-sha256)", _fmt(run["roster_sha256"])]]
+            ["roster SHA-256 (what every party pinned; audit verify --roster-sha256)", _fmt(run["roster_sha256"])],
+            ["audit receipt SHA-256 (compare with the copy you keep; audit verify --receipt)",
+             _fmt(run["audit_receipt"]["sha256"] if run["audit_receipt"] else None)]]
     blocks.append(("pairs", rows))
     blocks.append(("h3", "Software"))
     blocks.append(("pairs", [[name, version or "not installed"] for name, version in report["software"].items()]))
