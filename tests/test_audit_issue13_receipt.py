@@ -57,7 +57,7 @@ def test_a_finished_run_keeps_a_signed_receipt_outside_its_folder_and_its_logs_p
     assert file == receipt_path(module_receipt_dir, "tiny", receipt.session)
     logs = {path.name.split(".")[0] for path in find_logs(run_dir / "parties")}
     assert receipt.signer == "server" and set(receipt.parties) == logs == {"server", "client0", "client1", "client2"}
-    assert receipt.roster_sha256 == hashlib.sha256((run_dir / ROSTER_FILE).read_bytes()).hexdigest()
+    assert receipt.roster_sha256 == load_roster(run_dir / ROSTER_FILE).digest  # the digest every party pinned
     assert receipt.verify({e.party_id: e.public_key for e in load_roster(run_dir / ROSTER_FILE).entries}) == []
     # the privacy report names the receipt's digest, for the reviewer to compare with the copy they keep
     report = json.loads((run_dir / JSON_FILE).read_text())
@@ -65,7 +65,7 @@ def test_a_finished_run_keeps_a_signed_receipt_outside_its_folder_and_its_logs_p
 
     assert main(["audit", "verify", str(run_dir), "--receipt", str(file)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("intact: ") and f"receipt {file} (SHA-256 {digest}, signed by 'server'" in out
+    assert "\nintact: " in out and f"receipt {file} (SHA-256 {digest}, signed by 'server'" in out
 
 
 def test_an_attacker_who_rekeys_every_party_passes_verify_but_not_the_receipt(finished_run, copy_of_run, capsys):
@@ -76,7 +76,7 @@ def test_an_attacker_who_rekeys_every_party_passes_verify_but_not_the_receipt(fi
 
     assert main(["audit", "verify", str(copy_of_run), "--receipt", str(file), "--all"]) == 1
     out = capsys.readouterr().out
-    assert out.startswith("NOT INTACT: ") and "the roster is not the run's" in out
+    assert "\nNOT INTACT: " in out and "the roster is not the run's" in out
     for party in rekeyed:  # every party's head in the receipt is named: none verifies under the attacker's keys
         assert f"the signed tree head of {party!r}" in out and f"the log of {party!r} does not match" in out
 
@@ -102,8 +102,8 @@ def test_an_edited_receipt_fails_its_signature(finished_run, tmp_path, capsys):
     edited.write_text(json.dumps(value))
     assert main(["audit", "verify", str(run_dir), "--receipt", str(edited)]) == 1
     out = capsys.readouterr().out
-    assert out.startswith(f"NOT INTACT: {edited}: the receipt's signature does not verify against the roster key of "
-                          "its signer 'server'")
+    assert f"\nNOT INTACT: {edited}: the receipt's signature does not verify against the roster key of " \
+           "its signer 'server'" in out
     edited.write_text(file.read_text()[:-40])
     assert main(["audit", "verify", str(run_dir), "--receipt", str(edited)]) == 1
     assert "the receipt is not valid JSON" in capsys.readouterr().out
@@ -116,16 +116,17 @@ def test_a_log_cut_back_to_a_signed_head_or_removed_is_named_against_the_receipt
     log = copy_of_run / "parties" / "client1" / "client1.audit.jsonl"
     lines = read_lines(log)
     write_lines(log, lines[:-1])  # the final tree head gone: every remaining entry still signed and chained
-    assert main(["audit", "verify", str(copy_of_run), "--receipt", str(file)]) == 1
+    assert main(["audit", "verify", str(copy_of_run), "--receipt", str(file), "--all"]) == 1
     assert "the log of 'client1' has no final tree head" in capsys.readouterr().out
     log.unlink()
-    assert main(["audit", "verify", str(copy_of_run), "--receipt", str(file)]) == 1
+    assert main(["audit", "verify", str(copy_of_run), "--receipt", str(file), "--all"]) == 1
     assert "the folder holds no log of 'client1'" in capsys.readouterr().out
 
 
 def test_an_entry_slipped_in_after_a_partys_closing_head_is_named(finished_run, copy_of_run, capsys):
     """With client0's own key (in the folder), an entry added after the head it handed the server at close, and
-    the log re-closed: every head the server recorded still holds, so only the receipt can tell."""
+    the log re-closed: every head the server recorded still holds; the manifest's record of client0's final head
+    and the receipt both tell."""
     _, file = finished_run
     log = copy_of_run / "parties" / "client0" / "client0.audit.jsonl"
     key = load_party_identity(copy_of_run / "parties" / "client0").private_key
@@ -141,9 +142,9 @@ def test_an_entry_slipped_in_after_a_partys_closing_head_is_named(finished_run, 
             value["sth"] = SignedTreeHead.sign(key, "client0", seq, root, value["time"]).to_dict()
         lines[seq] = sign_line(value, key)
     write_lines(log, lines)
-    assert main(["audit", "verify", str(copy_of_run)]) == 0, capsys.readouterr().out
+    assert main(["audit", "verify", str(copy_of_run), "--allow-unfinished"]) == 1  # the manifest's final head too
     capsys.readouterr()
-    assert main(["audit", "verify", str(copy_of_run), "--receipt", str(file)]) == 1
+    assert main(["audit", "verify", str(copy_of_run), "--receipt", str(file), "--all"]) == 1
     out = capsys.readouterr().out
     assert f"the log of 'client0' holds a budget_exceeded entry (seq {closing + 1}) after its tree head in the " \
            "receipt" in out
@@ -228,4 +229,6 @@ def _update_manifest(run_dir: Path, heads: dict[str, dict]) -> None:
 
     manifest = walk(manifest)
     manifest["files"].update(digests)
+    if "audit" in manifest:  # the roster digest the run recorded: the replaced roster's
+        manifest["audit"]["roster_sha256"] = load_roster(run_dir / ROSTER_FILE).digest
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
