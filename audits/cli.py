@@ -69,9 +69,11 @@ def add_audit_commands(subparsers: argparse._SubParsersAction, load_roster: Rost
     verify.set_defaults(handler=lambda args: _guard(_verify, args, load_roster, digest_of, find_run_record))
 
     rec = commands.add_parser("reconcile", help="match every sent message with its peer's receipt",
-                              description="Match every message_sent entry with the peer's message_received or "
-                                          "message_rejected entry (same digest) and list exchanges only one side "
-                                          "recorded. Checks no signatures: run 'audit verify' for that.")
+                              description="Match every message_sent entry with the peer's outcome for it, "
+                                          "message_received or message_rejected (same digest); list refused "
+                                          "messages, and exchanges only one side recorded (a log that does not "
+                                          "verify or is missing is named first, as their cause). Checks no "
+                                          "signatures: run 'audit verify' for that.")
     rec.add_argument("run_dir", help="a run folder (or any folder holding *.audit.jsonl logs)")
     rec.set_defaults(handler=lambda args: _guard(_reconcile, args, load_roster))
 
@@ -214,10 +216,8 @@ def _reconcile(args: argparse.Namespace, load_roster: RosterLoader) -> int:
     except (OSError, AuditError) as error:
         raise _UserError(str(error)) from None
     print(report.summary())
-    for exchange in report.unmatched[1:]:
-        print(f"  {exchange.describe()}")
-    for problem in report.problems[1:]:
-        print(f"  {problem}")
+    for line in report.details():
+        print(line)
     return 0 if report.ok else 1
 
 

@@ -66,7 +66,7 @@ TREE_HEAD_KEYS = frozenset({"party", "tree_size", "root", "time", "sig"})
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
-_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")  # ASCII digits only
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 _META_KEY = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _STAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
@@ -94,13 +94,21 @@ def format_time(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime(_TIME_FORMAT)
 
 
-def _check_time(value: Any, what: str) -> str:
+def parse_time(value: Any, what: str = "time") -> datetime:
+    """The instant a log time names (UTC). ASCII digits only: ``\\d`` and ``strptime`` also take other scripts'
+    digits (the full-width U+FF10..U+FF19), which would let one instant be written in several ways and, compared
+    as text, sort after every ASCII time."""
     if not isinstance(value, str) or not _TIME.fullmatch(value):
-        raise SchemaError(f"{what} must be a UTC time like 2025-01-02T03:04:05.000006Z, got {_short(value)}")
+        raise SchemaError(f"{what} must be a UTC time like 2025-01-02T03:04:05.000006Z in ASCII digits, "
+                          f"got {_short(value)}")
     try:
-        datetime.strptime(value, _TIME_FORMAT)
+        return datetime.fromisoformat(value)  # the pattern above admits only this one form; Z is UTC
     except ValueError:
         raise SchemaError(f"{what} {value!r} is not a valid date and time") from None
+
+
+def _check_time(value: Any, what: str) -> str:
+    parse_time(value, what)
     return value
 
 
@@ -193,6 +201,12 @@ class SignedTreeHead:
     root: bytes
     time: str
     signature: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        # RFC 9162 section 2.1.1: the empty tree's root is SHA-256 of the empty string, and nothing else.
+        if self.tree_size == 0 and self.root != merkle.EMPTY_ROOT:
+            raise SchemaError(f"a tree head of size 0 must carry the empty tree's root {merkle.EMPTY_ROOT.hex()} "
+                              f"(SHA-256 of nothing), not {self.root.hex()}")
 
     @classmethod
     def sign(cls, key: Ed25519PrivateKey, party: str, tree_size: int, root: bytes, time: str) -> SignedTreeHead:

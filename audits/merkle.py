@@ -106,13 +106,18 @@ def _subproof(leaves: Sequence[bytes], m: int, start: int, end: int, complete: b
 
 def verify_consistency(old_size: int, old_root: bytes, new_size: int, new_root: bytes,
                        path: Sequence[bytes]) -> bool:
-    """RFC 9162 section 2.1.4.2: does ``path`` prove the tree ``old_root`` a prefix of ``new_root``?"""
+    """RFC 9162 section 2.1.4.2: does ``path`` prove the tree ``old_root`` a prefix of ``new_root``?
+
+    The tree of size 0 has exactly one root, MTH({}) = SHA-256 of the empty string (section 2.1.1): a claimed
+    size-0 tree with any other root is refused, so an empty proof cannot vouch for an arbitrary old root."""
     if not 0 <= old_size <= new_size:
+        return False
+    if old_size == 0 and old_root != EMPTY_ROOT or new_size == 0 and new_root != EMPTY_ROOT:
         return False
     if old_size == new_size:
         return not path and old_root == new_root
     if old_size == 0:
-        return not path  # the empty tree is a prefix of every tree
+        return not path  # the empty tree (checked above) is a prefix of every tree
     if not path:
         return False
     path = list(path)

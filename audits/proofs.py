@@ -161,9 +161,12 @@ def check_inclusion_proof(proof: InclusionProof | Mapping | str | bytes, roster:
         raise ProofError(f"party {sth.party!r} is not on the roster")
     try:
         sth.verify(key)
-        entry = parse_entry(proof.entry)
     except AuditError as error:
         raise ProofError(str(error)) from None
+    try:
+        entry = parse_entry(proof.entry)
+    except SchemaError as error:  # the proof file itself parsed: what is wrong is the entry it carries
+        raise ProofError(f"the proof's entry (its 'entry' field) is not a valid log entry: {error}") from None
     if entry.party != sth.party:
         raise ProofError(f"the entry is of {entry.party!r} but the tree head is of {sth.party!r}")
     if entry.seq != proof.index:

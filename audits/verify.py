@@ -31,7 +31,17 @@ from urllib.parse import quote
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from . import merkle
-from .entries import GENESIS, AuditError, Entry, SchemaError, SignedTreeHead, check_party, key_id, parse_entry
+from .entries import (
+    GENESIS,
+    AuditError,
+    Entry,
+    SchemaError,
+    SignedTreeHead,
+    check_party,
+    key_id,
+    parse_entry,
+    parse_time,
+)
 
 LOG_SUFFIX = ".audit.jsonl"
 TORN_SUFFIX = ".torn"
@@ -153,7 +163,7 @@ def check_log(path: Path | str, roster: Roster | None, *, party: str | None = No
     complete, newline, fragment = data.rpartition(b"\n")
     lines = complete.split(b"\n") if newline else []
     tree = merkle.CompactTree()
-    prev, last_time = GENESIS, ""
+    prev, last_time, last_instant = GENESIS, "", None
 
     def fail(line: int | None, seq: int | None, reason: str) -> LogReport:
         report.problem = Problem(path, line, seq, reason)
@@ -178,7 +188,8 @@ def check_log(path: Path | str, roster: Roster | None, *, party: str | None = No
         if entry.prev != prev:
             return fail(number, seq, "prev is not the hash of the previous entry (the hash chain is broken: "
                                      "an entry was changed, deleted, inserted or moved)")
-        if entry.time < last_time:
+        instant = parse_time(entry.time)  # compared as instants, not as text
+        if last_instant is not None and instant < last_instant:
             return fail(number, seq, f"time goes backwards ({entry.time} after {last_time})")
         if roster is not None:
             key = roster.get(entry.party)
@@ -222,7 +233,7 @@ def check_log(path: Path | str, roster: Roster | None, *, party: str | None = No
         report.entries.append(entry)
         report.leaves.append(entry.leaf)
         tree.append(report.leaves[-1])
-        prev, last_time = entry.hash, entry.time
+        prev, last_time, last_instant = entry.hash, entry.time, instant
 
     if fragment:
         report.torn = fragment

@@ -66,7 +66,7 @@ def test_a_peer_without_a_log_and_an_unreadable_log_are_reported(tmp_path):
     report = reconcile(tmp_path)
     assert report.missing_logs == ["client_9"] and report.matched == 1
     assert report.problems and "incomplete last line" in report.problems[0].reason
-    assert "no log of 'client_9'" in report.summary()
+    assert "no log of 'client_9'" in "\n".join([report.summary(), *report.details()])
 
 
 def test_a_missing_or_empty_folder_is_a_user_error(tmp_path):

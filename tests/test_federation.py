@@ -132,7 +132,9 @@ def changed(**fields) -> Callable:
     return lambda sites, report: [resigned(sites["client0"], report, **fields)]
 
 
-DROPPED = {  # (sites, client0's report) → what client0 answers; the server's audit event and reason; counted?
+# (sites, client0's report) → what client0 answers; the server's audit event and reason; counted? A report the
+# server refuses, for its signature or its content, is one message_rejected entry, written after the decision.
+DROPPED = {
     "sent twice": (lambda sites, report: [report, report], "message_rejected", "expected one 'update' reply", True),
     "signed by another site": (lambda sites, report: [resigned(sites["client1"], report)], "message_rejected",
                                "from 'client0'", False),
@@ -140,12 +142,12 @@ DROPPED = {  # (sites, client0's report) → what client0 answers; the server's 
     "addressed to another party": (changed(recipient="client1"), "message_rejected", "addressed to 'client1'",
                                    False),
     "missing": (lambda sites, report: [], None, None, False),
-    "with no examples": (changed(num_examples=0), "party_dropped", "num_examples must be a positive integer", False),
-    "with a boolean count": (changed(num_examples=True), "party_dropped", "num_examples must be a positive integer",
+    "with no examples": (changed(num_examples=0), "message_rejected", "num_examples must be a positive integer", False),
+    "with a boolean count": (changed(num_examples=True), "message_rejected", "num_examples must be a positive integer",
                              False),
-    "carrying an update": (changed(arrays={"update": np.ones(3, np.float32)}), "party_dropped",
+    "carrying an update": (changed(arrays={"update": np.ones(3, np.float32)}), "message_rejected",
                            "only through the secure-aggregation protocol", False),
-    "with unknown fields": (changed(extra=1), "party_dropped", "has fields", False),
+    "with unknown fields": (changed(extra=1), "message_rejected", "has fields", False),
 }
 
 

@@ -157,7 +157,9 @@ def test_a_refused_request_gets_no_answer_and_is_recorded_in_the_sites_own_log(f
     assert reply.party == "client0" and reply.messages == ()
     assert_unchanged(site, before)
     entries = [json.loads(line) for line in site.folder.audit_log.read_text().splitlines()]
-    assert entries[-2]["event"] == "message_received" and entries[-1]["event"] == "message_rejected"
+    # One outcome, written after the decision; the request is the server's signed message, so it is attributed
+    assert entries[-1]["event"] == "message_rejected" and entries[-1]["peer"] == "server"
+    assert entries[-2]["event"] != "message_received"
     assert "session" in entries[-1]["meta"]["reason"]
     assert not site.folder.audit_log.with_name("server.audit.jsonl").exists()  # no other party's log here
 

@@ -7,10 +7,13 @@ replied by the stage's deadline has dropped out for that stage. Messages a party
 party than the server (the HE key holder's per-round context for the sites) travel back to the server
 inside its reply, and the server relays them: it sees only what it would see on a network.
 
-Audit logging happens here, at each party's own end of the channel and in its own log only:
-:class:`Served` records what a replying party received and sent, :class:`ServerLink` what the server
-sent and received. Each entry names the peer the bytes physically came from or went to, so a relayed
-message is recorded as two exchanges (key holder → server, server → site) that reconcile pairwise.
+Audit logging happens at each party's own end of the channel and in its own log only: :class:`Served`
+records what a replying party sent and what became of each request, :class:`ServerLink` what the server
+sent, and the server records each reply's outcome where it decides on it. Each received message gets one
+entry, written once the party has decided: ``message_received`` (accepted) or ``message_rejected``
+(refused, with the reason). Each entry names the peer the bytes physically came from or went to, so a
+relayed message is recorded as two exchanges (key holder → server, server → site) that reconcile
+pairwise; refused bytes that are not a message any roster party signed are recorded without a peer.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from audits import AuditLog, SignedTreeHead
 from protocols import MessageRejected, Outgoing, ProtocolError
-from protocols.wire import peek
+from protocols.wire import SIGNATURE_BYTES, peek
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,35 @@ class PartyAudit:
             self.log.record("message_sent", peer=peer, data=data, **_where(data))
 
     def received(self, peer: str, data: bytes) -> None:
+        """``data`` from ``peer`` was accepted: call once the party has decided so, never before."""
         if self.log is not None:
             self.log.record("message_received", peer=peer, data=data, **_where(data))
 
-    def rejected(self, peer: str, data: bytes, reason: str) -> None:
-        if self.log is not None:
-            self.log.record("message_rejected", peer=peer, data=data, meta={"reason": reason[:256]}, **_where(data))
+    def rejected(self, via: str, data: bytes, reason: str) -> None:
+        """``data``, delivered by ``via``, was refused. The entry names ``via`` as its peer only when the bytes
+        are a message some roster party signed (relayed or not, ``via`` then delivered a peer's message);
+        anything else (junk, a forged or unsigned message) could have been put on the channel by anyone, so it
+        is recorded without a peer (``meta.via`` says which channel it came in on) and is never attributed to
+        a party that did not send it. Reconciliation pairs it with a send of the same bytes, if any."""
+        if self.log is None:
+            return
+        meta = {"reason": reason[:256]}
+        if not self._signed_by_a_party(data):
+            meta["via"] = via
+        self.log.record("message_rejected", peer=via if "via" not in meta else None, data=data, meta=meta,
+                        **_where(data))
+
+    def _signed_by_a_party(self, data: bytes) -> bool:
+        """Does ``data`` carry a valid signature of the party its header names (a roster party)?"""
+        header = peek(data)
+        key = self._public_keys.get(header.sender) if header is not None else None
+        if key is None or len(data) < SIGNATURE_BYTES:
+            return False
+        try:
+            key.verify(bytes(data[-SIGNATURE_BYTES:]), bytes(data[:-SIGNATURE_BYTES]))
+        except InvalidSignature:
+            return False
+        return True
 
     def event(self, event: str, **fields: Any) -> None:
         if self.log is not None:
@@ -129,9 +156,12 @@ class PartyAudit:
 
 
 class Served:
-    """A replying party's end of the channel: logs each request and reply in the party's own log; a request
-    the party refuses (MessageRejected, or any other protocol error its protocol session raised on it) is
-    logged as rejected and answered with nothing: no request a party refuses stops it."""
+    """A replying party's end of the channel: logs each request's outcome and each reply in the party's own
+    log. A request the party handled is logged as received (after it was handled: the outcome is known only
+    then), before the answers it produced are logged as sent; a request the party refuses (MessageRejected,
+    or any other protocol error its protocol session raised on it) is logged as rejected and answered with
+    nothing: no request a party refuses stops it. A request the party fails on is logged as rejected too,
+    then the failure goes on to the caller."""
 
     def __init__(self, party: Endpoint, audit: PartyAudit, *, server_id: str) -> None:
         self.party = party
@@ -140,7 +170,6 @@ class Served:
         self.server_id = server_id
 
     def handle(self, data: bytes) -> list[Outgoing]:
-        self.audit.received(self.server_id, data)
         try:
             answers = self.party.handle(data)
         except MessageRejected as rejection:
@@ -149,6 +178,10 @@ class Served:
         except ProtocolError as error:
             self.audit.rejected(self.server_id, data, f"{type(error).__name__}: {error}")
             return []
+        except Exception as error:
+            self.audit.rejected(self.server_id, data, f"the party failed on it ({type(error).__name__}); not answered")
+            raise
+        self.audit.received(self.server_id, data)
         for answer in answers:
             self.audit.sent(self.server_id, answer.data)
         self.audit.finish_reply()
@@ -157,8 +190,9 @@ class Served:
 
 @dataclass
 class ServerLink:
-    """The server's end: requests out and replies in through a :class:`Channel`, each logged in the server's
-    own log and counted (bytes per direction, for the run's metrics)."""
+    """The server's end: requests out and replies in through a :class:`Channel`, requests logged in the server's
+    own log as sent, and both counted (bytes per direction, for the run's metrics). A reply's messages are
+    logged by whoever decides on them (``audit.received`` / ``audit.rejected``), once, after the decision."""
 
     channel: Channel
     audit: PartyAudit
@@ -177,6 +211,5 @@ class ServerLink:
                 self.audit.event("party_dropped", peer=reply.party, meta={"reason": f"no reply to {stage!r} in time"})
                 continue
             for message in reply.messages:
-                self.audit.received(reply.party, message.data)
                 self.bytes_received[reply.party] += len(message.data)
         return replies

@@ -54,7 +54,13 @@ def _deliver(session: ServerSession, link: ServerLink, outgoing: Sequence[Outgoi
                         session.receive(message.data)
                     except MessageRejected as rejection:
                         _refuse(link, reply.party, message.data, rejection.reason, rejections)
+                    except ProtocolError as error:  # the round ends on it (RoundAborted): not taken in
+                        link.audit.rejected(reply.party, message.data, f"{type(error).__name__}: {error}")
+                        raise
+                    else:
+                        link.audit.received(reply.party, message.data)
                 elif message.recipient in relay_to and message.recipient != reply.party:
+                    link.audit.received(reply.party, message.data)  # accepted for relay
                     relayed.append(message)
                 else:
                     _refuse(link, reply.party, message.data,

@@ -143,9 +143,18 @@ class Server:
         raw = self._request(E.CONFIRM, self.next_round, parties, lambda party: {"nonce": nonces[party]}, {})
         to_us = {p: [m for m in messages if m.recipient == self.party_id] for p, messages in raw.items()}
         self._check_answered(E.CONFIRM, parties, self._replies(E.CONFIRMED, self.next_round, to_us))
-        relayed = [m for messages in raw.values() for m in messages if m.recipient in self.site_ids]
+        relayed = []
+        for party, messages in raw.items():
+            for m in messages:
+                if m.recipient in self.site_ids and m.recipient != party:  # accepted for relay: logged as such
+                    self.audit.received(party, m.data)
+                    relayed.append(m)
+                elif m.recipient != self.party_id:
+                    self.audit.rejected(party, m.data, f"asked the server to relay a message to {m.recipient!r}")
         if relayed:  # the key holder's one-off setup messages for the sites
-            self.link.exchange(relayed, f"{E.PROTOCOL}:setup")
+            for reply in self.link.exchange(relayed, f"{E.PROTOCOL}:setup"):
+                for m in reply.messages or ():
+                    self.audit.rejected(reply.party, m.data, "an answer to a relayed setup message (none is expected)")
 
     def run(self, log: RoundLog) -> None:
         while self.next_round < self.plan.rounds:
@@ -233,19 +242,15 @@ class Server:
         fields = {"model_sha256": digest, "send_update": self.plan.sends_updates, **terms}
         requests = self._request(E.TRAIN, round_index, [*participants, *fillers],
                                  lambda party: {**fields, "zero_input": True} if party in fillers else fields, arrays)
-        replies = self._replies(E.UPDATE, round_index, requests)
+        # A malformed report is refused (and logged as rejected) inside _replies: the site does not take part.
+        replies = self._replies(E.UPDATE, round_index, requests, check=self._checked_update)
         trained, filled, refused, losses, epsilon, clipped = [], [], {}, {}, {}, {}
         shared = self.plan.site_metrics
         for party in [*participants, *fillers]:
             report = replies.get(party)
             if report is None:
                 continue
-            try:
-                reason = self._checked_update(report)
-            except MessageRejected as rejection:  # a malformed report: the site does not take part
-                self.audit.event("party_dropped", round=round_index, peer=party,
-                                 meta={"reason": rejection.reason[:256]})
-                continue
+            reason = self._checked_update(report)
             if reason is not None:
                 refused[party] = reason
                 continue
@@ -412,9 +417,10 @@ class Server:
         return {reply.party: list(reply.messages) for reply in replies if reply.messages is not None}
 
     def _replies(self, stage: str, round_index: int, replies: Mapping[str, list[Outgoing]],
-                 check: Callable[[Envelope], None] | None = None) -> dict[str, Envelope]:
+                 check: Callable[[Envelope], object] | None = None) -> dict[str, Envelope]:
         """Each party's one signed reply of ``stage`` to us in this session and round; anything else in a reply
-        is refused (logged), and a party without an acceptable reply counts as not having answered. ``check``
+        is refused (logged as rejected), an accepted one logged as received once it passed every check, and
+        a party without an acceptable reply counts as not having answered. ``check``
         validates (and may record) a reply's content, raising MessageRejected: a signature proves who sent a
         reply, not that its fields are sane, and a malicious site must not crash the run with them."""
         accepted = {}
@@ -432,6 +438,7 @@ class Server:
                     if check is not None:
                         check(envelope)
                     accepted[party] = envelope
+                    self.audit.received(party, message.data)
                 except MessageRejected as rejection:
                     self.audit.rejected(party, message.data, rejection.reason)
         return accepted
