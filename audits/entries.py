@@ -39,6 +39,8 @@ MAX_INT = 2**63 - 1
 EVENTS: dict[str, str] = {
     "log_opened": "first entry of every log (written by the log itself)",
     "run_started": "the party starts a run",
+    "run_resumed": "the party's session continues an earlier one (round: where; meta: resumes_session, "
+                   "checkpoint_sha256)",
     "round_started": "a round (or a stage of one) begins",
     "message_sent": "exact bytes sent to peer (digest, size)",
     "message_received": "exact bytes received from peer and accepted (digest, size)",
@@ -355,6 +357,8 @@ def _check_event(entry: Entry) -> None:
         raise SchemaError(f"a {event} entry needs its peer")
     if event == "message_rejected" and not isinstance(entry.meta.get("reason"), str):
         raise SchemaError("a message_rejected entry needs meta.reason")
+    if event == "run_resumed" and (entry.round is None or not isinstance(entry.meta.get("resumes_session"), str)):
+        raise SchemaError("a run_resumed entry needs the round it continues at and meta.resumes_session")
     if event == "tree_head" and (entry.sth.party != entry.party or entry.peer is not None):
         raise SchemaError("a tree_head entry holds its own party's tree head and no peer")
     if event == "peer_tree_head" and entry.sth.party != entry.peer:

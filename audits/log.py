@@ -208,6 +208,8 @@ class AuditLog:
         meta = check_meta(meta)
         if event == "message_rejected" and not isinstance(meta.get("reason"), str):
             raise SchemaError("message_rejected needs meta={'reason': ...}")
+        if event == "run_resumed" and (round is None or not isinstance(meta.get("resumes_session"), str)):
+            raise SchemaError("run_resumed needs round= (where the run continues) and meta={'resumes_session': ...}")
         with self._lock:
             entry = self._write(event, round=round, stage=stage, peer=peer, digest=digest, size=size, meta=meta)
             if self._since_tree_head >= self.tree_head_every:

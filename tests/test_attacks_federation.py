@@ -78,7 +78,7 @@ def test_a_server_that_sends_the_sites_different_models_gets_no_masked_sum(found
     assert "aborted" not in honest["aggregation"]
     assert not np.array_equal(E.model_digest(server.global_state), E.model_digest(before))  # round 2 applied
     aggregates = [e for e in audit_entries(server) if e["event"] == "aggregate_computed"]
-    assert [e["round"] for e in aggregates] == [1]  # nothing of round 1 was ever computed or applied
+    assert [e["round"] for e in aggregates] == [2]  # nothing of round 1 was ever computed or applied
 
 
 # ------------------------------------------------------------------ item 6: a failed round never crashes the run
@@ -130,12 +130,12 @@ def test_a_failed_round_is_recorded_applies_nothing_and_the_next_round_runs(foun
     assert [line for line in log.lines if "failed, nothing applied" in line] == \
         [f"feddat-secure: round 1 failed, nothing applied: {failed['aggregation']['aborted']}"]
     finished = [e for e in audit_entries(server) if e["event"] == "round_finished"]
-    assert [(e["round"], e["meta"]["outcome"]) for e in finished] == [(0, "aborted")]
+    assert [(e["round"], e["meta"]["outcome"]) for e in finished] == [(1, "aborted")]
     assert reason in finished[0]["meta"]["reason"]
     assert succeeded["aggregation"]["counted"] == ["client0", "client1", "client2"]
     assert server.stopped is None and server.failures == []
     applied = [e["round"] for e in audit_entries(server) if e["event"] == "adapter_applied"]
-    assert applied == [1]  # round 1 applied nothing; round 2 its aggregate
+    assert applied == [2]  # round 1 applied nothing; round 2 its aggregate
     assert E.model_digest(server.global_state) != E.model_digest(before)
 
 

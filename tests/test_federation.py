@@ -138,7 +138,7 @@ DROPPED = {
     "sent twice": (lambda sites, report: [report, report], "message_rejected", "expected one 'update' reply", True),
     "signed by another site": (lambda sites, report: [resigned(sites["client1"], report)], "message_rejected",
                                "from 'client0'", False),
-    "of another round": (changed(round_index=1), "message_rejected", "of round 0", False),
+    "of another round": (changed(round_index=1), "message_rejected", "reply of round 1 from", False),
     "addressed to another party": (changed(recipient="client1"), "message_rejected", "addressed to 'client1'",
                                    False),
     "missing": (lambda sites, report: [], None, None, False),

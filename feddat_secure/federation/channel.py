@@ -30,6 +30,12 @@ from audits import AuditLog, SignedTreeHead
 from protocols import MessageRejected, Outgoing, ProtocolError
 from protocols.wire import SIGNATURE_BYTES, peek
 
+from . import envelopes as E
+
+# The runner's session messages: they open, confirm and close a session and belong to no round (their envelope's
+# round is the round the run is at, the next one to run), so their log entries carry none.
+SESSION_STAGES = frozenset({E.OPEN, E.OPENED, E.CONFIRM, E.CONFIRMED, E.CLOSE, E.CLOSED})
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -60,16 +66,25 @@ class Endpoint(Protocol):
     def handle(self, data: bytes) -> list[Outgoing]: ...
 
 
+def logged_round(round_index: int | None) -> int | None:
+    """The round as the audit log numbers it: from 1, as the console, ``metrics.jsonl`` and the privacy report do.
+    The code and the wire envelope count rounds from 0 (``round_index``); every round a party's log holds passes
+    through here (docs/audit.md, "Rounds and resumes")."""
+    return None if round_index is None else round_index + 1
+
+
 def _where(data: bytes) -> dict[str, Any]:
     """Round and stage of a message for its log entry (from the unverified header: labels only)."""
     header = peek(data)
     if header is None:
         return {"round": None, "stage": None}
-    return {"round": header.round, "stage": f"{header.protocol}:{header.stage}"}
+    session = header.protocol == E.PROTOCOL and header.stage in SESSION_STAGES
+    return {"round": None if session else logged_round(header.round), "stage": f"{header.protocol}:{header.stage}"}
 
 
 class PartyAudit:
-    """One party's own audit log (``log`` None: auditing off, nothing is recorded)."""
+    """One party's own audit log (``log`` None: auditing off, nothing is recorded). Callers pass the 0-based
+    ``round`` index the code uses; the log holds it numbered from 1 (:func:`logged_round`)."""
 
     def __init__(self, log: AuditLog | None, public_keys: Mapping[str, Ed25519PublicKey]) -> None:
         self.log = log
@@ -115,9 +130,15 @@ class PartyAudit:
             return False
         return True
 
-    def event(self, event: str, **fields: Any) -> None:
+    def event(self, event: str, *, round: int | None = None, **fields: Any) -> None:
         if self.log is not None:
-            self.log.record(event, **fields)
+            self.log.record(event, round=logged_round(round), **fields)
+
+    def run_resumed(self, round_index: int, resumes_session: str, checkpoint_sha256: str | None) -> None:
+        """The explicit record that this party's new session continues ``resumes_session`` at ``round_index``
+        (0-based; logged from 1) from the checkpoint file of that SHA-256 (None: the party keeps no checkpoint)."""
+        self.event("run_resumed", round=round_index,
+                   meta={"resumes_session": resumes_session, "checkpoint_sha256": checkpoint_sha256})
 
     def tree_head(self) -> str | None:
         """This party's signed tree head so far, as JSON for a peer (None when auditing is off)."""

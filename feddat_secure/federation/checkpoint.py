@@ -9,6 +9,7 @@ previous round's checkpoint or this one, never half of one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -41,6 +42,12 @@ def save_checkpoint(path: Path, tree: Any) -> Path:
         os.fsync(stream.fileno())
     os.replace(temporary, path)
     return path
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a checkpoint file's bytes: what a resumed party's ``run_resumed`` audit entry names."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def load_checkpoint(path: Path) -> Any:

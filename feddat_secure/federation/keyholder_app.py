@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocols import MessageRejected, Outgoing, Protocol, Roster
+from protocols import ConfigurationError, MessageRejected, Outgoing, Protocol, Roster
 from protocols.identity import Identity
-from protocols.wire import Envelope, peek
+from protocols.wire import Envelope, check_session_id, peek
 
 from . import envelopes as E
 from .channel import PartyAudit
@@ -66,16 +66,27 @@ class KeyHolder:
         if not isinstance(clients, list) or not all(isinstance(client, str) for client in clients) \
                 or len(set(clients)) != len(clients) or not set(clients) <= set(self.roster.client_ids):
             raise MessageRejected("'clients' must list distinct enrolled sites", envelope.sender)
-        nonce = self.opening.offer(envelope.session, list(clients))  # refused once a session is confirmed
+        resumes = None  # the session a resumed run continues, as the server signed it
+        if envelope.fields.get("resume"):
+            try:
+                resumes = check_session_id(envelope.fields.get("resumes_session"))
+            except ConfigurationError:
+                raise MessageRejected("a resumed run's 'resumes_session' must be a session id", envelope.sender) \
+                    from None
+        # refused once a session is confirmed
+        nonce = self.opening.offer(envelope.session, (list(clients), next_round, resumes))
         return {"next_round": next_round, "nonce": nonce}
 
     def _confirm(self, envelope: Envelope) -> tuple[dict[str, Any], list[Outgoing]]:
         """The server echoed our nonce in this session: only now is the protocol session made. The key holder
-        keeps nothing across sessions (a fresh key every round), so a resumed run simply starts a new one."""
-        clients = self.opening.confirm(envelope)
+        keeps nothing across sessions (a fresh key every round), so a resumed run simply starts a new one; its log
+        still says which session it continues, and where (no checkpoint: ``checkpoint_sha256`` null)."""
+        clients, next_round, resumes = self.opening.confirm(envelope)
         self.stamp.session = envelope.session
         self.session = self.protocol.keyholder(self.stamp.identity, self.roster, session=envelope.session)
         self.audit.event("run_started", meta={"session": envelope.session})
+        if resumes is not None:
+            self.audit.run_resumed(next_round, resumes, None)
         return {}, self.session.setup(clients)
 
     def _tree_head(self, envelope: Envelope) -> dict[str, Any]:

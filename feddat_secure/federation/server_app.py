@@ -44,7 +44,7 @@ from ..errors import FederationError
 from ..privacy.run_privacy import ServerPrivacy, write_ledger
 from . import envelopes as E
 from .channel import Reply, ServerLink
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
 from .party_folder import PartyFolder
 from .protocol_round import run_protocol_round
 from .updates import StateLayout, apply_mean_update
@@ -125,14 +125,15 @@ class Server:
         """Start (or, on ``resume``, continue from this server's own checkpoint) the run's session with every
         site and the key holder. ``session``: the new session's id when the caller drew it already (a
         deployment binds its network nodes to roster parties under it first); by default a fresh one."""
-        state = self._restore() if resume else None
+        state, checkpoint = self._restore() if resume else (None, None)
         # Every start, a resumed one too, is a new session: nothing signed before a crash is accepted after it.
         self.stamp.session = session or new_session_id()
         if self.protocol is not None and self.plan.sends_updates:
             self.session = self.protocol.server(self.identity, self.roster, session=self.stamp.session)
         self.audit.event("run_started", meta={"session": self.stamp.session,
-                                              "protocol": self.protocol.name if self.protocol else "none",
-                                              "resumes": state["session"] if state else "no"})
+                                              "protocol": self.protocol.name if self.protocol else "none"})
+        if state is not None:
+            self.audit.run_resumed(self.next_round, state["session"], checkpoint)
         parties = [*self.site_ids, *([self.keyholder_id] if self.keyholder_id else [])]
         fields = {"config_sha256": self.plan.config_digest, "next_round": self.next_round, "resume": resume,
                   "resumes_session": state["session"] if state else None, "clients": self.site_ids}
@@ -432,8 +433,8 @@ class Server:
                     envelope = self.stamp.open(message.data, session=self.stamp.session)
                     if envelope.sender != party or envelope.stage != stage or envelope.round != round_index \
                             or party in accepted:
-                        raise MessageRejected(f"expected one {stage!r} reply of round {round_index} from {party!r}, "
-                                              f"got {envelope.stage!r} of round {envelope.round} from "
+                        raise MessageRejected(f"expected one {stage!r} reply of round {round_index + 1} from "
+                                              f"{party!r}, got {envelope.stage!r} of round {envelope.round + 1} from "
                                               f"{envelope.sender!r}", party)
                     if check is not None:
                         check(envelope)
@@ -470,11 +471,13 @@ class Server:
         self._write_ledger()
         self.folder.keep_checkpoints_from(self.next_round)
 
-    def _restore(self) -> dict[str, Any]:
+    def _restore(self) -> tuple[dict[str, Any], str]:
+        """Restore the latest checkpoint; returns its state and the SHA-256 of its file."""
         found = self.folder.checkpoints()
         if not found:
             raise FederationError(f"cannot resume: the server has no checkpoint in {str(self.folder.path)!r}")
         state = load_checkpoint(found[max(found)])
+        digest = checkpoint_sha256(found[max(found)])
         self.next_round = int(state["next_round"])
         self.global_state = {k: np.asarray(v, dtype=np.float32) for k, v in state["global_state"].items()}
         self.sampler.bit_generator.state = state["sampler"]
@@ -487,7 +490,7 @@ class Server:
             self.privacy.restore_written_ahead(self.folder.ledger)
         except ValueError as error:
             raise FederationError(f"cannot resume: {error}") from None
-        return state
+        return state, digest
 
 
 def _check_metrics(envelope: Envelope) -> None:

@@ -39,7 +39,7 @@ from ..privacy.run_privacy import SitePrivacy, write_ledger
 from ..training.trainers import LocalTrainer
 from . import envelopes as E
 from .channel import PartyAudit
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
 from .party_folder import PartyFolder, keep_rounds_until
 from .updates import StateLayout, update_vector
 
@@ -107,32 +107,34 @@ class Site:
         next_round = fields.get("next_round")
         if not isinstance(next_round, int) or isinstance(next_round, bool) or next_round < 0:
             raise MessageRejected("'next_round' must be an integer >= 0", envelope.sender)
-        state = None
+        resumed = None  # (checkpoint state, its file's SHA-256)
         if fields.get("resume"):  # a resumed run is a new session; the checkpoint names the one it continues
-            state = self._own_checkpoint(next_round, fields.get("resumes_session"), envelope.sender)
-        nonce = self.opening.offer(envelope.session, (next_round, state))  # refused once a session is confirmed
+            resumed = self._own_checkpoint(next_round, fields.get("resumes_session"), envelope.sender)
+        nonce = self.opening.offer(envelope.session, (next_round, resumed))  # refused once a session is confirmed
         return {"next_round": next_round, "nonce": nonce}
 
     def _confirm(self, envelope: Envelope) -> dict[str, Any]:
         """The server proved it is live in this session (it echoed our nonce): only now does the site act,
         restoring its own checkpoint when the server resumes the run."""
-        next_round, state = self.opening.confirm(envelope)
+        next_round, resumed = self.opening.confirm(envelope)
         self.stamp.session = envelope.session
-        if state is not None:
-            self._restore(state, next_round)
+        if resumed is not None:
+            self._restore(resumed[0], next_round)
         else:
             self.privacy.run = envelope.session  # the run's id in the dataset ledger: its first session
         if self.sends_updates and self.protocol is not None:  # a fresh protocol session: rounds are whole
             self.aggregation = self.protocol.client(self.stamp.identity, self.roster, self.roster.server_id,
                                                     session=envelope.session)
-        self.audit.event("run_started", meta={"session": envelope.session, "resumes": "yes" if state else "no"})
+        self.audit.event("run_started", meta={"session": envelope.session})
+        if resumed is not None:
+            self.audit.run_resumed(next_round, resumed[0]["session"], resumed[1])
         return {}
 
     def _train(self, envelope: Envelope) -> dict[str, Any]:
         round_index = envelope.round
         if round_index <= self.last_trained_round:
-            raise MessageRejected(f"round {round_index} is not after round {self.last_trained_round}, the last one "
-                                  "this site trained (replay?)", envelope.sender)
+            raise MessageRejected(f"round {round_index + 1} is not after round {self.last_trained_round + 1}, the last "
+                                  "one this site trained (replay?)", envelope.sender)
         send_update = envelope.fields.get("send_update")
         if send_update is not self.sends_updates:
             raise MessageRejected(f"'send_update' must be {self.sends_updates} for this run's algorithm",
@@ -258,7 +260,7 @@ class Site:
     def _evaluate(self, envelope: Envelope) -> dict[str, Any]:
         round_index = envelope.round
         if round_index <= self.last_evaluated_round:
-            raise MessageRejected(f"round {round_index} was already evaluated (replay?)", envelope.sender)
+            raise MessageRejected(f"round {round_index + 1} was already evaluated (replay?)", envelope.sender)
         if self.sends_updates or envelope.arrays or envelope.fields.get("model_sha256") is not None:
             self._load_global(E.checked_model(envelope), envelope.sender)  # a claimed model must be there
         with self._own_torch_rng():
@@ -332,9 +334,9 @@ class Site:
             write_ledger(self.folder.ledger, self.privacy.ledger())
         self.folder.keep_checkpoints_from(next_round - 1)
 
-    def _own_checkpoint(self, next_round: int, session: str, sender: str) -> dict[str, Any]:
+    def _own_checkpoint(self, next_round: int, session: str, sender: str) -> tuple[dict[str, Any], str]:
         """This site's own state when ``next_round`` is next, read (nothing applied) from its checkpoint of that
-        round, which must belong to ``session``."""
+        round, which must belong to ``session``; with the SHA-256 of the checkpoint's file."""
         path = self.folder.checkpoint(next_round)
         if not path.is_file():
             raise MessageRejected(f"this site has no checkpoint to resume round {next_round + 1} from", sender)
@@ -342,7 +344,7 @@ class Site:
         if state["session"] != session:
             raise MessageRejected(f"the checkpoint for round {next_round + 1} belongs to session {state['session']!r}, "
                                   f"not {session!r}", sender)
-        return state
+        return state, checkpoint_sha256(path)
 
     def _restore(self, state: dict[str, Any], next_round: int) -> None:
         self.trainer.load_state_dict(state["trainer"])

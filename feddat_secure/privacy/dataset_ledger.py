@@ -16,7 +16,8 @@ the first bad entry. Its entries:
 - ``privacy_budget``: a level's budget ε, δ and accountant, fixed the first time the level is charged (the
   ε of the whole ledger is always stated at that δ: the events themselves carry no δ);
 - ``privacy_charged``: one round's Gaussian mechanisms at one level, written and fsynced *before* the round
-  trains (write-ahead), with the run (its first session id) and the round.
+  trains (write-ahead), with the run (its first session id) and the round (numbered from 1, as in every audit
+  log; :class:`Charge` holds the 0-based index the code uses).
 
 Dropping whole entries from the end leaves a valid shorter log: that is found against the anchors a run
 keeps (each site's signed audit log records the ledger's size and head after every charge, and
@@ -125,7 +126,8 @@ class LevelBudget:
 
 @dataclass(frozen=True)
 class Charge:
-    """One ``privacy_charged`` entry: what one attempt at one round of one run spent at one level."""
+    """One ``privacy_charged`` entry: what one attempt at one round of one run spent at one level. ``round`` is the
+    0-based index the accountants use; the ledger's entry and :meth:`to_json` number it from 1."""
 
     seq: int
     time: str
@@ -135,7 +137,7 @@ class Charge:
     events: tuple[GaussianEvent, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "time": self.time, "run": self.run, "round": self.round, "level": self.level,
+        return {"seq": self.seq, "time": self.time, "run": self.run, "round": self.round + 1, "level": self.level,
                 "events": [e.to_json() for e in self.events]}
 
 
@@ -269,7 +271,9 @@ def _parse(path: Path, entries: Sequence[Any], ledger_key_id: str) -> LedgerCont
             elif entry.event == CHARGE_EVENT:
                 if meta["level"] not in budgets:
                     raise ValueError(f"a {meta['level']}-level charge before that level's budget")
-                charges.append(Charge(entry.seq, entry.time, str(meta["run"]), int(entry.round), meta["level"],
+                if not isinstance(entry.round, int) or entry.round < 1:
+                    raise ValueError("a charge names its round, numbered from 1")
+                charges.append(Charge(entry.seq, entry.time, str(meta["run"]), entry.round - 1, meta["level"],
                                       tuple(_event_of(text) for text in meta["events"])))
             elif entry.event not in ("log_opened", "tree_head", "log_recovered"):
                 raise ValueError(f"event {entry.event!r} does not belong in a dataset ledger")
@@ -349,7 +353,7 @@ class DatasetLedger:
                 for level, events in charges.items():
                     if level not in contents.budgets:
                         log.record(BUDGET_EVENT, meta=proposed[level].meta(self.dataset_sha256))
-                    log.record(CHARGE_EVENT, round=round_index,
+                    log.record(CHARGE_EVENT, round=round_index + 1,
                                meta={"level": level, "run": run, "events": [_event_text(e) for e in events]})
             finally:
                 log.release()

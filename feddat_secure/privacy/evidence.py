@@ -187,10 +187,10 @@ def _compare(result: EvidenceCheck, party: str, name: str, accountant: PrivacyAc
     for (round_index, epsilon), entry in zip(history, entries, strict=True):
         signed_round, signed_epsilon = entry.round, entry.meta.get("epsilon")
         signed_delta = entry.meta.get("delta")
-        where = f"{level}: charge for round {signed_round + 1 if isinstance(signed_round, int) else signed_round}"
-        if signed_round != round_index:
+        where = f"{level}: charge for round {signed_round}"  # the audit log numbers rounds from 1
+        if signed_round != round_index + 1:
             result.mismatches.append(Mismatch(party, name, f"{level}: round of a charge",
-                                              f"round {signed_round} (signed audit log)", f"round {round_index}"))
+                                              f"round {signed_round} (signed audit log)", f"round {round_index + 1}"))
         elif not _same(signed_delta, accountant.delta):
             result.mismatches.append(Mismatch(party, name, f"{where}: δ", f"{signed_delta} (signed audit log)",
                                               f"{accountant.delta}"))
