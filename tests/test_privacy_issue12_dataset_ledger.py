@@ -195,8 +195,8 @@ def test_a_dataset_that_shares_records_with_another_is_charged_to_both_ledgers_a
     def config_of(records: int, budget: float):
         config = small_config(tmp_path, privacy={"record": {"enabled": True, "noise_multiplier": 1.5,
                                                             "budget_epsilon": budget}},
-                              secure_aggregation={"protocol": "plain"},
-                              data={"num_clients": 2, "train_per_client": records})
+                              secure_aggregation={"protocol": "plain"}, training={"local_steps": 1},
+                              data={"num_clients": 2, "train_per_client": records, "test_per_client": 4})
         return dataclasses.replace(config, name=f"tiny-{records}")
 
     e40, e41 = (privacy_settings(config_of(n, 100.0), {"client0": n}, update_dimension=1).record["client0"]
