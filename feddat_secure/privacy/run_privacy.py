@@ -48,8 +48,8 @@ from .dataset_ledger import (
     DatasetLedgerError,
     LedgerContents,
     LevelBudget,
-    dataset_digest,
     projected_refusal,
+    record_set,
     resolve_ledger_dir,
 )
 from .dp_sgd import PrivacyError
@@ -217,7 +217,7 @@ def dataset_account(config: RunConfig, train: Any, ledger_dir: str | Path | None
                                         client.accountant)
     if not budgets:
         return None
-    ledger = DatasetLedger(resolve_ledger_dir(ledger_dir), dataset_digest(train))
+    ledger = DatasetLedger(resolve_ledger_dir(ledger_dir), record_set(train))
     return DatasetAccount(ledger, budgets, config.federation.rounds)
 
 
@@ -269,13 +269,18 @@ class SitePrivacy:
         return {a.level: a.planned_events(round_index) for a in self.accountants}
 
     def start_refusal(self, next_round: int) -> str | None:
-        """Why a fresh run from ``next_round`` must not start: its planned rounds would overdraw the dataset's
-        budget (all runs' charges so far plus this whole plan). A resumed run is gated round by round instead
-        (its retried round costs one round more than planned)."""
+        """Why a fresh run from ``next_round`` must not start: its planned rounds would overdraw the budget of
+        the dataset's ledger, or of any other ledger sharing records with it (all runs' charges so far plus this
+        whole plan). A resumed run is gated round by round instead (its retried round costs one round more than
+        planned)."""
         if self.dataset is None:
             return None
-        return projected_refusal(self.dataset.ledger.read(), self._plans(next_round), self.dataset.budgets,
-                                 self.dataset.rounds - next_round)
+        own, shared = self.dataset.ledger.read_with_shared()
+        plans, rounds = self._plans(next_round), self.dataset.rounds - next_round
+        reasons = [projected_refusal(own, plans, self.dataset.budgets, rounds),
+                   *(projected_refusal(other, plans, self.dataset.budgets, rounds, shared=count)
+                     for other, count in shared)]
+        return "; ".join(reason for reason in reasons if reason) or None
 
     def charge_ahead(self, round_index: int) -> dict[str, float]:
         """Charge the round's planned mechanisms before the round trains (write-ahead): to the dataset ledger
@@ -359,8 +364,10 @@ class SitePrivacy:
 
     def dataset_ledger(self) -> dict[str, Any]:
         """The dataset ledger as this run leaves it, at its governing level (record, else client): where it is,
-        its size and head (anchors against a cut), δ, budget, and the cumulative ε before and with this run."""
-        contents = self.dataset.ledger.read()
+        its size and head (anchors against a cut), δ, budget, and the cumulative ε before and with this run;
+        and the other ledgers this run charged too, as they share records with this dataset (``shared_ledgers``:
+        where each is, its dataset, the records shared, its size, head and cumulative ε at that level)."""
+        contents, shared = self.dataset.ledger.read_with_shared()
         level = "record" if self.record_accountant is not None else "client"
         budget = contents.budgets.get(level, self.dataset.budgets[level]) if contents else self.dataset.budgets[level]
         if contents is None:
@@ -372,7 +379,12 @@ class SitePrivacy:
         return {"path": str(self.dataset.ledger.path), "dataset_sha256": self.dataset.ledger.dataset_sha256,
                 "level": level, "entries": entries, "head_sha256": head, "delta": budget.delta,
                 "budget_epsilon": None if math.isinf(budget.epsilon) else budget.epsilon,
-                "epsilon_before_run": before, "epsilon": now}
+                "epsilon_before_run": before, "epsilon": now,
+                "shared_ledgers": [{"path": str(other.path), "dataset_sha256": other.dataset_sha256,
+                                    "shared_records": count, "entries": other.entries,
+                                    "head_sha256": other.head_sha256,
+                                    "epsilon": other.accountant(level, proposed=budget).epsilon()}
+                                   for other, count in shared if self.run in other.runs()]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"ledgers": [a.state_dict() for a in self.accountants]}
