@@ -69,6 +69,7 @@ from audits import AuditError, AuditLog, check_log, key_id
 from ..errors import FeddatError
 from .accounting import ACCOUNTANTS, AccountingError, GaussianEvent, PrivacyAccountant, compute_epsilon
 from .budget import BudgetExceeded
+from .client_level import SKELLAM_RDP_ORDERS
 
 LEDGER_DIR_ENV = "FEDDAT_SECURE_LEDGER_DIR"
 LEDGER_SUFFIX = ".privacy-ledger.jsonl"
@@ -250,7 +251,7 @@ class LedgerContents:
         accountant = PrivacyAccountant(level=level, client=f"dataset {self.dataset_sha256[:12]}",
                                        accountant=budget.accountant, delta=budget.delta,
                                        budget_epsilon=0.0 if math.isinf(budget.epsilon) else budget.epsilon,
-                                       per_round=())
+                                       per_round=(), rdp_orders=_rdp_orders(budget))
         accountant.rounds = [(c.round, c.events) for c in self.charges if c.level == level and c.run != exclude_run]
         return accountant
 
@@ -511,6 +512,14 @@ def _whose(path: Path, shared: Mapping[Path, int]) -> str:
             "records with this site's")
 
 
+def _rdp_orders(budget: LevelBudget) -> tuple[int, ...] | None:
+    """The RDP orders a level's ε is computed at. The client level may hold distributed (Skellam) rounds, whose
+    RDP bound holds at integer orders only (Agarwal et al. 2021, Thm 3.5; client_level.SKELLAM_RDP_ORDERS), and
+    an event does not say which mechanism it bounds: under RDP the client level is computed at those orders, which
+    for a Gaussian round only makes ε larger (fewer orders to minimize the conversion over)."""
+    return SKELLAM_RDP_ORDERS if budget.level == "client" and budget.accountant == "rdp" else None
+
+
 def projected_refusal(contents: LedgerContents | None, plans: Mapping[str, Sequence[GaussianEvent]],
                       proposed: Mapping[str, LevelBudget], rounds: int, *, shared: int | None = None) -> str | None:
     """Why a fresh run of ``rounds`` rounds, each spending ``plans`` (per level), would overdraw the budget of
@@ -526,7 +535,7 @@ def projected_refusal(contents: LedgerContents | None, plans: Mapping[str, Seque
         spent = contents.accountant(level, proposed=budget).events if contents else []
         planned = [GaussianEvent(e.noise_multiplier, e.sample_rate, e.steps * rounds) for e in events]
         ledger = PrivacyAccountant(level=level, client=None, accountant=budget.accountant, delta=budget.delta,
-                                   budget_epsilon=budget.epsilon, per_round=())
+                                   budget_epsilon=budget.epsilon, per_round=(), rdp_orders=_rdp_orders(budget))
         before, after = ledger.epsilon(extra=spent), ledger.epsilon(extra=[*spent, *planned])
         if after > budget.epsilon:
             reasons.append(f"the {level}-level budget of {whose} is ε = {budget.epsilon:g} "
