@@ -145,6 +145,9 @@ def test_client_level_target_epsilon_is_met_for_every_placement():
         if placement == "local":  # each site's own noise: each site holds its client-level ledger
             assert server.accountants == [] and all(site.client_accountant is not None for site in sites)
             accountant = sites[0].client_accountant
+        elif placement == "distributed":  # the federation's sum, protected against the server: both hold one
+            assert all(site.client_accountant is not None for site in sites) and len(server.accountants) == 1
+            accountant = sites[0].client_accountant
         else:  # the federation's noise: the server holds the one client-level ledger
             assert all(site.client_accountant is None for site in sites)
             (accountant,) = server.accountants

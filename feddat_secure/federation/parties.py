@@ -225,7 +225,7 @@ def build_site(plan: RunPlan, folder: PartyFolder, foundation: Foundation, lora:
                 train=split[0], test=split[1], answers=answers, layout=plan.layout,
                 sends_updates=plan.algorithm.sends_updates, protocol=build_protocol(plan), privacy=privacy,
                 weight=plan.weights[site_id], seed=seed, audit=_audit(plan, folder, identity, roster, resume),
-                base_model_path=foundation.path)
+                base_model_path=foundation.path, rounds=plan.config.federation.rounds)
 
 
 def build_server(plan: RunPlan, folder: PartyFolder, channel: Channel, *, resume: bool,

@@ -1,8 +1,10 @@
 """A site: one data owner. It holds everything that is its own and answers the server's signed requests.
 
 What a site owns and nobody else holds: its identity key, its data, its model (adapters, head, trainer,
-optimizers), its record-level privacy ledger and budget gate, its audit log, its checkpoints and its random
-generators (numpy for batches and noise, its own torch generator state for the model's random choices).
+optimizers), its privacy ledgers and budget gates (record level; client level under local and distributed
+noise), its audit log, its checkpoints and its random generators (numpy for batches and noise, its own torch
+generator state for the model's random choices). It trains in no round beyond the configuration's planned
+rounds, whatever the server asks.
 It learns about the run only from signed messages: the server's session id, the round, the global model
 (checked against the SHA-256 the server signed with it), the clip norm and the number of noise shares.
 
@@ -50,7 +52,7 @@ class Site:
     def __init__(self, identity: Identity, roster: Roster, folder: PartyFolder, *, config_digest: str,
                  trainer: LocalTrainer, train: EncodedSplit, test: EncodedSplit, answers: tuple[str, ...],
                  layout: StateLayout, sends_updates: bool, protocol: Protocol | None, privacy: SitePrivacy,
-                 weight: int, seed: int, audit: PartyAudit, base_model_path: Path) -> None:
+                 weight: int, seed: int, audit: PartyAudit, base_model_path: Path, rounds: int) -> None:
         self.party_id = identity.party_id
         self.stamp = E.Stamp(identity, roster, model_values=layout.size)
         self.roster = roster
@@ -69,6 +71,7 @@ class Site:
         self.torch_rng = torch.get_rng_state()  # taken right after this site's model was built from its seed
         self.audit = audit
         self.base_model_path = base_model_path
+        self.rounds = rounds  # the configuration's planned rounds: every DP level is planned (and calibrated) for them
         self.aggregation = None  # the protocol's client session, once the run's session is confirmed
         self.opening = E.Opening()
         self.last_trained_round = -1
@@ -122,10 +125,11 @@ class Site:
             self._restore(resumed[0], next_round)
         else:
             self.privacy.run = envelope.session  # the run's id in the dataset ledger: its first session
+        self.privacy.observe_dataset()
         if self.sends_updates and self.protocol is not None:  # a fresh protocol session: rounds are whole
             self.aggregation = self.protocol.client(self.stamp.identity, self.roster, self.roster.server_id,
                                                     session=envelope.session)
-        self.audit.event("run_started", meta={"session": envelope.session})
+        self.audit.event("run_started", meta={"session": envelope.session, **self.privacy.dataset_anchor()})
         if resumed is not None:
             self.audit.run_resumed(next_round, resumed[0]["session"], resumed[1])
         return {}
@@ -135,6 +139,12 @@ class Site:
         if round_index <= self.last_trained_round:
             raise MessageRejected(f"round {round_index + 1} is not after round {self.last_trained_round + 1}, the last "
                                   "one this site trained (replay?)", envelope.sender)
+        if round_index >= self.rounds:  # whatever the budgets say: ε and the server's ledger count on the plan
+            reason = (f"round {round_index + 1} is beyond the {self.rounds} rounds of the configuration this site "
+                      "agreed to")
+            self.audit.event("budget_exceeded", round=round_index, meta={"reason": reason})
+            return {"refused": reason, "num_examples": len(self.train), "epsilon": {},
+                    **self._reported(round_index, {"losses": {}, "clipped": 0}, trained=False)}
         send_update = envelope.fields.get("send_update")
         if send_update is not self.sends_updates:
             raise MessageRejected(f"'send_update' must be {self.sends_updates} for this run's algorithm",
@@ -162,7 +172,7 @@ class Site:
             delta = (self.privacy.record if level == "record" else self.privacy.client).delta
             self.audit.event("privacy_spent", round=round_index,
                              meta={"level": level, "epsilon": epsilon_so_far, "delta": delta,
-                                   **self._dataset_anchor()})
+                                   **self.privacy.dataset_anchor()})
         received = self.trainer.shared_state()
         with self._own_torch_rng():
             losses = self.trainer.train_round_on(self.train, self.rng, round_index)
@@ -197,13 +207,6 @@ class Site:
         self.kept = {"round": round_index, "train_loss": values["losses"], "clipped": values["clipped"]} \
             if trained else {}
         return dict.fromkeys(values)
-
-    def _dataset_anchor(self) -> dict[str, Any]:
-        """The dataset ledger's size and head after this round's charge: this signed log then shows a later cut."""
-        contents = self.privacy.dataset_contents
-        if contents is None:
-            return {}
-        return {"dataset_ledger_entries": contents.entries, "dataset_ledger_head": contents.head_sha256}
 
     def _zero_input(self, envelope: Envelope) -> dict[str, Any]:
         """Take part in the round's aggregation with the zero vector, without training: a filler that makes up a

@@ -331,8 +331,17 @@ class ClientPrivacy:
 
     @property
     def per_client_ledgers(self) -> bool:
-        """Local noise protects each site separately; the other placements protect the sum."""
-        return self.placement == "local"
+        """Whether each site holds a client-level ledger of its own, with its own budget gate: the placements whose
+        claim is protection against the server. Local noise protects each site separately. Distributed noise
+        protects the sum, but a ledger only the server keeps would let the server alone decide how many sums are
+        released: each site charges the round's planned event (the target noise, which it enforces itself with
+        ``min_survivors``) before it adds its share, and refuses a round that would pass the budget."""
+        return self.placement in ("local", "distributed")
+
+    @property
+    def federation_ledger(self) -> bool:
+        """Whether the server keeps the federation's client-level ledger: the placements that noise the sum."""
+        return self.placement in ("central", "distributed")
 
     def new_accountant(self, client: str | None = None) -> PrivacyAccountant:
         orders = SKELLAM_RDP_ORDERS if self.placement == "distributed" else None

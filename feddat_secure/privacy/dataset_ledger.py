@@ -22,6 +22,24 @@ the first bad entry. Its entries:
 Dropping whole entries from the end leaves a valid shorter log: that is found against the anchors a run
 keeps (each site's signed audit log records the ledger's size and head after every charge, and
 ``privacy_ledger.json`` the same at the run's end), and a resumed run refuses a ledger that lost its charges.
+
+**Overlapping datasets share their budget.** DP protects records, not datasets: a record's loss composes over
+every mechanism run on *any* dataset that contains it. A ledger keyed by the digest of the whole record set
+alone would give a dataset with one record added or removed (a subset, a k-fold split, added data) a fresh
+budget. So each ledger also binds its record set: the sorted per-record digests (:class:`RecordSet`), in the
+side file ``<sha>.records`` (32 bytes a record) beside it. The dataset's SHA-256, which the ledger's file name
+and its signed ``log_opened`` and ``privacy_budget`` entries carry, *is* the SHA-256 of that file's bytes
+(after a domain prefix), so the side file cannot be swapped or edited without the check failing; it is written
+(fsynced) before its ledger is created. Every charge (and a run's start check) goes, under one lock of the
+ledger folder, to the site's own ledger and to every other ledger in the folder whose record set shares a
+record with the site's, each under its own budget; if any of them would pass its budget, none is charged.
+
+Why that bounds every record's ε: take a record r and the oldest ledger L whose record set contains r. Every
+charge of a mechanism run on r is written to the ledger of the dataset it ran on (which contains r, so it
+existed no earlier than L), and every run on a dataset containing r after L's creation overlaps L and charges
+L too. So L holds every charge that ever touched r, and enforcing L's budget at each charge bounds r's
+cumulative ε by it (sequential composition, as above). Deleting a ledger (or its side file, which makes every
+overlapping run refuse) remains the data owner's visible act on its own folder.
 """
 
 from __future__ import annotations
@@ -31,8 +49,9 @@ import fcntl
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +70,14 @@ from audits import AuditError, AuditLog, check_log, key_id
 from ..errors import FeddatError
 from .accounting import ACCOUNTANTS, AccountingError, GaussianEvent, PrivacyAccountant, compute_epsilon
 from .budget import BudgetExceeded
+from .client_level import SKELLAM_RDP_ORDERS
 
 LEDGER_DIR_ENV = "FEDDAT_SECURE_LEDGER_DIR"
 LEDGER_SUFFIX = ".privacy-ledger.jsonl"
+RECORDS_SUFFIX = ".records"  # a ledger's record set: its sorted per-record SHA-256 digests, 32 bytes each
+LOCK_FILE = ".ledgers.lock"  # one lock per ledger folder: a charge may touch several ledgers in it
+DATASET_DOMAIN = b"feddat-secure dataset v1\x00"  # prefixes the record digests in the dataset's SHA-256
+DIGEST_SIZE = 32
 KEY_FILE = "ledger_key.pem"  # the data owner's signing key (0600), one per ledger folder
 PUBLIC_KEY_FILE = "ledger_key.pub.pem"  # to hand to an auditor
 OWNER = "data-owner"  # the party id the ledger's entries are signed as
@@ -81,13 +105,50 @@ def resolve_ledger_dir(configured: str | Path | None) -> Path:
     return Path(configured).expanduser() if configured else default_ledger_dir()
 
 
-def dataset_digest(split: Any) -> str:
-    """SHA-256 of a site's training records as encoded (every tensor of an ``EncodedSplit``, record by record).
+@dataclass(frozen=True)
+class RecordSet:
+    """A dataset as the sorted SHA-256 digests of its records (a record repeated in the data appears as often).
+    Its :attr:`sha256` is the dataset's digest, and :meth:`to_bytes` the content of its ledger's side file."""
 
-    The same records give the same digest whatever their order (the per-record digests are sorted before
-    hashing), so shuffling the data does not open a fresh budget; any changed, added or removed record gives
-    another. Records are hashed as encoded, so a change of encoding (image size, tokenizer, max length) makes
-    another dataset."""
+    digests: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if any(len(d) != DIGEST_SIZE for d in self.digests) or list(self.digests) != sorted(self.digests):
+            raise ValueError("a record set is the sorted 32-byte digests of its records")
+
+    @classmethod
+    def of(cls, digests: Iterable[bytes]) -> RecordSet:
+        return cls(tuple(sorted(digests)))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RecordSet:
+        return cls(tuple(data[i:i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE)))
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self.digests)
+
+    @cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(DATASET_DOMAIN + self.to_bytes()).hexdigest()
+
+    @cached_property
+    def _distinct(self) -> frozenset[bytes]:
+        return frozenset(self.digests)
+
+    def shared(self, other: RecordSet) -> int:
+        """How many distinct records this set and ``other`` have in common."""
+        return len(self._distinct & other._distinct)
+
+
+def record_set(split: Any) -> RecordSet:
+    """A site's training records as encoded (every tensor of an ``EncodedSplit``, record by record), as the
+    sorted SHA-256 digest of each record.
+
+    The same records give the same set whatever their order, so shuffling the data does not open a fresh
+    budget; any changed, added or removed record gives another dataset digest, but the records it keeps still
+    match their digests in every other ledger's record set (that is how overlapping datasets are found).
+    Records are hashed as encoded, so a change of encoding (image size, tokenizer, max length) makes other
+    records."""
     fields = (split.pixel_values, split.input_ids, split.attention_mask, split.labels)
     records = []
     for index in range(len(split)):
@@ -97,10 +158,27 @@ def dataset_digest(split: Any) -> str:
             digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
             digest.update(value.numpy().tobytes())
         records.append(digest.digest())
-    total = hashlib.sha256(b"feddat-secure dataset v1\x00")
-    for record in sorted(records):
-        total.update(record)
-    return total.hexdigest()
+    return RecordSet.of(records)
+
+
+def records_path(ledger: Path) -> Path:
+    """The side file of a dataset ledger that holds its record set."""
+    return ledger.with_name(ledger.name.removesuffix(LEDGER_SUFFIX) + RECORDS_SUFFIX)
+
+
+def read_records(ledger: Path) -> RecordSet:
+    """The record set of a dataset ledger, from its side file, which must hash to the dataset digest the ledger
+    is named after (and its signed entries carry): a replaced, edited or missing side file is refused."""
+    dataset, path = ledger.name.removesuffix(LEDGER_SUFFIX), records_path(ledger)
+    if not path.is_file():
+        raise DatasetLedgerError(f"{ledger}: its record set {path.name} is missing, so no run can tell which "
+                                 "records this ledger's budget covers; restore it from the ledger folder's backup")
+    data = path.read_bytes()
+    actual = hashlib.sha256(DATASET_DOMAIN + data).hexdigest()
+    if actual != dataset or len(data) % DIGEST_SIZE:
+        raise DatasetLedgerError(f"{path}: not the record set of dataset {dataset} (it hashes to {actual}); it was "
+                                 "replaced or changed")
+    return RecordSet.from_bytes(data)
 
 
 @dataclass(frozen=True)
@@ -135,10 +213,11 @@ class Charge:
     round: int
     level: str
     events: tuple[GaussianEvent, ...]
+    trained_on: str  # the SHA-256 of the dataset the run trained on: this ledger's, or one sharing records with it
 
     def to_json(self) -> dict[str, Any]:
         return {"seq": self.seq, "time": self.time, "run": self.run, "round": self.round + 1, "level": self.level,
-                "events": [e.to_json() for e in self.events]}
+                "events": [e.to_json() for e in self.events], "trained_on": self.trained_on}
 
 
 def _event_text(event: GaussianEvent) -> str:
@@ -174,7 +253,7 @@ class LedgerContents:
         accountant = PrivacyAccountant(level=level, client=f"dataset {self.dataset_sha256[:12]}",
                                        accountant=budget.accountant, delta=budget.delta,
                                        budget_epsilon=0.0 if math.isinf(budget.epsilon) else budget.epsilon,
-                                       per_round=())
+                                       per_round=(), rdp_orders=_rdp_orders(budget))
         accountant.rounds = [(c.round, c.events) for c in self.charges if c.level == level and c.run != exclude_run]
         return accountant
 
@@ -183,6 +262,10 @@ class LedgerContents:
 
     def runs(self) -> list[str]:
         return list(dict.fromkeys(c.run for c in self.charges))
+
+    def trained_on(self, run: str) -> list[str]:
+        """The datasets run ``run`` trained on (this ledger's own, or others that share records with it)."""
+        return list(dict.fromkeys(c.trained_on for c in self.charges if c.run == run))
 
     def summary(self) -> dict[str, Any]:
         """What ``privacy ledger show`` prints: per level ε under every accountant, δ, budget, remaining, and each
@@ -197,7 +280,8 @@ class LedgerContents:
                 events = [e for _, events in self.run_charges(run, level) for e in events]
                 if events:
                     shares[run] = {"charges": len(self.run_charges(run, level)),
-                                   "epsilon": compute_epsilon(events, budget.delta, "rdp")}
+                                   "epsilon": compute_epsilon(events, budget.delta, "rdp"),
+                                   "trained_on": self.trained_on(run)}
             levels[level] = {"delta": budget.delta, "accountant": budget.accountant,
                              "budget_epsilon": None if math.isinf(budget.epsilon) else budget.epsilon,
                              "epsilon": epsilons, "remaining_epsilon":
@@ -274,7 +358,7 @@ def _parse(path: Path, entries: Sequence[Any], ledger_key_id: str) -> LedgerCont
                 if not isinstance(entry.round, int) or entry.round < 1:
                     raise ValueError("a charge names its round, numbered from 1")
                 charges.append(Charge(entry.seq, entry.time, str(meta["run"]), entry.round - 1, meta["level"],
-                                      tuple(_event_of(text) for text in meta["events"])))
+                                      tuple(_event_of(text) for text in meta["events"]), str(meta["trained_on"])))
             elif entry.event not in ("log_opened", "tree_head", "log_recovered"):
                 raise ValueError(f"event {entry.event!r} does not belong in a dataset ledger")
         except (KeyError, ValueError, TypeError) as error:
@@ -283,13 +367,17 @@ def _parse(path: Path, entries: Sequence[Any], ledger_key_id: str) -> LedgerCont
 
 
 class DatasetLedger:
-    """The ledger of one dataset in a ledger folder. Each use opens, verifies and releases the file under an
-    exclusive lock, so runs in other processes (or other sites with the same data) charge it in turn."""
+    """The ledger of one dataset (its :class:`RecordSet`) in a ledger folder, and the other ledgers there whose
+    record sets share records with it. Each use opens, verifies and releases the files under the folder's
+    exclusive lock, so runs in other processes (or other sites with the same or overlapping data) charge them
+    in turn, and a ledger created by one of them is seen by the next charge of the others."""
 
-    def __init__(self, folder: Path | str, dataset_sha256: str) -> None:
+    def __init__(self, folder: Path | str, records: RecordSet) -> None:
         self.folder = Path(folder)
-        self.dataset_sha256 = dataset_sha256
-        self.path = self.folder / f"{dataset_sha256}{LEDGER_SUFFIX}"
+        self.records = records
+        self.dataset_sha256 = records.sha256
+        self.path = self.folder / f"{self.dataset_sha256}{LEDGER_SUFFIX}"
+        self._index: dict[str, int] = {}  # each other ledger of the folder seen so far → records shared with this
 
     def key(self) -> Ed25519PrivateKey:
         """The data owner's ledger key, created (0600, with its public half beside it) on first use."""
@@ -316,54 +404,133 @@ class DatasetLedger:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+        with open(self.folder / LOCK_FILE, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _shared_ledgers(self) -> dict[Path, int]:
+        """(under the lock) Every other ledger of the folder whose record set shares records with this dataset's,
+        with how many. Each side file is read (and checked against its ledger's name) once per instance; a
+        ledger seen sharing records that has since gone is refused, never charged around."""
+        for path in sorted(self.folder.glob("*" + LEDGER_SUFFIX)):
+            dataset = path.name.removesuffix(LEDGER_SUFFIX)
+            if dataset != self.dataset_sha256 and dataset not in self._index:
+                self._index[dataset] = read_records(path).shared(self.records)
+        shared = {self.folder / f"{dataset}{LEDGER_SUFFIX}": count for dataset, count in self._index.items() if count}
+        for path, count in shared.items():
+            if not path.is_file():
+                raise DatasetLedgerError(f"{path}: the ledger of a dataset that shares {count} records with this "
+                                         "site's is gone since this run first saw it; restore it from backup")
+        return shared
+
+    def _write_records(self) -> None:
+        """(under the lock) This dataset's record set beside its ledger, durably, before the ledger exists; an
+        existing side file must be this dataset's."""
+        path = records_path(self.path)
+        if path.exists():
+            read_records(self.path)
+            return
+        temporary = path.with_name(path.name + ".tmp")
+        with open(temporary, "wb") as out:
+            out.write(self.records.to_bytes())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+        folder = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
     def read(self) -> LedgerContents | None:
         """The verified contents, or None while nothing was ever charged to this dataset."""
+        return self.read_with_shared()[0]
+
+    def read_with_shared(self) -> tuple[LedgerContents | None, list[tuple[LedgerContents, int]]]:
+        """This dataset's verified ledger (None while never charged), and each other ledger sharing records with
+        it (verified) with the number of records shared."""
         with self._locked():
-            if not self.path.exists():
-                return None
-            return read_ledger(self.path, self.key().public_key())
+            public_key = self.key().public_key()
+            shared = [(read_ledger(path, public_key), count) for path, count in self._shared_ledgers().items()]
+            return (read_ledger(self.path, public_key) if self.path.exists() else None), shared
 
     def charge(self, run: str, round_index: int, charges: Mapping[str, Sequence[GaussianEvent]],
                proposed: Mapping[str, LevelBudget]) -> LedgerContents:
-        """Append one ``privacy_charged`` entry per level (fsynced before this returns), after the level's
-        ``privacy_budget`` entry when the level is new (``proposed``). Under the lock, the ledger is verified
-        first (a torn last line is set aside and recorded, as :meth:`AuditLog.open` does) and the budget
-        checked again; :class:`BudgetExceeded` when a level would pass it (nothing is written then)."""
+        """Append one ``privacy_charged`` entry per level (fsynced before this returns) to this dataset's ledger
+        and to every ledger sharing records with it, after the level's ``privacy_budget`` entry where the level
+        is new there (``proposed``). Under the folder's lock, each ledger is verified first (a torn last line is
+        set aside and recorded, as :meth:`AuditLog.open` does) and each budget checked again;
+        :class:`BudgetExceeded` when a level of any of them would pass its budget (nothing is written then).
+        Returns this dataset's ledger as charged."""
         with self._locked():
             key = self.key()
+            shared = self._shared_ledgers()
+            logs: dict[Path, AuditLog] = {}
             try:
-                log = (AuditLog.open(self.path, OWNER, key) if self.path.exists()
-                       else AuditLog.create(self.path, OWNER, key, run_id=self.dataset_sha256))
-            except AuditError as error:
-                raise DatasetLedgerError(f"dataset ledger {self.path}: {error}") from None
-            try:
-                contents = read_ledger(self.path, key.public_key())
-                reasons = [reason for level, events in charges.items()
-                           if (reason := contents.accountant(level, proposed=proposed[level])
+                try:
+                    for path in (self.path, *shared):
+                        if path.exists():
+                            logs[path] = AuditLog.open(path, OWNER, key)
+                except AuditError as error:
+                    raise DatasetLedgerError(f"dataset ledger: {error}") from None
+                contents = {path: read_ledger(path, key.public_key()) for path in logs}
+                contents.setdefault(self.path, LedgerContents(self.path, self.dataset_sha256, key_id(key.public_key()),
+                                                              {}, (), 0, ""))  # never charged yet: nothing spent
+                reasons = [f"{_whose(path, shared)}: {reason}" if path in shared else reason
+                           for path, ledger in contents.items() for level, events in charges.items()
+                           if (reason := ledger.accountant(level, proposed=proposed[level])
                                .would_exceed(events, round_index)) is not None]
                 if reasons:
                     raise BudgetExceeded(round_index, reasons)
-                for level, events in charges.items():
-                    if level not in contents.budgets:
-                        log.record(BUDGET_EVENT, meta=proposed[level].meta(self.dataset_sha256))
-                    log.record(CHARGE_EVENT, round=round_index + 1,
-                               meta={"level": level, "run": run, "events": [_event_text(e) for e in events]})
+                self._write_records()  # a ledger never exists without its record set
+                if self.path not in logs:
+                    logs[self.path] = AuditLog.create(self.path, OWNER, key, run_id=self.dataset_sha256)
+                for path, log in logs.items():
+                    for level, events in charges.items():
+                        if level not in contents[path].budgets:
+                            log.record(BUDGET_EVENT, meta=proposed[level].meta(contents[path].dataset_sha256))
+                        log.record(CHARGE_EVENT, round=round_index + 1,
+                                   meta={"level": level, "run": run, "events": [_event_text(e) for e in events],
+                                         "trained_on": self.dataset_sha256})
             finally:
-                log.release()
+                for log in logs.values():
+                    log.release()
             return read_ledger(self.path, key.public_key())
 
 
+def sharing_records(ledger: Path, records: RecordSet) -> dict[Path, int]:
+    """Every other ledger in ``ledger``'s folder whose record set shares records with ``records``, with how many
+    (each side file checked against its ledger's name); what ``privacy ledger show`` lists."""
+    shared = {}
+    for path in sorted(ledger.parent.glob("*" + LEDGER_SUFFIX)):
+        if path.name != ledger.name and (count := read_records(path).shared(records)):
+            shared[path] = count
+    return shared
+
+
+def _whose(path: Path, shared: Mapping[Path, int]) -> str:
+    return (f"the ledger of dataset {path.name.removesuffix(LEDGER_SUFFIX)[:12]}, which shares {shared[path]} "
+            "records with this site's")
+
+
+def _rdp_orders(budget: LevelBudget) -> tuple[int, ...] | None:
+    """The RDP orders a level's ε is computed at. The client level may hold distributed (Skellam) rounds, whose
+    RDP bound holds at integer orders only (Agarwal et al. 2021, Thm 3.5; client_level.SKELLAM_RDP_ORDERS), and
+    an event does not say which mechanism it bounds: under RDP the client level is computed at those orders, which
+    for a Gaussian round only makes ε larger (fewer orders to minimize the conversion over)."""
+    return SKELLAM_RDP_ORDERS if budget.level == "client" and budget.accountant == "rdp" else None
+
+
 def projected_refusal(contents: LedgerContents | None, plans: Mapping[str, Sequence[GaussianEvent]],
-                      proposed: Mapping[str, LevelBudget], rounds: int) -> str | None:
-    """Why a fresh run of ``rounds`` rounds, each spending ``plans`` (per level), would overdraw the dataset's
-    budget (every run's charges so far plus the whole plan), or None when it fits."""
+                      proposed: Mapping[str, LevelBudget], rounds: int, *, shared: int | None = None) -> str | None:
+    """Why a fresh run of ``rounds`` rounds, each spending ``plans`` (per level), would overdraw the budget of
+    a dataset ledger (every run's charges so far plus the whole plan), or None when it fits. ``shared``: the
+    ledger is another dataset's, which shares that many records with this site's."""
+    whose = "this site's dataset" if shared is None or contents is None else \
+        f"dataset {contents.dataset_sha256[:12]}, which shares {shared} records with this site's,"
     reasons = []
     for level, events in plans.items():
         budget = contents.budgets.get(level, proposed[level]) if contents else proposed[level]
@@ -372,10 +539,10 @@ def projected_refusal(contents: LedgerContents | None, plans: Mapping[str, Seque
         spent = contents.accountant(level, proposed=budget).events if contents else []
         planned = [GaussianEvent(e.noise_multiplier, e.sample_rate, e.steps * rounds) for e in events]
         ledger = PrivacyAccountant(level=level, client=None, accountant=budget.accountant, delta=budget.delta,
-                                   budget_epsilon=budget.epsilon, per_round=())
+                                   budget_epsilon=budget.epsilon, per_round=(), rdp_orders=_rdp_orders(budget))
         before, after = ledger.epsilon(extra=spent), ledger.epsilon(extra=[*spent, *planned])
         if after > budget.epsilon:
-            reasons.append(f"the {level}-level budget of this site's dataset is ε = {budget.epsilon:g} "
+            reasons.append(f"the {level}-level budget of {whose} is ε = {budget.epsilon:g} "
                            f"({budget.accountant}, δ = {budget.delta:g}); it has spent {before:.3f} and this run's "
                            f"{rounds} planned rounds would raise it to {after:.3f}")
     return "; ".join(reasons) or None

@@ -8,7 +8,9 @@ from it. Three independent records say what it held when the run spent its budge
    party made (``site_app``, ``server_app``), hash-chained and covered by signed tree heads, verified against the
    run's roster (``audits.verify_path``, what ``feddat-secure audit verify`` runs);
 3. for a site with a persistent dataset ledger, the summary of it the site wrote into its run ledger
-   (``dataset_ledger``): the dataset's cumulative ε cannot be below what this run spent.
+   (``dataset_ledger``): it must equal the figures the site signed last into its audit log (``run_started`` and
+   every ``privacy_spent`` carry the dataset ledger's size, head, cumulative ε before and with this run, budget
+   and δ), and the dataset's cumulative ε cannot be below what this run spent.
 
 :func:`check_ledgers` recomputes every ledger's ε after each charge and compares it with the signed entries; any
 difference is a :class:`Mismatch` naming the party, the file, and what was expected against what was found.
@@ -84,8 +86,9 @@ def check_ledgers(run_dir: Path, ledger_files: Sequence[str], *, manifest: Mappi
     result.roster_sha256 = sha256_file(roster_path) if roster_path.is_file() else None
     contents = {name: json.loads((run_dir / name).read_text()) for name in ledger_files}
     _against_manifest(result, manifest)
+    logs = None
     if audit_enabled or any((run_dir / "parties").glob("*/*.audit.jsonl")):
-        _against_audit_logs(result, run_dir, contents, finished=manifest is not None)
+        logs = _against_audit_logs(result, run_dir, contents, finished=manifest is not None)
     elif allow_unsigned:
         result.unchecked.append(SIGNED_UNCHECKED)
     else:
@@ -94,7 +97,7 @@ def check_ledgers(run_dir: Path, ledger_files: Sequence[str], *, manifest: Mappi
                                           "no audit log in the run folder (the run's configuration says "
                                           "audit.enabled = false; pass --allow-unsigned to report the ledgers "
                                           "unchecked)"))
-    _against_dataset_ledgers(result, contents)
+    _against_dataset_ledgers(result, contents, logs)
     return result
 
 
@@ -122,7 +125,8 @@ def _against_manifest(result: EvidenceCheck, manifest: Mapping[str, Any] | None)
 
 
 def _against_audit_logs(result: EvidenceCheck, run_dir: Path, contents: Mapping[str, Mapping[str, Any]], *,
-                        finished: bool) -> None:
+                        finished: bool) -> dict[str, Any] | None:
+    """Returns each party's verified audit log (None when the logs could not be read at all)."""
     from audits import verify_path
     from protocols.identity import load_roster
 
@@ -130,7 +134,7 @@ def _against_audit_logs(result: EvidenceCheck, run_dir: Path, contents: Mapping[
     if not roster_path.is_file():
         result.mismatches.append(Mismatch("run", ROSTER_FILE, "the roster to verify the audit logs with",
                                           "the run's roster.json", "no such file"))
-        return
+        return None
     roster = {entry.party_id: entry.public_key for entry in load_roster(roster_path).entries}
     parties_dir = run_dir / "parties"
     try:
@@ -138,7 +142,7 @@ def _against_audit_logs(result: EvidenceCheck, run_dir: Path, contents: Mapping[
     except Exception as error:  # AuditError: a folder without any log although auditing was on
         result.mismatches.append(Mismatch("run", "parties/", "the parties' audit logs", "one signed log per party",
                                           str(error)))
-        return
+        return None
     for problem in verification.problems:
         path = problem.path.relative_to(run_dir).as_posix() if problem.path.is_relative_to(run_dir) \
             else str(problem.path)
@@ -169,6 +173,7 @@ def _against_audit_logs(result: EvidenceCheck, run_dir: Path, contents: Mapping[
     result.checks.append("every audit log verified against the roster (hash chain, signatures, tree heads"
                          + (", closed" if finished else "") + ")")
     result.checks.append("every ledger's ε after each charge against its party's signed privacy_spent entries")
+    return logs
 
 
 def _compare(result: EvidenceCheck, party: str, name: str, accountant: PrivacyAccountant,
@@ -207,12 +212,22 @@ def _same(signed: Any, value: float) -> bool:
     return math.isclose(signed, value, rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-12)
 
 
-def _against_dataset_ledgers(result: EvidenceCheck, contents: Mapping[str, Mapping[str, Any]]) -> None:
+# the summary's fields and the audit meta key the site signs each under (SitePrivacy.dataset_anchor)
+ANCHOR_FIELDS = {"dataset_sha256": "dataset_sha256", "level": "dataset_level", "delta": "dataset_delta",
+                 "entries": "dataset_ledger_entries", "head_sha256": "dataset_ledger_head",
+                 "budget_epsilon": "dataset_budget_epsilon", "epsilon_before_run": "dataset_epsilon_before_run",
+                 "epsilon": "dataset_epsilon"}
+
+
+def _against_dataset_ledgers(result: EvidenceCheck, contents: Mapping[str, Mapping[str, Any]],
+                             logs: Mapping[str, Any] | None) -> None:
     """A site's dataset ledger holds this run's charges and every earlier run's. Its summary in the run ledger
-    must show a cumulative ε of at least this run's record-level ε (composition never costs less); and where
-    the dataset ledger itself is readable here (the data owner's machine), it must verify under its key, still
-    hold the entries the summary saw (same head at that size: nothing cut or rewritten since), and hold one run
-    whose charges are exactly the run ledger's (nothing the run spent is missing from the dataset's budget)."""
+    must equal the figures the site last signed into its audit log (a summary edited where the dataset ledger
+    is not readable, the reviewer's usual case, shows there), and show a cumulative ε of at least this run's ε
+    at the ledger's level (composition never costs less); and where the dataset ledger itself is readable here
+    (the data owner's machine), it must verify under its key, still hold the entries the summary saw (same head
+    at that size: nothing cut or rewritten since), and hold one run whose charges are exactly the run ledger's
+    (nothing the run spent is missing from the dataset's budget)."""
     summaries = opened = 0
     for name, content in contents.items():
         summary = content.get("dataset_ledger")
@@ -220,12 +235,15 @@ def _against_dataset_ledgers(result: EvidenceCheck, contents: Mapping[str, Mappi
             continue
         summaries += 1
         party = party_of(name)
-        record = [PrivacyAccountant.from_state_dict(s) for s in content.get("ledgers", []) if s["level"] == "record"]
-        run_epsilon = max((a.epsilon() for a in record), default=0.0)
-        if summary.get("epsilon", math.inf) < run_epsilon * (1 - 1e-6):
+        if logs is not None:
+            _against_anchor(result, party, name, summary, logs.get(party))
+        level = summary.get("level")
+        ledgers = [PrivacyAccountant.from_state_dict(s) for s in content.get("ledgers", []) if s["level"] == level]
+        run_epsilon = max((a.epsilon() for a in ledgers), default=0.0)
+        epsilon = summary.get("epsilon")
+        if not isinstance(epsilon, int | float) or isinstance(epsilon, bool) or epsilon < run_epsilon * (1 - 1e-6):
             result.mismatches.append(Mismatch(party, name, "dataset ledger: cumulative ε",
-                                              f"at least this run's record-level ε {run_epsilon}",
-                                              str(summary.get("epsilon"))))
+                                              f"at least this run's {level}-level ε {run_epsilon}", str(epsilon)))
         path = Path(str(summary.get("path", "")))
         if not path.is_file():
             continue
@@ -252,6 +270,12 @@ def _against_dataset_ledgers(result: EvidenceCheck, contents: Mapping[str, Mappi
                                                   f"runs charged {[[r for r, _ in run] for run in runs]}"))
     if summaries:
         result.checks.append("each site's dataset-ledger cumulative ε against its run ledger (at least the run's ε)")
+        if logs is not None:
+            result.checks.append("each site's dataset-ledger summary (entries, head, ε before and with this run, "
+                                 "budget, δ) against the figures it signed last in its audit log")
+        else:
+            result.unchecked.append("the sites' dataset-ledger summaries could not be compared with the figures "
+                                    "they sign into their audit logs (no audit logs)")
     if opened:
         result.checks.append("each readable dataset ledger: signatures and chain, the entries the run saw, and "
                              "this run's charges in it")
@@ -262,3 +286,22 @@ def _against_dataset_ledgers(result: EvidenceCheck, contents: Mapping[str, Mappi
     if not summaries:
         result.unchecked.append("no site recorded a persistent dataset ledger: ε across runs on the same data is "
                                 "not shown")
+
+
+def _against_anchor(result: EvidenceCheck, party: str, name: str, summary: Mapping[str, Any], log: Any) -> None:
+    """The summary against the last dataset-ledger figures ``party`` signed (``run_started`` or ``privacy_spent``
+    meta): every field must be the signed one (ε and δ as floats, to formatting)."""
+    anchors = [entry for entry in (log.entries if log is not None else [])
+               if entry.event in ("run_started", "privacy_spent") and "dataset_ledger_entries" in entry.meta]
+    if not anchors:
+        result.mismatches.append(Mismatch(party, name, "dataset ledger summary",
+                                          "the dataset-ledger figures the site signed in its audit log",
+                                          "no signed figures"))
+        return
+    signed = anchors[-1].meta
+    for key, meta_key in ANCHOR_FIELDS.items():
+        expected, found = signed.get(meta_key), summary.get(key)
+        numeric = isinstance(expected, float) and isinstance(found, int | float) and not isinstance(found, bool)
+        if not (_same(found, expected) if numeric else (found == expected and type(found) is type(expected))):
+            result.mismatches.append(Mismatch(party, name, f"dataset ledger summary: {key}",
+                                              f"{expected} (signed audit log, seq {anchors[-1].seq})", str(found)))

@@ -507,7 +507,7 @@ def _across_runs_blocks(report: dict[str, Any]) -> list[tuple]:
     if others:
         blocks.append(("h2", "Other neighbours: groups of records, replace-one"))
         headers = ["ledger", "δ", "replace-one ε"] + [f"group of {k} records ε" for k in GROUP_SIZES]
-        rows = [[f"{o['level']}: {o['client'] or 'federation'}", _fmt(o["delta"], 8), _eps(o["replace_one_epsilon"])]
+        rows = [[f"{o['level']}: {_ledger_name(o)}", _fmt(o["delta"], 8), _eps(o["replace_one_epsilon"])]
                 + [_eps(o["group_epsilon"][str(k)]) if o["group_epsilon"] else "— (not a record ledger)"
                    for k in GROUP_SIZES] for o in others]
         blocks.append(("table", headers, rows))
@@ -591,7 +591,7 @@ def _level_blocks(report: dict[str, Any], levels: dict[str, Any]) -> list[tuple]
                 rows.append(["clip norm now (after adaptation)", _fmt(history.get("clip_norm"), 4)])
         blocks.append(("table", ["setting", "value"], rows))
         mine = [e for e in entries if e["level"] == "client"]
-        rows = [[e["client"] or "federation", e["accountant"], e["rounds_spent"], _eps(e["epsilon"]),
+        rows = [[_ledger_name(e), e["accountant"], e["rounds_spent"], _eps(e["epsilon"]),
                  _eps(e["epsilon_if_participation_known"]) if "epsilon_if_participation_known" in e
                  else "same (q = 1)",
                  _fmt(e["remaining_epsilon"])] for e in mine]
@@ -600,12 +600,20 @@ def _level_blocks(report: dict[str, Any], levels: dict[str, Any]) -> list[tuple]
     return blocks
 
 
+def _ledger_name(entry: dict[str, Any]) -> str:
+    """Who holds a ledger: under distributed noise the federation's client-level ledger (the server's) and each
+    site's own stand side by side, and a reviewer must tell them apart."""
+    if entry["client"] is None:
+        return "federation (the server's ledger)"
+    return f"{entry['client']} (the site's own ledger)" if entry["level"] == "client" else entry["client"]
+
+
 def _per_round_table(entries: list[dict[str, Any]], title: str) -> list[tuple]:
     governing = [e for e in entries if e["governs_budget"]]
     rounds = sorted({p["round"] for e in governing for p in e["epsilon_per_round"]})
     if not rounds:
         return [("p", f"{title}: no round has spent anything yet.")]
-    headers = ["round"] + [e["client"] or "federation" for e in governing]
+    headers = ["round"] + [_ledger_name(e) for e in governing]
     rows = []
     for r in rounds:
         row = [r]
@@ -694,7 +702,9 @@ def plot_epsilon(report: dict[str, Any], *, width: int = 900, height: int = 460)
     for entry in report["ledgers"]:
         if entry["governs_budget"] and entry["epsilon_per_round"]:
             points = [(p["round"], p["epsilon"]) for p in entry["epsilon_per_round"] if p["epsilon"] is not None]
-            label = f"{entry['level']}: {entry['client'] or 'federation'}"
+            # a site's own client-level ledger apart from the federation's (distributed noise keeps both)
+            kind = "site's own" if entry["level"] == "client" and entry["client"] else entry["level"]
+            label = f"{kind}: {entry['client'] or 'federation'}"
             series.append((label, points, entry["level"] == "client", entry["budget_epsilon"]))
     series = _merge_identical(series)
     image = Image.new("RGB", (width, height), "white")

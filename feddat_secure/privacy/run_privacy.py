@@ -8,7 +8,9 @@ Who holds which ledger follows who runs the mechanism and whose data it protects
 - client level, ``local`` noise: one ledger per site, held by the site (its noise protects it
   against the server, separately from the others);
 - client level, ``central`` and ``distributed`` noise: one ledger for the federation, held by the server
-  (:class:`ServerPrivacy`), which also samples the participants and adapts the clip norm.
+  (:class:`ServerPrivacy`), which also samples the participants and adapts the clip norm;
+- client level, ``distributed`` noise, also: one ledger per site, held and enforced by the site (its claim is
+  protection against the server, so the server must not be the only party that counts the sums released).
 
 Values a site needs from the server (the round's clip norm, the number of noise shares) reach it in the
 signed train request; what a site spent reaches the server in its signed reply. Each party writes its
@@ -48,8 +50,8 @@ from .dataset_ledger import (
     DatasetLedgerError,
     LedgerContents,
     LevelBudget,
-    dataset_digest,
     projected_refusal,
+    record_set,
     resolve_ledger_dir,
 )
 from .dp_sgd import PrivacyError
@@ -203,7 +205,8 @@ class DatasetAccount:
 
 def dataset_account(config: RunConfig, train: Any, ledger_dir: str | Path | None, record: RecordPrivacy | None,
                     client: ClientPrivacy | None) -> DatasetAccount | None:
-    """The dataset ledger of a site whose DP it accounts itself (record level; client level under local noise),
+    """The dataset ledger of a site whose DP it accounts itself (record level; client level under local or
+    distributed noise),
     in ``ledger_dir`` (default: :func:`~.dataset_ledger.default_ledger_dir`); None when the site holds no ledger.
     The record-level dataset budget is ``dataset_budget_epsilon``, by default the run's own ``budget_epsilon``
     (so a re-run on the same data cannot silently multiply the spend); the client-level one is the run's."""
@@ -217,14 +220,14 @@ def dataset_account(config: RunConfig, train: Any, ledger_dir: str | Path | None
                                         client.accountant)
     if not budgets:
         return None
-    ledger = DatasetLedger(resolve_ledger_dir(ledger_dir), dataset_digest(train))
+    ledger = DatasetLedger(resolve_ledger_dir(ledger_dir), record_set(train))
     return DatasetAccount(ledger, budgets, config.federation.rounds)
 
 
 class SitePrivacy:
     """One site's DP: its record-level ledger and budget gate, its client-level step on its own update, and
-    (local noise) its client-level ledger; with ``dataset``, every round is charged first to its dataset's
-    ledger (write-ahead: before the round trains), then to the run's ledgers.
+    (local and distributed noise) its client-level ledger and budget gate; with ``dataset``, every round is
+    charged first to its dataset's ledger (write-ahead: before the round trains), then to the run's ledgers.
 
     With any DP level on, what the site computes from its records outside an accounted mechanism stays on the
     site (``withholds_metrics``) unless the configuration opts in (``share_site_metrics``): the ledger then
@@ -245,7 +248,8 @@ class SitePrivacy:
         self.dataset = dataset
         self.run: str | None = None  # the run's id in the dataset ledger: its first session
         self.charged: dict[str, list[GaussianEvent]] = {}  # what the round in progress was charged
-        self.dataset_contents: LedgerContents | None = None  # the dataset ledger as of the last charge
+        self.dataset_contents: LedgerContents | None = None  # the dataset ledger as of the last anchor signed
+        self._dataset_figures: dict[str, Any] = {}  # what dataset_contents says (the anchor's figures)
         enabled = record is not None or client is not None
         self.withholds_metrics = enabled and not share_site_metrics
         releases = ([TRAIN_LOSS] if record is None else []) + ([CLIPPED] if sends_updates else []) + [TEST_ACCURACY]
@@ -269,13 +273,18 @@ class SitePrivacy:
         return {a.level: a.planned_events(round_index) for a in self.accountants}
 
     def start_refusal(self, next_round: int) -> str | None:
-        """Why a fresh run from ``next_round`` must not start: its planned rounds would overdraw the dataset's
-        budget (all runs' charges so far plus this whole plan). A resumed run is gated round by round instead
-        (its retried round costs one round more than planned)."""
+        """Why a fresh run from ``next_round`` must not start: its planned rounds would overdraw the budget of
+        the dataset's ledger, or of any other ledger sharing records with it (all runs' charges so far plus this
+        whole plan). A resumed run is gated round by round instead (its retried round costs one round more than
+        planned)."""
         if self.dataset is None:
             return None
-        return projected_refusal(self.dataset.ledger.read(), self._plans(next_round), self.dataset.budgets,
-                                 self.dataset.rounds - next_round)
+        own, shared = self.dataset.ledger.read_with_shared()
+        plans, rounds = self._plans(next_round), self.dataset.rounds - next_round
+        reasons = [projected_refusal(own, plans, self.dataset.budgets, rounds),
+                   *(projected_refusal(other, plans, self.dataset.budgets, rounds, shared=count)
+                     for other, count in shared)]
+        return "; ".join(reason for reason in reasons if reason) or None
 
     def charge_ahead(self, round_index: int) -> dict[str, float]:
         """Charge the round's planned mechanisms before the round trains (write-ahead): to the dataset ledger
@@ -288,7 +297,7 @@ class SitePrivacy:
         if self.dataset is not None:
             if self.run is None:
                 raise RuntimeError("the run's id is set when its session is confirmed, before any round")
-            self.dataset_contents = self.dataset.ledger.charge(self.run, round_index, plans, self.dataset.budgets)
+            self._observe(self.dataset.ledger.charge(self.run, round_index, plans, self.dataset.budgets))
         self.charged = plans
         spent = {"record": self.charge_training(plans.get("record", []), round_index),
                  "client": self.charge_release(round_index)}
@@ -324,7 +333,8 @@ class SitePrivacy:
         return self.record_accountant.spend(events, round_index)
 
     def charge_release(self, round_index: int) -> float | None:
-        """local noise: charge the noisy update this site releases; ε of its client-level ledger so far."""
+        """local noise: charge the noisy update this site releases; distributed noise: charge the sum its share
+        goes into (the planned event, which its ``min_survivors`` enforces). ε of its client-level ledger so far."""
         if self.client_accountant is None:
             return None
         return self.client_accountant.spend(self.client.round_events(), round_index)
@@ -357,10 +367,14 @@ class SitePrivacy:
             content["dataset_ledger"] = self.dataset_ledger()
         return content
 
-    def dataset_ledger(self) -> dict[str, Any]:
-        """The dataset ledger as this run leaves it, at its governing level (record, else client): where it is,
-        its size and head (anchors against a cut), δ, budget, and the cumulative ε before and with this run."""
-        contents = self.dataset.ledger.read()
+    def observe_dataset(self) -> None:
+        """Read the dataset ledger as this run (re)starts, for the anchor the site signs then (``run_started``):
+        without a charge in this session, it is what the run's summary reports."""
+        if self.dataset is not None:
+            self._observe(self.dataset.ledger.read())
+
+    def _observe(self, contents: LedgerContents | None) -> None:
+        self.dataset_contents = contents
         level = "record" if self.record_accountant is not None else "client"
         budget = contents.budgets.get(level, self.dataset.budgets[level]) if contents else self.dataset.budgets[level]
         if contents is None:
@@ -369,10 +383,40 @@ class SitePrivacy:
             entries, head = contents.entries, contents.head_sha256
             before = contents.accountant(level, proposed=budget, exclude_run=self.run).epsilon()
             now = contents.accountant(level, proposed=budget).epsilon()
+        self._dataset_figures = {"level": level, "entries": entries, "head_sha256": head, "delta": budget.delta,
+                                 "budget_epsilon": None if math.isinf(budget.epsilon) else budget.epsilon,
+                                 "epsilon_before_run": before, "epsilon": now}
+
+    def dataset_anchor(self) -> dict[str, Any]:
+        """The dataset ledger's figures as last observed (the last charge, else the run's start), as audit meta
+        (``audits.entries.check_meta``: scalars only). The site signs them into its audit log with every
+        ``privacy_spent`` and at ``run_started``; the report compares the run ledger's ``dataset_ledger`` summary
+        with the last of them, so the summary cannot be edited where the dataset ledger itself is not readable.
+        Empty without a dataset ledger."""
+        if self.dataset is None:
+            return {}
+        figures = self._dataset_figures
+        return {"dataset_sha256": self.dataset.ledger.dataset_sha256, "dataset_level": figures["level"],
+                "dataset_delta": figures["delta"], "dataset_ledger_entries": figures["entries"],
+                "dataset_ledger_head": figures["head_sha256"], "dataset_budget_epsilon": figures["budget_epsilon"],
+                "dataset_epsilon_before_run": figures["epsilon_before_run"], "dataset_epsilon": figures["epsilon"]}
+
+    def dataset_ledger(self) -> dict[str, Any]:
+        """The dataset ledger as this run last observed it (its last charge, else its start), at its governing level
+        (record, else client): where it is, its size and head (anchors against a cut), δ, budget, and the
+        cumulative ε before and with this run. Exactly the figures of the last anchor the site signed."""
         return {"path": str(self.dataset.ledger.path), "dataset_sha256": self.dataset.ledger.dataset_sha256,
-                "level": level, "entries": entries, "head_sha256": head, "delta": budget.delta,
-                "budget_epsilon": None if math.isinf(budget.epsilon) else budget.epsilon,
-                "epsilon_before_run": before, "epsilon": now}
+                **self._dataset_figures, "shared_ledgers": self._shared_ledgers()}
+
+    def _shared_ledgers(self) -> list[dict[str, Any]]:
+        """The other ledgers this run charged too, as they share records with this dataset: where each is, its
+        dataset, the records shared, its size, head and cumulative ε at this dataset's governing level."""
+        level = self._dataset_figures["level"]
+        _, shared = self.dataset.ledger.read_with_shared()
+        return [{"path": str(other.path), "dataset_sha256": other.dataset_sha256, "shared_records": count,
+                 "entries": other.entries, "head_sha256": other.head_sha256,
+                 "epsilon": other.accountant(level, proposed=self.dataset.budgets[level]).epsilon()}
+                for other, count in shared if self.run in other.runs()]
 
     def state_dict(self) -> dict[str, Any]:
         return {"ledgers": [a.state_dict() for a in self.accountants]}
@@ -388,8 +432,7 @@ class ServerPrivacy:
 
     def __init__(self, client: ClientPrivacy | None) -> None:
         self.client = client
-        self.accountant = client.new_accountant(None) if client is not None and not client.per_client_ledgers \
-            else None
+        self.accountant = client.new_accountant(None) if client is not None and client.federation_ledger else None
         self.adaptive: AdaptiveClipping | None = client.adaptive_clipping() if client is not None else None
 
     @property
