@@ -149,7 +149,7 @@ def _verify(args: argparse.Namespace, load_roster: RosterLoader, roster_digest: 
         print(f"NOT INTACT: the roster {roster_file} has sha256 {digest}, not the pinned {pinned.strip().lower()}: "
               "it is not the run's roster (its keys, and so every signature checked against them, prove nothing)")
         return 1
-    if pinned is None:
+    if pinned is None and args.receipt is None:  # a receipt names the roster's digest: checked against it below
         _warn("roster not pinned: signatures are checked against this roster's keys only; whoever replaced the "
               "roster and the logs together would pass. Pass --roster-sha256 with the digest every party pinned")
     record = None
@@ -162,12 +162,12 @@ def _verify(args: argparse.Namespace, load_roster: RosterLoader, roster_digest: 
         if found is not None:
             print(f"run record: {found[0]} ({len(found[1].parties)} parties, their final signed tree heads)")
             record = found[1]
-        elif path.is_dir() and not args.allow_unfinished:
-            print(f"NOT INTACT: {path} holds no record of a finished run (manifest): the run did not finish, or its "
+        elif not args.allow_unfinished:
+            print(f"NOT INTACT: {path} has no record of a finished run (manifest): the run did not finish, or its "
                   "manifest was removed, and whether every log is complete cannot be checked; pass "
                   "--allow-unfinished to verify a run that crashed")
             return 1
-        elif path.is_dir():
+        else:
             _warn("unfinished run (no manifest): whether every party's log is complete and closed could not be "
                   "checked; a cut tail after the last exchanged tree head, or a removed log of a party that "
                   "exchanged none, would pass")

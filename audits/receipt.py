@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import merkle
 from .entries import AuditError, SchemaError, SignedTreeHead, canonical_json, check_party
-from .verify import LogReport, Problem, Roster, VerificationReport
+from .verify import LogReport, Problem, Roster, VerificationReport, closing_tail_problem
 
 RECEIPT_FORMAT = "feddat-secure-audit-receipt/1"
 RECEIPT_CONTEXT = b"feddat-secure audit receipt v1\x00"
@@ -49,7 +49,6 @@ RECEIPT_SUFFIX = ".receipt.json"
 RECEIPT_DIR_ENV = "FEDDAT_SECURE_RECEIPT_DIR"
 RECEIPT_KEYS = frozenset({"format", "run", "session", "roster_sha256", "signer", "tree_heads", "signature"})
 MAX_RECEIPT_BYTES = 1 << 20
-CLOSING_EVENTS = frozenset({"tree_head", "message_sent", "message_received", "message_rejected"})
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
 
@@ -282,8 +281,4 @@ def _against_head(log: LogReport, head: SignedTreeHead, *, signer: bool, receive
     if signer and (latest.tree_size, latest.root) != (size, head.root):
         return (f"ends with its final tree head of size {latest.tree_size}, the receipt signed by it holds size "
                 f"{size}: its final tree head differs")
-    for entry in log.entries[size:]:
-        if entry.event not in CLOSING_EVENTS or (entry.peer is not None and entry.peer != receiver):
-            return (f"holds a {entry.event} entry (seq {entry.seq}) after its tree head in the receipt: only its "
-                    f"exchange with {receiver!r} of that head and its tree heads may follow it")
-    return None
+    return None if signer else closing_tail_problem(log, size, receiver)

@@ -352,6 +352,7 @@ def verify_path(path: Path | str, roster: Roster, *, require_closed: bool = Fals
     _check_exchanged_tree_heads(report, by_party)
     if record is not None:
         _check_run_record(report, by_party, roster_sha256, every_party=True)
+        _check_closing_tails(report, by_party)
     return report
 
 
@@ -392,6 +393,46 @@ def _check_run_record(report: VerificationReport, by_party: dict[str, LogReport]
             if party not in record.parties:
                 report.problems.append(Problem(log.path, None, None, f"a log of party {party!r}, which the run's "
                                                "record does not name"))
+
+
+def closing_tail_problem(log: LogReport, size: int, receiver: str) -> str | None:
+    """Why ``log`` holds more after the tree head of size ``size`` it handed ``receiver`` in its close reply than
+    closing allows, or None. A party's log goes on past that head for the few entries the head cannot cover: the
+    head's own ``tree_head`` entry, the close exchange with ``receiver`` (one ``message_received``, one
+    ``message_sent``, outside any round; ``receiver``'s log holds the other side) and the final tree head.
+    Anything else there was written after the party's last word to the run: a party that re-seals its own log
+    could otherwise slip entries in unseen by any head a peer holds."""
+    exchanged: set[str] = set()
+    for entry in log.entries[size:]:
+        if entry.event == "tree_head":
+            continue
+        if entry.event in ("message_received", "message_sent") and entry.peer == receiver and entry.round is None \
+                and entry.event not in exchanged:
+            exchanged.add(entry.event)
+            continue
+        return (f"holds a {entry.event} entry (seq {entry.seq}) after the tree head of size {size} it handed "
+                f"{receiver!r} at close: only that close exchange and its tree heads may follow it")
+    return None
+
+
+def _check_closing_tails(report: VerificationReport, by_party: dict[str, LogReport]) -> None:
+    """Each party's log after the last tree head the run's closer (the party that recorded a head of every other
+    one: the server) recorded from it holds only the close exchange (:func:`closing_tail_problem`), so a log
+    re-sealed with its own key, and the manifest edited to match, still cannot hide entries added at the end."""
+    parties = set(by_party)
+    closer = next((party for party, log in sorted(by_party.items())
+                   if {sth.party for _, sth in log.peer_tree_heads} >= parties - {party}), None)
+    if closer is None:
+        return
+    last: dict[str, int] = {}
+    for _, sth in by_party[closer].peer_tree_heads:
+        last[sth.party] = max(last.get(sth.party, 0), sth.tree_size)
+    for party, log in sorted(by_party.items()):
+        if party == closer or log.problem is not None or party not in last:
+            continue
+        reason = closing_tail_problem(log, last[party], closer)
+        if reason is not None:
+            report.problems.append(Problem(log.path, None, None, f"the log of {party!r} {reason}"))
 
 
 def _prefix_roots(leaves: list[bytes], sizes: set[int]) -> dict[int, bytes]:

@@ -146,8 +146,8 @@ def test_an_entry_slipped_in_after_a_partys_closing_head_is_named(finished_run, 
     capsys.readouterr()
     assert main(["audit", "verify", str(copy_of_run), "--receipt", str(file), "--all"]) == 1
     out = capsys.readouterr().out
-    assert f"the log of 'client0' holds a budget_exceeded entry (seq {closing + 1}) after its tree head in the " \
-           "receipt" in out
+    assert f"the log of 'client0' holds a budget_exceeded entry (seq {closing + 1}) after the tree head of size " \
+           f"{closing} it handed 'server' at close" in out
 
 
 # ------------------------------------------------------------------------------------------------ the attacker

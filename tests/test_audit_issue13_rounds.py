@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import small_config
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from audits import AuditLog, merkle, parse_entry, verify_path
@@ -25,8 +24,9 @@ from feddat_secure.federation.keyholder_app import KeyHolder
 from feddat_secure.federation.party_folder import PartyFolder
 from feddat_secure.federation.runner import run
 from feddat_secure.privacy.accounting import GaussianEvent
-from feddat_secure.privacy.dataset_ledger import DatasetLedger, LevelBudget
+from feddat_secure.privacy.dataset_ledger import DatasetLedger, LevelBudget, RecordSet
 from protocols import Identity, Roster, make_protocol, new_session_id
+from tests.conftest import small_config
 
 PARTIES = ("server", "client0", "client1", "client2", "keyholder")
 
@@ -132,7 +132,7 @@ def test_the_key_holder_refuses_a_resume_that_names_no_session():
 
 
 def test_a_dataset_ledger_numbers_its_charges_from_1_and_reads_them_back(tmp_path):
-    ledger = DatasetLedger(tmp_path, "d" * 64)
+    ledger = DatasetLedger(tmp_path, RecordSet.of(hashlib.sha256(f"record {i}".encode()).digest() for i in range(4)))
     budget = {"record": LevelBudget("record", 10.0, 1e-5, "rdp")}
     contents = ledger.charge("run-a", 0, {"record": [GaussianEvent(1.0, 0.1, 10)]}, budget)
     raw = [json.loads(line) for line in ledger.path.read_text().splitlines()]

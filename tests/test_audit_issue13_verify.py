@@ -130,7 +130,7 @@ def test_a_log_cut_after_its_last_exchanged_tree_head_fails(run_dir, capsys):
 def test_a_finished_run_without_its_manifest_fails_unless_allowed_as_unfinished(run_dir, capsys):
     (run_dir / "manifest.json").unlink()
     code, out = verify(run_dir, capsys, "--roster-sha256", pin(run_dir))
-    assert code == 1 and "holds no record of a finished run" in out and "--allow-unfinished" in out
+    assert code == 1 and "has no record of a finished run" in out and "--allow-unfinished" in out
     code, out = verify(run_dir, capsys, "--roster-sha256", pin(run_dir), "--allow-unfinished")
     assert code == 0 and "unfinished run (no manifest)" in out and "could not be checked" in out
 
