@@ -67,10 +67,12 @@ def find_logs(folder: Path | str) -> list[Path]:
 @dataclass(frozen=True)
 class PartyRecord:
     """One party's log as a finished run recorded it: where it is (relative to the run folder) and the final
-    signed tree head its ``close()`` wrote."""
+    signed tree head its ``close()`` wrote; or, for a party that did not close its log (a site killed during the
+    run, a deployment's dropout: ``closed`` False), the last tree head it signed, which its log must still hold."""
 
     log: str
     final_tree_head: SignedTreeHead
+    closed: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ class RunRecord:
 
     def to_dict(self) -> dict:
         return {"roster_sha256": self.roster_sha256,
-                "parties": {party: {"log": record.log, "final_tree_head": record.final_tree_head.to_dict()}
+                "parties": {party: {"log": record.log, "final_tree_head": record.final_tree_head.to_dict(),
+                                    "closed": record.closed}
                             for party, record in sorted(self.parties.items())}}
 
     @classmethod
@@ -100,13 +103,14 @@ class RunRecord:
         records = {}
         for party, item in parties.items():
             check_party(party, "audit record party")
-            if not isinstance(item, Mapping) or set(item) != {"log", "final_tree_head"} \
-                    or not isinstance(item["log"], str):
-                raise AuditError(f"the audit record of {party!r} needs exactly 'log' (a path) and 'final_tree_head'")
+            if not isinstance(item, Mapping) or set(item) != {"log", "final_tree_head", "closed"} \
+                    or not isinstance(item["log"], str) or not isinstance(item["closed"], bool):
+                raise AuditError(f"the audit record of {party!r} needs exactly 'log' (a path), 'final_tree_head' and "
+                                 "'closed' (true or false)")
             head = SignedTreeHead.from_dict(item["final_tree_head"])
             if head.party != party:
                 raise AuditError(f"the audit record of {party!r} holds a tree head of {head.party!r}")
-            records[party] = PartyRecord(item["log"], head)
+            records[party] = PartyRecord(item["log"], head, item["closed"])
         return cls(digest, records)
 
 
@@ -376,6 +380,12 @@ def _check_run_record(report: VerificationReport, by_party: dict[str, LogReport]
                                                f"{head.tree_size}); it was removed"))
             continue
         if log.problem is not None:  # already reported at its first bad line
+            continue
+        if not expected.closed:  # it never closed (killed during the run): it must still hold its last signed head
+            if head not in log.tree_heads:
+                report.problems.append(Problem(log.path, None, None, f"the log of {party!r} no longer holds the tree "
+                                               f"head of size {head.tree_size} it last signed before the run "
+                                               "finished without it: it was rewritten or cut"))
             continue
         if not log.closed:
             report.problems.append(Problem(log.path, len(log.entries), len(log.entries) - 1,

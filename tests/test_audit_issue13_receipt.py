@@ -142,8 +142,14 @@ def test_an_entry_slipped_in_after_a_partys_closing_head_is_named(finished_run, 
             value["sth"] = SignedTreeHead.sign(key, "client0", seq, root, value["time"]).to_dict()
         lines[seq] = sign_line(value, key)
     write_lines(log, lines)
-    assert main(["audit", "verify", str(copy_of_run), "--allow-unfinished"]) == 1  # the manifest's final head too
+    assert main(["audit", "verify", str(copy_of_run)]) == 1  # the manifest's record of client0's final head ...
     capsys.readouterr()
+    manifest = json.loads((copy_of_run / "manifest.json").read_text())  # ... which the attacker edits too (unsigned)
+    manifest["audit"]["parties"]["client0"]["final_tree_head"] = json.loads(lines[-1])["sth"]
+    (copy_of_run / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["audit", "verify", str(copy_of_run)]) == 1  # only the close exchange may follow the closing head
+    assert f"the log of 'client0' holds a budget_exceeded entry (seq {closing + 1}) after the tree head of size " \
+           f"{closing} it handed 'server' at close" in capsys.readouterr().out
     assert main(["audit", "verify", str(copy_of_run), "--receipt", str(file), "--all"]) == 1
     out = capsys.readouterr().out
     assert f"the log of 'client0' holds a budget_exceeded entry (seq {closing + 1}) after the tree head of size " \

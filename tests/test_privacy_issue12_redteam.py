@@ -96,7 +96,7 @@ def test_a_server_driving_rounds_past_the_plan_gets_signed_refusals(foundation, 
         assert refusals == [f"round {r} is beyond the 1 rounds of the configuration this site agreed to"
                             for r in range(2, 5)]
         signed = [e for e in audit_entries(site) if e["event"] == "privacy_spent"]
-        assert [(e["round"], e["meta"]["level"]) for e in signed] == [(0, "client")]
+        assert [(e["round"], e["meta"]["level"]) for e in signed] == [(1, "client")]  # audit logs count from 1
         assert signed[-1]["meta"]["epsilon"] == ledger.epsilon()
         summary = json.loads((site.folder.path / LEDGER_FILE).read_text())["dataset_ledger"]
         dataset = read_ledger(summary["path"])  # the client-level charges reached the data owner's ledger

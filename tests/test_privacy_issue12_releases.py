@@ -122,7 +122,8 @@ def test_a_site_that_sends_its_metrics_against_the_agreement_is_refused_and_noth
     audit = [json.loads(line) for line in server.audit.log.path.read_text().splitlines()]
     refused = [(e["event"], e["stage"]) for e in audit if e.get("peer") == "client1" and e["event"] in
                ("party_dropped", "message_rejected")]
-    assert refused == [("party_dropped", None), ("message_rejected", f"{E.PROTOCOL}:{E.METRICS}")]
+    assert refused == [("message_rejected", f"{E.PROTOCOL}:{E.UPDATE}"),
+                       ("message_rejected", f"{E.PROTOCOL}:{E.METRICS}")]
 
 
 def test_with_share_site_metrics_they_reach_the_server_and_every_sites_ledger_lists_them(tmp_path, monkeypatch):

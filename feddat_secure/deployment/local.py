@@ -306,7 +306,7 @@ def _collect(run_dir: Path, config: RunConfig, foundation, benchmark, stopped: s
     if load_run_ledgers(run_dir) is not None:
         write_privacy_report(run_dir, allow_unsigned=not config.audit.enabled)
     write_manifest(run_dir, config, foundation, benchmark, stopped, quality.to_dict(),
-                   audit_record(run_dir, parties) if config.audit.enabled else None)
+                   audit_record(run_dir, parties, dropouts_allowed=True) if config.audit.enabled else None)
 
 
 def _follow(log: Path, process: subprocess.Popen, result_file: Path, echo, check: Callable[[], None]) -> None:
