@@ -360,6 +360,20 @@ def _append_durably(path: Path, data: bytes) -> None:
     _fsync_folder(path.parent)
 
 
+def replace_durably(path: Path, data: bytes) -> Path:
+    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one, never a mix, and the
+    new one survives a power loss once this returns: written to a temporary file beside it, fsynced, renamed
+    over ``path``, and the folder fsynced (the rename itself is a change of the folder)."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+    _fsync_folder(path.parent)
+    return path
+
+
 def _fsync_folder(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

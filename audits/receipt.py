@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import merkle
 from .entries import AuditError, SchemaError, SignedTreeHead, canonical_json, check_party
+from .log import replace_durably
 from .verify import LogReport, Problem, Roster, VerificationReport, closing_tail_problem
 
 RECEIPT_FORMAT = "feddat-secure-audit-receipt/1"
@@ -196,18 +197,7 @@ def write_receipt(receipt: Receipt, folder: Path | str) -> Path:
             return path
         raise ReceiptError(f"{path} already holds another receipt of run {receipt.run!r}, session "
                            f"{receipt.session!r}; it is never replaced")
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    return path
+    return replace_durably(path, data)
 
 
 def check_receipt(receipt: Receipt, report: VerificationReport, roster: Roster, *, receipt_file: Path | str,

@@ -65,7 +65,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from audits import AuditError, AuditLog, check_log, key_id
+from audits import AuditError, AuditLog, check_log, key_id, replace_durably
 
 from ..errors import FeddatError
 from .accounting import ACCOUNTANTS, AccountingError, GaussianEvent, PrivacyAccountant, compute_epsilon
@@ -433,17 +433,7 @@ class DatasetLedger:
         if path.exists():
             read_records(self.path)
             return
-        temporary = path.with_name(path.name + ".tmp")
-        with open(temporary, "wb") as out:
-            out.write(self.records.to_bytes())
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-        folder = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        replace_durably(path, self.records.to_bytes())
 
     def read(self) -> LedgerContents | None:
         """The verified contents, or None while nothing was ever charged to this dataset."""

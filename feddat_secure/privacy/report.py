@@ -18,7 +18,7 @@ import html
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -225,7 +225,7 @@ def _run_identity(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 def _run_times(folder: Path) -> tuple[str | None, str | None]:
     """(first, last) entry time over the parties' audit logs (UTC, as signed); (None, None) without logs."""
     times = []
-    for path in sorted(folder.rglob("*.audit.jsonl")) if folder.is_dir() else []:
+    for path in _audit_logs(folder):
         lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
         for line in (lines[:1] + lines[-1:]):
             try:
@@ -235,20 +235,31 @@ def _run_times(folder: Path) -> tuple[str | None, str | None]:
     return (min(times), max(times)) if times else (None, None)
 
 
+def _audit_logs(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.audit.jsonl")) if folder.is_dir() else []
+
+
+def _entries(path: Path) -> Iterator[dict[str, Any]]:
+    """The entries of an audit log as written (unreadable lines skipped: verifying is ``audit verify``'s job)."""
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        for line in stream:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict):
+                yield entry
+
+
 def _audit_tree_heads(folder: Path) -> list[dict[str, Any]]:
     """The last signed tree head of every audit log (docs/audit.md), as written; not verified here
     (``feddat-secure audit verify`` does that)."""
     heads = []
-    for path in sorted(folder.rglob("*.audit.jsonl")) if folder.is_dir() else []:
+    for path in _audit_logs(folder):
         last = None
-        with open(path, encoding="utf-8", errors="replace") as stream:
-            for line in stream:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(entry, dict) and entry.get("event") == "tree_head" and isinstance(entry.get("sth"), dict):
-                    last = entry
+        for entry in _entries(path):
+            if entry.get("event") == "tree_head" and isinstance(entry.get("sth"), dict):
+                last = entry
         if last is not None:
             sth = last["sth"]
             heads.append({"log": path.relative_to(folder.parent).as_posix(), "party": sth.get("party"),
@@ -262,17 +273,8 @@ def _audit_receipt(folder: Path, name: str, receipt_dir: str | None) -> dict[str
     name and the session its logs last started: its path and the SHA-256 of its bytes, which a reviewer compares
     with their own copy. Not checked here (``feddat-secure audit verify RUN --receipt FILE`` does that); None
     when there is none."""
-    sessions = []
-    for path in sorted(folder.rglob("*.audit.jsonl")) if folder.is_dir() else []:
-        with open(path, encoding="utf-8", errors="replace") as stream:
-            for line in stream:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(entry, dict) and entry.get("event") == "run_started" \
-                        and isinstance((entry.get("meta") or {}).get("session"), str):
-                    sessions.append(entry["meta"]["session"])
+    sessions = [entry["meta"]["session"] for path in _audit_logs(folder) for entry in _entries(path)
+                if entry.get("event") == "run_started" and isinstance((entry.get("meta") or {}).get("session"), str)]
     for session in reversed(sessions):
         path = receipt_path(resolve_receipt_dir(receipt_dir), name, session)
         if path.is_file():

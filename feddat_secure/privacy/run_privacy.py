@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from audits import replace_durably
 from protocols.masked import MaskedOptions
 
 from ..config import INDICATOR_SCALE, RunConfig
@@ -179,18 +179,7 @@ def write_ledger(path: Path, content: Mapping[str, Any]) -> Path:
     ahead if it is on disk before the release leaves: the file is fsynced before it replaces the old one, and
     the folder after (the rename itself lives in the folder's entry; POSIX rename(2) and fsync(2))."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    with open(temporary, "w") as stream:
-        stream.write(json.dumps(content, indent=1, sort_keys=True) + "\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-    return path
+    return replace_durably(path, (json.dumps(content, indent=1, sort_keys=True) + "\n").encode())
 
 
 @dataclass(frozen=True)
