@@ -71,7 +71,7 @@ class PartyRecord:
     run, a deployment's dropout: ``closed`` False), the last tree head it signed, which its log must still hold."""
 
     log: str
-    final_tree_head: SignedTreeHead
+    final_tree_head: SignedTreeHead | None  # None only when not closed and it signed no tree head before it left
     closed: bool = True
 
 
@@ -86,8 +86,8 @@ class RunRecord:
 
     def to_dict(self) -> dict:
         return {"roster_sha256": self.roster_sha256,
-                "parties": {party: {"log": record.log, "final_tree_head": record.final_tree_head.to_dict(),
-                                    "closed": record.closed}
+                "parties": {party: {"log": record.log, "final_tree_head": None if record.final_tree_head is None
+                                    else record.final_tree_head.to_dict(), "closed": record.closed}
                             for party, record in sorted(self.parties.items())}}
 
     @classmethod
@@ -107,6 +107,9 @@ class RunRecord:
                     or not isinstance(item["log"], str) or not isinstance(item["closed"], bool):
                 raise AuditError(f"the audit record of {party!r} needs exactly 'log' (a path), 'final_tree_head' and "
                                  "'closed' (true or false)")
+            if item["final_tree_head"] is None and not item["closed"]:  # it left before it signed any head
+                records[party] = PartyRecord(item["log"], None, False)
+                continue
             head = SignedTreeHead.from_dict(item["final_tree_head"])
             if head.party != party:
                 raise AuditError(f"the audit record of {party!r} holds a tree head of {head.party!r}")
@@ -375,14 +378,14 @@ def _check_run_record(report: VerificationReport, by_party: dict[str, LogReport]
         head = expected.final_tree_head
         if log is None:
             if every_party:
+                size = "no tree head" if head is None else f"final tree head of size {head.tree_size}"
                 report.problems.append(Problem(where, None, None, f"no log of party {party!r}: the run finished and "
-                                               f"recorded its log ({expected.log}, final tree head of size "
-                                               f"{head.tree_size}); it was removed"))
+                                               f"recorded its log ({expected.log}, {size}); it was removed"))
             continue
         if log.problem is not None:  # already reported at its first bad line
             continue
         if not expected.closed:  # it never closed (killed during the run): it must still hold its last signed head
-            if head not in log.tree_heads:
+            if head is not None and head not in log.tree_heads:
                 report.problems.append(Problem(log.path, None, None, f"the log of {party!r} no longer holds the tree "
                                                f"head of size {head.tree_size} it last signed before the run "
                                                "finished without it: it was rewritten or cut"))
@@ -438,8 +441,8 @@ def _check_closing_tails(report: VerificationReport, by_party: dict[str, LogRepo
     for _, sth in by_party[closer].peer_tree_heads:
         last[sth.party] = max(last.get(sth.party, 0), sth.tree_size)
     for party, log in sorted(by_party.items()):
-        if party == closer or log.problem is not None or party not in last:
-            continue
+        if party == closer or log.problem is not None or not log.closed or party not in last:
+            continue  # a party that never closed (a dropout the run record names as such) had no close exchange
         reason = closing_tail_problem(log, last[party], closer)
         if reason is not None:
             report.problems.append(Problem(log.path, None, None, f"the log of {party!r} {reason}"))

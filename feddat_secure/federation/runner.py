@@ -321,7 +321,7 @@ def audit_record(run_dir: Path, parties: Sequence[str], *, dropouts_allowed: boo
     closed its log and checked against the roster. A log cut or rewritten and re-sealed later, or removed,
     then no longer matches what the finished run recorded (issue 13, faults 1 and 2). A party whose log the
     run finished without closing (a deployment's site killed during the run) is recorded with the last tree
-    head it signed (``closed`` false) when ``dropouts_allowed``; otherwise (a simulation, where every party
+    head it signed, if any (``closed`` false), when ``dropouts_allowed``; otherwise (a simulation, where every party
     closes) an unclosed log, like a missing one or one that does not verify, stops the manifest."""
     roster = load_roster(run_dir / ROSTER_FILE)
     keys = {entry.party_id: entry.public_key for entry in roster.entries}
@@ -329,11 +329,11 @@ def audit_record(run_dir: Path, parties: Sequence[str], *, dropouts_allowed: boo
     for party in parties:
         path = PartyFolder(run_dir / PARTIES_DIR / party, party).audit_log
         log = check_log(path, keys, party=party) if path.is_file() else None
-        if log is None or log.problem is not None or not log.tree_heads or not (log.closed or dropouts_allowed):
-            why = "is missing" if log is None else str(log.problem) if log.problem else \
-                "holds no signed tree head" if not log.tree_heads else "is not closed"
+        if log is None or log.problem is not None or not (log.closed or dropouts_allowed):
+            why = "is missing" if log is None else str(log.problem) if log.problem else "is not closed"
             raise FederationError(f"the run finished but the audit log of {party!r} {why}; no manifest is written")
-        records[party] = PartyRecord(path.relative_to(run_dir).as_posix(), log.tree_heads[-1], log.closed)
+        records[party] = PartyRecord(path.relative_to(run_dir).as_posix(),
+                                     log.tree_heads[-1] if log.tree_heads else None, log.closed)
     return RunRecord(roster.digest, records).to_dict()
 
 
