@@ -359,6 +359,9 @@ def verify_path(path: Path | str, roster: Roster, *, require_closed: bool = Fals
     _check_exchanged_tree_heads(report, by_party)
     if record is not None:
         _check_run_record(report, by_party, roster_sha256, every_party=True)
+        for party in sorted(set(roster) - set(record.parties)):  # a party dropped from the record with its log
+            report.problems.append(Problem(path, None, None, f"the roster names party {party!r}, but the run's record "
+                                           "names no log of it: its log and its record were removed"))
         _check_closing_tails(report, by_party)
     return report
 

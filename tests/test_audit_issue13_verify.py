@@ -197,3 +197,14 @@ def test_a_roster_swapped_under_the_manifest_fails_even_unpinned(run_dir, runs, 
     code, out = verify(run_dir, capsys)
     assert code == 1
     assert "is not the one the run recorded" in out
+
+
+def test_a_party_the_roster_names_cannot_be_dropped_from_the_record_with_its_log(run_dir, capsys):
+    """The run's record is the manifest's (unsigned) audit object: dropping the key holder from it, with its log,
+    still leaves the roster naming it."""
+    log_of(run_dir, "keyholder").unlink()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    del manifest["audit"]["parties"]["keyholder"]
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["audit", "verify", str(run_dir), "--all"]) == 1
+    assert "the roster names party 'keyholder', but the run's record names no log of it" in capsys.readouterr().out
