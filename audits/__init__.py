@@ -20,7 +20,7 @@ from .entries import (
     key_id,
     parse_entry,
 )
-from .log import AuditLog, Recovery, replace_durably
+from .log import AuditLog, Recovery, owner_data_dir, replace_durably
 from .proofs import (
     ConsistencyProof,
     InclusionProof,
@@ -61,6 +61,7 @@ __all__ = [
     "Exchange", "InclusionProof", "LogReport", "PartyRecord", "Problem", "ProofError", "Receipt", "ReceiptError",
     "ReconciliationReport", "Recovery", "Roster", "RunRecord", "SchemaError", "SignedTreeHead", "VerificationReport",
     "check_consistency_proof", "check_inclusion_proof", "check_log", "check_receipt", "consistency_proof",
-    "default_receipt_dir", "find_logs", "inclusion_proof", "key_id", "load_receipt", "log_path", "parse_entry",
-    "receipt_path", "reconcile", "replace_durably", "resolve_receipt_dir", "torn_path", "verify_path", "write_receipt",
+    "default_receipt_dir", "find_logs", "inclusion_proof", "key_id", "load_receipt", "log_path", "owner_data_dir",
+    "parse_entry", "receipt_path", "reconcile", "replace_durably", "resolve_receipt_dir", "torn_path", "verify_path",
+    "write_receipt",
 ]

@@ -360,6 +360,17 @@ def _append_durably(path: Path, data: bytes) -> None:
     _fsync_folder(path.parent)
 
 
+def owner_data_dir(env_var: str, name: str) -> Path:
+    """Where a party keeps files that outlive its run folders (dataset privacy ledgers, audit receipts):
+    ``$<env_var>`` when set, else ``$XDG_DATA_HOME/feddat-secure/<name>`` (XDG Base Directory spec:
+    ``~/.local/share`` when unset)."""
+    configured = os.environ.get(env_var)
+    if configured:
+        return Path(configured).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home).expanduser() / "feddat-secure" / name
+
+
 def replace_durably(path: Path, data: bytes) -> Path:
     """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one, never a mix, and the
     new one survives a power loss once this returns: written to a temporary file beside it, fsynced, renamed

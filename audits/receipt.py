@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import merkle
 from .entries import AuditError, SchemaError, SignedTreeHead, canonical_json, check_party
-from .log import replace_durably
+from .log import owner_data_dir, replace_durably
 from .verify import LogReport, Problem, Roster, VerificationReport, closing_tail_problem
 
 RECEIPT_FORMAT = "feddat-secure-audit-receipt/1"
@@ -61,11 +60,7 @@ class ReceiptError(AuditError):
 def default_receipt_dir() -> Path:
     """``$FEDDAT_SECURE_RECEIPT_DIR``, else ``$XDG_DATA_HOME/feddat-secure/audit-receipts`` (XDG Base Directory
     spec: ``~/.local/share`` when unset): outside every run folder, like the dataset privacy ledgers."""
-    configured = os.environ.get(RECEIPT_DIR_ENV)
-    if configured:
-        return Path(configured).expanduser()
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home).expanduser() / "feddat-secure" / "audit-receipts"
+    return owner_data_dir(RECEIPT_DIR_ENV, "audit-receipts")
 
 
 def resolve_receipt_dir(configured: str | Path | None) -> Path:

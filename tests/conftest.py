@@ -23,10 +23,19 @@ if TYPE_CHECKING:
     from feddat_secure.federation.simulation import Federation
 
 
-def _ledger_dir(folder: Path) -> Iterator[Path]:
+def _env_folder(env_var: str, folder: Path) -> Iterator[Path]:
+    """``folder`` as ``$env_var`` while the fixture lives (processes the tests spawn inherit it)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FEDDAT_SECURE_LEDGER_DIR", str(folder))
+        patch.setenv(env_var, str(folder))
         yield folder
+
+
+def _ledger_dir(folder: Path) -> Iterator[Path]:
+    yield from _env_folder("FEDDAT_SECURE_LEDGER_DIR", folder)
+
+
+def _receipt_dir(folder: Path) -> Iterator[Path]:
+    yield from _env_folder("FEDDAT_SECURE_RECEIPT_DIR", folder)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -63,12 +72,6 @@ def module_receipt_dir(tmp_path_factory) -> Iterator[Path]:
 @pytest.fixture(autouse=True)
 def receipt_dir(tmp_path_factory) -> Iterator[Path]:
     yield from _receipt_dir(tmp_path_factory.mktemp("receipts"))
-
-
-def _receipt_dir(folder: Path) -> Iterator[Path]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FEDDAT_SECURE_RECEIPT_DIR", str(folder))
-        yield folder
 
 
 @pytest.fixture

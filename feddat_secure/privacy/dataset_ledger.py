@@ -65,7 +65,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from audits import AuditError, AuditLog, check_log, key_id, replace_durably
+from audits import AuditError, AuditLog, check_log, key_id, owner_data_dir, replace_durably
 
 from ..errors import FeddatError
 from .accounting import ACCOUNTANTS, AccountingError, GaussianEvent, PrivacyAccountant, compute_epsilon
@@ -93,11 +93,7 @@ class DatasetLedgerError(FeddatError, ValueError):
 def default_ledger_dir() -> Path:
     """``$FEDDAT_SECURE_LEDGER_DIR``, else ``$XDG_DATA_HOME/feddat-secure/privacy-ledgers`` (XDG Base Directory
     spec: ``~/.local/share`` when unset) — the data owner's, outside every run folder."""
-    configured = os.environ.get(LEDGER_DIR_ENV)
-    if configured:
-        return Path(configured).expanduser()
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home).expanduser() / "feddat-secure" / "privacy-ledgers"
+    return owner_data_dir(LEDGER_DIR_ENV, "privacy-ledgers")
 
 
 def resolve_ledger_dir(configured: str | Path | None) -> Path:
