@@ -21,6 +21,11 @@ quantization, 32-bit modulus).
     python benchmarks/secure_aggregation.py --clients 100 --params 1000000 --dropouts 0.1 --protocols plain,masked
     python benchmarks/secure_aggregation.py ... --before 43b798f --protocols plain,masked,masked-before,he,he-before
 
+``--profile`` adds, after each row, the functions that cost each party the most (cProfile, by own time; all
+clients of a row pooled into one "client" profile, committee members into one "committee" profile). Bulk work
+runs on worker threads (``protocols.parallel``) that cProfile does not follow; set FEDDAT_SECURE_THREADS=1 to see
+it broken down rather than as waiting.
+
 ``--before REV`` loads ``protocols/`` as it was at git revision REV next to today's, as the package
 ``protocols_before``, so that ``masked-before`` and ``he-before`` rows (the same protocol before a change) are
 measured in the same process and run as today's rows.
@@ -30,10 +35,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import cProfile
 import gc
 import importlib
 import io
 import math
+import pstats
 import random
 import shutil
 import subprocess
@@ -56,12 +63,15 @@ import protocols  # noqa: E402
 from protocols import ProtocolError, make_protocol  # noqa: E402
 
 OURS = ("plain", "masked", "he")
-ALL = (*OURS, "flower")
+# the masked protocol bit-packed to 3 bytes a value: m = 24 fits 100 clients × weight 300 × 255 (8-bit quantization)
+PACKED = {"masked-24": {"modulus_bits": 24, "quantization_bits": 8}}
+ALL = (*OURS, *PACKED, "flower")
 BEFORE = "-before"  # suffix of a protocol measured from the --before revision
 DROP_STAGE = {"plain": "input", "masked": "masked_input", "he": "input"}
 COMMITTEE_STAGE = {"he": "verify"}  # the stage whose client work is a committee member's, billed apart
 COMMITTEE = "committee:"
 MAX_WEIGHT = 300
+PROFILE_TOP = 0  # --profile: how many functions to print per party (0: no profiling)
 CLIP = 0.25
 
 
@@ -106,18 +116,40 @@ class Meter:
         self.seconds: dict[str, float] = defaultdict(float)
         self.sent: dict[str, int] = defaultdict(int)
         self.received: dict[str, int] = defaultdict(int)
+        self.profiles: dict[str, cProfile.Profile] = {}
 
     def call(self, party: str, function: Callable, *args):
+        profile = self.profiles.setdefault(role(party), cProfile.Profile()) if PROFILE_TOP else None
         start = time.perf_counter()
+        if profile is not None:
+            profile.enable()
         try:
             return function(*args)
         finally:
+            if profile is not None:
+                profile.disable()
             self.seconds[party] += time.perf_counter() - start
+
+    def print_profiles(self, label: str) -> None:
+        """The ``PROFILE_TOP`` functions that took each role the most own time in this row."""
+        for name, profile in sorted(self.profiles.items()):
+            stream = io.StringIO()
+            pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(PROFILE_TOP)
+            lines = [line for line in stream.getvalue().splitlines() if line.strip()]
+            start = next(index for index, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
+            print(f"    profile {label}, {name} (own time, all calls of the row):")
+            for line in lines[start:]:
+                print(f"      {line}")
+
+
+def role(party: str) -> str:
+    """What a profile pools a party under: 'client' for every client, 'committee' for every committee member."""
+    return "committee" if party.startswith(COMMITTEE) else "client" if party.startswith("client-") else party
 
 
 def options_for(name: str, dropout: float) -> dict:
     """The masked protocol sizes its graph for the dropout rate it is told to expect (default 10 %)."""
-    return {"dropout_rate": max(dropout, 0.1)} if name == "masked" else {}
+    return {"dropout_rate": max(dropout, 0.1), **PACKED.get(name, {})} if name.startswith("masked") else {}
 
 
 def load_before(revision: str) -> ModuleType:
@@ -140,7 +172,7 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int, package:
     timed separately. Returns the measurement and Σ w·x."""
     Identity, Roster = package.Identity, package.Roster
     SERVER_ID, KEYHOLDER_ID = package.identity.SERVER_ID, package.identity.KEYHOLDER_ID
-    protocol = package.make_protocol(name, seed=seed, **options_for(name, dropout))
+    protocol = package.make_protocol(name.split("-")[0], seed=seed, **options_for(name, dropout))
     protocol.check(n, params)
     names = [f"client-{index}" for index in range(n)]
     server_identity = Identity.generate(SERVER_ID)
@@ -154,7 +186,7 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int, package:
     keyholder = protocol.keyholder(keyholder_identity, roster, session=session) if keyholder_identity else None
     meter = Meter()
     dropped = dropped_clients(n, dropout, seed)
-    vanish_at = {names[index]: server.stages.index(DROP_STAGE[name]) for index in dropped}
+    vanish_at = {names[index]: server.stages.index(DROP_STAGE[name.split("-")[0]]) for index in dropped}
 
     def route(outgoing, sender: str, gone: set[str]) -> None:
         # depth first (an answer is delivered before the next request), so at most one client's input is in flight
@@ -204,6 +236,7 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int, package:
         if meter.received else 0.0,
         upload_bytes_per_param=float(np.mean([meter.sent[client] for client in survivors])) / params,
         max_error=math.nan)
+    meter.print_profiles(f"{name} n={n} P={params}")
     return measurement, result.vector
 
 
@@ -338,6 +371,7 @@ def run_flower(n: int, params: int, dropout: float, seed: int, shares: int, thre
         server_s=meter.seconds["server"], keyholder_s=0.0, committee_s=0.0, committee_download_bytes_per_param=0.0,
         upload_bytes_per_param=float(np.mean([meter.sent[f"client-{nid}"] for nid in active])) / params,
         max_error=math.nan)
+    meter.print_profiles(f"flower n={n} P={params}")
     return measurement, average
 
 
@@ -404,6 +438,21 @@ def table(rows: Sequence[Measurement]) -> str:
     return "\n".join(lines)
 
 
+def versus_flower(rows: Sequence[Measurement]) -> str:
+    """How many times faster than Flower's SecAgg+ each of our secure rounds ran (same n, P, dropout, same run)."""
+    def round_s(r: Measurement) -> float:
+        return r.client_s + r.server_s + r.keyholder_s + r.committee_s
+
+    flower = {(r.clients, r.params, r.dropout): r for r in rows
+              if r.protocol == "flower" and not math.isnan(r.client_s)}
+    lines = [f"- n={r.clients}, P={r.params:,}, dropout {r.dropout:.0%}: {r.protocol} round {round_s(r):.3f} s, "
+             f"Flower's {round_s(base):.3f} s: {round_s(base) / round_s(r):.1f}× faster; server "
+             f"{base.server_s / r.server_s:.1f}×, client {base.client_s / r.client_s:.1f}×"
+             for r in rows if r.protocol not in ("plain", "flower") and not math.isnan(r.client_s)
+             for base in [flower.get((r.clients, r.params, r.dropout))] if base]
+    return "\n".join(["", "Against Flower's SecAgg+ in this run:", *lines]) if lines else ""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: n 10, P 10,000, 10%% dropout")
@@ -412,11 +461,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dropouts", default="0,0.1,0.3", help="comma-separated dropout fractions")
     parser.add_argument("--protocols", default=",".join(ALL), help=f"comma-separated, from {','.join(ALL)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", nargs="?", type=int, const=12, default=0, metavar="TOP",
+                        help="print each party's TOP costliest functions after each row (default 12)")
     parser.add_argument("--before", metavar="REV", help="also measure '<protocol>-before' rows: protocols/ at this git "
                         "revision, in the same process")
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.params, args.dropouts = "10", "10000", "0.1"
+    global PROFILE_TOP
+    PROFILE_TOP = args.profile
     names = args.protocols.split(",")
     known = {*ALL, *(f"{name}{BEFORE}" for name in OURS)} if args.before else set(ALL)
     unknown = sorted(set(names) - known)
@@ -434,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 rows.extend(measure(names, n, params, dropout, args.seed, before))
     print(f"\nwall time {time.perf_counter() - started:.0f} s\n")
     print(table(rows))
+    print(versus_flower(rows))
 
 
 if __name__ == "__main__":

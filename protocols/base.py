@@ -255,8 +255,8 @@ def checked_input(vector: object, weight: object) -> tuple[np.ndarray, float]:
     if array.dtype.kind not in "iuf":
         raise ProtocolError(f"an input must be numeric, not {array.dtype}")
     array = array.astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(array))
-    if bad.size:
+    if not np.isfinite(array).all():
+        bad = np.flatnonzero(~np.isfinite(array))
         raise ProtocolError(f"the input holds {bad.size} NaN or infinite entries (first at index {bad[0]}); "
                             "refusing it before anything is sent")
     if isinstance(weight, bool) or not isinstance(weight, int | float | np.integer | np.floating):

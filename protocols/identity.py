@@ -353,10 +353,11 @@ class Roster:
         parties = {pid: {"role": e.role, "public_key": public_pem(e.public_key)} for pid, e in self._parties.items()}
         return {"version": ROSTER_VERSION, "parties": parties}
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """SHA-256 (hex) of the roster's canonical JSON (sorted keys, no spaces): what every party pins and
-        every signed message carries, so a message signed under another roster is refused."""
+        every signed message carries, so a message signed under another roster is refused. Computed once (a
+        roster is immutable): every message a party encodes or decodes reads it."""
         canonical = json.dumps(self._content(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -219,8 +219,10 @@ def test_break_6_a_client_value_outside_the_range_aborts_the_round():
         h.stage()
     answers = h.answer()
     honest = h.read(answers["client-1"])
-    shifted = honest.arrays["masked"] + np.uint32(1 << 30)  # far above what 4 inputs of weight 1 can sum to
-    answers["client-1"] = h.forge("client-1", "server", MASKED, dict(honest.fields), {"masked": shifted})
+    words = honest.arrays["masked"].reshape(-1).view("<u4")  # m = 32: each value packed in a whole word
+    shifted = words + np.uint32(1 << 30)  # far above what 4 inputs of weight 1 can sum to
+    answers["client-1"] = h.forge("client-1", "server", MASKED, dict(honest.fields),
+                                  {"masked": shifted.view(np.uint8).reshape(-1, 4)})
     h.submit()
     h.advance()
     h.stage()

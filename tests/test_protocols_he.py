@@ -538,8 +538,9 @@ def context_for(harness: Harness, recipient: str = "client-0") -> bytes:
 def test_a_client_refuses_a_tampered_public_context():
     harness = Harness(3, length=10)
     data = context_for(harness)
-    middle = len(data) // 2  # inside the serialized context
-    with pytest.raises(MessageRejected, match="bad signature from 'keyholder'"):
+    middle = len(data) // 2  # inside the serialized context: the payload the key holder's signed header binds
+    with pytest.raises(MessageRejected, match="from 'keyholder' rejected: the payload does not match its signed "
+                                              "digest"):
         harness.clients["client-0"].handle(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1:])
     harness.clients["client-0"].handle(data)  # the genuine one still works
 

@@ -219,8 +219,9 @@ def test_noise_bound_takes_part_in_the_overflow_check():
             10, 5)
 
 
-@pytest.mark.parametrize(("modulus_bits", "width"), [(32, 4), (24, 4), (16, 2), (40, 8)])
-def test_masked_vectors_travel_in_the_smallest_word_holding_the_modulus(modulus_bits, width):
+@pytest.mark.parametrize(("modulus_bits", "width"), [(32, 4), (24, 3), (20, 3), (16, 2), (40, 5), (62, 8)])
+def test_masked_vectors_travel_in_whole_bytes_holding_the_modulus(modulus_bits, width):
+    """⌈m/8⌉ bytes a value (protocols/masked/packing.py): 3 at m = 24, not a 4-byte word."""
     protocol = make_protocol("masked", modulus_bits=modulus_bits, quantization_bits=4)
     assert protocol.bytes_per_parameter() == width
     length, sizes = 4096, []

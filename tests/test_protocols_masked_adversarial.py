@@ -132,13 +132,26 @@ def test_wrong_vector_length_or_word_type_is_rejected_by_the_server():
     for _ in range(3):
         h.stage()
     fields = {"weight": 1, "bad_shares_from": []}
-    for arrays, match in [({"masked": np.zeros(h.length + 1, np.uint32)}, "expected 8 words"),
-                          ({"masked": np.zeros(h.length, np.uint64)}, "expected 8 words of uint32")]:
-        with pytest.raises(MessageRejected, match=match):
+    for arrays in [{"masked": np.zeros((h.length + 1, 4), np.uint8)}, {"masked": np.zeros((h.length, 8), np.uint8)},
+                   {"masked": np.zeros(h.length, np.uint32)}, {"masked": np.zeros((h.length, 4), np.uint32)}]:
+        with pytest.raises(MessageRejected, match=r"expected 8 values packed in 4 bytes each \(a \(8, 4\) uint8 array\)"):
             h.server.receive(h.forge("client-0", "server", MASKED, fields, arrays))
     with pytest.raises(MessageRejected, match="weight"):
         h.server.receive(h.forge("client-0", "server", MASKED, {**fields, "weight": 0},
-                                 {"masked": np.zeros(8, np.uint32)}))
+                                 {"masked": np.zeros((8, 4), np.uint8)}))
+
+
+def test_a_packed_value_above_the_modulus_is_refused_by_the_server():
+    """At m = 20 a value travels in 3 bytes; the 4 bits above m must be zero, or the message is refused whole."""
+    h = Harness(modulus_bits=20, quantization_bits=4)
+    for _ in range(3):
+        h.stage()
+    honest = h.read(h.answer()["client-0"])
+    packed = honest.arrays["masked"].copy()
+    packed[5, 2] |= 0x10  # bit 20 of value 5
+    with pytest.raises(MessageRejected, match="masked words must be below 2\\^20"):
+        h.server.receive(h.forge("client-0", "server", MASKED, dict(honest.fields), {"masked": packed}))
+    assert "client-0" not in h.server._round.weights  # refused whole: nothing was added
 
 
 def test_a_client_refuses_a_round_that_does_not_match_its_input_or_options():
@@ -325,7 +338,8 @@ def test_what_the_server_sees_of_one_masked_input_is_indistinguishable_from_unif
         client.set_input(0, np.zeros(h.length), 1)
     for _ in range(3):
         h.stage()
-    masked = h.read(h.answer()["client-0"]).arrays["masked"]
+    packed = h.read(h.answer()["client-0"]).arrays["masked"]  # (P, 4) bytes: m = 32 packs to whole words
+    masked = packed.reshape(-1).view("<u4")
     raw_bytes = np.frombuffer(masked.tobytes(), np.uint8)
     assert chi_square(np.bincount(raw_bytes, minlength=256)) < critical_value(255)
     for shift in (0, 8, 16, 24):  # each byte lane of the words, bucketed by value

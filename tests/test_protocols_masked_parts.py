@@ -13,7 +13,7 @@ from test_protocols_masked_adversarial import Harness
 from protocols import ConfigurationError, MessageRejected, ProtocolError
 from protocols.masked import MaskedOptions, Quantizer, default_parameters, shamir
 from protocols.masked.graph import neighbours_of, resolve_parameters, ring_neighbours
-from protocols.masked.prg import MaskExpander
+from protocols.masked.prg import apply_masks, mask_words
 from protocols.masked.quantize import largest_safe_weight
 from protocols.masked.stages import STAGES
 
@@ -28,16 +28,41 @@ def test_any_t_shares_reconstruct_and_fewer_do_not():
 
 
 def test_prg_is_deterministic_per_seed_and_independent_across_seeds():
-    expander = MaskExpander(1000, np.dtype(np.uint32))
-    first = expander.words(b"\x01" * 32).copy()
-    assert np.array_equal(first, expander.words(b"\x01" * 32))
-    assert not np.array_equal(first, expander.words(b"\x02" * 32))
+    first = mask_words(b"\x01" * 32, 1000, np.dtype(np.uint32))
+    assert np.array_equal(first, mask_words(b"\x01" * 32, 1000, np.dtype(np.uint32)))
+    assert not np.array_equal(first, mask_words(b"\x02" * 32, 1000, np.dtype(np.uint32)))
     accumulator = np.zeros(1000, np.uint32)
-    expander.add(accumulator, b"\x03" * 32)
-    expander.subtract(accumulator, b"\x03" * 32)
+    apply_masks(accumulator, add=[b"\x03" * 32])
+    apply_masks(accumulator, subtract=[b"\x03" * 32])
     assert not accumulator.any()
     with pytest.raises(ValueError):
-        expander.words(b"\x01" * 4)  # never a folded 32-bit seed
+        mask_words(b"\x01" * 4, 10, np.dtype(np.uint32))  # never a folded 32-bit seed
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_masks_are_the_aes_ctr_keystream_whatever_the_pieces_and_workers(monkeypatch, dtype):
+    """Fused, split expansion (each worker seeks the keystream to its span, in cache-sized pieces) gives exactly
+    the whole keystream of AES-256-CTR from counter 0, and the same accumulator for any worker count."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from protocols.masked import prg
+    length = 3 * prg.PIECE_BYTES // np.dtype(dtype).itemsize + 5  # pieces, a span boundary and a ragged end
+    seeds = [bytes([k]) * 32 for k in range(1, 6)]
+
+    def keystream(seed):
+        encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+        words = np.dtype(dtype).newbyteorder("<")
+        return np.frombuffer(encryptor.update(bytes(length * words.itemsize)), words)
+
+    start = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, size=length, dtype=dtype, endpoint=True)
+    expected = start + keystream(seeds[0]) + keystream(seeds[1]) - keystream(seeds[2]) + keystream(seeds[3]) \
+        - keystream(seeds[4])
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("FEDDAT_SECURE_THREADS", threads)
+        accumulator = start.copy()
+        apply_masks(accumulator, add=[seeds[0], seeds[1], seeds[3]], subtract=[seeds[2], seeds[4]])
+        assert np.array_equal(accumulator, expected)
+    assert np.array_equal(mask_words(seeds[0], length, np.dtype(dtype)), keystream(seeds[0]))
 
 
 def test_stochastic_rounding_is_unbiased_and_stays_on_the_grid():
@@ -212,3 +237,35 @@ def test_well_signed_nonsense_from_a_client_never_raises_anything_but_a_rejectio
         h.server.receive(data)  # a well-formed one may even be accepted
     except MessageRejected:
         pass
+
+
+@pytest.mark.parametrize("modulus_bits", [8, 12, 20, 24, 32, 33, 40, 62])
+@pytest.mark.parametrize("length", [1, 2, 5, 4097])
+def test_packed_values_add_up_exactly_modulo_the_modulus(monkeypatch, modulus_bits, length):
+    """⌈m/8⌉ bytes a value on the wire; the server adds packed bytes through strided words whose high bytes hold
+    the next values: those bits lie above m, so the sum modulo 2^m is exact, for any worker count and length."""
+    from protocols.masked.config import MaskedOptions
+    from protocols.masked.packing import accumulate, high_bits_clear, pack, wire_width
+    dtype = MaskedOptions(modulus_bits=modulus_bits, quantization_bits=4).word_dtype
+    mask = (1 << modulus_bits) - 1
+    rng = np.random.default_rng(modulus_bits * 10_000 + length)
+    inputs = [rng.integers(0, mask, size=length, dtype=dtype, endpoint=True) for _ in range(4)]
+    width = wire_width(modulus_bits)
+    packed = [np.ascontiguousarray(pack(words, width)) for words in inputs]  # what wire.encode sends
+    assert all(p.shape == (length, width) and p.dtype == np.uint8 and high_bits_clear(p, modulus_bits)
+               for p in packed)
+    expected = [sum(int(words[i]) for words in inputs) & mask for i in range(length)]
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("FEDDAT_SECURE_THREADS", threads)
+        total = np.zeros(length, dtype)
+        for p in packed:
+            accumulate(total, p)
+        assert [int(value) & mask for value in total] == expected
+
+
+def test_a_packed_value_with_bits_above_the_modulus_is_detected():
+    from protocols.masked.packing import high_bits_clear
+    packed = np.zeros((3, 3), np.uint8)
+    assert high_bits_clear(packed, 20) and high_bits_clear(packed, 24)
+    packed[1, 2] = 0x10  # bit 20 of value 1
+    assert not high_bits_clear(packed, 20) and high_bits_clear(packed, 21) and high_bits_clear(packed, 24)

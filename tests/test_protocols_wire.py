@@ -24,7 +24,7 @@ from protocols import (
     new_session_id,
     peek,
 )
-from protocols.wire import MAGIC, SIGNATURE_BYTES, VERSION
+from protocols.wire import MAGIC, SIGNATURE_BYTES, VERSION, payload_digest
 
 SERVER = Identity.generate("server")
 ALICE = Identity.generate("client-0")
@@ -65,10 +65,38 @@ def test_round_trip_keeps_every_field_array_and_blob():
     assert decoded.arrays["noise"].shape == (1, 2)
 
 
-def test_decoded_arrays_are_writable_copies():
-    decoded = read(encode(envelope(), ALICE))
-    decoded.arrays["vector"][0] = 7
-    assert decoded.arrays["vector"].flags.writeable
+def test_decoded_arrays_are_read_only_views_of_the_message_not_copies():
+    data = encode(envelope(), ALICE)
+    vector = read(data).arrays["vector"]
+    assert not vector.flags.writeable and not vector.flags.owndata  # a view into ``data``: a receiver never copies
+    with pytest.raises(ValueError, match="read-only"):
+        vector[0] = 7
+
+
+def test_a_flipped_header_bit_breaks_the_signature():
+    data = bytearray(encode(envelope(), ALICE))
+    data[data.index(b'"stage"') + 10] ^= 1  # inside the signed header, still canonical JSON
+    with pytest.raises(MessageRejected, match="bad signature"):
+        read(bytes(data))
+
+
+def test_the_payload_digest_is_a_hash_list_whatever_the_split_into_parts_and_workers(monkeypatch):
+    """The digest depends on the payload bytes only: not on how the sender held them (parts) nor on how many threads
+    hashed them; it is SHA-256 over the domain, the length and the leaves' SHA-256 (the wire module docstring)."""
+    import hashlib
+
+    from protocols import wire
+    payload = bytes(range(256)) * (3 * wire.PAYLOAD_CHUNK_BYTES // 256 + 7)
+    leaves = [payload[i:i + wire.PAYLOAD_CHUNK_BYTES] for i in range(0, len(payload), wire.PAYLOAD_CHUNK_BYTES)]
+    expected = hashlib.sha256(wire._PAYLOAD_DOMAIN + len(payload).to_bytes(8, "little")
+                              + b"".join(hashlib.sha256(leaf).digest() for leaf in leaves)).hexdigest()
+    for threads in ("1", "2", "5"):
+        monkeypatch.setenv("FEDDAT_SECURE_THREADS", threads)
+        for cuts in ([], [1], [wire.PAYLOAD_CHUNK_BYTES - 1, wire.PAYLOAD_CHUNK_BYTES + 3], [17, 400_000, 700_001]):
+            bounds = [0, *cuts, len(payload)]
+            parts = [payload[a:b] for a, b in zip(bounds, bounds[1:])]
+            assert wire.payload_digest(parts) == expected
+    assert wire.payload_digest([]) == hashlib.sha256(wire._PAYLOAD_DOMAIN + bytes(8)).hexdigest()
 
 
 def test_same_content_gives_the_same_bytes_whatever_the_insertion_order():
@@ -97,10 +125,12 @@ def test_forged_signature_is_rejected():
     assert caught.value.sender == "client-0"
 
 
-def test_a_single_flipped_payload_bit_breaks_the_signature():
+def test_a_single_flipped_payload_bit_is_refused_naming_the_signed_and_calculated_digests():
+    """Ed25519 signs the prefix and header; the header's digest binds every payload byte."""
     data = bytearray(encode(envelope(), ALICE))
     data[-SIGNATURE_BYTES - 3] ^= 1
-    with pytest.raises(MessageRejected, match="bad signature"):
+    with pytest.raises(MessageRejected, match="payload does not match its signed digest: expected [0-9a-f]{64}, "
+                                              "calculated [0-9a-f]{64}"):
         read(bytes(data))
 
 
@@ -134,10 +164,12 @@ def test_bad_magic_and_version_are_named():
 
 
 def forge(header: dict, payload: bytes = b"", identity: Identity = ALICE) -> bytes:
-    """A correctly framed and signed message with an arbitrary header."""
+    """A correctly framed and signed message with an arbitrary header (its 'payload' digest filled in unless
+    the header sets one or leaves the key out)."""
+    header = {"payload": payload_digest([payload]), **header} if "payload" not in header else header
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    body = MAGIC + struct.pack("<HI", VERSION, len(raw)) + raw + payload
-    return body + identity.sign(body)
+    body = MAGIC + struct.pack("<HI", VERSION, len(raw)) + raw
+    return body + payload + identity.sign(body)
 
 
 def good_header(**changes) -> dict:
@@ -180,14 +212,15 @@ def test_missing_or_extra_header_keys_are_rejected():
 
 
 def test_non_canonical_header_is_rejected_even_when_signed():
-    raw = json.dumps(good_header(), sort_keys=True, indent=1).encode()
+    raw = json.dumps(good_header(payload=payload_digest([b""])), sort_keys=True, indent=1).encode()
     body = MAGIC + struct.pack("<HI", VERSION, len(raw)) + raw
     with pytest.raises(MessageRejected, match="canonical"):
         read(body + ALICE.sign(body))
 
 
 def test_non_finite_json_numbers_are_rejected():
-    raw = b'{"arrays":[],"blobs":[],"fields":{"x":NaN},"protocol":"p","recipient":"server","round":0,' \
+    raw = b'{"arrays":[],"blobs":[],"fields":{"x":NaN},"payload":"' + payload_digest([b""]).encode() + \
+          b'","protocol":"p","recipient":"server","round":0,' \
           b'"roster":"' + ROSTER.digest.encode() + b'","sender":"client-0","session":"' + SESSION.encode() + \
           b'","stage":"s"}'
     body = MAGIC + struct.pack("<HI", VERSION, len(raw)) + raw

@@ -23,12 +23,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from audits import AuditLog, SignedTreeHead
 from protocols import MessageRejected, Outgoing, ProtocolError
-from protocols.wire import SIGNATURE_BYTES, peek
+from protocols.wire import peek, signed_by
 
 from . import envelopes as E
 
@@ -122,13 +121,7 @@ class PartyAudit:
         """Does ``data`` carry a valid signature of the party its header names (a roster party)?"""
         header = peek(data)
         key = self._public_keys.get(header.sender) if header is not None else None
-        if key is None or len(data) < SIGNATURE_BYTES:
-            return False
-        try:
-            key.verify(bytes(data[-SIGNATURE_BYTES:]), bytes(data[:-SIGNATURE_BYTES]))
-        except InvalidSignature:
-            return False
-        return True
+        return key is not None and signed_by(data, key)
 
     def event(self, event: str, *, round: int | None = None, **fields: Any) -> None:
         if self.log is not None:

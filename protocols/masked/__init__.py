@@ -14,6 +14,7 @@ from ..identity import Identity, Roster
 from .client import MaskedClient
 from .config import MaskedOptions
 from .graph import GraphParameters, default_parameters
+from .packing import wire_width
 from .quantize import Quantizer, largest_safe_weight
 from .server import MaskedAggregate, MaskedServer
 from .stages import NAME, STAGES
@@ -45,7 +46,7 @@ class MaskedProtocol(Protocol):
         self.options.round_terms(num_clients, vector_length)
 
     def bytes_per_parameter(self) -> float:
-        return float(self.options.word_dtype.itemsize)
+        return float(wire_width(self.options.modulus_bits))
 
     @property
     def quantizer(self) -> Quantizer:

@@ -24,7 +24,8 @@ from ..wire import Envelope, expect
 from . import keys, shamir
 from .config import MaskedOptions
 from .graph import neighbours_of
-from .prg import MaskExpander
+from .packing import pack, wire_width
+from .prg import apply_masks
 from .stages import (
     ADVERTISE,
     CIPHER_KEY,
@@ -310,18 +311,19 @@ class MaskedClient(ClientSession):
                                  arrays={"masked": masked})
 
     def _mask(self, state: _Round, partners: tuple[str, ...]) -> np.ndarray:
-        """(w·q + z + PRG(b) + Σ ±PRG(s_ij)) mod 2^m, in the smallest word type holding m bits."""
+        """(w·q + z + PRG(b) + Σ ±PRG(s_ij)) mod 2^m, computed in the smallest word type holding m bits and
+        packed to ⌈m/8⌉ bytes a value (``packing``)."""
         config = self.options
-        words = (state.encoded.view(np.uint64) & np.uint64(config.word_mask)).astype(config.word_dtype)
-        expander = MaskExpander(len(words), config.word_dtype)
-        expander.add(words, state.self_seed)
+        words = state.encoded.astype(config.word_dtype)  # modulo 2^(word bits): two's complement for negative noise
+        plus, minus = [state.self_seed], []
         for peer in partners:
             seed = keys.pairwise_seed(state.mask_key, state.peer_keys[peer][1], self.session, state.view,
                                       state.round_id, self.party_id, peer)
-            (expander.add if self.party_id < peer else expander.subtract)(words, seed)
+            (plus if self.party_id < peer else minus).append(seed)
+        apply_masks(words, add=plus, subtract=minus)
         if config.modulus_bits < 8 * words.itemsize:
             np.bitwise_and(words, words.dtype.type(config.word_mask), out=words)
-        return words
+        return pack(words, wire_width(config.modulus_bits))
 
     def _consistency_check(self, state: _Round, envelope: Envelope) -> tuple[_Round, Envelope]:
         survivors = envelope.fields.get("survivors")

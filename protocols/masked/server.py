@@ -22,7 +22,8 @@ from ..wire import Envelope, expect
 from . import keys, shamir
 from .config import MaskedOptions
 from .graph import ring_neighbours
-from .prg import MaskExpander
+from .packing import accumulate, high_bits_clear, wire_width
+from .prg import apply_masks
 from .stages import (
     ADVERTISE,
     CIPHER_KEY,
@@ -165,7 +166,7 @@ class MaskedServer(ServerSession):
 
     def _limit(self, state: _Round) -> int:
         if self.stage == MASKED:
-            return masked_input_bytes(len(state.clients), state.length, self.options.word_dtype.itemsize)
+            return masked_input_bytes(len(state.clients), state.length, wire_width(self.options.modulus_bits))
         return control_bytes(len(state.clients))
 
     # -- receiving ----------------------------------------------------------------------------------------------
@@ -235,20 +236,21 @@ class MaskedServer(ServerSession):
         if set(envelope.arrays) != {"masked"} or envelope.blobs or set(envelope.fields) != {"weight",
                                                                                             "bad_shares_from"}:
             raise MessageRejected("expected the array 'masked' and the fields 'weight' and 'bad_shares_from'", sender)
-        if masked.dtype != self.options.word_dtype or masked.shape != (state.length,):
-            raise MessageRejected(f"expected {state.length} words of {self.options.word_dtype}, got {masked.shape} "
-                                  f"{masked.dtype}", sender)
+        width = wire_width(self.options.modulus_bits)
+        if masked.dtype != np.uint8 or masked.shape != (state.length, width):
+            raise MessageRejected(f"expected {state.length} values packed in {width} bytes each (a ({state.length}, "
+                                  f"{width}) uint8 array), got {masked.shape} {masked.dtype}", sender)
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= state.terms["max_weight"]:
             raise MessageRejected(f"weight must be an integer in 1..{state.terms['max_weight']}", sender)
         relayed_to = {peer for peer in state.neighbours[sender] if peer in state.ciphertexts}
         if not isinstance(bad, list) or not all(isinstance(peer, str) for peer in bad) or bad != sorted(set(bad)) \
                 or not set(bad) <= relayed_to:
             raise MessageRejected("'bad_shares_from' must list, sorted, neighbours whose shares were relayed", sender)
-        if self.options.modulus_bits < 8 * masked.itemsize and int(masked.max(initial=0)) > self.options.word_mask:
+        if not high_bits_clear(masked, self.options.modulus_bits):
             raise MessageRejected(f"masked words must be below 2^{self.options.modulus_bits}", sender)
         if state.total is None:
             state.total = np.zeros(state.length, self.options.word_dtype)
-        np.add(state.total, masked, out=state.total)  # wraps modulo 2^width, a multiple of 2^m
+        accumulate(state.total, masked)  # wraps modulo 2^(word bits), a multiple of 2^m
         state.weights[sender] = weight
         state.bad_shares[sender] = tuple(bad)
 
@@ -325,14 +327,13 @@ class MaskedServer(ServerSession):
 
     def _after_unmask(self, state: _Round) -> list[Outgoing]:
         order = tuple(state.clients)
-        expander = MaskExpander(state.length, self.options.word_dtype)
-        total, flagged = state.total, set()
+        total, flagged, plus, minus = state.total, set(), [], []
         for client in state.survivors:
             commitment = state.commitments[client]
-            seed = self._reconstruct(state, order, client, SELF_MASK_SHARE, flagged,
-                                     lambda secret, c=client, h=commitment:
-                                     self_mask_commitment(self.session, state.view, state.round_id, c, secret) == h)
-            expander.subtract(total, seed)
+            minus.append(self._reconstruct(state, order, client, SELF_MASK_SHARE, flagged,
+                                           lambda secret, c=client, h=commitment:
+                                           self_mask_commitment(self.session, state.view, state.round_id, c,
+                                                                secret) == h))
         for client in state.dropped_needed:
             advertised = state.mask_keys[client]
             secret = self._reconstruct(state, order, client, MASK_KEY_SHARE, flagged, lambda secret, a=advertised:
@@ -343,7 +344,8 @@ class MaskedServer(ServerSession):
                     public = keys.public_key(state.mask_keys[survivor], survivor)
                     seed = keys.pairwise_seed(private, public, self.session, state.view, state.round_id, client,
                                               survivor)
-                    (expander.subtract if survivor < client else expander.add)(total, seed)
+                    (minus if survivor < client else plus).append(seed)
+        apply_masks(total, add=plus, subtract=minus)
         integer_sum = self._signed_sum(total, len(state.survivors))
         total_weight = sum(state.weights.values())
         self._check_range(integer_sum, len(state.survivors), total_weight)

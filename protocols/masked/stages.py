@@ -25,9 +25,9 @@ def control_bytes(num_clients: int) -> int:
     return _CONTROL_BASE_BYTES + _CONTROL_BYTES_PER_CLIENT * num_clients
 
 
-def masked_input_bytes(num_clients: int, vector_length: int, word_bytes: int) -> int:
-    """The largest masked-input message: a header allowance plus the vector's words."""
-    return control_bytes(num_clients) + vector_length * word_bytes
+def masked_input_bytes(num_clients: int, vector_length: int, width: int) -> int:
+    """The largest masked-input message: a header allowance plus the vector's packed values (``width`` bytes each)."""
+    return control_bytes(num_clients) + vector_length * width
 
 
 def share_index(sorted_clients: tuple[str, ...], client: str) -> int:

@@ -1,0 +1,87 @@
+"""One pool of worker threads for the bulk byte work of a round: payload hashing and mask expansion.
+
+Both release the GIL (hashlib for inputs over 2 KiB; OpenSSL's AES-CTR in ``cryptography``; numpy's
+element-wise ufuncs), so threads use every core a party is given without a second process or a copy
+of the data. Work is split into contiguous spans, one per worker: a party's result never depends on
+how many workers it has (tests/test_protocols_parallel.py, and the payload-digest and mask tests, pin that).
+
+``FEDDAT_SECURE_THREADS`` caps the workers (default: the CPUs this process may run on); 1 runs
+everything in the calling thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from .errors import ConfigurationError
+
+T = TypeVar("T")
+THREADS_VARIABLE = "FEDDAT_SECURE_THREADS"
+_THREAD_PREFIX = "feddat-bytes"
+
+_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def worker_count() -> int:
+    """How many threads bulk work is split over: ``$FEDDAT_SECURE_THREADS`` or the CPUs this process may use."""
+    value = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not value:
+        return _usable_cpus()
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigurationError(f"{THREADS_VARIABLE} must be a positive integer, not {value!r}")
+    return int(value)
+
+
+def spans(length: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``0..length`` in at most ``parts`` contiguous pieces whose inner
+    boundaries are multiples of ``align``; empty pieces are left out."""
+    parts = max(1, min(parts, -(-length // align) if length else 1))
+    step = -(-length // (parts * align)) * align if length else 0
+    return [(start, min(start + step, length)) for start in range(0, length, step)] if length else [(0, 0)]
+
+
+def run_each(function: Callable[..., T], arguments: Sequence[tuple]) -> list[T]:
+    """``[function(*a) for a in arguments]``, run on the worker threads (the caller's thread takes the first
+    item); the results in order. The first exception raised by any call is re-raised after all have finished,
+    so no call is still writing when the caller sees the error. Called from a worker thread, it runs every item in
+    that thread (a worker waiting on the pool it occupies could deadlock it)."""
+    if len(arguments) <= 1 or threading.current_thread().name.startswith(_THREAD_PREFIX):
+        return [function(*item) for item in arguments]
+    pool = _shared_pool(len(arguments) - 1)
+    futures = [pool.submit(function, *item) for item in arguments[1:]]
+    results: list[T] = []
+    error: BaseException | None = None
+    try:
+        results.append(function(*arguments[0]))
+    except BaseException as raised:  # noqa: BLE001 - re-raised below, once every worker is done
+        error = raised
+    for future in futures:
+        try:
+            results.append(future.result())
+        except BaseException as raised:  # noqa: BLE001
+            error = error or raised
+    if error is not None:
+        raise error
+    return results
+
+
+@functools.cache
+def _usable_cpus() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _shared_pool(size: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _lock:
+        if _pool is None or _pool_size < size:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(size, thread_name_prefix=_THREAD_PREFIX), size
+        return _pool
