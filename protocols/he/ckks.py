@@ -220,6 +220,33 @@ def fresh_ciphertext_bytes(config: HEOptions) -> int:
     return len(encrypt(context, [np.zeros(config.slots)], [mask])[0])
 
 
+def add_ciphertexts(totals: list[ts.CKKSVector], context: ts.Context, blobs: Sequence[bytes], sizes: Sequence[int],
+                    config: HEOptions, sender: str, names: Sequence[str]) -> list[ts.CKKSVector]:
+    """``totals`` += the ciphertexts serialized in ``blobs``, streamed chunk by chunk: each is parsed and checked
+    (``load_ciphertext``) and added in place before the next is parsed, so one ciphertext is in flight and is
+    added while it is still in the cache (issue 16: parse once, add with ``+=``, no list of parsed vectors).
+    With no ``totals`` yet, the parsed chunks become the running sum.
+
+    All or nothing: when a chunk fails, the chunks already added are subtracted again before the error goes on.
+    Addition mod q is exact, so ``totals`` come back byte for byte (a refused message changes nothing)."""
+    out = totals if totals else []
+    added = 0
+    try:
+        for blob, size, name in zip(blobs, sizes, names, strict=True):
+            vector = load_ciphertext(context, blob, size, config, sender, name)
+            if totals:
+                out[added] += vector
+            else:
+                out.append(vector)
+            added += 1
+    except BaseException:
+        if totals:
+            for total, blob in zip(out[:added], blobs):
+                total -= ts.ckks_vector_from(context, blob)  # parsed and checked once already: it parses again
+        raise
+    return out
+
+
 def add_into(totals: list[ts.CKKSVector], vectors: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
     """``totals`` += ``vectors`` slot by slot, in place (sharing one context: never ``.copy()``); the first
     input becomes the running sum. Addition mod q is exact, so every party that adds the same ciphertexts, in

@@ -3,10 +3,13 @@ holder to draw a committee from the clients it counted, relays the key holder's 
 every counted input to the members, and asks the key holder to decrypt the sum the committee co-signed.
 
 It never holds a secret key. It keeps one running sum (serialized and hashed once, when the verify stage opens:
-every attestation and the aggregate reuse those bytes), and each counted input verbatim from the input stage
-until it has relayed them to the committee in the verify stage (the price of a committee that recomputes the
-sum: n inputs held once, then dropped). Any failure inside a step is a MessageRejected (the message is
-refused, nothing changes) or a RoundAborted: nothing else leaves the server.
+every attestation and the aggregate reuse those bytes), and each counted input verbatim, in a file of its own
+(spool.py), from the input stage until it has relayed them to the committee in the verify stage (the price of a
+committee that recomputes the sum). Its memory is therefore constant in the number of clients: the running sum
+and the one input in flight, which it hashes once (against the receipt), then parses, checks and adds chunk by
+chunk (``ckks.add_ciphertexts``), and writes once to its file; a relayed input is read back from its file only
+when the transport sends it. Any failure inside a step is a MessageRejected (the message is refused, nothing
+changes) or a RoundAborted (the spooled inputs are then deleted): nothing else leaves the server.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from .messages import (
     STAGES,
     VERIFY,
 )
+from .spool import Spool
 
 T = TypeVar("T")
 
@@ -77,6 +81,7 @@ class HEServer(ServerSession):
         self._keyholder = roster.keyholder_id
         self.stage, self.round_done = COMMIT, False
         self._round, self._clients, self._layout, self._round_context = -1, (), Layout(1, options.slots), ""
+        self._inputs = Spool()  # each counted input, verbatim, in a file of its own until relayed to the committee
         self._reset()
         self._load(state)
 
@@ -90,7 +95,7 @@ class HEServer(ServerSession):
         self._promised: dict[str, str] = {}  # each committed client's ciphertexts digest, read from its receipt
         self._committed: list[list[str]] = []  # the list shown to the clients, fixed when the input stage opens
         self._committed_digest = ""  # ... and its digest, which every input and attestation must carry
-        self._inputs: dict[str, bytes] = {}  # counted inputs, verbatim, until relayed to the committee
+        self._inputs.clear()
         self._counted: tuple[str, ...] = ()  # the counted clients, fixed when the draw is requested
         self._sum: list[ts.CKKSVector] = []  # the running sum, until the verify stage opens
         self._sum_blobs: list[bytes] = []  # the sum serialized once there, until sent for decryption ...
@@ -183,12 +188,12 @@ class HEServer(ServerSession):
             raise MessageRejected(f"expected the fields 'chunks' = {self._layout.num_chunks} and 'committed' = the "
                                   "digest of the committed list sent", sender)
         blobs = messages.chunk_blobs(envelope, self._layout.num_chunks, set())
-        if ciphertexts_digest(blobs) != self._promised[sender]:
-            raise MessageRejected("the ciphertexts are not those the client committed to", sender)
-        vectors = [ckks.load_ciphertext(self._context, blob, size, self.options, sender, messages.chunk_name(index))
-                   for index, (blob, size) in enumerate(zip(blobs, self._layout.chunk_sizes()))]
-        self._sum = ckks.add_into(self._sum, vectors)
-        self._inputs[sender] = data
+        with self._inputs.writing(sender, data):  # to its file, meanwhile; refused, nothing of it stays
+            if ciphertexts_digest(blobs) != self._promised[sender]:
+                raise MessageRejected("the ciphertexts are not those the client committed to", sender)
+            self._sum = ckks.add_ciphertexts(self._sum, self._context, blobs, self._layout.chunk_sizes(),
+                                             self.options, sender,
+                                             [messages.chunk_name(index) for index in range(len(blobs))])
 
     def _receive_committee(self, envelope: Envelope, data: bytes) -> None:
         expect(envelope, sender=self._keyholder)
@@ -227,6 +232,13 @@ class HEServer(ServerSession):
 
     @_contained
     def advance(self) -> list[Outgoing]:
+        try:
+            return self._advance()
+        except Exception:  # the round is over (RoundAborted, directly or by _contained): its spooled inputs go at once
+            self._inputs.clear()
+            raise
+
+    def _advance(self) -> list[Outgoing]:
         if self.round_done:
             raise RoundAborted(self.stage, "the round is already over", self._round)
         if self._context is None:
@@ -269,17 +281,18 @@ class HEServer(ServerSession):
 
     def _open_verification(self) -> list[Outgoing]:
         """Forward the key holder's committee announcement and every counted input to each member, then ask it to
-        attest."""
+        attest. Input by input (each to every member in turn), so that each is read back from its file once."""
         if not self._committee:
             raise RoundAborted(DRAW, "the key holder drew no committee (it refused the draw, or never answered)",
                                self._round)
+        if set(self._inputs) != set(self._counted):
+            raise RoundAborted(DRAW, "the counted inputs are gone (the round aborted before, which deletes them)",
+                               self._round)
         blobs = {RECEIPT_PREFIX + client: receipt for client, receipt in self._receipts.items()}
-        outgoing = []
-        for member in self._committee:
-            outgoing.append(Outgoing(member, self._announcement))
-            outgoing.extend(Outgoing(member, self._inputs[client]) for client in self._counted)
-            outgoing.append(self._send(self._envelope(self._round, VERIFY, member, {"counted": list(self._counted)},
-                                                      blobs=blobs)))
+        outgoing = [Outgoing(member, self._announcement) for member in self._committee]
+        outgoing.extend(self._inputs.outgoing(member, client) for client in self._counted for member in self._committee)
+        outgoing.extend(self._send(self._envelope(self._round, VERIFY, member, {"counted": list(self._counted)},
+                                                  blobs=blobs)) for member in self._committee)
         # the sum is final: serialized and hashed once, for every attestation and the aggregate (32 MB at P = 1M)
         self._sum_blobs = [total.serialize() for total in self._sum]
         self._sum_digest, self._sum, self.stage = ciphertexts_digest(self._sum_blobs), [], VERIFY
@@ -296,7 +309,8 @@ class HEServer(ServerSession):
         request = self._send(self._envelope(self._round, AGGREGATE, self._keyholder,
                                             {"counted": list(self._counted), "committed": self._committed},
                                             blobs=blobs))
-        self._sum_blobs, self._sum_digest, self._inputs = [], "", {}  # sent: free the sum and the inputs
+        self._sum_blobs, self._sum_digest = [], ""  # sent: free the sum and the inputs
+        self._inputs.clear()
         self.stage = DECRYPT
         return [request]
 
@@ -337,7 +351,9 @@ class HEServer(ServerSession):
         self._promised = {str(client): str(digest) for client, digest in state["promised"].items()}
         self._committed = [list(entry) for entry in state["committed"]]
         self._committed_digest = str(state["committed_digest"])
-        self._inputs = {client: array_bytes(data) for client, data in state["inputs"].items()}
+        self._inputs.clear()
+        for client, data in state["inputs"].items():
+            self._inputs.put(client, array_bytes(data))
         self._counted = tuple(state["counted"])
         self._sum_blobs = [array_bytes(total) for total in state["sum_blobs"]]
         self._sum_digest = str(state["sum_digest"])

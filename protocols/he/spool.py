@@ -1,0 +1,145 @@
+"""The HE server's counted inputs, kept in files from the input stage until it relays them to the committee.
+
+Why: the committee recomputes the sum from every counted input, verbatim, and it is drawn only once the input
+stage has closed (messages.py: counted before drawn), so the server must keep each counted input until then.
+In memory that is n × 32 MB at P = 1M (issue 16); in files, the server's memory is one running sum and the input
+in flight, whatever the number of clients. Each file is written by a worker thread while the server hashes,
+parses and adds that input (a file write releases the GIL; TenSEAL does not), and a relayed input is read back
+only when its message is sent (``SpooledOutgoing``), the last one read kept for the next reader (the server
+relays each input to every member in turn, and a transport may read a message more than once).
+
+The files need no protection beyond their folder's (``tempfile.mkdtemp``: 0700, under the system's temporary
+folder, never in a run folder an audit covers): each is a message its client signed, and every committee member
+verifies that signature, so a file changed on disk is refused by the committee (the round then aborts) rather
+than believed. The folder is deleted when the server drops its inputs (the aggregate is sent, the round aborts,
+the next round begins) and, failing that, once neither the server nor a message it made refers to it any more
+(garbage collection, or the process exiting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from ..base import Outgoing
+
+_PREFIX = "feddat-he-server-"
+
+
+class _Folder:
+    """A temporary folder of this process's own, deleted by ``remove`` or, failing that, once nothing refers to it
+    any more (garbage collection, or the process exiting)."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=_PREFIX))
+        self.remove = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)  # runs once at most
+        self._last: tuple[Path, bytes] | None = None
+
+    def read(self, path: Path) -> bytes:
+        """The bytes of ``path``, one of this folder's files; the last file read is kept for the next call."""
+        last = self._last  # one tuple, replaced whole: threads may read it without a lock
+        if last is not None and last[0] == path:
+            return last[1]
+        data = path.read_bytes()
+        self._last = (path, data)
+        return data
+
+    def forget(self) -> None:
+        self._last = None
+
+
+class Spool(Mapping[str, bytes]):
+    """Inputs by client, each in a file of a folder of this server's own (created on the first ``put``, deleted
+    by ``clear``): reading an entry reads its file, so holding the mapping holds no input bytes."""
+
+    def __init__(self) -> None:
+        self._folder: _Folder | None = None
+        self._paths: dict[str, Path] = {}
+
+    @property
+    def folder(self) -> Path | None:
+        """Where the files are, while there are any."""
+        return None if self._folder is None else self._folder.path
+
+    @contextlib.contextmanager
+    def writing(self, key: str, data: bytes) -> Iterator[None]:
+        """Write ``data`` to a new file for ``key`` in a worker thread while the block runs; the entry is there once
+        both have succeeded. When the block or the write fails, the file is deleted and the error goes on (the
+        block's first): all or nothing. A key is written once (a file never replaces another)."""
+        if key in self._paths:
+            raise KeyError(f"{key!r} is already spooled")
+        if self._folder is None:
+            self._folder = _Folder()
+        path = self._folder.path / f"{len(self._paths):06d}.msg"
+        failures: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                with open(path, "xb") as file:
+                    file.write(data)
+            except BaseException as error:  # noqa: BLE001 (handed to the caller's thread below)
+                failures.append(error)
+
+        writer = threading.Thread(target=write, name="he-spool-writer", daemon=True)
+        writer.start()
+        try:
+            yield
+            writer.join()
+            if failures:
+                raise failures[0]
+        except BaseException:
+            writer.join()
+            path.unlink(missing_ok=True)
+            raise
+        self._paths[key] = path
+
+    def put(self, key: str, data: bytes) -> None:
+        """``writing`` with nothing to do meanwhile."""
+        with self.writing(key, data):
+            pass
+
+    def outgoing(self, recipient: str, key: str) -> SpooledOutgoing:
+        """Entry ``key`` as a message to ``recipient``, read from its file only when it is sent. The message keeps
+        the folder alive, so that it can still be sent after this spool is gone (a deployment may rebuild the
+        server from its saved state for every message), until ``clear``."""
+        path = self._paths[key]  # a KeyError when it is not there; when it is, so is its folder
+        return SpooledOutgoing(recipient, self._folder, path)
+
+    def clear(self) -> None:
+        """Delete the folder and every file in it (messages made by ``outgoing`` then have nothing to send)."""
+        if self._folder is not None:
+            self._folder.forget()  # a message made by ``outgoing`` may keep the folder object alive
+            self._folder.remove()
+        self._folder, self._paths = None, {}
+
+    def __getitem__(self, key: str) -> bytes:
+        path = self._paths[key]  # a KeyError when it is not there; when it is, so is its folder
+        return self._folder.read(path)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._paths  # without reading the file (Mapping's default would)
+
+
+class SpooledOutgoing(Outgoing):
+    """An outgoing message whose bytes stay in a spool file: ``data`` reads the file each time it is asked for,
+    so a stage that relays n inputs to each committee member holds none of them until the transport sends it."""
+
+    def __init__(self, recipient: str, folder: _Folder, path: Path) -> None:
+        object.__setattr__(self, "recipient", recipient)  # Outgoing is a frozen dataclass
+        object.__setattr__(self, "_folder", folder)
+        object.__setattr__(self, "path", path)
+
+    @property
+    def data(self) -> bytes:  # type: ignore[override]  (a field of Outgoing, computed here)
+        return self._folder.read(self.path)
