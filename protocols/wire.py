@@ -112,11 +112,11 @@ def encode(envelope: Envelope, identity: Identity) -> bytes:
             raise ProtocolError(f"array {name!r} must be a numpy array of one of {', '.join(DTYPES)}")
         array_specs.append({"name": name, "dtype": array.dtype.name, "shape": list(array.shape)})
         contiguous = np.ascontiguousarray(array, dtype=DTYPES[array.dtype.name])
-        parts.append(memoryview(contiguous).cast("B") if contiguous.size else b"")
+        parts.append(_byte_view(contiguous) if contiguous.size else b"")
     blobs = [envelope.blobs[name] for name in sorted(envelope.blobs)]
     if not all(isinstance(blob, bytes | bytearray | memoryview) for blob in blobs):
         raise ProtocolError("blobs must be bytes")
-    blobs = [memoryview(blob).cast("B") for blob in blobs]
+    blobs = [blob if isinstance(blob, bytes) else _byte_view(blob) for blob in blobs]
     parts.extend(blobs)
     header = {
         "protocol": envelope.protocol, "round": envelope.round, "stage": envelope.stage,
@@ -147,9 +147,15 @@ def payload_digest(parts: list) -> str:
     ``PAYLOAD_CHUNK_BYTES`` pieces (the last one shorter; none for an empty payload). A fixed leaf size and the
     length in the root make the list unambiguous, so a second payload with the same digest needs a SHA-256
     collision; the leaves are hashed on the worker threads (``parallel``), each worker a contiguous run."""
-    views = [memoryview(part).cast("B") for part in parts]
+    views = [_byte_view(part) for part in parts]
     total = sum(len(view) for view in views)
     leaves = -(-total // PAYLOAD_CHUNK_BYTES)
+    if leaves <= 1:  # most messages: one leaf, hashed here
+        leaf_hash = hashlib.sha256()
+        for view in views:
+            leaf_hash.update(view)
+        listed = leaf_hash.digest() if total else b""
+        return hashlib.sha256(_PAYLOAD_DOMAIN + total.to_bytes(8, "little") + listed).hexdigest()
     starts = [0]
     for view in views:
         starts.append(starts[-1] + len(view))
@@ -167,6 +173,12 @@ def payload_digest(parts: list) -> str:
 
     listed = b"".join(parallel.run_each(hash_leaves, parallel.spans(leaves, parallel.worker_count())))
     return hashlib.sha256(_PAYLOAD_DOMAIN + total.to_bytes(8, "little") + listed).hexdigest()
+
+
+def _byte_view(part: bytes | bytearray | memoryview) -> memoryview:
+    """``part`` as a flat view of its bytes (len() counts bytes whatever the exporter's item format)."""
+    view = memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def decode(data: bytes, roster: Roster, *, session: str | None, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
@@ -293,9 +305,13 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a finite number")
 
 
+# one decoder for every header: json.loads(text, parse_constant=...) would build a new one per call
+_HEADER_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _parse_header(header_bytes: bytes) -> dict[str, Any]:
     try:
-        header = json.loads(header_bytes.decode("ascii"), parse_constant=_reject_constant)
+        header = _HEADER_DECODER.decode(header_bytes.decode("ascii"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise MessageRejected(f"header is not ASCII JSON: {error}") from None
     _check_header(header)
