@@ -13,7 +13,8 @@ folder, never in a run folder an audit covers): each is a message its client sig
 verifies that signature, so a file changed on disk is refused by the committee (the round then aborts) rather
 than believed. The folder is deleted when the server drops its inputs (the aggregate is sent, the round aborts,
 the next round begins) and, failing that, once neither the server nor a message it made refers to it any more
-(garbage collection, or the process exiting).
+(garbage collection, or the interpreter exiting normally: a process killed by a signal it does not handle leaves the
+folder behind, ``feddat-he-server-*`` in the temporary folder).
 """
 
 from __future__ import annotations
