@@ -123,3 +123,29 @@ def test_an_input_whose_spool_file_cannot_be_written_is_left_out_of_the_sum_and_
     result = harness.finish()
     assert result.counted == counted
     np.testing.assert_allclose(result.vector, weighted_sum(harness.xs, harness.ws, skip={victim}), atol=1e-5)
+
+
+def test_the_flower_channel_reads_each_spooled_input_once_however_many_members_it_goes_to(monkeypatch):
+    """The HE server relays every counted input to each committee member, read back from its spool file when sent
+    (the last one read is shared with the next reader). The Flower channel batches all of a member's requests into
+    one message, so it read member by member and made a copy of every input per member: s × n × 32 MB at once
+    (s = 3: 8.7 GB at n = 100, P = 1M) where the server held n × 32 MB in memory before it spooled at all."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_deployment_parts import FakeGrid
+
+    from feddat_secure.deployment.grid_channel import RECORD, GridChannel
+    for name, value in (("_task_id", 1), ("_run_id", 3), ("_node_id", 1)):  # what Flower sets in a ServerApp
+        monkeypatch.setattr(TaskIdentity, name, value)
+    harness = Harness(4, committee_size=3)
+    inputs = harness.start()
+    harness.draw()
+    grid = FakeGrid()
+    nodes = {member: 100 + index for index, member in enumerate(harness.committee)}
+    for node in nodes.values():
+        grid.add(node, lambda request: None)  # the members' answers do not matter here
+    channel = GridChannel(grid, nodes=nodes)
+    channel.exchange(harness.server.advance(), deadline_s=0)
+    relayed = [data for message in grid.pushed for data in message.content[RECORD]["requests"]
+               if data in inputs.values()]
+    assert len(relayed) == len(inputs) * len(harness.committee)
+    assert len({id(data) for data in relayed}) == len(inputs)
