@@ -5,8 +5,8 @@ element-wise ufuncs), so threads use every core a party is given without a secon
 of the data. Work is split into contiguous spans, one per worker: a party's result never depends on
 how many workers it has (tests/test_protocols_parallel.py, and the payload-digest and mask tests, pin that).
 
-``FEDDAT_SECURE_THREADS`` caps the workers (default: the CPUs this process may run on); 1 runs
-everything in the calling thread.
+``FEDDAT_SECURE_THREADS`` sets how many workers (default: the CPUs this process may run on; a larger value is
+not capped by them, it only adds threads); 1 runs everything in the calling thread.
 """
 
 from __future__ import annotations
