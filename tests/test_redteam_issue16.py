@@ -149,3 +149,23 @@ def test_the_flower_channel_reads_each_spooled_input_once_however_many_members_i
                if data in inputs.values()]
     assert len(relayed) == len(inputs) * len(harness.committee)
     assert len({id(data) for data in relayed}) == len(inputs)
+
+
+def test_a_forked_child_that_exits_normally_leaves_its_parents_spooled_inputs_alone():
+    """The spool folder's finalizer runs at interpreter exit; a child forked while the HE server held inputs
+    inherited it, so the child's normal exit deleted the parent's folder and the round lost every counted input."""
+    script = textwrap.dedent("""
+        import os, sys
+        from protocols.he.spool import Spool
+        inputs = Spool()
+        inputs.put("client-0", b"signed input")
+        child = os.fork()
+        if child == 0:
+            sys.exit(0)  # a helper process that ends normally: atexit runs
+        os.waitpid(child, 0)
+        print(inputs["client-0"].decode())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "signed input"

@@ -20,6 +20,7 @@ folder behind, ``feddat-he-server-*`` in the temporary folder).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import threading
@@ -38,7 +39,7 @@ class _Folder:
 
     def __init__(self) -> None:
         self.path = Path(tempfile.mkdtemp(prefix=_PREFIX))
-        self.remove = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)  # runs once at most
+        self.remove = weakref.finalize(self, _remove, self.path, os.getpid())  # runs once at most
         self._last: tuple[Path, bytes] | None = None
 
     def read(self, path: Path) -> bytes:
@@ -52,6 +53,13 @@ class _Folder:
 
     def forget(self) -> None:
         self._last = None
+
+
+def _remove(path: Path, owner: int) -> None:
+    """Delete ``path`` in the process that made it only: a forked child inherits the finalizer, and one that exits
+    normally runs it at exit (``atexit``), which deleted its parent's inputs under the running round."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Spool(Mapping[str, bytes]):
