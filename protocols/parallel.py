@@ -5,8 +5,8 @@ element-wise ufuncs), so threads use every core a party is given without a secon
 of the data. Work is split into contiguous spans, one per worker: a party's result never depends on
 how many workers it has (tests/test_protocols_parallel.py, and the payload-digest and mask tests, pin that).
 
-``FEDDAT_SECURE_THREADS`` caps the workers (default: the CPUs this process may run on); 1 runs
-everything in the calling thread.
+``FEDDAT_SECURE_THREADS`` sets how many workers (default: the CPUs this process may run on; a larger value is
+not capped by them, it only adds threads); 1 runs everything in the calling thread.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def worker_count() -> int:
     value = os.environ.get(THREADS_VARIABLE, "").strip()
     if not value:
         return _usable_cpus()
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:  # isdigit alone passes "²", which int() refuses
         raise ConfigurationError(f"{THREADS_VARIABLE} must be a positive integer, not {value!r}")
     return int(value)
 
@@ -78,10 +78,23 @@ def _usable_cpus() -> int:
 
 
 def _shared_pool(size: int) -> ThreadPoolExecutor:
+    """The pool, replaced by a bigger one when ``size`` workers are wanted. A replaced pool is never shut down:
+    another thread may have taken it and not yet submitted its work (several parties in one process); its workers
+    exit by themselves once nothing refers to it any more (``concurrent.futures.thread``: a worker stops when its
+    executor has been garbage collected)."""
     global _pool, _pool_size
     with _lock:
         if _pool is None or _pool_size < size:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
             _pool, _pool_size = ThreadPoolExecutor(size, thread_name_prefix=_THREAD_PREFIX), size
         return _pool
+
+
+def _forget_pool_in_child() -> None:
+    """After ``fork`` the child has the pool object but none of its threads, and the pool's idle count says those
+    absent workers are free, so work submitted to it would never run: the child starts a pool of its own."""
+    global _lock, _pool, _pool_size
+    _lock, _pool, _pool_size = threading.Lock(), None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)

@@ -103,7 +103,10 @@ class GridChannel:
         batches: dict[str, list[int]] = defaultdict(list)  # party → indices of its requests, in order
         for index, request in enumerate(requests):
             batches[request.recipient].append(index)
-        messages = {party: request_message(relay.KIND_MESSAGES, [requests[i].data for i in indices],
+        # each request's bytes read once, in the order given: the HE server relays a spooled input to every member
+        # in turn, read from its file when asked for, and consecutive reads of one file share one bytes object
+        payloads = [request.data for request in requests]
+        messages = {party: request_message(relay.KIND_MESSAGES, [payloads[i] for i in indices],
                                            self.nodes[party], deadline_s)
                     for party, indices in batches.items() if party in self.nodes}
         pulled = push_and_pull(self.grid, messages, deadline_s)

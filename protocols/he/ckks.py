@@ -241,10 +241,18 @@ def add_ciphertexts(totals: list[ts.CKKSVector], context: ts.Context, blobs: Seq
             added += 1
     except BaseException:
         if totals:
-            for total, blob in zip(out[:added], blobs):
-                total -= ts.ckks_vector_from(context, blob)  # parsed and checked once already: it parses again
+            subtract_ciphertexts(out[:added], context, blobs)
         raise
     return out
+
+
+def subtract_ciphertexts(totals: list[ts.CKKSVector], context: ts.Context,
+                         blobs: Sequence[bytes]) -> list[ts.CKKSVector]:
+    """``totals`` −= the ciphertexts serialized in ``blobs``, in place: undoes ``add_ciphertexts`` of the same blobs
+    byte for byte (addition mod q is exact). The blobs were parsed and checked once already: they parse again."""
+    for total, blob in zip(totals, blobs):
+        total -= ts.ckks_vector_from(context, blob)
+    return totals
 
 
 def add_into(totals: list[ts.CKKSVector], vectors: list[ts.CKKSVector]) -> list[ts.CKKSVector]:

@@ -188,12 +188,19 @@ class HEServer(ServerSession):
             raise MessageRejected(f"expected the fields 'chunks' = {self._layout.num_chunks} and 'committed' = the "
                                   "digest of the committed list sent", sender)
         blobs = messages.chunk_blobs(envelope, self._layout.num_chunks, set())
-        with self._inputs.writing(sender, data):  # to its file, meanwhile; refused, nothing of it stays
-            if ciphertexts_digest(blobs) != self._promised[sender]:
-                raise MessageRejected("the ciphertexts are not those the client committed to", sender)
-            self._sum = ckks.add_ciphertexts(self._sum, self._context, blobs, self._layout.chunk_sizes(),
-                                             self.options, sender,
-                                             [messages.chunk_name(index) for index in range(len(blobs))])
+        first, summed = not self._sum, False
+        try:
+            with self._inputs.writing(sender, data):  # to its file, meanwhile; refused, nothing of it stays
+                if ciphertexts_digest(blobs) != self._promised[sender]:
+                    raise MessageRejected("the ciphertexts are not those the client committed to", sender)
+                self._sum = ckks.add_ciphertexts(self._sum, self._context, blobs, self._layout.chunk_sizes(),
+                                                 self.options, sender,
+                                                 [messages.chunk_name(index) for index in range(len(blobs))])
+                summed = True
+        except BaseException:
+            if summed:  # added, but its file was not written (a full disk): not counted, so taken out of the sum
+                self._sum = [] if first else ckks.subtract_ciphertexts(self._sum, self._context, blobs)
+            raise
 
     def _receive_committee(self, envelope: Envelope, data: bytes) -> None:
         expect(envelope, sender=self._keyholder)

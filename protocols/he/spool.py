@@ -13,12 +13,14 @@ folder, never in a run folder an audit covers): each is a message its client sig
 verifies that signature, so a file changed on disk is refused by the committee (the round then aborts) rather
 than believed. The folder is deleted when the server drops its inputs (the aggregate is sent, the round aborts,
 the next round begins) and, failing that, once neither the server nor a message it made refers to it any more
-(garbage collection, or the process exiting).
+(garbage collection, or the interpreter exiting normally: a process killed by a signal it does not handle leaves the
+folder behind, ``feddat-he-server-*`` in the temporary folder).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import threading
@@ -37,7 +39,7 @@ class _Folder:
 
     def __init__(self) -> None:
         self.path = Path(tempfile.mkdtemp(prefix=_PREFIX))
-        self.remove = weakref.finalize(self, shutil.rmtree, self.path, ignore_errors=True)  # runs once at most
+        self.remove = weakref.finalize(self, _remove, self.path, os.getpid())  # runs once at most
         self._last: tuple[Path, bytes] | None = None
 
     def read(self, path: Path) -> bytes:
@@ -51,6 +53,13 @@ class _Folder:
 
     def forget(self) -> None:
         self._last = None
+
+
+def _remove(path: Path, owner: int) -> None:
+    """Delete ``path`` in the process that made it only: a forked child inherits the finalizer, and one that exits
+    normally runs it at exit (``atexit``), which deleted its parent's inputs under the running round."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Spool(Mapping[str, bytes]):
