@@ -134,7 +134,8 @@ def test_wrong_vector_length_or_word_type_is_rejected_by_the_server():
     fields = {"weight": 1, "bad_shares_from": []}
     for arrays in [{"masked": np.zeros((h.length + 1, 4), np.uint8)}, {"masked": np.zeros((h.length, 8), np.uint8)},
                    {"masked": np.zeros(h.length, np.uint32)}, {"masked": np.zeros((h.length, 4), np.uint32)}]:
-        with pytest.raises(MessageRejected, match=r"expected 8 values packed in 4 bytes each \(a \(8, 4\) uint8 array\)"):
+        with pytest.raises(MessageRejected,
+                           match=r"expected 8 values packed in 4 bytes each \(a \(8, 4\) uint8 array\)"):
             h.server.receive(h.forge("client-0", "server", MASKED, fields, arrays))
     with pytest.raises(MessageRejected, match="weight"):
         h.server.receive(h.forge("client-0", "server", MASKED, {**fields, "weight": 0},
