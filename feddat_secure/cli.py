@@ -20,6 +20,7 @@ from audits.cli import add_audit_commands
 from protocols import ConfigurationError
 from protocols.enrolment import ENROLMENT_FILE, IDENTITY_FILE, build_roster, save_party_identity
 from protocols.identity import ROLES, load_roster
+from protocols.parallel import worker_count
 
 from .config import RunConfig, config_from_dict, load_config, to_dict
 from .errors import FeddatError
@@ -300,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        worker_count()  # a bad FEDDAT_SECURE_THREADS is refused here, not deep inside the first message
         return args.handler(args)
     except USER_ERRORS as error:
         print(f"feddat-secure: error: {' '.join(str(error).splitlines())}", file=sys.stderr)  # always one line

@@ -69,3 +69,11 @@ def test_work_split_from_inside_a_worker_runs_there_instead_of_waiting_on_the_po
         return parallel.run_each(inner, [(value,), (value + 10,)])
 
     assert parallel.run_each(outer, [(0,), (100,)]) == [[1, 11], [101, 111]]
+
+
+def test_the_command_line_refuses_a_bad_thread_count_at_start_up_in_one_line(monkeypatch, capsys):
+    from feddat_secure.cli import main
+    monkeypatch.setenv(parallel.THREADS_VARIABLE, "many")
+    assert main(["privacy", "ledger", "show", "/nonexistent"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "feddat-secure: error: FEDDAT_SECURE_THREADS must be a positive integer, not 'many'"
