@@ -121,11 +121,13 @@ def deployments(tmp_path_factory, foundation) -> dict[str, dict]:
 
 def kill_during_masked_input(config: RunConfig, thread: threading.Thread) -> bool:
     """Kill the SuperNode of KILLED (by the process id deploy local recorded) as soon as the server's audit log
-    shows the masked_input requests sent; whether that happened."""
+    shows the masked_input requests sent; whether that happened. It watches for as long as the deployment runs
+    (its own join timeout and stage deadlines bound it): a fixed limit of 400 s ran out before masked_input
+    under a loaded machine (the full suite on 2 shared cores, issue 16), failing the test for no fault of the
+    deployment's."""
     run_dir = Path(config.output_dir) / config.name
     log = run_dir / "parties" / "server" / "server.audit.jsonl"
-    stop = time.monotonic() + 400
-    while time.monotonic() < stop and thread.is_alive():
+    while thread.is_alive():
         if log.exists() and any('"masked:masked_input"' in line and '"message_sent"' in line
                                 for line in log.read_text().splitlines()):
             state = json.loads((run_dir / DEPLOYMENT_DIR / STATE_FILE).read_text())
