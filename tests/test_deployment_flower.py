@@ -71,18 +71,21 @@ SURVIVORS = ["client0", "client1", "client2", "client3"]
 
 @pytest.fixture(scope="module")
 def deployments(tmp_path_factory, foundation) -> dict[str, dict]:
-    """Three deployments, run side by side (each mostly waits on Flower's polling), and what the in-process
-    simulation computes for each: ``masked`` (3 sites, TLS and node authentication), ``he`` (3 sites and the key
-    holder) and ``dropout`` (5 sites, masked; the SuperNode of client4 is killed — SIGTERM, so it leaves the
-    federation at once; a SIGKILL takes the stage's deadline, and the SuperLink's own ≈ 45 s, to be noticed —
-    once the server has sent the masked_input requests). 5 sites, not 4: with 4 the complete graph's threshold
-    is t = 3 of k = 3 share holders (2t - k > c needs it), so a single dropout leaves a secret with too few
-    holders and the round rightly aborts."""
+    """Three deployments, run side by side, and what the in-process simulation computes for each: ``masked``
+    (3 sites, TLS and node authentication), ``he`` (3 sites and the key holder) and ``dropout`` (5 sites, masked;
+    the SuperNode of client4 is killed — SIGTERM, so it leaves the federation at once; a SIGKILL takes the stage's
+    deadline, and the SuperLink's own ≈ 45 s, to be noticed — once the server has sent the masked_input requests).
+    The dropout deployment's stage deadline is generous: the killed node leaves at once (the server stops waiting
+    for a node the SuperLink no longer lists), and on 2 loaded cores a survivor took over 60 s to answer unmask
+    (issue 16: Flower's fresh ClientApp process per message costs ≈ 2.8 s of CPU, 139 of them here), which
+    dropped it too. 5 sites, not 4: with 4 the complete graph's threshold is t = 3 of k = 3 share holders
+    (2t - k > c needs it), so a single dropout leaves a secret with too few holders and the round rightly
+    aborts."""
     root = tmp_path_factory.mktemp("deployments")
     jobs = {"masked": (tiny(root / "masked", "masked"), LocalSettings(tls=True, auth=True)),
             "he": (tiny(root / "he", "he"), LocalSettings()),
             "dropout": (tiny(root / "dropout", "masked", sites=5),
-                        LocalSettings(stage_deadline_s=60, deadlines="masked:masked_input=40"))}
+                        LocalSettings(stage_deadline_s=240))}
     outcomes: dict[str, dict] = {name: {} for name in jobs}
 
     def deploy(name: str) -> None:
@@ -121,11 +124,13 @@ def deployments(tmp_path_factory, foundation) -> dict[str, dict]:
 
 def kill_during_masked_input(config: RunConfig, thread: threading.Thread) -> bool:
     """Kill the SuperNode of KILLED (by the process id deploy local recorded) as soon as the server's audit log
-    shows the masked_input requests sent; whether that happened."""
+    shows the masked_input requests sent; whether that happened. It watches for as long as the deployment runs
+    (its own join timeout and stage deadlines bound it): a fixed limit of 400 s ran out before masked_input
+    under a loaded machine (the full suite on 2 shared cores, issue 16), failing the test for no fault of the
+    deployment's."""
     run_dir = Path(config.output_dir) / config.name
     log = run_dir / "parties" / "server" / "server.audit.jsonl"
-    stop = time.monotonic() + 400
-    while time.monotonic() < stop and thread.is_alive():
+    while thread.is_alive():
         if log.exists() and any('"masked:masked_input"' in line and '"message_sent"' in line
                                 for line in log.read_text().splitlines()):
             state = json.loads((run_dir / DEPLOYMENT_DIR / STATE_FILE).read_text())

@@ -94,6 +94,7 @@ def test_every_epsilon_of_a_real_runs_report_recomputes_with_dp_accounting(finis
     for size in ("2", "5", "10"):
         recomputed = _pld(events, worst["delta"], group=int(size), interval=0.005 * int(size))
         assert worst["group_epsilon"][size] == pytest.approx(recomputed, rel=0.01)
+        assert worst["group_epsilon"][size] >= recomputed  # a coarser grid only rounds ε up, never below a finer one
     assert single < worst["group_epsilon"]["2"] < worst["group_epsilon"]["5"] < worst["group_epsilon"]["10"]
     headline = (finished_run / MARKDOWN_FILE).read_text().split("## Headline")[1].split("## Run")[0]
     central_known = f"{central['epsilon_if_participation_known']:.3f}"
