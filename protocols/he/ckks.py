@@ -228,7 +228,10 @@ def add_ciphertexts(totals: list[ts.CKKSVector], context: ts.Context, blobs: Seq
     With no ``totals`` yet, the parsed chunks become the running sum.
 
     All or nothing: when a chunk fails, the chunks already added are subtracted again before the error goes on.
-    Addition mod q is exact, so ``totals`` come back byte for byte (a refused message changes nothing)."""
+    Addition mod q is exact, so ``totals`` come back byte for byte (a refused message changes nothing), and every
+    party that adds the same ciphertexts, in any order, serializes the same sum byte for byte (SEAL's
+    serialization is deterministic): the server's sum and each committee member's. Vectors share one context
+    (never ``.copy()``)."""
     out = totals if totals else []
     added = 0
     try:
@@ -246,13 +249,3 @@ def add_ciphertexts(totals: list[ts.CKKSVector], context: ts.Context, blobs: Seq
         raise
     return out
 
-
-def add_into(totals: list[ts.CKKSVector], vectors: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
-    """``totals`` += ``vectors`` slot by slot, in place (sharing one context: never ``.copy()``); the first
-    input becomes the running sum. Addition mod q is exact, so every party that adds the same ciphertexts, in
-    any order, serializes the same sum byte for byte (SEAL's serialization is deterministic)."""
-    if not totals:
-        return vectors
-    for total, vector in zip(totals, vectors):
-        total += vector
-    return totals

@@ -40,7 +40,7 @@ from ..identity import Identity, Roster
 from ..wire import Envelope, expect
 from ..x25519 import check_x25519_public_key
 from . import ckks, masks, messages
-from .chunks import SEED_BYTES, Layout, ciphertexts_digest
+from .chunks import SEED_BYTES, Layout, ciphertexts_commitment, ciphertexts_digest
 from .config import HEOptions
 from .messages import (
     ATTEST,
@@ -248,11 +248,11 @@ class HEClient(ClientSession):
             raise MessageRejected("this input was revealed against another list of commitments than this member's "
                                   "own (a site was shown a different list)", sender)
         blobs = messages.chunk_blobs(envelope, layout.num_chunks, set())
-        context = self._member_context(state)
-        vectors = [ckks.load_ciphertext(context, blob, size, self.options, sender, messages.chunk_name(index))
-                   for index, (blob, size) in enumerate(zip(blobs, layout.chunk_sizes()))]
-        state.total = ckks.add_into(state.total, vectors)
-        state.seen[sender] = ciphertexts_digest(blobs)
+        state.total = ckks.add_ciphertexts(state.total, self._member_context(state), blobs, layout.chunk_sizes(),
+                                           self.options, sender,
+                                           [messages.chunk_name(index) for index in range(len(blobs))])
+        # decode verified the payload against its signed digest: the commitment comes from that digest
+        state.seen[sender] = ciphertexts_commitment([len(blob) for blob in blobs], envelope.payload)
 
     def _attest(self, envelope: Envelope, state: _Round) -> list[Outgoing]:
         """Committee member: check the commitments against the inputs summed, then sign the sum's digest."""

@@ -26,7 +26,7 @@ from ..errors import ConfigurationError, MessageRejected, ProtocolError, RoundAb
 from ..identity import Identity, Roster
 from ..wire import Envelope, expect
 from . import ckks, messages
-from .chunks import Layout, ciphertexts_digest
+from .chunks import Layout, ciphertexts_commitment, ciphertexts_digest
 from .config import HEOptions
 from .messages import (
     AGGREGATE,
@@ -188,9 +188,10 @@ class HEServer(ServerSession):
             raise MessageRejected(f"expected the fields 'chunks' = {self._layout.num_chunks} and 'committed' = the "
                                   "digest of the committed list sent", sender)
         blobs = messages.chunk_blobs(envelope, self._layout.num_chunks, set())
+        # decode verified the payload against its signed digest: the commitment is checked from that digest
+        if ciphertexts_commitment([len(blob) for blob in blobs], envelope.payload) != self._promised[sender]:
+            raise MessageRejected("the ciphertexts are not those the client committed to", sender)
         with self._inputs.writing(sender, data):  # to its file, meanwhile; refused, nothing of it stays
-            if ciphertexts_digest(blobs) != self._promised[sender]:
-                raise MessageRejected("the ciphertexts are not those the client committed to", sender)
             self._sum = ckks.add_ciphertexts(self._sum, self._context, blobs, self._layout.chunk_sizes(),
                                              self.options, sender,
                                              [messages.chunk_name(index) for index in range(len(blobs))])
