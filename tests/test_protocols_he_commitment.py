@@ -16,6 +16,11 @@ from protocols.he.chunks import ciphertexts_commitment, ciphertexts_digest
 from protocols.wire import payload_digest
 
 
+def server_sum(harness) -> list[bytes]:
+    """The server's running sum, serialized."""
+    return harness.server._serialized_sum()
+
+
 def recut(blobs) -> dict[str, bytes]:
     """The same payload cut elsewhere, into two ciphertexts that still parse: the last protobuf field of the first
     (its scale, tag 0x19 and 8 bytes) moves to the front of the second, whose own scale field follows and wins."""
@@ -60,13 +65,13 @@ def test_the_same_bytes_cut_into_other_ciphertexts_commit_to_another_value():
 def test_the_server_refuses_a_recut_or_altered_payload_under_the_old_commitment_and_keeps_its_state(change):
     harness = Harness(3)
     harness.start(skip={1})
-    before = [total.serialize() for total in harness.server._sum]
+    before = server_sum(harness)
     [answer] = harness.clients["client-1"].handle(harness.requests["client-1"])
     genuine = harness.read(answer.data)
     forged = harness.sign(dataclasses.replace(genuine, blobs=change(genuine.blobs)))  # signed by client-1 itself
     with pytest.raises(MessageRejected, match="not those the client committed to"):
         harness.server.receive(forged)
-    assert [total.serialize() for total in harness.server._sum] == before
+    assert server_sum(harness) == before
     assert "client-1" not in harness.server._inputs
     harness.server.receive(answer.data)  # the genuine input is still welcome
     assert "client-1" in harness.server._inputs
