@@ -70,6 +70,10 @@ class Envelope:
 
     ``session`` and ``roster`` default to "" only so that the content fields can be given by position;
     ``encode`` refuses an envelope without a valid session id and roster digest.
+
+    ``payload`` is the payload digest ``decode`` verified (``payload_digest`` of the arrays' then the blobs'
+    bytes): a receiver that commits to a message's payload compares against it instead of hashing the payload
+    a second time (issue 16). ``encode`` always computes its own and ignores this one.
     """
 
     protocol: str
@@ -82,6 +86,7 @@ class Envelope:
     blobs: Mapping[str, bytes] = field(default_factory=dict)
     session: str = ""
     roster: str = ""
+    payload: str = ""
 
 
 def new_session_id() -> str:
@@ -233,7 +238,7 @@ def decode(data: bytes, roster: Roster, *, session: str | None, max_bytes: int =
         blobs[spec["name"]] = data[offset:offset + spec["size"]]
         offset += spec["size"]
     return Envelope(header["protocol"], header["round"], header["stage"], sender, header["recipient"],
-                    header["fields"], arrays, blobs, header["session"], header["roster"])
+                    header["fields"], arrays, blobs, header["session"], header["roster"], header["payload"])
 
 
 def signed_by(data: object, public_key: Ed25519PublicKey) -> bool:

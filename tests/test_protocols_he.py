@@ -403,7 +403,7 @@ def test_the_server_serializes_and_hashes_the_sum_once_for_every_attestation_and
         raise AssertionError("the server serialized or hashed the sum again")
 
     with monkeypatch.context() as patched:
-        patched.setattr(ts.CKKSVector, "serialize", again)
+        patched.setattr("protocols.he.ckks.serialize", again)
         patched.setattr("protocols.he.server.ciphertexts_digest", again)
         for attestation in attestations:
             harness.server.receive(attestation)

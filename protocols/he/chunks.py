@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..wire import payload_digest
 from .config import CANARIES
 
 SEED_BYTES = 32
@@ -69,10 +70,30 @@ class Layout:
         return ((words >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0).reshape(self.num_chunks, self.canaries)
 
 
+_CIPHERTEXTS_DOMAIN = b"feddat-secure/he/ciphertexts/v2\0"
+
+
 def ciphertexts_digest(ciphertexts: Sequence[bytes]) -> str:
-    """SHA-256 (hex) over the serialized ciphertexts, each prefixed by its length: what a receipt commits to."""
-    digest = hashlib.sha256()
-    for ciphertext in ciphertexts:
-        digest.update(len(ciphertext).to_bytes(8, "little"))
-        digest.update(ciphertext)
+    """What a receipt commits to (and an attestation signs of a sum): ``ciphertexts_commitment`` of the
+    serialized ciphertexts' sizes and their ``wire.payload_digest``, which is exactly the payload digest of a
+    message carrying them as its blobs ``c000000``.. and nothing else, so a receiver checks an input against
+    its receipt from the header it verified anyway (``ciphertexts_commitment``), without a second pass."""
+    return ciphertexts_commitment([len(ciphertext) for ciphertext in ciphertexts], payload_digest(ciphertexts))
+
+
+def ciphertexts_commitment(sizes: Sequence[int], payload: str) -> str:
+    """SHA-256 (hex) of (domain ‖ u64 count ‖ for each ciphertext: its blob name, NUL, u64 size ‖ the payload
+    digest): the payload digest fixes the ciphertexts' concatenation (a hash list, ``wire.payload_digest``),
+    the names and sizes where it is cut, so the same bytes cut into other ciphertexts (issue 16: a re-split
+    payload) commit to another value."""
+    digest = hashlib.sha256(_CIPHERTEXTS_DOMAIN)
+    digest.update(len(sizes).to_bytes(8, "little"))
+    for index, size in enumerate(sizes):
+        digest.update(chunk_name(index).encode() + b"\0" + size.to_bytes(8, "little"))
+    digest.update(bytes.fromhex(payload))
     return digest.hexdigest()
+
+
+def chunk_name(index: int) -> str:
+    """The name of ciphertext ``index``'s blob in an input or an aggregate message."""
+    return f"c{index:06d}"

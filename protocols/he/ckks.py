@@ -5,7 +5,9 @@ TenSEAL can neither build a SEAL plaintext from raw coefficients nor wrap a SEAL
 SEAL's serialization format (``_seal_object``) and TenSEAL's ``CKKSVectorProto`` (``tenseal_vector``) here.
 
 Performance note: never ``CKKSVector.copy()`` here; it copies the whole context each time (a 10-client
-sum took a minute and 13 GB that way). Sums use ``+=`` on vectors that share one context.
+sum took a minute and 13 GB that way). Sums are SEAL ciphertexts added with SEAL's evaluator: the parsed
+ciphertext's one copy (``ciphertext()``: TenSEAL hands out no reference to its own) is what the checks read
+and what is added, where TenSEAL's ``+=`` would copy its operand once more (``CKKSVector::add_inplace``).
 """
 
 from __future__ import annotations
@@ -149,11 +151,12 @@ def rns_plaintext(seal: ts.sealapi.SEALContext, like: ts.sealapi.Ciphertext, coe
 
 
 def load_ciphertext(context: ts.Context, data: bytes, size: int, config: HEOptions, sender: str,
-                    name: str) -> ts.CKKSVector:
-    """Parse one ciphertext and check it is a fresh-level, two-part ciphertext of ``size`` slots at the scale.
+                    name: str) -> ts.sealapi.Ciphertext:
+    """Parse one ciphertext and check it is a fresh-level, two-part ciphertext of ``size`` slots at the scale;
+    returns its SEAL ciphertext (the one copy TenSEAL hands out, which the checks read anyway).
 
     SEAL's loader already refuses coefficients outside the modulus and unknown parameter ids; the
-    checks here make sure ``+=`` can neither fail nor silently mix scales or levels later.
+    checks here make sure an addition can neither fail nor silently mix scales or levels later.
     """
     try:
         vector = ts.ckks_vector_from(context, data)
@@ -168,31 +171,41 @@ def load_ciphertext(context: ts.Context, data: bytes, size: int, config: HEOptio
             or parts[0].parms_id() != first_level or not parts[0].is_ntt_form()):
         raise MessageRejected(f"ciphertext {name!r} is not a fresh two-part ciphertext at scale "
                               f"2^{config.global_scale_bits}", sender)
-    return vector
+    return parts[0]
 
 
-def decrypt_unmasked(context: ts.Context, vectors: Sequence[ts.CKKSVector],
+def decrypt_unmasked(context: ts.Context, ciphertexts: Sequence[ts.sealapi.Ciphertext], sizes: Sequence[int],
                      masks: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The slots of each (summed) ciphertext, loaded with the secret context, once its summed mask is
-    subtracted from its first part: only then is it the sum of the counted chunks (masks.py)."""
+    """The first ``sizes`` slots of each (summed) ciphertext, loaded with the secret context, once its summed mask
+    is subtracted from its first part (in place): only then is it the sum of the counted chunks (masks.py)."""
     seal = context.seal_context().data
     evaluator, encoder = ts.sealapi.Evaluator(seal), ts.sealapi.CKKSEncoder(seal)
     decryptor = ts.sealapi.Decryptor(seal, context.secret_key().data)
     out = []
     with _scratch_folder() as folder:
         scratch = Path(folder) / "seal.bin"
-        for vector, mask in zip(vectors, masks, strict=True):
-            [ciphertext] = vector.ciphertext()
+        for ciphertext, size, mask in zip(ciphertexts, sizes, masks, strict=True):
             evaluator.sub_plain_inplace(ciphertext, rns_plaintext(seal, ciphertext, mask, scratch))
             plain = ts.sealapi.Plaintext()
             decryptor.decrypt(ciphertext, plain)
-            out.append(np.asarray(encoder.decode_double(plain), dtype=np.float64)[:vector.size()])
+            out.append(np.asarray(encoder.decode_double(plain), dtype=np.float64)[:size])
     return out
 
 
-def ciphertext_from_state(context: ts.Context, data: bytes) -> ts.CKKSVector:
-    """A ciphertext from the party's own saved state (it was checked with ``load_ciphertext`` when it arrived)."""
-    return ts.ckks_vector_from(context, data)
+def ciphertext_from_state(context: ts.Context, data: bytes) -> ts.sealapi.Ciphertext:
+    """A ciphertext from the party's own saved state (``serialize``; it was checked with ``load_ciphertext``
+    when it arrived)."""
+    [ciphertext] = ts.ckks_vector_from(context, data).ciphertext()
+    return ciphertext
+
+
+def serialize(ciphertexts: Sequence[ts.sealapi.Ciphertext], sizes: Sequence[int]) -> list[bytes]:
+    """Ciphertexts of ``sizes`` slots in TenSEAL's format (``tenseal_vector``), as ``CKKSVector.serialize`` writes
+    them: SEAL's serialization is deterministic, so every party that adds the same ciphertexts serializes the
+    same sum byte for byte."""
+    with _scratch_folder() as folder:
+        scratch = Path(folder) / "seal.bin"
+        return [tenseal_vector(ciphertext, size, scratch) for ciphertext, size in zip(ciphertexts, sizes, strict=True)]
 
 
 def secret_context_bytes(context: ts.Context) -> bytes:
@@ -220,24 +233,28 @@ def fresh_ciphertext_bytes(config: HEOptions) -> int:
     return len(encrypt(context, [np.zeros(config.slots)], [mask])[0])
 
 
-def add_ciphertexts(totals: list[ts.CKKSVector], context: ts.Context, blobs: Sequence[bytes], sizes: Sequence[int],
-                    config: HEOptions, sender: str, names: Sequence[str]) -> list[ts.CKKSVector]:
+def add_ciphertexts(totals: list[ts.sealapi.Ciphertext], context: ts.Context, blobs: Sequence[bytes],
+                    sizes: Sequence[int], config: HEOptions, sender: str,
+                    names: Sequence[str]) -> list[ts.sealapi.Ciphertext]:
     """``totals`` += the ciphertexts serialized in ``blobs``, streamed chunk by chunk: each is parsed and checked
-    (``load_ciphertext``) and added in place before the next is parsed, so one ciphertext is in flight and is
-    added while it is still in the cache (issue 16: parse once, add with ``+=``, no list of parsed vectors).
-    With no ``totals`` yet, the parsed chunks become the running sum.
+    (``load_ciphertext``) and added in place with SEAL's evaluator before the next is parsed, so one ciphertext is
+    in flight and is added while it is still in the cache (issue 16: parse once, one copy, no list of parsed
+    vectors). With no ``totals`` yet, the parsed chunks become the running sum.
 
     All or nothing: when a chunk fails, the chunks already added are subtracted again before the error goes on.
-    Addition mod q is exact, so ``totals`` come back byte for byte (a refused message changes nothing)."""
+    Addition mod q is exact, so ``totals`` come back byte for byte (a refused message changes nothing), and every
+    party that adds the same ciphertexts, in any order, gets the same sum (``serialize``): the server's and each
+    committee member's."""
+    evaluator = ts.sealapi.Evaluator(context.seal_context().data)
     out = totals if totals else []
     added = 0
     try:
         for blob, size, name in zip(blobs, sizes, names, strict=True):
-            vector = load_ciphertext(context, blob, size, config, sender, name)
+            ciphertext = load_ciphertext(context, blob, size, config, sender, name)
             if totals:
-                out[added] += vector
+                evaluator.add_inplace(out[added], ciphertext)
             else:
-                out.append(vector)
+                out.append(ciphertext)
             added += 1
     except BaseException:
         if totals:
@@ -246,21 +263,12 @@ def add_ciphertexts(totals: list[ts.CKKSVector], context: ts.Context, blobs: Seq
     return out
 
 
-def subtract_ciphertexts(totals: list[ts.CKKSVector], context: ts.Context,
-                         blobs: Sequence[bytes]) -> list[ts.CKKSVector]:
-    """``totals`` −= the ciphertexts serialized in ``blobs``, in place: undoes ``add_ciphertexts`` of the same blobs
-    byte for byte (addition mod q is exact). The blobs were parsed and checked once already: they parse again."""
+def subtract_ciphertexts(totals: list[ts.sealapi.Ciphertext], context: ts.Context,
+                         blobs: Sequence[bytes]) -> list[ts.sealapi.Ciphertext]:
+    """``totals`` −= the ciphertexts serialized in ``blobs``, in place with SEAL's evaluator: undoes
+    ``add_ciphertexts`` of the same blobs byte for byte (addition mod q is exact). The blobs were parsed and
+    checked once already: they parse again."""
+    evaluator = ts.sealapi.Evaluator(context.seal_context().data)
     for total, blob in zip(totals, blobs):
-        total -= ts.ckks_vector_from(context, blob)
-    return totals
-
-
-def add_into(totals: list[ts.CKKSVector], vectors: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
-    """``totals`` += ``vectors`` slot by slot, in place (sharing one context: never ``.copy()``); the first
-    input becomes the running sum. Addition mod q is exact, so every party that adds the same ciphertexts, in
-    any order, serializes the same sum byte for byte (SEAL's serialization is deterministic)."""
-    if not totals:
-        return vectors
-    for total, vector in zip(totals, vectors):
-        total += vector
+        evaluator.sub_inplace(total, ciphertext_from_state(context, blob))
     return totals

@@ -40,7 +40,7 @@ from ..identity import Identity, Roster
 from ..wire import Envelope, expect
 from ..x25519 import check_x25519_public_key
 from . import ckks, masks, messages
-from .chunks import SEED_BYTES, Layout, ciphertexts_digest
+from .chunks import SEED_BYTES, Layout, ciphertexts_commitment, ciphertexts_digest
 from .config import HEOptions
 from .messages import (
     ATTEST,
@@ -72,7 +72,7 @@ class _Round:
     counted: tuple[str, ...] = ()  # member: the counted clients and the committee the key holder announced
     committee: tuple[str, ...] = ()
     seen: dict[str, str] = field(default_factory=dict)  # member: relayed client -> its ciphertexts digest
-    total: list[ts.CKKSVector] = field(default_factory=list)  # member: the running sum
+    total: list[ts.sealapi.Ciphertext] = field(default_factory=list)  # member: the running sum
     context: ts.Context | None = None  # member: the parsed public context
 
 
@@ -248,11 +248,11 @@ class HEClient(ClientSession):
             raise MessageRejected("this input was revealed against another list of commitments than this member's "
                                   "own (a site was shown a different list)", sender)
         blobs = messages.chunk_blobs(envelope, layout.num_chunks, set())
-        context = self._member_context(state)
-        vectors = [ckks.load_ciphertext(context, blob, size, self.options, sender, messages.chunk_name(index))
-                   for index, (blob, size) in enumerate(zip(blobs, layout.chunk_sizes()))]
-        state.total = ckks.add_into(state.total, vectors)
-        state.seen[sender] = ciphertexts_digest(blobs)
+        state.total = ckks.add_ciphertexts(state.total, self._member_context(state), blobs, layout.chunk_sizes(),
+                                           self.options, sender,
+                                           [messages.chunk_name(index) for index in range(len(blobs))])
+        # decode verified the payload against its signed digest: the commitment comes from that digest
+        state.seen[sender] = ciphertexts_commitment([len(blob) for blob in blobs], envelope.payload)
 
     def _attest(self, envelope: Envelope, state: _Round) -> list[Outgoing]:
         """Committee member: check the commitments against the inputs summed, then sign the sum's digest."""
@@ -287,12 +287,17 @@ class HEClient(ClientSession):
         wrong = [client for client in counted if state.seen[client] != fields[client]]
         if wrong:
             raise MessageRejected(f"the inputs of {wrong} are not the ciphertexts their receipts committed to", sender)
-        total = ciphertexts_digest([vector.serialize() for vector in state.total])
+        total = ciphertexts_digest(self._serialized_total(state))
         attestation = self._sign(self._envelope(state.round_id, ATTEST, state.keyholder,
                                                 {"counted": counted, "committed": committed_digest, "sum": total,
                                                  "round_context": self._context}))
         self._round = None  # attest once; the running sum is no longer needed
         return [Outgoing(self._server_id, attestation)]
+
+    def _serialized_total(self, state: _Round) -> list[bytes]:
+        """Committee member: its running sum serialized (``ckks.serialize``), as the server serializes its own."""
+        sizes = Layout(state.vector_length, self.options.slots).chunk_sizes()
+        return ckks.serialize(state.total, sizes) if state.total else []
 
     def _check_fits(self, vector: np.ndarray, weight: float, num_clients: int) -> None:
         """Refuse (before encrypting) an input whose share of the sum could overflow the modulus: CKKS would
@@ -313,7 +318,7 @@ class HEClient(ClientSession):
                       "ciphertexts": None if state.ciphertexts is None else [bytes_array(c) for c in state.ciphertexts],
                       "committed": state.committed, "counted": list(state.counted),
                       "committee": list(state.committee), "seen": dict(state.seen),
-                      "total": [bytes_array(total.serialize()) for total in state.total]}}
+                      "total": [bytes_array(total) for total in self._serialized_total(state)]}}
 
     def _import(self, state: Mapping[str, Any]) -> None:
         self._inputs, self._context = import_inputs(state["inputs"]), checked_context(state["round_context"])

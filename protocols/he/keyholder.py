@@ -214,14 +214,16 @@ class HEKeyHolder(KeyHolderSession):
             seeds.append(self._seed(receipt, client, state))
         if len(set(seeds)) != len(seeds):
             raise MessageRejected("two receipts carry the same seed (a copied contribution)", envelope.sender)
-        vectors = [ckks.load_ciphertext(state.context, blob, size, self.options, envelope.sender,
-                                        messages.chunk_name(index))
-                   for index, (blob, size) in enumerate(zip(blobs, state.layout.chunk_sizes()))]
+        sizes = state.layout.chunk_sizes()
+        ciphertexts = [ckks.load_ciphertext(state.context, blob, size, self.options, envelope.sender,
+                                            messages.chunk_name(index))
+                       for index, (blob, size) in enumerate(zip(blobs, sizes))]
 
         self._open = None  # from here on this key is spent, whatever the outcome: one decryption per key
         summed = masks.summed_masks(seeds, state.layout.num_chunks, ckks.data_moduli(state.context),
                                     self.options.poly_modulus_degree)
-        sums, total_weight, canaries = state.layout.join(ckks.decrypt_unmasked(state.context, vectors, summed))
+        sums, total_weight, canaries = state.layout.join(ckks.decrypt_unmasked(state.context, ciphertexts, sizes,
+                                                                               summed))
         expected = np.sum([state.layout.canaries_from(seed) for seed in seeds], axis=0)
         miss = float(np.max(np.abs(canaries - expected)))
         step = self.options.output_step

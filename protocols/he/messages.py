@@ -48,6 +48,7 @@ from ..base import checked_context
 from ..errors import ConfigurationError, MessageRejected
 from ..identity import Roster
 from ..wire import Envelope
+from .chunks import chunk_name
 from .config import HEOptions
 
 NAME = "he"
@@ -80,10 +81,6 @@ def context_limit(config: HEOptions, cohort: int) -> int:
 def ciphertexts_limit(ciphertext_bytes: int, chunks: int, cohort: int) -> int:
     """An input or an aggregate: ``chunks`` ciphertexts of at most 1/8 more than a measured fresh one."""
     return chunks * (ciphertext_bytes + ciphertext_bytes // 8 + 256) + 2 * small_limit(cohort)
-
-
-def chunk_name(index: int) -> str:
-    return f"c{index:06d}"
 
 
 def chunk_blobs(envelope: Envelope, count: int, extra: set[str]) -> list[bytes]:

@@ -26,7 +26,7 @@ from ..errors import ConfigurationError, MessageRejected, ProtocolError, RoundAb
 from ..identity import Identity, Roster
 from ..wire import Envelope, expect
 from . import ckks, messages
-from .chunks import Layout, ciphertexts_digest
+from .chunks import Layout, ciphertexts_commitment, ciphertexts_digest
 from .config import HEOptions
 from .messages import (
     AGGREGATE,
@@ -97,7 +97,7 @@ class HEServer(ServerSession):
         self._committed_digest = ""  # ... and its digest, which every input and attestation must carry
         self._inputs.clear()
         self._counted: tuple[str, ...] = ()  # the counted clients, fixed when the draw is requested
-        self._sum: list[ts.CKKSVector] = []  # the running sum, until the verify stage opens
+        self._sum: list[ts.sealapi.Ciphertext] = []  # the running sum, until the verify stage opens
         self._sum_blobs: list[bytes] = []  # the sum serialized once there, until sent for decryption ...
         self._sum_digest = ""  # ... and its digest, which every attestation must carry
         self._attestations: dict[str, bytes] = {}
@@ -188,11 +188,12 @@ class HEServer(ServerSession):
             raise MessageRejected(f"expected the fields 'chunks' = {self._layout.num_chunks} and 'committed' = the "
                                   "digest of the committed list sent", sender)
         blobs = messages.chunk_blobs(envelope, self._layout.num_chunks, set())
+        # decode verified the payload against its signed digest: the commitment is checked from that digest
+        if ciphertexts_commitment([len(blob) for blob in blobs], envelope.payload) != self._promised[sender]:
+            raise MessageRejected("the ciphertexts are not those the client committed to", sender)
         first, summed = not self._sum, False
         try:
             with self._inputs.writing(sender, data):  # to its file, meanwhile; refused, nothing of it stays
-                if ciphertexts_digest(blobs) != self._promised[sender]:
-                    raise MessageRejected("the ciphertexts are not those the client committed to", sender)
                 self._sum = ckks.add_ciphertexts(self._sum, self._context, blobs, self._layout.chunk_sizes(),
                                                  self.options, sender,
                                                  [messages.chunk_name(index) for index in range(len(blobs))])
@@ -301,7 +302,7 @@ class HEServer(ServerSession):
         outgoing.extend(self._send(self._envelope(self._round, VERIFY, member, {"counted": list(self._counted)},
                                                   blobs=blobs)) for member in self._committee)
         # the sum is final: serialized and hashed once, for every attestation and the aggregate (32 MB at P = 1M)
-        self._sum_blobs = [total.serialize() for total in self._sum]
+        self._sum_blobs = self._serialized_sum()
         self._sum_digest, self._sum, self.stage = ciphertexts_digest(self._sum_blobs), [], VERIFY
         return outgoing
 
@@ -337,11 +338,14 @@ class HEServer(ServerSession):
                 "promised": dict(self._promised), "committed": [list(entry) for entry in self._committed],
                 "committed_digest": self._committed_digest,
                 "inputs": {client: bytes_array(data) for client, data in self._inputs.items()},
-                "counted": list(self._counted), "sum": [bytes_array(total.serialize()) for total in self._sum],
+                "counted": list(self._counted), "sum": [bytes_array(total) for total in self._serialized_sum()],
                 "sum_blobs": [bytes_array(total) for total in self._sum_blobs], "sum_digest": self._sum_digest,
                 "attestations": {member: data.hex() for member, data in self._attestations.items()},
                 "result": None if result is None else {"vector": result.vector.copy(), "counted": list(result.counted),
                                                        "total_weight": result.total_weight}}
+
+    def _serialized_sum(self) -> list[bytes]:
+        return ckks.serialize(self._sum, self._layout.chunk_sizes()) if self._sum else []
 
     def _import(self, state: Mapping[str, Any]) -> None:
         self.stage, self.round_done, self._round = str(state["stage"]), bool(state["round_done"]), int(state["round"])
