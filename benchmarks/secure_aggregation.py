@@ -88,6 +88,7 @@ class Measurement:
     committee_download_bytes_per_param: float  # mean bytes a committee member receives in the verify stage
     upload_bytes_per_param: float
     max_error: float
+    server_held_mb: float = math.nan  # Python objects the server holds when its input stage closes (our protocols)
 
 
 def inputs(n: int, params: int, seed: int, index: int) -> tuple[np.ndarray, int]:
@@ -117,6 +118,8 @@ class Meter:
         self.sent: dict[str, int] = defaultdict(int)
         self.received: dict[str, int] = defaultdict(int)
         self.profiles: dict[str, cProfile.Profile] = {}
+        self.stage = ""  # the server's stage, set by the driver: --profile also sums each role's seconds per stage
+        self.by_stage: dict[tuple[str, str], float] = defaultdict(float)
 
     def call(self, party: str, function: Callable, *args):
         profile = self.profiles.setdefault(role(party), cProfile.Profile()) if PROFILE_TOP else None
@@ -129,9 +132,16 @@ class Meter:
             if profile is not None:
                 profile.disable()
             self.seconds[party] += time.perf_counter() - start
+            if profile is not None:
+                self.by_stage[(role(party), self.stage)] += time.perf_counter() - start
 
     def print_profiles(self, label: str) -> None:
-        """The ``PROFILE_TOP`` functions that took each role the most own time in this row."""
+        """Each role's seconds per server stage, and the ``PROFILE_TOP`` functions that took it the most own time in
+        this row (profiled seconds: cProfile slows Python-heavy steps more than bulk ones)."""
+        for name in sorted(self.profiles):
+            stages = ", ".join(f"{stage or 'setup'} {seconds:.3f} s" for (who, stage), seconds in self.by_stage.items()
+                               if who == name)
+            print(f"    {label}, {name}, profiled seconds by server stage: {stages}")
         for name, profile in sorted(self.profiles.items()):
             stream = io.StringIO()
             pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(PROFILE_TOP)
@@ -145,6 +155,24 @@ class Meter:
 def role(party: str) -> str:
     """What a profile pools a party under: 'client' for every client, 'committee' for every committee member."""
     return "committee" if party.startswith(COMMITTEE) else "client" if party.startswith("client-") else party
+
+
+def held_bytes(root: object) -> int:
+    """Bytes of the bytes objects and owning numpy arrays reachable from ``root``: what a party holds in Python
+    memory (C++ memory, e.g. TenSEAL's running sum, is not seen; it is one sum, the same size whatever n)."""
+    seen, stack, total = set(), [root], 0
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, type | ModuleType):
+            continue
+        seen.add(id(item))
+        if isinstance(item, bytes | bytearray):
+            total += len(item)
+        elif isinstance(item, np.ndarray):
+            total += item.nbytes if item.base is None else 0
+        else:
+            stack.extend(gc.get_referents(item))
+    return total
 
 
 def options_for(name: str, dropout: float) -> dict:
@@ -216,11 +244,15 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int, package:
         meter.call(client, clients[client].set_input, 0, x, float(w))
         del x
     outgoing = meter.call(SERVER_ID, server.begin_round, 0, names, params)
+    held = math.nan
     while True:
         gone = {client for client, index in vanish_at.items() if server.stages.index(server.stage) >= index}
+        meter.stage = server.stage
         route(outgoing, SERVER_ID, gone)
         if server.round_done:
             break
+        if server.stage == DROP_STAGE[name.split("-")[0]]:  # every input is in: what does the server hold?
+            held = held_bytes(server) / 2**20
         outgoing = meter.call(SERVER_ID, server.advance)
         if server.round_done and not outgoing:
             break
@@ -235,7 +267,7 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int, package:
         committee_download_bytes_per_param=float(np.mean(list(meter.received.values()))) / params
         if meter.received else 0.0,
         upload_bytes_per_param=float(np.mean([meter.sent[client] for client in survivors])) / params,
-        max_error=math.nan)
+        max_error=math.nan, server_held_mb=held)
     meter.print_profiles(f"{name} n={n} P={params}")
     return measurement, result.vector
 
@@ -405,7 +437,8 @@ def measure(names: Sequence[str], n: int, params: int, dropout: float, seed: int
         print(f"  {name:7s} n={n:<4d} P={params:<8d} dropout={dropout:.0%}: client {row.client_s:.4f} s, "
               f"server {row.server_s:.4f} s, key holder {row.keyholder_s:.4f} s, committee {row.committee_s:.4f} s, "
               f"{row.upload_bytes_per_param:.2f} B/param up, {row.committee_download_bytes_per_param:.1f} B/param "
-              f"down per committee member, max error {row.max_error:.2e}", flush=True)
+              f"down per committee member, max error {row.max_error:.2e}, server holds {row.server_held_mb:.1f} MiB "
+              "after the input stage", flush=True)
     return rows
 
 
@@ -415,12 +448,12 @@ def table(rows: Sequence[Measurement]) -> str:
     plain = {(r.clients, r.params, r.dropout): r for r in rows if r.protocol == "plain"}
     lines = ["| n | P | dropout | protocol | client s (mean) | server s | key holder s | committee s | upload B/param "
              "| member download B/param | client × plain | server × plain | round × plain | bytes × plain "
-             "| max abs error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| max abs error | server MiB held after inputs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = plain.get((r.clients, r.params, r.dropout))
         if math.isnan(r.client_s):
-            lines.append(f"| {r.clients} | {r.params:,} | {r.dropout:.0%} | {r.protocol} | aborted |" + " – |" * 10)
+            lines.append(f"| {r.clients} | {r.params:,} | {r.dropout:.0%} | {r.protocol} | aborted |" + " – |" * 11)
             continue
 
         def ratio(value: float, reference: float | None) -> str:
@@ -434,7 +467,8 @@ def table(rows: Sequence[Measurement]) -> str:
             f"{r.committee_download_bytes_per_param:.1f} | "
             f"{ratio(r.client_s, base and base.client_s)} | {ratio(r.server_s, base and base.server_s)} | "
             f"{ratio(round_s, base_round)} | "
-            f"{ratio(r.upload_bytes_per_param, base and base.upload_bytes_per_param)} | {r.max_error:.1e} |")
+            f"{ratio(r.upload_bytes_per_param, base and base.upload_bytes_per_param)} | {r.max_error:.1e} | "
+            + ("–" if math.isnan(r.server_held_mb) else f"{r.server_held_mb:.1f}") + " |")
     return "\n".join(lines)
 
 
