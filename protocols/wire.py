@@ -222,7 +222,7 @@ def decode(data: bytes, roster: Roster, *, session: str | None, max_bytes: int =
         raise MessageRejected(f"message of session {header['session']}, this party is in session {session} "
                               "(replayed from another run, or misdirected)", sender)
     roster.verify(sender, data[-SIGNATURE_BYTES:], memoryview(data)[:payload_start])
-    calculated = payload_digest([memoryview(data)[payload_start:-SIGNATURE_BYTES]])
+    calculated = _received_payload_digest(data, payload_start)
     if not hmac.compare_digest(calculated, header["payload"]):
         raise MessageRejected(f"the payload does not match its signed digest: expected {header['payload']}, "
                               f"calculated {calculated}", sender)
@@ -253,7 +253,12 @@ def signed_by(data: object, public_key: Ed25519PublicKey) -> bool:
         public_key.verify(data[-SIGNATURE_BYTES:], memoryview(data)[:payload_start])
     except (MessageRejected, InvalidSignature):
         return False
-    return hmac.compare_digest(payload_digest([memoryview(data)[payload_start:-SIGNATURE_BYTES]]), header["payload"])
+    return hmac.compare_digest(_received_payload_digest(data, payload_start), header["payload"])
+
+
+def _received_payload_digest(data: bytes, payload_start: int) -> str:
+    """The digest of a framed message's payload: the bytes between its header and its signature."""
+    return payload_digest([memoryview(data)[payload_start:-SIGNATURE_BYTES]])
 
 
 def peek(data: object) -> Envelope | None:
