@@ -101,8 +101,8 @@ class PartyAgent:
         listener.settimeout(0.5)  # to notice the run's close between connections
         readers: list[threading.Thread] = []
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-        self._say(f"serving {self.party_id} on {self.socket_path}")
-        try:
+        try:  # from the handler's first instant: a SIGTERM while saying "serving" must stop the agent cleanly too
+            self._say(f"serving {self.party_id} on {self.socket_path}")
             while not self.closed:
                 try:
                     connection, _ = listener.accept()
