@@ -243,8 +243,9 @@ class Protocol(ABC):
         raise NotImplementedError
 
 
-def checked_input(vector: object, weight: object) -> tuple[np.ndarray, float]:
-    """A client's input as a float64 copy and its weight; refuses what no protocol can aggregate.
+def checked_input(vector: object, weight: object, *, copy: bool = True) -> tuple[np.ndarray, float]:
+    """A client's input as float64 (a copy, unless ``copy`` is False: then ``vector`` itself where it already is
+    float64, for a caller that only reads it) and its weight; refuses what no protocol can aggregate.
 
     Runs on the client before anything is derived from the input, so a NaN or inf never
     reaches a mask or a ciphertext.
@@ -254,7 +255,7 @@ def checked_input(vector: object, weight: object) -> tuple[np.ndarray, float]:
         raise ProtocolError(f"an input must be a non-empty 1-D vector, not shape {array.shape}")
     if array.dtype.kind not in "iuf":
         raise ProtocolError(f"an input must be numeric, not {array.dtype}")
-    array = array.astype(np.float64)
+    array = array.astype(np.float64, copy=copy)
     if not np.isfinite(array).all():
         bad = np.flatnonzero(~np.isfinite(array))
         raise ProtocolError(f"the input holds {bad.size} NaN or infinite entries (first at index {bad[0]}); "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+import blake3
 import pytest
 import tenseal as ts
 from test_protocols_he import Harness
@@ -97,17 +98,17 @@ def test_a_committee_member_refuses_to_attest_a_recut_input_a_colluding_site_and
         harness.server.advance()
 
 
-class _CountingSha256:
-    """hashlib.sha256 that adds the bytes it hashes to ``counted``."""
+class _Counted:
+    """A hash (hashlib.sha256, blake3.blake3) that adds the bytes it hashes to ``counted``: every payload pass."""
 
     counted = 0
 
-    def __init__(self, data: bytes = b"") -> None:
-        self._hash = _SHA256()
+    def __init__(self, make, data: bytes = b"", **options) -> None:
+        self._hash = make(**options)
         self.update(data)
 
     def update(self, data) -> None:
-        _CountingSha256.counted += memoryview(data).nbytes
+        _Counted.counted += memoryview(data).nbytes
         self._hash.update(data)
 
     def digest(self) -> bytes:
@@ -117,7 +118,11 @@ class _CountingSha256:
         return self._hash.hexdigest()
 
 
-_SHA256 = hashlib.sha256
+def count_hashed_bytes(monkeypatch) -> None:
+    for module, name in ((hashlib, "sha256"), (blake3, "blake3")):
+        make = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda data=b"", *, _make=make, **options: _Counted(_make, data, **options))
+    _Counted.counted = 0
 
 
 @pytest.mark.parametrize("party", ["server", "member"])
@@ -137,7 +142,6 @@ def test_the_server_and_each_member_hash_an_input_once(monkeypatch, party):
                 harness.clients[member].handle(message.data)
                 break
         receive, data = harness.clients[member].handle, inputs["client-1"]
-    monkeypatch.setattr(hashlib, "sha256", _CountingSha256)
-    _CountingSha256.counted = 0
+    count_hashed_bytes(monkeypatch)
     receive(data)
-    assert 0.9 * len(data) < _CountingSha256.counted < 1.1 * len(data)  # the payload, once
+    assert 0.9 * len(data) < _Counted.counted < 1.1 * len(data)  # the payload, once

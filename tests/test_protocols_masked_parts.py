@@ -14,7 +14,7 @@ from protocols import ConfigurationError, MessageRejected, ProtocolError
 from protocols.masked import MaskedOptions, Quantizer, default_parameters, shamir
 from protocols.masked.graph import neighbours_of, resolve_parameters, ring_neighbours
 from protocols.masked.prg import apply_masks, mask_words
-from protocols.masked.quantize import largest_safe_weight
+from protocols.masked.quantize import ROUNDING_PIECE, largest_safe_weight
 from protocols.masked.stages import STAGES
 
 
@@ -72,6 +72,24 @@ def test_stochastic_rounding_is_unbiased_and_stays_on_the_grid():
     assert q.min() >= 0 and q.max() <= quantizer.levels
     assert abs((q * quantizer.scale - 1.0).mean() - 0.123) < 1e-3
     assert set(np.unique(q)) <= {8, 9}
+
+
+def whole_vector_rounding(quantizer: Quantizer, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Stochastic rounding of the whole vector at once, as the module docstring states it."""
+    grid = (np.clip(x.astype(np.float64), -quantizer.clip_range, quantizer.clip_range) + quantizer.clip_range) \
+        / quantizer.scale
+    low = np.floor(grid)
+    return np.clip(low + (rng.random(grid.shape) < grid - low), 0, quantizer.levels).astype(np.int64)
+
+
+@pytest.mark.parametrize("length", [0, 1, ROUNDING_PIECE - 1, ROUNDING_PIECE, 3 * ROUNDING_PIECE + 17])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_rounding_piece_by_piece_is_bit_identical_to_rounding_the_whole_vector(length, dtype):
+    quantizer = Quantizer(0.25, 16)
+    x = np.random.default_rng(length).uniform(-0.4, 0.4, length).astype(dtype)
+    q = quantizer.quantize(x, np.random.default_rng(7))
+    assert q.dtype == np.int64 and q.shape == x.shape
+    assert np.array_equal(q, whole_vector_rounding(quantizer, x, np.random.default_rng(7)))
 
 
 def test_clipping_maps_the_range_ends_to_the_grid_ends():

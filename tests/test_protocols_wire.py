@@ -80,23 +80,23 @@ def test_a_flipped_header_bit_breaks_the_signature():
         read(bytes(data))
 
 
-def test_the_payload_digest_is_a_hash_list_whatever_the_split_into_parts_and_workers(monkeypatch):
+def test_the_payload_digest_is_blake3_of_the_domain_and_the_payload_whatever_its_parts_and_threads(monkeypatch):
     """The digest depends on the payload bytes only: not on how the sender held them (parts) nor on how many threads
-    hashed them; it is SHA-256 over the domain, the length and the leaves' SHA-256 (the wire module docstring)."""
-    import hashlib
+    hashed them (a payload of PARALLEL_HASH_BYTES or more is hashed on several); it is BLAKE3 over the domain and
+    the payload (the wire module docstring), checked here against BLAKE3's published empty-input value."""
+    import blake3
 
     from protocols import wire
-    payload = bytes(range(256)) * (3 * wire.PAYLOAD_CHUNK_BYTES // 256 + 7)
-    leaves = [payload[i:i + wire.PAYLOAD_CHUNK_BYTES] for i in range(0, len(payload), wire.PAYLOAD_CHUNK_BYTES)]
-    expected = hashlib.sha256(wire._PAYLOAD_DOMAIN + len(payload).to_bytes(8, "little")
-                              + b"".join(hashlib.sha256(leaf).digest() for leaf in leaves)).hexdigest()
-    for threads in ("1", "2", "5"):
-        monkeypatch.setenv("FEDDAT_SECURE_THREADS", threads)
-        for cuts in ([], [1], [wire.PAYLOAD_CHUNK_BYTES - 1, wire.PAYLOAD_CHUNK_BYTES + 3], [17, 400_000, 700_001]):
-            bounds = [0, *cuts, len(payload)]
-            parts = [payload[a:b] for a, b in zip(bounds, bounds[1:])]
-            assert wire.payload_digest(parts) == expected
-    assert wire.payload_digest([]) == hashlib.sha256(wire._PAYLOAD_DOMAIN + bytes(8)).hexdigest()
+    assert blake3.blake3(b"").hexdigest() == "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+    for payload in (bytes(range(256)) * 4099, bytes(range(251)) * (wire.PARALLEL_HASH_BYTES // 251 + 3)):
+        expected = blake3.blake3(wire._PAYLOAD_DOMAIN + payload).hexdigest()
+        for threads in ("1", "2", "5"):
+            monkeypatch.setenv("FEDDAT_SECURE_THREADS", threads)
+            for cuts in ([], [1], [65_535, 65_539], [17, 400_000, 700_001]):
+                bounds = [0, *cuts, len(payload)]
+                parts = [payload[a:b] for a, b in zip(bounds, bounds[1:])]
+                assert wire.payload_digest(parts) == expected
+    assert wire.payload_digest([]) == blake3.blake3(wire._PAYLOAD_DOMAIN).hexdigest()
 
 
 def test_same_content_gives_the_same_bytes_whatever_the_insertion_order():

@@ -49,7 +49,7 @@ from .view import NONCE_BYTES, nonce_commitment, ring_order, ring_seed, self_mas
 @dataclass(frozen=True)
 class _Round:
     round_id: int
-    encoded: np.ndarray  # w·q + z as int64
+    encoded: np.ndarray  # w·q + z modulo 2^(word bits), in the word type (two's complement for negative noise)
     weight: int
     context: str = ""
     expecting: str = COMMIT
@@ -98,7 +98,7 @@ class MaskedClient(ClientSession):
         than that, so a sum that holds this input always holds at least that many noise shares, however many
         dropouts the server claims. ``rounding_norm_bound`` (grid steps) turns on conditional randomized
         rounding (``Quantizer.quantize``)."""
-        vector, weight = checked_input(vector, weight)
+        vector, weight = checked_input(vector, weight, copy=False)  # only read: quantize writes a fresh array
         context = checked_context(round_context)
         if not weight.is_integer():
             raise ConfigurationError(f"masked aggregation needs integer weights (example counts), not {weight}")
@@ -110,10 +110,12 @@ class MaskedClient(ClientSession):
                 or not 0 <= min_survivors <= clients:
             raise ConfigurationError(f"min_survivors must be an integer in 0..{clients} (the enrolled clients), "
                                      f"not {min_survivors!r}")
-        clipped = int(np.count_nonzero(np.abs(vector) > self.options.clip_range))
-        quantized = self.options.quantizer.quantize(vector, self.options.rng("rounding", round_id, self.party_id),
-                                                    rounding_norm_bound)
-        encoded = quantized * weight
+        clip_range = self.options.clip_range
+        clipped = np.count_nonzero(vector > clip_range) + np.count_nonzero(vector < -clip_range)
+        word = self.options.word_dtype
+        encoded = self.options.quantizer.quantize(vector, self.options.rng("rounding", round_id, self.party_id),
+                                                  rounding_norm_bound, dtype=word)
+        encoded *= word.type(weight % (1 << 8 * word.itemsize))  # in place, modulo 2^(word bits), as the sum is
         if noise is not None:
             noise = np.asarray(noise)
             if noise.shape != vector.shape or noise.dtype.kind not in "iu":
@@ -121,9 +123,9 @@ class MaskedClient(ClientSession):
             if noise.size and int(np.abs(noise.astype(np.int64)).max()) > self.options.noise_bound:
                 raise ConfigurationError(f"noise exceeds noise_bound {self.options.noise_bound}; raise noise_bound "
                                          "(the overflow check accounts for it)")
-            encoded = encoded + noise.astype(np.int64)
+            encoded += noise.astype(np.int64, copy=False).astype(word)  # two's complement: z modulo 2^(word bits)
         self._round = _Round(round_id, encoded, weight, context, min_survivors=min_survivors)
-        return clipped
+        return int(clipped)
 
     def handle(self, data: bytes) -> list[Outgoing]:
         """The answer to one server request. Any failure inside, whatever its type, is a MessageRejected (as at
@@ -314,7 +316,7 @@ class MaskedClient(ClientSession):
         """(w·q + z + PRG(b) + Σ ±PRG(s_ij)) mod 2^m, computed in the smallest word type holding m bits and
         packed to ⌈m/8⌉ bytes a value (``packing``)."""
         config = self.options
-        words = state.encoded.astype(config.word_dtype)  # modulo 2^(word bits): two's complement for negative noise
+        words = state.encoded.copy()  # the state keeps its input until the answer is signed
         plus, minus = [state.self_seed], []
         for peer in partners:
             seed = keys.pairwise_seed(state.mask_key, state.peer_keys[peer][1], self.session, state.view,
@@ -409,7 +411,7 @@ class MaskedClient(ClientSession):
             return None if value is None else X25519PrivateKey.from_private_bytes(bytes.fromhex(value))
 
         self._round = _Round(
-            round_id=int(saved["round_id"]), encoded=np.array(saved["encoded"], dtype=np.int64),
+            round_id=int(saved["round_id"]), encoded=np.asarray(saved["encoded"]).astype(self.options.word_dtype),
             weight=int(saved["weight"]), context=checked_context(saved["context"]),
             expecting=str(saved["expecting"]), cohort=tuple(saved["cohort"]), view=str(saved["view"]),
             nonce=bytes.fromhex(saved["nonce"]), commitments=dict(saved["commitments"]),

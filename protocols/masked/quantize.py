@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import ConfigurationError
 
 MAX_ROUNDING_DRAWS = 100  # conditional rounding: draws before refusing (each fails with probability <= β)
+ROUNDING_PIECE = 1 << 15  # values rounded at a time (256 KiB a float64 buffer: they stay in cache)
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,10 @@ class Quantizer:
         """The value of one integer step, 2r / L (the quantized-domain unit, for DP sensitivity)."""
         return 2 * self.clip_range / self.levels
 
-    def quantize(self, vector: np.ndarray, rng: np.random.Generator, norm_bound: float | None = None) -> np.ndarray:
-        """Clip and stochastically round ``vector`` to int64 values in 0..L; with ``norm_bound``, by
+    def quantize(self, vector: np.ndarray, rng: np.random.Generator, norm_bound: float | None = None, *,
+                 dtype: np.dtype | type = np.int64) -> np.ndarray:
+        """Clip and stochastically round ``vector`` to integers in 0..L, as ``dtype`` (int64, or an integer type
+        that holds L: a masked client's word type); with ``norm_bound``, by
         conditional randomized rounding (the module docstring): redrawn until ‖q − L/2‖₂ <= norm_bound.
 
         The norm is compared in floating point with the margin of Higham's inner-product bound
@@ -57,14 +60,16 @@ class Quantizer:
         vector's exact norm never exceeds the bound. Refuses (ConfigurationError) when no draw in
         MAX_ROUNDING_DRAWS meets it: for an input whose norm is within what the bound was computed for, each
         draw fails with probability at most β, so this only happens to an input that was not clipped."""
+        dtype = np.dtype(dtype)
+        if dtype.kind not in "iu" or np.iinfo(dtype).max < self.levels:
+            raise ConfigurationError(f"quantized values 0..{self.levels} do not fit {dtype}")
+        if norm_bound is None:
+            return self._round_stochastically(vector, rng, dtype)
         grid = np.clip(vector, -self.clip_range, self.clip_range)  # a fresh array, updated in place below
         grid += self.clip_range
         grid /= self.scale
         low = np.floor(grid)
         grid -= low  # the fractional part: the probability of rounding up
-        if norm_bound is None:
-            low += rng.random(grid.shape) < grid
-            return np.clip(low, 0, self.levels, out=low).astype(np.int64)
         if not (isinstance(norm_bound, int | float) and not isinstance(norm_bound, bool) and norm_bound > 0
                 and math.isfinite(norm_bound)):
             raise ConfigurationError(f"the rounding norm bound must be a positive number, not {norm_bound!r}")
@@ -75,14 +80,40 @@ class Quantizer:
             centred = low + (rng.random(grid.shape) < grid)
             if float(np.dot(centred, centred)) <= accepted:
                 centred += self.levels / 2
-                return np.clip(centred, 0, self.levels, out=centred).astype(np.int64)
+                return np.clip(centred, 0, self.levels, out=centred).astype(dtype)
         raise ConfigurationError(f"conditional rounding: no rounding of this input has norm <= {norm_bound:.6g} grid "
                                  f"steps in {MAX_ROUNDING_DRAWS} draws; the input is larger than the bound allows "
                                  "(clip it to the norm the bound was computed for)")
 
+    def _round_stochastically(self, vector: np.ndarray, rng: np.random.Generator, dtype: np.dtype) -> np.ndarray:
+        """``quantize`` without a norm bound, one cache-sized piece at a time: the result is the only array as
+        long as the input, which matters where a fresh page costs more than the arithmetic on it (issue 16).
+        Bit-identical to rounding the whole vector at once: PCG64 yields the same doubles in pieces."""
+        shape, vector = np.shape(vector), np.ascontiguousarray(vector).reshape(-1)
+        quantized = np.empty(len(vector), dtype)
+        piece = max(1, min(len(vector), ROUNDING_PIECE))
+        grid, low, draws = np.empty(piece), np.empty(piece), np.empty(piece)
+        up = np.empty(piece, np.bool_)
+        for start in range(0, len(vector), piece):
+            size = min(piece, len(vector) - start)
+            grid_, low_, draws_, up_ = grid[:size], low[:size], draws[:size], up[:size]
+            np.clip(vector[start:start + size], -self.clip_range, self.clip_range, out=grid_)
+            grid_ += self.clip_range
+            grid_ /= self.scale
+            np.modf(grid_, out=(grid_, low_))  # grid >= 0: the fractional part (the chance of rounding up), floor
+            rng.random(out=draws_)
+            np.less(draws_, grid_, out=up_)
+            low_ += up_
+            np.clip(low_, 0, self.levels, out=low_)
+            quantized[start:start + size] = low_  # exact: integers 0..L
+        return quantized.reshape(shape)
+
     def dequantize_sum(self, integer_sum: np.ndarray, total_weight: int) -> np.ndarray:
         """Σ w_i·x̂_i from Σ (w_i q_i + z_i) and Σ w_i (x̂ = q·scale − r is the quantized input)."""
-        return integer_sum.astype(np.float64) * self.scale - self.clip_range * total_weight
+        vector = integer_sum.astype(np.float64)
+        vector *= self.scale
+        vector -= self.clip_range * total_weight
+        return vector
 
 
 def largest_safe_weight(num_clients: int, bits: int, modulus_bits: int, noise_bound: int) -> int:

@@ -378,17 +378,19 @@ class MaskedServer(ServerSession):
         range (issue 10 item 6), so the round aborts rather than apply a forged aggregate."""
         slack = counted * self.options.noise_bound
         low, high = -slack, total_weight * self.options.quantizer.levels + slack
-        outside = int(np.count_nonzero((integer_sum < low) | (integer_sum > high)))
-        if outside:
+        if integer_sum.size and (integer_sum.min() < low or integer_sum.max() > high):
+            outside = int(np.count_nonzero((integer_sum < low) | (integer_sum > high)))
             raise self._abort(f"{outside} entries of the decoded sum lie outside [{low}, {high}]: a client sent "
                               "values outside the protocol's range")
 
     def _signed_sum(self, total: np.ndarray, counted: int) -> np.ndarray:
         """The signed integer sum from its residue mod 2^m: the counted sum lies in [-c·B, 2^m - c·B)."""
-        offset = np.uint64(counted * self.options.noise_bound)
-        mask = np.uint64(self.options.word_mask)
-        shifted = (total.astype(np.uint64) + offset) & mask
-        return shifted.astype(np.int64) - np.int64(offset)
+        offset = np.int64(counted * self.options.noise_bound)
+        shifted = total.astype(np.int64)  # the one new array: the rest is in place (two's complement wraps)
+        shifted += offset
+        shifted &= np.int64(self.options.word_mask)
+        shifted -= offset
+        return shifted
 
     # -- state --------------------------------------------------------------------------------------------------
     def _export(self) -> dict[str, Any]:
