@@ -1,10 +1,13 @@
-"""The per-core floor of the masked protocol's bulk work (issue 16): AES-CTR keystream and SHA-256 throughput, and
-how much a second thread adds to each (which tells whether the library releases the GIL while it works).
+"""The per-core floor of the masked protocol's work (issue 16): AES-CTR keystream, payload hashing and Ed25519
+verification, and how much a second thread adds to each (which tells whether the library releases the GIL).
 
     python benchmarks/keystream.py [--seconds S]
 
-Prints GB/s for AES-256-CTR (the masks' PRG), AES-128-CTR (for comparison only), SHA-256 (the wire's payload hash
-list), and for each the ratio of two threads' throughput to one thread's, measured in this process back to back.
+Prints GB/s for AES-256-CTR (the masks' PRG), AES-128-CTR (for comparison only), BLAKE3 (the wire's payload digest
+since v4) and SHA-256 (v3's), hashing 4 MiB inputs (a masked vector), and for each the ratio of two threads'
+throughput to one thread's; then microseconds per Ed25519 verification of a 600-byte message with OpenSSL
+(cryptography) and with libsodium (PyNaCl, what the roster uses), and their ratio. All measured in this process,
+back to back.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 
+import blake3
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from nacl.signing import VerifyKey
 
-PIECE = 1 << 18  # the piece size protocols/masked/prg.py and the wire's hash list work in
+PIECE = 1 << 18  # the piece size protocols/masked/prg.py works in
+MESSAGE = 1 << 22  # a masked vector of 1M values, 4 bytes each
 
 
 def aes_worker(key_bytes: int) -> Callable[[float], int]:
@@ -32,12 +39,22 @@ def aes_worker(key_bytes: int) -> Callable[[float], int]:
     return work
 
 
-def sha256_worker(seconds: float) -> int:
-    data, done, end = os.urandom(PIECE), 0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        hashlib.sha256(data).digest()
-        done += PIECE
-    return done
+def hash_worker(hash_once: Callable[[bytes], bytes]) -> Callable[[float], int]:
+    def work(seconds: float) -> int:
+        data, done, end = os.urandom(MESSAGE), 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            hash_once(data)
+            done += MESSAGE
+        return done
+    return work
+
+
+def verify_microseconds(verify: Callable[[], None], seconds: float) -> float:
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        verify()
+        count += 1
+    return (time.perf_counter() - started) / count * 1e6
 
 
 def throughput(work: Callable[[float], int], threads: int, seconds: float) -> float:
@@ -61,11 +78,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="seconds per measurement")
     args = parser.parse_args()
     print(f"CPUs usable: {len(os.sched_getaffinity(0))}; load average before: {os.getloadavg()[0]:.2f}")
-    for name, work in (("AES-256-CTR", aes_worker(32)), ("AES-128-CTR", aes_worker(16)), ("SHA-256", sha256_worker)):
+    workers = (("AES-256-CTR", aes_worker(32)), ("AES-128-CTR", aes_worker(16)),
+               ("BLAKE3", hash_worker(lambda data: blake3.blake3(data).digest())),
+               ("SHA-256", hash_worker(lambda data: hashlib.sha256(data).digest())))
+    for name, work in workers:
         one = throughput(work, 1, args.seconds)
         two = throughput(work, 2, args.seconds)
         print(f"{name:12s} 1 thread {one / 1e9:6.2f} GB/s   2 threads {two / 1e9:6.2f} GB/s   "
               f"2 threads / 1 thread {two / one:.2f}")
+    key, message = Ed25519PrivateKey.generate(), os.urandom(600)
+    signature, public = key.sign(message), key.public_key()
+    sodium = VerifyKey(public.public_bytes_raw())
+    openssl_us = verify_microseconds(lambda: public.verify(signature, message), args.seconds)
+    sodium_us = verify_microseconds(lambda: sodium.verify(message, signature), args.seconds)
+    print(f"Ed25519 verify: OpenSSL {openssl_us:.1f} us, libsodium {sodium_us:.1f} us, "
+          f"OpenSSL / libsodium {openssl_us / sodium_us:.2f}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
