@@ -18,8 +18,10 @@ from protocols import (
 from protocols.masked import MaskedAggregate, largest_safe_weight
 
 
-def run_masked(updates, weights=None, *, dropouts=None, noise=None, round_id=0, **options) -> MaskedAggregate:
-    """One in-process round, returning the server's full result (with the exact integer sum)."""
+def run_masked(updates, weights=None, *, dropouts=None, noise=None, round_id=0, restore=False,
+               **options) -> MaskedAggregate:
+    """One in-process round, returning the server's full result (with the exact integer sum); with ``restore``,
+    each client is rebuilt from its saved state after taking its input (a site agent restarted mid-round)."""
     protocol = make_protocol("masked", **options)
     names = [f"client-{i}" for i in range(len(updates))]
     server_identity, identities = Identity.generate("server"), [Identity.generate(name) for name in names]
@@ -29,6 +31,9 @@ def run_masked(updates, weights=None, *, dropouts=None, noise=None, round_id=0, 
     for index, name in enumerate(names):
         clients[name].set_input(round_id, updates[index], 1 if weights is None else weights[index],
                                 noise=None if noise is None else noise[index])
+        if restore:
+            clients[name] = protocol.client(identities[index], roster, session=session,
+                                            state=clients[name].state_dict())
     return drive_round(protocol.server(server_identity, roster, session=session), clients, None, round_id,
                        len(updates[0]),
                        dropouts={names[i]: stage for i, stage in (dropouts or {}).items()})
@@ -209,6 +214,20 @@ def test_distributed_dp_noise_is_added_before_masking_and_decodes_signed():
     assert (result.integer_sum < 0).any()
     with pytest.raises(ConfigurationError, match="noise_bound"):
         run_masked(updates, noise=[z * 2 for z in noise], **options)
+
+
+@pytest.mark.parametrize("modulus_bits", [24, 32, 40])
+def test_a_client_restored_from_its_saved_state_keeps_its_weighted_noisy_input_exactly(modulus_bits):
+    """A client keeps w·q + z in its word type, modulo the word size (two's complement for negative noise); saved
+    and restored between its input and the round, it still adds exactly that to the sum."""
+    n, length, bound = 4, 300, 50
+    rng = np.random.default_rng(modulus_bits)
+    updates, weights = random_updates(n, length, modulus_bits), [3, 1, 7, 2]
+    noise = [rng.integers(-bound, bound + 1, size=length) for _ in range(n)]
+    options = dict(noise_bound=bound, graph="complete", threshold=3, modulus_bits=modulus_bits, quantization_bits=8)
+    result = run_masked(updates, weights, noise=noise, restore=True, **options)
+    expected = expected_integer_sum(make_protocol("masked", **options), updates, weights, range(n), noise=noise)
+    np.testing.assert_array_equal(result.integer_sum, expected)
 
 
 def test_noise_bound_takes_part_in_the_overflow_check():

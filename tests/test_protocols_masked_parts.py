@@ -92,6 +92,14 @@ def test_rounding_piece_by_piece_is_bit_identical_to_rounding_the_whole_vector(l
     assert np.array_equal(q, whole_vector_rounding(quantizer, x, np.random.default_rng(7)))
 
 
+def test_quantizing_into_a_type_that_cannot_hold_the_grid_is_refused():
+    with pytest.raises(ConfigurationError, match="0..65535 do not fit uint8"):
+        Quantizer(0.25, 16).quantize(np.zeros(4), np.random.default_rng(0), dtype=np.uint8)
+    with pytest.raises(ConfigurationError, match="do not fit float64"):
+        Quantizer(0.25, 8).quantize(np.zeros(4), np.random.default_rng(0), dtype=np.float64)
+    assert Quantizer(0.25, 8).quantize(np.full(4, 0.25), np.random.default_rng(0), dtype=np.uint8).tolist() == [255] * 4
+
+
 def test_clipping_maps_the_range_ends_to_the_grid_ends():
     quantizer = Quantizer(0.25, 8)
     q = quantizer.quantize(np.array([-5.0, -0.25, 0.25, 7.0]), np.random.default_rng(0))

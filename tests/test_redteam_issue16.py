@@ -1,4 +1,4 @@
-"""Red team of issue 16's performance changes (wire v3's hash-list digest on worker threads, fused mask expansion,
+"""Red team of issue 16's performance changes (the wire's payload digest and worker threads, fused mask expansion,
 packed masked values, the HE server's spool): each test plays an attacker, a careless operator or an unlucky
 deployment against the package's own classes and names the break it pins."""
 
