@@ -21,8 +21,10 @@ quantization, 32-bit modulus).
     python benchmarks/secure_aggregation.py --clients 100 --params 1000000 --dropouts 0.1 --protocols plain,masked
     python benchmarks/secure_aggregation.py ... --before 43b798f --protocols plain,masked,masked-before,he,he-before
 
-``--profile`` adds, after each row, the functions that cost each party the most (cProfile, by own time; all
-clients of a row pooled into one "client" profile, committee members into one "committee" profile). Bulk work
+``--stages`` adds, after each row, each role's wall-clock seconds per server stage (a client's: the mean over all
+the row's clients, the dropped ones included). ``--profile`` adds those seconds under cProfile, and the functions
+that cost each party the most (cProfile, by own time; all clients of a row pooled into one "client" profile,
+committee members into one "committee" profile). Bulk work
 runs on worker threads (``protocols.parallel``) that cProfile does not follow; set FEDDAT_SECURE_THREADS=1 to see
 it broken down rather than as waiting.
 
@@ -72,6 +74,7 @@ COMMITTEE_STAGE = {"he": "verify"}  # the stage whose client work is a committee
 COMMITTEE = "committee:"
 MAX_WEIGHT = 300
 PROFILE_TOP = 0  # --profile: how many functions to print per party (0: no profiling)
+STAGES = False  # --stages: print each role's seconds per server stage (without cProfile)
 CLIP = 0.25
 
 
@@ -118,7 +121,7 @@ class Meter:
         self.sent: dict[str, int] = defaultdict(int)
         self.received: dict[str, int] = defaultdict(int)
         self.profiles: dict[str, cProfile.Profile] = {}
-        self.stage = ""  # the server's stage, set by the driver: --profile also sums each role's seconds per stage
+        self.stage = ""  # the server's stage, set by the driver: each role's seconds are also summed per stage
         self.by_stage: dict[tuple[str, str], float] = defaultdict(float)
 
     def call(self, party: str, function: Callable, *args):
@@ -131,17 +134,21 @@ class Meter:
         finally:
             if profile is not None:
                 profile.disable()
-            self.seconds[party] += time.perf_counter() - start
-            if profile is not None:
-                self.by_stage[(role(party), self.stage)] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[party] += elapsed
+            self.by_stage[(role(party), self.stage)] += elapsed
 
     def print_profiles(self, label: str) -> None:
-        """Each role's seconds per server stage, and the ``PROFILE_TOP`` functions that took it the most own time in
-        this row (profiled seconds: cProfile slows Python-heavy steps more than bulk ones)."""
-        for name in sorted(self.profiles):
-            stages = ", ".join(f"{stage or 'setup'} {seconds:.3f} s" for (who, stage), seconds in self.by_stage.items()
-                               if who == name)
-            print(f"    {label}, {name}, profiled seconds by server stage: {stages}")
+        """Each role's seconds per server stage (with --stages or --profile; a client's and a committee member's: the
+        mean over those parties), and the ``PROFILE_TOP`` functions that took it the most own time in this row
+        (profiled seconds: cProfile slows Python-heavy steps more than bulk ones)."""
+        if STAGES or PROFILE_TOP:
+            for name in sorted({who for who, _ in self.by_stage}):
+                parties = max(1, sum(1 for party in self.seconds if role(party) == name))
+                stages = ", ".join(f"{stage or 'setup'} {seconds / parties:.4f} s"
+                                   for (who, stage), seconds in self.by_stage.items() if who == name)
+                kind = "profiled seconds" if PROFILE_TOP else "seconds"
+                print(f"    {label}, {name}{' (mean)' if parties > 1 else ''}, {kind} by server stage: {stages}")
         for name, profile in sorted(self.profiles.items()):
             stream = io.StringIO()
             pstats.Stats(profile, stream=stream).sort_stats("tottime").print_stats(PROFILE_TOP)
@@ -497,13 +504,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", nargs="?", type=int, const=12, default=0, metavar="TOP",
                         help="print each party's TOP costliest functions after each row (default 12)")
+    parser.add_argument("--stages", action="store_true",
+                        help="print each role's seconds per server stage after each row")
     parser.add_argument("--before", metavar="REV", help="also measure '<protocol>-before' rows: protocols/ at this git "
                         "revision, in the same process")
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.params, args.dropouts = "10", "10000", "0.1"
-    global PROFILE_TOP
-    PROFILE_TOP = args.profile
+    global PROFILE_TOP, STAGES
+    PROFILE_TOP, STAGES = args.profile, args.stages
     names = args.protocols.split(",")
     known = {*ALL, *(f"{name}{BEFORE}" for name in OURS)} if args.before else set(ALL)
     unknown = sorted(set(names) - known)
