@@ -275,7 +275,7 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int, package:
         if meter.received else 0.0,
         upload_bytes_per_param=float(np.mean([meter.sent[client] for client in survivors])) / params,
         max_error=math.nan, server_held_mb=held)
-    meter.print_profiles(f"{name} n={n} P={params}")
+    meter.print_profiles(f"{name}{'' if package is protocols else BEFORE} n={n} P={params}")
     return measurement, result.vector
 
 
