@@ -83,7 +83,7 @@ def ciphertexts_digest(ciphertexts: Sequence[bytes]) -> str:
 
 def ciphertexts_commitment(sizes: Sequence[int], payload: str) -> str:
     """SHA-256 (hex) of (domain ‖ u64 count ‖ for each ciphertext: its blob name, NUL, u64 size ‖ the payload
-    digest): the payload digest fixes the ciphertexts' concatenation (a hash list, ``wire.payload_digest``),
+    digest): the payload digest fixes the ciphertexts' concatenation (BLAKE3, ``wire.payload_digest``),
     the names and sizes where it is cut, so the same bytes cut into other ciphertexts (issue 16: a re-split
     payload) commit to another value."""
     digest = hashlib.sha256(_CIPHERTEXTS_DOMAIN)
