@@ -71,21 +71,21 @@ SURVIVORS = ["client0", "client1", "client2", "client3"]
 
 @pytest.fixture(scope="module")
 def deployments(tmp_path_factory, foundation) -> dict[str, dict]:
-    """Three deployments, run side by side, and what the in-process simulation computes for each: ``masked``
-    (3 sites, TLS and node authentication), ``he`` (3 sites and the key holder) and ``dropout`` (5 sites, masked;
-    the SuperNode of client4 is killed — SIGTERM, so it leaves the federation at once; a SIGKILL takes the stage's
-    deadline, and the SuperLink's own ≈ 45 s, to be noticed — once the server has sent the masked_input requests).
+    """Two deployments, run side by side, and what the in-process simulation computes for each: ``he`` (3 sites
+    and the key holder) and ``dropout`` (5 sites, masked, TLS and node authentication; the SuperNode of client4 is
+    killed — SIGTERM, so it leaves the federation at once; a SIGKILL takes the stage's deadline, and the
+    SuperLink's own ≈ 45 s, to be noticed — once the server has sent the masked_input requests). One masked
+    deployment serves both the TLS and the dropout tests: Flower starts a fresh ClientApp process per message
+    (≈ 2.8 s of CPU each), and a third deployment cost the suite about a quarter of this fixture's minutes.
     The dropout deployment's stage deadline is generous: the killed node leaves at once (the server stops waiting
     for a node the SuperLink no longer lists), and on 2 loaded cores a survivor took over 60 s to answer unmask
-    (issue 16: Flower's fresh ClientApp process per message costs ≈ 2.8 s of CPU, 139 of them here), which
-    dropped it too. 5 sites, not 4: with 4 the complete graph's threshold is t = 3 of k = 3 share holders
-    (2t - k > c needs it), so a single dropout leaves a secret with too few holders and the round rightly
-    aborts."""
+    (issue 16), which dropped it too. 5 sites, not 4: with 4 the complete graph's threshold is t = 3 of k = 3
+    share holders (2t - k > c needs it), so a single dropout leaves a secret with too few holders and the round
+    rightly aborts."""
     root = tmp_path_factory.mktemp("deployments")
-    jobs = {"masked": (tiny(root / "masked", "masked"), LocalSettings(tls=True, auth=True)),
-            "he": (tiny(root / "he", "he"), LocalSettings()),
+    jobs = {"he": (tiny(root / "he", "he"), LocalSettings()),
             "dropout": (tiny(root / "dropout", "masked", sites=5),
-                        LocalSettings(stage_deadline_s=240))}
+                        LocalSettings(tls=True, auth=True, stage_deadline_s=240))}
     outcomes: dict[str, dict] = {name: {} for name in jobs}
 
     def deploy(name: str) -> None:
@@ -108,7 +108,7 @@ def deployments(tmp_path_factory, foundation) -> dict[str, dict]:
         while not state.exists() and threads[name].is_alive():
             time.sleep(0.2)
     with one_torch_thread():
-        for name in ("masked", "he"):
+        for name in ("he",):
             outcomes[name]["expected"] = server_state(run(tiny(root / f"{name}-simulated", name), progress=False,
                                                           echo=lambda line: None).run_dir)
         # The correct sum after the dropout: the survivors' updates, as the simulation computes them without client4.
@@ -145,18 +145,19 @@ def finished(outcome: dict):
     return outcome["result"]
 
 
-def test_a_3_site_masked_round_over_flower_with_tls_and_node_auth_equals_the_simulation(deployments):
-    deployed = finished(deployments["masked"])
-    record = deployed.history[-1]
-    assert record["aggregation"]["counted"] == ["client0", "client1", "client2"]
-    assert_same_state(server_state(deployed.run_dir), deployments["masked"]["expected"], TOLERANCE["masked"])
+def test_a_masked_round_over_flower_with_tls_and_node_auth_binds_every_site_and_keeps_intact_logs(deployments):
+    deployed = finished(deployments["dropout"])
     assert (deployed.run_dir / "global_adapter" / "adapter_model.safetensors").is_file()
-    assert_audit_holds(deployed.run_dir)
     bound = {entry["peer"] for entry in server_events(deployed.run_dir, "node_bound")}
-    assert bound == {"client0", "client1", "client2"}
+    assert bound == {*SURVIVORS, KILLED}
     # At most a node asked before its agent served (the ServerApp starts while the agents load): asked again.
     assert all(entry["meta"]["reason"].endswith("asking again")
                for entry in server_events(deployed.run_dir, "node_refused"))
+    # every log verifies; client4's ends early (its SuperNode was killed, so the close never reached its agent)
+    roster = load_roster(deployed.run_dir / "roster.json")
+    keys = {entry.party_id: entry.public_key for entry in roster.entries}
+    verified = verify_path(deployed.run_dir / "parties", keys)
+    assert verified.ok, verified.summary()
 
 
 def test_a_supernode_killed_during_masked_input_drops_out_and_the_others_sum_is_applied(deployments):
