@@ -117,8 +117,9 @@ def _polynomial_function(coefficients: list[int] | None) -> Callable[[int], int]
 def _interpolate(points: list[tuple[int, int]]) -> Callable[[int], int]:
     """The polynomial of degree < len(points) through ``points`` (distinct x), as a function: in Lagrange form,
     P(x) = Σ_i c_i·Π_{j≠i}(x − x_j) with c_i = y_i / Π_{j≠i}(x_i − x_j). The products of differences are exact
-    small integers (x are share indices), so each c_i costs one field inversion and each value t products: about
-    a tenth of computing the coefficients (issue 16: the server reconstructs a secret per client and round)."""
+    small integers (x are share indices), so each c_i costs one field inversion and each value t products, where
+    the coefficients cost O(t²) field products (issue 16: the server reconstructs a secret per client and round).
+    A product of nonzero differences, each smaller than the prime, is never 0 modulo it, so every inverse exists."""
     xs = [x for x, _ in points]
     weights = []
     for i, (x_i, y_i) in enumerate(points):
