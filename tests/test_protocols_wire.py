@@ -161,6 +161,9 @@ def test_bad_magic_and_version_are_named():
         read(data[:4] + struct.pack("<H", VERSION + 1) + data[6:])
     with pytest.raises(MessageRejected, match="version 1"):  # before session ids: such a message is refused whole
         read(data[:4] + struct.pack("<H", 1) + data[6:])
+    assert VERSION == 4  # v3's SHA-256 hash list under the same header: refused whole, never checked as BLAKE3
+    with pytest.raises(MessageRejected, match="unsupported message version 3"):
+        read(data[:4] + struct.pack("<H", 3) + data[6:])
 
 
 def forge(header: dict, payload: bytes = b"", identity: Identity = ALICE) -> bytes:
