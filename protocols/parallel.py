@@ -1,9 +1,10 @@
-"""One pool of worker threads for the bulk byte work of a round: payload hashing and mask expansion.
+"""One pool of worker threads for the bulk byte work of a round: mask expansion and adding masked inputs
+(``worker_count`` also sizes BLAKE3's own threads for a large payload digest, ``wire.payload_digest``).
 
-Both release the GIL (hashlib for inputs over 2 KiB; OpenSSL's AES-CTR in ``cryptography``; numpy's
-element-wise ufuncs), so threads use every core a party is given without a second process or a copy
-of the data. Work is split into contiguous spans, one per worker: a party's result never depends on
-how many workers it has (tests/test_protocols_parallel.py, and the payload-digest and mask tests, pin that).
+Both release the GIL (OpenSSL's AES-CTR in ``cryptography``; numpy's element-wise ufuncs), so threads use
+every core a party is given without a second process or a copy of the data. Work is split into contiguous
+spans, one per worker: a party's result never depends on how many workers it has (tests/test_protocols_parallel.py,
+and the payload-digest and mask tests, pin that).
 
 ``FEDDAT_SECURE_THREADS`` sets how many workers (default: the CPUs this process may run on; a larger value is
 not capped by them, it only adds threads); 1 runs everything in the calling thread.

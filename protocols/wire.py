@@ -154,8 +154,8 @@ def encode(envelope: Envelope, identity: Identity) -> bytes:
 def payload_digest(parts: list) -> str:
     """The digest of the concatenation of ``parts`` (bytes-like), as 64 hex characters: BLAKE3 of
     ``b"FDSP payload v4\\0"`` then the payload (BLAKE3: O'Connor, Aumasson, Neves & Wilcox-O'Hearn, 2020; 256-bit
-    output, 128-bit collision resistance, as SHA-256). One pass at ~6 GB/s on one core here, against SHA-256's
-    1.5 (``benchmarks/keystream.py``); from ``PARALLEL_HASH_BYTES`` on, BLAKE3's tree mode also spreads the pass
+    output, 128-bit collision resistance, as SHA-256). One pass at 5.6 GB/s on one core here, against SHA-256's
+    1.7 (``benchmarks/keystream.py``); from ``PARALLEL_HASH_BYTES`` on, BLAKE3's tree mode also spreads the pass
     over ``parallel.worker_count()`` threads (below it, one thread is faster, measured). The GIL is released
     while hashing."""
     views = [_byte_view(part) for part in parts]

@@ -1,4 +1,4 @@
-"""The worker threads behind payload hashing and mask expansion: results never depend on how many there are."""
+"""The worker threads behind mask expansion and the masked sum: results never depend on how many there are."""
 
 from __future__ import annotations
 

@@ -65,11 +65,8 @@ class Quantizer:
             raise ConfigurationError(f"quantized values 0..{self.levels} do not fit {dtype}")
         if norm_bound is None:
             return self._round_stochastically(vector, rng, dtype)
-        grid = np.clip(vector, -self.clip_range, self.clip_range)  # a fresh array, updated in place below
-        grid += self.clip_range
-        grid /= self.scale
-        low = np.floor(grid)
-        grid -= low  # the fractional part: the probability of rounding up
+        grid, low = np.empty(np.shape(vector)), np.empty(np.shape(vector))
+        self._fraction_and_floor(vector, grid, low)
         if not (isinstance(norm_bound, int | float) and not isinstance(norm_bound, bool) and norm_bound > 0
                 and math.isfinite(norm_bound)):
             raise ConfigurationError(f"the rounding norm bound must be a positive number, not {norm_bound!r}")
@@ -97,16 +94,21 @@ class Quantizer:
         for start in range(0, len(vector), piece):
             size = min(piece, len(vector) - start)
             grid_, low_, draws_, up_ = grid[:size], low[:size], draws[:size], up[:size]
-            np.clip(vector[start:start + size], -self.clip_range, self.clip_range, out=grid_)
-            grid_ += self.clip_range
-            grid_ /= self.scale
-            np.modf(grid_, out=(grid_, low_))  # grid >= 0: the fractional part (the chance of rounding up), floor
+            self._fraction_and_floor(vector[start:start + size], grid_, low_)
             rng.random(out=draws_)
             np.less(draws_, grid_, out=up_)
             low_ += up_
             np.clip(low_, 0, self.levels, out=low_)
             quantized[start:start + size] = low_  # exact: integers 0..L
         return quantized.reshape(shape)
+
+    def _fraction_and_floor(self, values: np.ndarray, fraction: np.ndarray, floor: np.ndarray) -> None:
+        """``values`` clipped to [-r, r] and put on the grid (offset by r, in steps): the fractional parts (the
+        chances of rounding up) into ``fraction``, the floors into ``floor`` (float64 arrays of ``values``' shape)."""
+        np.clip(values, -self.clip_range, self.clip_range, out=fraction)
+        fraction += self.clip_range
+        fraction /= self.scale
+        np.modf(fraction, out=(fraction, floor))  # on the grid every value is >= 0: modf's integer part is the floor
 
     def dequantize_sum(self, integer_sum: np.ndarray, total_weight: int) -> np.ndarray:
         """Σ w_i·x̂_i from Σ (w_i q_i + z_i) and Σ w_i (x̂ = q·scale − r is the quantized input)."""
