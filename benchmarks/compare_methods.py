@@ -1,29 +1,47 @@
-"""FedDAT against the adapter baselines under heterogeneity; writes docs/results.md.
+"""FedDAT against the adapter baselines and the data's own reference scores; writes docs/results.md.
 
-Every method gets the same rounds, local steps, batch size, learning rate and data; the
-table reports the final round's per-client accuracy (mean over clients, then mean ± std
-over seeds). A second measurement times one local step of FedDAT and of FedAvg on the same
-batches, in the same process, and prints the ratio.
+Every run goes through ``feddat_secure.federation.runner.run``, the code behind ``feddat-secure run``. Every
+method of a table gets the same data, rounds, batch size and learning rate; ``fedavg-3x`` is FedAvg given three
+times the local steps (a FedDAT step costs ≈ 3 FedAvg steps, measured below), so FedDAT is also compared at equal
+compute. Next to the methods stand two scores read off the data without training
+(``feddat_secure.data.baselines``): always the site's majority answer, and the question-only (no-image) lookup.
 
-    python benchmarks/compare_methods.py            # full: 2 benchmarks x 5 methods x 3 seeds x 2 rates
-    python benchmarks/compare_methods.py --quick    # smoke run of the script itself
-    python benchmarks/compare_methods.py --benchmarks domain --methods feddat fedavg --rounds 12 \
-        --learning-rates 0.003 --output docs/results_domain_12_rounds.md   # a longer federation
+Each (benchmark, method, seed, setting) result is cached as one JSON file in ``--cache`` (committed under
+``benchmarks/results/compare_methods``), so the grid runs in resumable pieces: a rerun only trains what is
+missing, and ``--report-only`` rebuilds the tables from the cache without training.
+
+Reported per benchmark (seeds are paired: one seed is one dataset, shared by every method):
+- the mean over sites of each site's test accuracy after the last round, mean over seeds with a 95 % t-interval;
+- the worst site's accuracy, mean over seeds;
+- paired differences (FedDAT − other) over seeds with a 95 % t-interval.
+
+    python benchmarks/compare_methods.py                    # the default grid (resumes from the cache)
+    python benchmarks/compare_methods.py --quick            # a smoke run of the script (a temporary cache)
+    python benchmarks/compare_methods.py --report-only      # tables from the cache alone
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
+import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
 from feddat_secure.config import config_from_dict
+from feddat_secure.data.baselines import site_baselines
 from feddat_secure.data.batching import encode_split
 from feddat_secure.data.synthetic import synthetic_benchmark
 from feddat_secure.federation.runner import run
@@ -32,52 +50,143 @@ from feddat_secure.model.backbone import load_foundation
 from feddat_secure.training.local_model import LocalModel
 from feddat_secure.training.trainers import CLIENT, FROZEN_GLOBAL, SHARED, AdapterTrainer, FedDATTrainer, Schedule
 
-LOCAL_STEPS = 20
-METHODS = ("feddat", "fedavg", "fedprox", "local", "centralized")
-LABELS = {"feddat": "FedDAT (DAT)", "fedavg": "FedAvg-adapter", "fedprox": "FedProx (mu=0.01)",
-          "local": "local-only", "centralized": "centralized (pooled data)"}
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "benchmarks" / "results" / "compare_methods"
+COMPUTE_MATCH = 3  # fedavg-3x: local steps × this (a FedDAT step costs ≈ 2.9 FedAvg steps, measured below)
+METHODS = ("feddat", "fedavg", "fedavg-3x", "fedprox", "ffa-lora", "fedsa-lora", "local", "centralized")
+LABELS = {"feddat": "FedDAT (DAT)", "fedavg": "FedAvg-adapter",
+          "fedavg-3x": f"FedAvg-adapter, {COMPUTE_MATCH}× local steps",
+          "fedprox": "FedProx (μ = 0.01)", "ffa-lora": "FFA-LoRA (A frozen, B aggregated)",
+          "fedsa-lora": "FedSA-LoRA (A aggregated, B kept)", "local": "local-only",
+          "centralized": "centralized (pooled data)"}
+BASELINES = {"question_only": "question-only (no image), site's own data",
+             "question_only_pooled": "question-only (no image), every site's data",
+             "majority": "majority answer"}
+FEDDAT_MODES = {"shared": "A_s (global) alone", "client": "A_c alone"}
 
 
-def base_config(benchmark: str, seed: int, quick: bool, output_dir: str, learning_rate: float,
-                rounds: int) -> dict:
+@dataclass(frozen=True)
+class Setting:
+    """What a table's runs share. One setting and one seed fix the data; every method trains on it."""
+
+    rounds: int = 6
+    local_steps: int = 20
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    train_per_client: int = 1000
+    test_per_client: int = 500
+    num_clients: int = 5
+
+    def data_key(self, benchmark: str, seed: int) -> str:
+        return f"{benchmark}-n{self.num_clients}-{self.train_per_client}-{self.test_per_client}-s{seed}"
+
+
+def run_config(benchmark: str, method: str, seed: int, setting: Setting, output_dir: str) -> dict:
+    """The run configuration of one cell, as ``feddat-secure run`` would read it from a TOML file."""
+    steps = setting.local_steps * (COMPUTE_MATCH if method == "fedavg-3x" else 1)
     return {
-        "seed": seed,
-        "output_dir": output_dir,
-        "data": {"benchmark": benchmark, "num_clients": 5, "train_per_client": 40 if quick else 200,
-                 "test_per_client": 20 if quick else 100},
-        "federation": {"rounds": 2 if quick else rounds, "fedprox_mu": 0.01},
-        "training": {"local_steps": 2 if quick else LOCAL_STEPS, "batch_size": 16, "learning_rate": learning_rate},
+        "seed": seed, "output_dir": output_dir,
+        "data": {"benchmark": benchmark, "num_clients": setting.num_clients,
+                 "train_per_client": setting.train_per_client, "test_per_client": setting.test_per_client},
+        "federation": {"rounds": setting.rounds, "fedprox_mu": 0.01,
+                       "algorithm": "fedavg" if method == "fedavg-3x" else method},
+        "training": {"local_steps": steps, "batch_size": setting.batch_size,
+                     "learning_rate": setting.learning_rate},
         "model": {"head": "local"},
     }
 
 
-def accuracy_of(record: dict, method: str) -> float:
-    """Per-client accuracy of the model each method deploys: FedDAT's DAT, else the adapter."""
-    return record["mean"]["dat" if method == "feddat" else "shared"]
+def cell_key(benchmark: str, method: str, seed: int, setting: Setting) -> str:
+    """The cache file's name: readable fields, then a digest of the whole configuration (any change, a new cell)."""
+    config = run_config(benchmark, method, seed, setting, output_dir="")
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{benchmark}-{method}-lr{setting.learning_rate:g}-s{seed}-{digest}"
 
 
-def run_grid(benchmarks, methods, seeds, quick, learning_rates, rounds) -> dict:
-    """Final-round scores keyed by (learning rate, benchmark, method)."""
-    results = {}
+def git_revision() -> str:
+    """The checkout's commit, with "+dirty" when tracked files differ from it (a cell's code must be findable)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+REVISION = git_revision()  # read once: the code this process imported, even if the checkout changes while it runs
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Whole or not at all: a run killed mid-write leaves no half file for the next resume to trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def deployed_mode(method: str) -> str:
+    """The model each method deploys: FedDAT's Dual-Adapter Teacher, else the one adapter."""
+    return "dat" if method == "feddat" else "shared"
+
+
+def run_cell(cache: Path, benchmark: str, method: str, seed: int, setting: Setting, *, train: bool
+             ) -> tuple[dict | None, bool]:
+    """One cell's cached result, training it first when missing and ``train`` is set (None when missing and not
+    trained); and whether it was trained now. The cell records the digest of the data it trained on, which the
+    report checks against the baselines' (the reference scores are of the very examples the methods saw)."""
+    path = cache / f"{cell_key(benchmark, method, seed, setting)}.json"
+    if path.exists():
+        return json.loads(path.read_text()), False
+    if not train:
+        return None, False
     with tempfile.TemporaryDirectory() as folder:
-        for learning_rate in learning_rates:
-            for benchmark in benchmarks:
-                for method in methods:
-                    scores, extra = [], []
-                    for seed in seeds:
-                        raw = base_config(benchmark, seed, quick, folder, learning_rate, rounds)
-                        raw["name"] = f"{learning_rate:g}-{benchmark}-{method}-{seed}"
-                        raw["federation"]["algorithm"] = method
-                        start = time.perf_counter()
-                        result = run(config_from_dict(raw), progress=False, echo=lambda _: None)
-                        final = result.history[-1]
-                        scores.append(accuracy_of(final, method))
-                        if method == "feddat":
-                            extra.append((final["mean"]["shared"], final["mean"]["client"]))
-                        print(f"lr {learning_rate:g} {benchmark:9} {method:12} seed {seed}: {scores[-1]:.3f} "
-                              f"({time.perf_counter() - start:.0f}s)", flush=True)
-                    results[learning_rate, benchmark, method] = (scores, extra)
-    return results
+        raw = run_config(benchmark, method, seed, setting, folder)
+        raw["name"] = "cell"
+        start = time.perf_counter()
+        result = run(config_from_dict(raw), progress=False, echo=lambda _: None)
+        seconds = time.perf_counter() - start
+        data_digest = json.loads((result.run_dir / "manifest.json").read_text())["data"]["sha256"]
+    final = result.history[-1]
+    cell = {"benchmark": benchmark, "method": method, "seed": seed, "setting": asdict(setting),
+            "config": run_config(benchmark, method, seed, setting, output_dir=""), "revision": REVISION,
+            "seconds": round(seconds, 1), "data_digest": data_digest, "sites": final["clients"],
+            "mean_by_round": [record["mean"] for record in result.history]}
+    write_json(path, cell)
+    return cell, True
+
+
+def baseline_cell(cache: Path, benchmark: str, seed: int, setting: Setting) -> dict:
+    """The data's reference scores for one (benchmark, seed, sizes); cached too (7,500 images take seconds)."""
+    path = cache / f"{setting.data_key(benchmark, seed)}-baselines.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    data = synthetic_benchmark(benchmark, num_clients=setting.num_clients, train_per_client=setting.train_per_client,
+                               test_per_client=setting.test_per_client, image_size=load_foundation().image_size,
+                               seed=seed)
+    cell = {"benchmark": benchmark, "seed": seed, "data_digest": data.digest(),
+            "sites": {site: asdict(scores) for site, scores in site_baselines(data).items()}}
+    write_json(path, cell)
+    return cell
+
+
+def site_scores(cell: dict, key: str) -> list[float]:
+    """Per-site accuracies of a method cell (``key``: an inference mode) or a baseline cell (a baseline name)."""
+    return [float(scores[key]) for _, scores in sorted(cell["sites"].items())]
+
+
+def interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval (nan with one value)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), math.nan
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def percent(mean: float, half: float) -> str:
+    return f"{100 * mean:.1f}" if math.isnan(half) else f"{100 * mean:.1f} ± {100 * half:.1f}"
 
 
 def time_local_steps(steps: int) -> tuple[float, float]:
@@ -104,84 +213,173 @@ def time_local_steps(steps: int) -> tuple[float, float]:
     return min(timings["feddat"], timings["feddat2"]), min(timings["fedavg"], timings["fedavg2"])
 
 
-def mean_std(values) -> str:
-    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
-
-
-def write_report(path: Path, results: dict, benchmarks, methods, seeds, learning_rates, rounds, step_times,
-                 command: str) -> None:
-    feddat_step, fedavg_step = step_times
+def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
+           settings: Sequence[Setting], step_times: tuple[float, float] | None, command: str) -> str:
+    """docs/results.md from the cache: only cells present for every seed are reported (the rest are listed)."""
+    base = settings[0]
     lines = [
-        "# Results: FedDAT and adapter baselines under heterogeneity",
+        "# Results: FedDAT, the adapter baselines and the data's reference scores",
         "",
-        "Measured by `benchmarks/compare_methods.py` on the embedded foundation "
-        f"(CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads). "
-        "Reproduce with:",
+        f"Measured by `benchmarks/compare_methods.py` on the embedded foundation (CPU: "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads); every number "
+        "below is read from the cached cells in `benchmarks/results/compare_methods/` (each holds its full "
+        "configuration and the revision it ran on). Reproduce, or resume, with:",
+        "", "```", command, "```", "",
+        f"Setup: {base.num_clients} sites, {base.train_per_client} train / {base.test_per_client} test examples each, "
+        f"{base.rounds} rounds of {base.local_steps} local steps (batch {base.batch_size}; `fedavg-3x`: "
+        f"{COMPUTE_MATCH * base.local_steps}), AdamW at one constant learning rate for every method of a table, LoRA "
+        "rank 8 on attention and feed-forward projections, local answer heads over each site's own answers, every "
+        "site every round, aggregation weighted by example counts. Centralized trains one adapter and one head on "
+        "the pooled data for as many steps as the whole federation. FedDAT is scored with its Dual-Adapter Teacher "
+        "(A_c + global adapter). A seed fixes the data (every method of a seed sees the same examples), so "
+        "differences are paired by seed; each table says which seeds every one of its rows has.",
         "",
-        "```",
-        command,
-        "```",
-        "",
-        f"Setup: 5 clients, 200 train / 100 test examples each, {rounds} rounds, {LOCAL_STEPS} local steps of "
-        "batch 16 per round, AdamW at a constant learning rate that is the same for every method (one table "
-        "per rate), LoRA rank 8 on attention and feed-forward projections, local answer heads over each "
-        "client's own answer set, all clients every round, aggregation weighted by example counts. "
-        "Centralized trains one adapter and one head over the whole answer vocabulary on the pooled data, "
-        f"for as many steps as the whole federation. Seeds: {', '.join(map(str, seeds))}.",
-        "",
-        "Accuracy (%) on each client's test split after the last round, averaged over clients; mean ± std over "
-        "seeds. FedDAT is scored with its Dual-Adapter Teacher (A_c + global adapter).",
+        "Accuracy (%) on each site's test split after the last round: **site mean** is the mean over sites (then "
+        "over seeds, ± the half-width of a 95 % t-interval over seeds), **worst site** the lowest site's accuracy "
+        "(mean over seeds). The reference rows need no training: *question-only* answers each question with the "
+        "answer its exact wording most often had in training (the best a model that ignores the image can do), "
+        "*majority* always gives the site's most frequent training answer (`feddat_secure/data/baselines.py`).",
     ]
-    for learning_rate in learning_rates:
-        lines += ["", f"## Learning rate {learning_rate:g}", "",
-                  "| method | " + " | ".join(benchmarks) + " |", "|---|" + "---|" * len(benchmarks)]
-        for method in methods:
-            cells = " | ".join(mean_std(results[learning_rate, b, method][0]) for b in benchmarks)
-            lines.append(f"| {LABELS[method]} | {cells} |")
-        lines += ["", "FedDAT's three inference modes (same runs):", "",
-                  "| benchmark | DAT | A_s (global) alone | A_c alone |", "|---|---|---|---|"]
-        for b in benchmarks if "feddat" in methods else ():
-            scores, extra = results[learning_rate, b, "feddat"]
-            lines.append(f"| {b} | {mean_std(scores)} | {mean_std([e[0] for e in extra])} | "
-                         f"{mean_std([e[1] for e in extra])} |")
-    lines += [
-        "",
-        "## Cost of a local step",
-        "",
-        f"FedDAT: {1000 * feddat_step:.1f} ms per local step; FedAvg-adapter: {1000 * fedavg_step:.1f} ms; "
-        f"ratio **{feddat_step / fedavg_step:.2f}x** (batch 16, same batches, same process). FedDAT does one "
-        "teacher forward pass and two forward/backward passes per batch, FedAvg one.",
-        "",
-        "## Differential privacy",
-        "",
-        "Accuracy against ε with record-level DP (FedDAT and FedAvg-adapter) and the cost of DP-SGD per local "
-        "step: [results_privacy.md](results_privacy.md) (`benchmarks/privacy_tradeoff.py`).",
-        "",
-    ]
-    path.write_text("\n".join(lines))
+    missing = []
+    for setting in settings:
+        lines += ["", f"## Learning rate {setting.learning_rate:g}", ""]
+        header = "| method | " + " | ".join(f"{b}: site mean | {b}: worst site" for b in benchmarks) + " |"
+        lines += [header, "|---|" + "---|---|" * len(benchmarks)]
+        per_seed: dict[tuple[str, str], list[float]] = {}
+        used_seeds: dict[str, list[int]] = {}
+        for benchmark in benchmarks:
+            found = {method: {seed: run_cell(cache, benchmark, method, seed, setting, train=False)[0]
+                              for seed in seeds} for method in methods}
+            missing += [f"{benchmark}/{method}/lr {setting.learning_rate:g}/seed {seed}"
+                        for method in methods for seed, cell in found[method].items() if cell is None]
+            ran = [method for method in methods if any(cell is not None for cell in found[method].values())]
+            # every row of a benchmark over the same seeds, so that differences are paired
+            used = [seed for seed in seeds if all(found[method][seed] is not None for method in ran)]
+            used_seeds[benchmark] = used
+            baselines = {seed: baseline_cell(cache, benchmark, seed, setting) for seed in used}
+            for name in BASELINES:
+                per_seed[benchmark, name] = [float(np.mean(site_scores(baselines[seed], name))) for seed in used]
+                per_seed[benchmark, name + "/worst"] = [float(np.min(site_scores(baselines[seed], name)))
+                                                        for seed in used]
+            for method in ran if used else ():
+                cells = [found[method][seed] for seed in used]
+                for cell in cells:
+                    if cell["data_digest"] != baselines[cell["seed"]]["data_digest"]:
+                        raise SystemExit(f"{benchmark}/{method}/seed {cell['seed']}: trained on data "
+                                         f"{cell['data_digest'][:12]}, the baselines are of "
+                                         f"{baselines[cell['seed']]['data_digest'][:12]}")
+                mode = deployed_mode(method)
+                per_seed[benchmark, method] = [float(np.mean(site_scores(cell, mode))) for cell in cells]
+                per_seed[benchmark, method + "/worst"] = [float(np.min(site_scores(cell, mode))) for cell in cells]
+                if method == "feddat":
+                    for extra in FEDDAT_MODES:
+                        per_seed[benchmark, extra] = [float(np.mean(site_scores(cell, extra))) for cell in cells]
+        lines[-2:-2] = ["Seeds used: " + "; ".join(f"{b}: {', '.join(map(str, used_seeds[b])) or 'none'} "
+                                                   f"({len(used_seeds[b])})" for b in benchmarks) + ".", ""]
+        rows = [(method, LABELS[method]) for method in methods] + list(BASELINES.items())
+        for key, label in rows:
+            cells = []
+            for benchmark in benchmarks:
+                if (benchmark, key) in per_seed:
+                    cells += [percent(*interval(per_seed[benchmark, key])),
+                              f"{100 * np.mean(per_seed[benchmark, key + '/worst']):.1f}"]
+                else:
+                    cells += ["not run", ""]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if "feddat" in methods:
+            lines += ["", "FedDAT's other inference modes (same runs, site mean):", "",
+                      "| mode | " + " | ".join(benchmarks) + " |", "|---|" + "---|" * len(benchmarks)]
+            for extra, label in FEDDAT_MODES.items():
+                lines.append(f"| {label} | " + " | ".join(
+                    percent(*interval(per_seed[b, extra])) if (b, extra) in per_seed else "not run"
+                    for b in benchmarks) + " |")
+            others = [m for m in methods if m != "feddat"] + list(BASELINES)
+            lines += ["", "Paired differences, FedDAT minus each other row (percentage points, site mean; mean over "
+                      "seeds ± 95 % t-interval; an interval that includes 0 is no evidence either way):", "",
+                      "| FedDAT − | " + " | ".join(benchmarks) + " |", "|---|" + "---|" * len(benchmarks)]
+            for other in others:
+                cells = []
+                for benchmark in benchmarks:
+                    if (benchmark, "feddat") in per_seed and (benchmark, other) in per_seed:
+                        differences = np.subtract(per_seed[benchmark, "feddat"], per_seed[benchmark, other])
+                        mean, half = interval(differences)
+                        cells.append(f"{100 * mean:+.1f}" + ("" if math.isnan(half) else f" ± {100 * half:.1f}"))
+                    else:
+                        cells.append("not run")
+                lines.append(f"| {LABELS.get(other) or BASELINES[other]} | " + " | ".join(cells) + " |")
+        if "centralized" in methods:
+            lines += ["", "Centralized minus question-only (site's own data), the room a benchmark leaves to learn "
+                      "from images (the issue's bar: ≥ 15 points):", ""]
+            for benchmark in benchmarks:
+                if (benchmark, "centralized") in per_seed:
+                    mean, half = interval(np.subtract(per_seed[benchmark, "centralized"],
+                                                      per_seed[benchmark, "question_only"]))
+                    lines.append(f"- {benchmark}: {100 * mean:+.1f}" + ("" if math.isnan(half) else
+                                                                         f" ± {100 * half:.1f}") + " points")
+    if step_times is not None:
+        feddat_step, fedavg_step = step_times
+        lines += ["", "## Cost of a local step", "",
+                  f"FedDAT: {1000 * feddat_step:.1f} ms per local step; FedAvg-adapter: {1000 * fedavg_step:.1f} ms; "
+                  f"ratio **{feddat_step / fedavg_step:.2f}x** (batch 16, same batches, same process). FedDAT does "
+                  "one teacher forward pass and two forward/backward passes per batch, FedAvg one."]
+    if missing:
+        lines += ["", "## Not yet run", "", "Cells missing from the cache (rerun the command to fill them in): "
+                  + ", ".join(missing) + "."]
+    lines += ["", "## Differential privacy", "",
+              "Accuracy against ε with record-level DP and the cost of DP-SGD per local step: "
+              "[results_privacy.md](results_privacy.md) (`benchmarks/privacy_tradeoff.py`).", ""]
+    return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and a temporary cache: checks the script")
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--train-per-client", type=int, default=1000)
+    parser.add_argument("--test-per-client", type=int, default=500)
     parser.add_argument("--benchmarks", nargs="+", default=["function", "domain"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-3, 1e-3],
+    parser.add_argument("--methods", nargs="+", default=["feddat", "fedavg", "fedavg-3x", "local", "centralized"],
+                        choices=METHODS)
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-3],
                         help="one table per rate; within a table every method uses the same rate")
-    parser.add_argument("--output", default=str(Path(__file__).resolve().parent.parent / "docs" / "results.md"))
-    args = parser.parse_args()
-    benchmarks, methods = tuple(args.benchmarks), tuple(args.methods)
+    parser.add_argument("--cache", default=str(CACHE), help="folder of cached cells (one JSON file each)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: tables from the cache")
+    parser.add_argument("--skip-step-timing", action="store_true", help="leave out the cost-of-a-step measurement")
+    parser.add_argument("--output", default=str(ROOT / "docs" / "results.md"))
+    args = parser.parse_args(argv)
     seeds = list(range(1 if args.quick else args.seeds))
-    results = run_grid(benchmarks, methods, seeds, args.quick, args.learning_rates, args.rounds)
-    step_times = time_local_steps(5 if args.quick else 40)
-    print(f"local step: feddat {step_times[0] * 1000:.1f} ms, fedavg {step_times[1] * 1000:.1f} ms, "
-          f"ratio {step_times[0] / step_times[1]:.2f}")
-    command = "python " + " ".join(["benchmarks/compare_methods.py", *sys.argv[1:]])
-    if not args.quick:
-        write_report(Path(args.output), results, benchmarks, methods, seeds, args.learning_rates, args.rounds,
-                     step_times, command)
+    sizes = (40, 20, 2) if args.quick else (args.train_per_client, args.test_per_client, args.rounds)
+    settings = [Setting(rounds=sizes[2], local_steps=2 if args.quick else 20, learning_rate=rate,
+                        train_per_client=sizes[0], test_per_client=sizes[1]) for rate in args.learning_rates]
+    with tempfile.TemporaryDirectory() as scratch:
+        cache = Path(scratch) if args.quick else Path(args.cache)
+        for setting in settings:  # seed-major: a grid stopped early has the same seeds for every benchmark
+            for seed in seeds:
+                for benchmark in args.benchmarks:
+                    baseline_cell(cache, benchmark, seed, setting)
+                    for method in args.methods:
+                        cell, trained = run_cell(cache, benchmark, method, seed, setting, train=not args.report_only)
+                        if cell is not None:
+                            score = np.mean(site_scores(cell, deployed_mode(method)))
+                            print(f"lr {setting.learning_rate:g} {benchmark:9} {method:12} seed {seed}: {score:.3f} "
+                                  f"({cell['seconds']:.0f} s{'' if trained else ', cached'})", flush=True)
+        timing = cache / "step-timing.json"
+        if not (args.report_only or args.skip_step_timing):
+            feddat_step, fedavg_step = time_local_steps(5 if args.quick else 40)
+            print(f"local step: feddat {feddat_step * 1000:.1f} ms, fedavg {fedavg_step * 1000:.1f} ms, "
+                  f"ratio {feddat_step / fedavg_step:.2f}")
+            write_json(timing, {"feddat_s": feddat_step, "fedavg_s": fedavg_step, "revision": REVISION})
+        step_times = None
+        if timing.exists():
+            measured = json.loads(timing.read_text())
+            step_times = measured["feddat_s"], measured["fedavg_s"]
+        command = "python " + " ".join(["benchmarks/compare_methods.py", *(sys.argv[1:] if argv is None else argv)])
+        text = report(cache, args.benchmarks, args.methods, seeds, settings, step_times, command)
+    if args.quick:
+        print(text)
+    else:
+        Path(args.output).write_text(text)
         print(f"wrote {args.output}")
 
 

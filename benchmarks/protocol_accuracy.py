@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tempfile
-from collections import Counter
 from importlib import resources
 
 import numpy as np
 
 from feddat_secure.config import RunConfig, load_config
 from feddat_secure.data import build_benchmark
+from feddat_secure.data.baselines import site_baselines
 from feddat_secure.federation.runner import run
 from feddat_secure.model.backbone import load_foundation
 
@@ -31,22 +31,16 @@ MODES = ("dat", "shared", "client")
 
 
 def baselines(config: RunConfig) -> dict[str, float]:
-    """Test accuracy without training, averaged over the sites: the majority answer and question-only."""
+    """Test accuracy without training, averaged over the sites: the majority answer and question-only
+    (``feddat_secure.data.baselines``, the same references as every accuracy table)."""
     image_size = load_foundation(config.model.path).image_size
     data = config.data
     benchmark = build_benchmark(data.benchmark, path=data.path, num_clients=data.num_clients,
                                 train_per_client=data.train_per_client, test_per_client=data.test_per_client,
                                 image_size=image_size, seed=config.seed)
-    majority, question_only = [], []
-    for site in benchmark.clients:
-        overall = Counter(e.answer for e in site.train).most_common(1)[0][0]
-        by_question: dict[str, Counter] = {}
-        for example in site.train:
-            by_question.setdefault(example.question, Counter())[example.answer] += 1
-        guess = {q: counts.most_common(1)[0][0] for q, counts in by_question.items()}
-        majority.append(np.mean([e.answer == overall for e in site.test]))
-        question_only.append(np.mean([e.answer == guess.get(e.question, overall) for e in site.test]))
-    return {"majority": float(np.mean(majority)), "question-only": float(np.mean(question_only))}
+    scores = site_baselines(benchmark).values()
+    return {"majority": float(np.mean([s.majority for s in scores])),
+            "question-only": float(np.mean([s.question_only for s in scores]))}
 
 
 def main() -> None:
