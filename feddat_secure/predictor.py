@@ -12,8 +12,9 @@ FedDAT, a site          ``client_adapter`` ½ + ``shared_adapter``  the site's, 
                         received is the frozen half)
 other methods, a site   the site's ``shared_adapter`` (the last    the site's, or the global one  ``shared``
                         global adapter it received; ``local``:     when heads are shared
-                        its own)
-``site=None``           ``global_adapter``                         the global one (needed)        ``shared``
+                        its own; ``fedsa-lora``: the global A
+                        matrices with the site's own B)
+``site=None``           ``global_adapter`` (not ``fedsa-lora``)    the global one (needed)        ``shared``
 ======================  =========================================  =============================  ===============
 
 Inputs are prepared as training prepared them: images (arrays, PIL images or files) are converted by
@@ -176,6 +177,9 @@ def _inference_mode(run: Path, config: RunConfig, site: str | None) -> tuple[dic
     global_dir = run / GLOBAL_ADAPTER_DIR
     sites = run_sites(run)
     if site is None:
+        if not centralized and not algorithm.global_model_whole:
+            raise ResultError(f"run {str(run)!r} has no global model ({name}: each site keeps its own LoRA B "
+                              f"matrices); choose one of its sites: {', '.join(sites) or 'none'}")
         if not head_is_global:
             raise ResultError(f"run {str(run)!r} has no global model with a head ({name}, model.head = "
                               f"{config.model.head!r}: each site keeps its own); choose one of its sites: "

@@ -140,9 +140,8 @@ def _audit_record(server, folder: Path, final_head: str | None) -> dict | None:
 def _save_global_adapter(planned, global_state, folder: Path) -> None:
     from ..model.adapters import save_peft_adapter
     from ..model.classifier import save_head
-    from ..training.local_model import split_head
-
-    adapter, head = split_head(global_state)
-    save_peft_adapter(adapter, planned.lora, planned.foundation.path, folder / "global_adapter")
+    adapter, head = planned.plan.global_adapter(global_state)
+    if adapter is not None:  # None: no global model (FedSA-LoRA's B stays with each site)
+        save_peft_adapter(adapter, planned.lora, planned.foundation.path, folder / "global_adapter")
     if head:
         save_head(head, planned.agreement.answers, folder / "global_adapter")

@@ -23,12 +23,12 @@ from protocols.identity import Identity, load_roster
 from ..config import ConfigError, RunConfig
 from ..data import Benchmark, ClientData
 from ..data.batching import EncodedSplit, encode_split
-from ..model.adapters import LoraSettings
+from ..model.adapters import AdapterState, LoraSettings
 from ..model.backbone import Foundation
 from ..privacy.budget import BudgetExceeded
 from ..privacy.run_privacy import PrivacySettings, ServerPrivacy, SitePrivacy, dataset_account, privacy_settings
-from ..training.adapter_names import SHARED
-from ..training.local_model import LocalModel
+from ..training.adapter_names import SHARED, is_matrix
+from ..training.local_model import LocalModel, split_head
 from .algorithms import Algorithm, get_algorithm
 from .channel import Channel, ServerLink
 from .keyholder_app import KeyHolder
@@ -45,11 +45,21 @@ class RunPlan:
     config: RunConfig
     site_ids: tuple[str, ...]
     counts: dict[str, int]  # training records per site
-    initial_state: dict[str, np.ndarray]  # the global state before round 1 (A_s, and the head when it travels)
+    initial_state: dict[str, np.ndarray]  # the global state before round 1 (A_s's travelling matrices, a shared head)
     layout: StateLayout
     privacy: PrivacySettings
     algorithm: Algorithm
     head_travels: bool
+    initial_adapter: dict[str, np.ndarray]  # the whole initial A_s (every matrix): where every site's A_s starts
+
+    def global_adapter(self, global_state: dict[str, np.ndarray]) -> tuple[AdapterState | None, AdapterState]:
+        """(the global adapter, the global head) of a global state: the initial adapter with the aggregated
+        matrices put in, None when the algorithm has no global model (a matrix that stays each site's own, as
+        FedSA-LoRA's B); the head is empty when heads stay local."""
+        adapter, head = split_head(global_state)
+        if not self.algorithm.global_model_whole:
+            return None, head
+        return {**self.initial_adapter, **adapter}, head
 
     @property
     def per_round(self) -> int:
@@ -94,15 +104,18 @@ def plan_run(config: RunConfig, foundation: Foundation, lora: LoraSettings, coun
              num_answers: int) -> RunPlan:
     algorithm = get_algorithm(config.federation.algorithm)
     head_travels = config.model.head == "shared" and algorithm.sends_updates
-    # The initial global state comes from one seeded model; every site starts from it.
+    # The initial global state comes from one seeded model; every site starts from it. What travels of it is
+    # the algorithm's declared matrices (Algorithm.travels): they make the update's layout, hence the protocol's
+    # input and client-level DP's dimension.
     initial = LocalModel(foundation, lora, (SHARED,), (SHARED,), num_answers, seed=config.seed)
-    state = initial.adapters.get_state(SHARED)
+    adapter = initial.adapters.get_state(SHARED)
+    state = {key: value for key, value in adapter.items() if is_matrix(key, algorithm.travels)}
     if head_travels:
         state.update(initial.head_state())
     del initial
     layout = StateLayout.of(state)
     privacy = privacy_settings(config, counts, update_dimension=layout.size)
-    return RunPlan(config, tuple(counts), dict(counts), state, layout, privacy, algorithm, head_travels)
+    return RunPlan(config, tuple(counts), dict(counts), state, layout, privacy, algorithm, head_travels, adapter)
 
 
 def site_answers(config: RunConfig, benchmark: Benchmark, client: ClientData) -> tuple[str, ...]:
@@ -214,10 +227,13 @@ def build_site(plan: RunPlan, folder: PartyFolder, foundation: Foundation, lora:
     site_id = folder.party_id
     index = plan.site_ids.index(site_id)
     seed = plan.config.seed * 1000 + index
-    model = LocalModel(foundation, lora, plan.algorithm.adapters, plan.algorithm.trainable, len(answers),
-                       seed=seed + 1)
+    algorithm = plan.algorithm
+    model = LocalModel(foundation, lora, algorithm.adapters, algorithm.trainable, len(answers), seed=seed + 1,
+                       frozen=algorithm.frozen)
+    if algorithm.sends_updates:  # A_s starts as the initial global adapter: FFA-LoRA's A, never sent, is shared
+        model.adapters.set_state(SHARED, plan.initial_adapter)
     record = plan.privacy.record.get(site_id)
-    trainer = plan.algorithm.trainer(plan.config, model, record, plan.head_travels)
+    trainer = algorithm.trainer(plan.config, model, record, plan.head_travels, algorithm.travels)
     privacy = site_privacy(plan, site_id, split[0], dataset_ledger_dir)
     if not resume and (overdraw := start_refusal(privacy)) is not None:  # before this run opens anything
         raise BudgetExceeded(0, [overdraw], whole_run=True)

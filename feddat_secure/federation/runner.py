@@ -1,7 +1,8 @@
 """A simulated run: every party built from its own folder, joined in memory, and the run folder around them.
 
 Run folder ``<output_dir>/<name>/``: the run's own files at the top — ``config.toml`` (resolved),
-``metrics.jsonl`` (one line per round), ``global_adapter/`` (PEFT format), ``roster.json`` (the parties'
+``metrics.jsonl`` (one line per round), ``global_adapter/`` (PEFT format; FedSA-LoRA has no global adapter,
+its B matrices stay with the sites: the folder then holds a shared head only), ``roster.json`` (the parties'
 public keys; its SHA-256 is in every message), ``privacy_report.*`` with DP, and ``manifest.json`` (SHA-256
 of the base model, data, config and every file written, and under ``audit`` the roster's digest and every
 party's final signed tree head, which ``audit verify`` checks by default; written last: a run folder without
@@ -160,8 +161,9 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
             site_history = [sites_round(run_dir, plan.site_ids, record["round"]) for record in history]
         global_state = server.global_state if plan.algorithm.sends_updates else None
     if global_state is not None:
-        adapter, head = split_head(global_state)
-        save_peft_adapter(adapter, lora, foundation.path, run_dir / "global_adapter")
+        adapter, head = split_head(global_state) if plan is None else plan.global_adapter(global_state)
+        if adapter is not None:  # None: no global model (FedSA-LoRA's B stays with each site)
+            save_peft_adapter(adapter, lora, foundation.path, run_dir / "global_adapter")
         if head:
             save_head(head, benchmark.answers, run_dir / "global_adapter")
     audit = audit_record(run_dir, [party for party, _ in plan.parties()]) \

@@ -51,6 +51,7 @@ class Federation:
     sites: dict[str, Site]
     keyholder: KeyHolder | None
     channel: InMemoryChannel
+    plan: RunPlan  # what every party derived from the configuration (the initial adapter, the update's layout)
 
 
 def simulate_federation(plan: RunPlan, run_dir: Path, foundation: Foundation, lora: LoraSettings,
@@ -67,4 +68,4 @@ def simulate_federation(plan: RunPlan, run_dir: Path, foundation: Foundation, lo
     channel = InMemoryChannel({party.party_id: Served(party, party.audit, server_id=server_id) for party in parties})
     server = build_server(plan, party_folder(run_dir, server_id), channel, resume=resume)
     server.open(resume=resume)
-    return Federation(server, sites, keyholder, channel)
+    return Federation(server, sites, keyholder, channel, plan)

@@ -4,7 +4,8 @@ PEFT's ``set_adapter`` has two side effects this module does not want to inherit
 it marks every active adapter trainable (which would train the frozen global copy in
 FedDAT's teacher) and marks every inactive one frozen (how the official FedDAT code lost
 the client adapter's ``requires_grad`` after the first round). :meth:`AdapterSet.activate`
-therefore re-applies the trainability fixed at construction after every switch.
+therefore re-applies the trainability fixed at construction after every switch, down to single LoRA
+matrices (FFA-LoRA's frozen A of a trained adapter).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from peft.tuners.lora import LoraLayer
 from safetensors.numpy import save_file
 
+from ..training.adapter_names import LORA_MATRICES, is_matrix
 from .backbone import EMBEDDED_FOUNDATION, folder_digest, save_processor
 from .lora_targets import DEFAULT_TARGET_MODULES
 
@@ -59,34 +61,49 @@ class LoraSettings:
 
 
 class AdapterSet:
-    """A backbone wrapped by PEFT with several named LoRA adapters of the same shape."""
+    """A backbone wrapped by PEFT with several named LoRA adapters of the same shape.
+
+    ``trainable``: the adapters training updates; ``frozen``: LoRA matrices (``"lora_A"``, ``"lora_B"``) that
+    stay frozen even in those (FFA-LoRA freezes every A). ValueError for an unknown adapter or matrix.
+    """
 
     def __init__(self, backbone: torch.nn.Module, settings: LoraSettings, names: Sequence[str],
-                 trainable: Sequence[str]) -> None:
+                 trainable: Sequence[str], frozen: Sequence[str] = ()) -> None:
         if not names:
             raise ValueError("an adapter set needs at least one adapter name")
         unknown = set(trainable) - set(names)
         if unknown:
             raise ValueError(f"trainable adapters {sorted(unknown)} are not in {list(names)}")
+        if not set(frozen) <= set(LORA_MATRICES):
+            raise ValueError(f"frozen matrices {sorted(set(frozen) - set(LORA_MATRICES))} are not in {LORA_MATRICES}")
         self.settings = settings
         self.names = tuple(names)
         self.trainable = frozenset(trainable)
+        self.frozen = tuple(frozen)
         self.peft_model = get_peft_model(backbone, settings.to_peft(), adapter_name=names[0])
         for name in names[1:]:
             self.peft_model.add_adapter(name, settings.to_peft())
         self._lora_layers = [m for m in self.peft_model.modules() if isinstance(m, LoraLayer)]
         # Looked up once: activate() runs several times per batch, and loading a state copies
         # into these same parameters, so the lists never go stale.
-        self._parameters = {
-            name: [p for n, p in self.peft_model.named_parameters() if f".{name}." in n and "lora_" in n]
-            for name in self.names
-        }
+        named = {name: [(n, p) for n, p in self.peft_model.named_parameters() if f".{name}." in n and "lora_" in n]
+                 for name in self.names}
+        self._parameters = {name: [p for _, p in pairs] for name, pairs in named.items()}
+        self._trainable = {name: [p for n, p in pairs if name in self.trainable and not is_matrix(n, self.frozen)]
+                           for name, pairs in named.items()}
         self._base_scaling = [dict(layer.scaling) for layer in self._lora_layers]
         self.activate({names[0]: 1.0})
 
     def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """Every LoRA parameter of adapter ``name``, trained or not."""
         self._check_name(name)
         return list(self._parameters[name])
+
+    def trainable_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        """The parameters of adapter ``name`` that training updates (what its optimizer holds): none of a frozen
+        adapter, and none of a frozen matrix."""
+        self._check_name(name)
+        return list(self._trainable[name])
 
     def activate(self, weights: Mapping[str, float]) -> None:
         """Make exactly these adapters active, each scaled by its weight (outputs add up)."""
@@ -97,8 +114,9 @@ class AdapterSet:
             for name in self.names:
                 layer.scaling[name] = base[name] * weights.get(name, 1.0)
         for name, parameters in self._parameters.items():
+            trainable = {id(p) for p in self._trainable[name]}
             for parameter in parameters:
-                parameter.requires_grad_(name in self.trainable)
+                parameter.requires_grad_(id(parameter) in trainable)
 
     def get_state(self, name: str) -> AdapterState:
         """The adapter's weights under PEFT's saved key names (no adapter name in the keys)."""

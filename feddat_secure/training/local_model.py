@@ -16,9 +16,9 @@ from ..model.classifier import HEAD_PREFIX, AnswerHead, VQAClassifier
 
 class LocalModel:
     def __init__(self, foundation: Foundation, lora: LoraSettings, adapters: Sequence[str],
-                 trainable: Sequence[str], num_answers: int, seed: int) -> None:
+                 trainable: Sequence[str], num_answers: int, seed: int, frozen: Sequence[str] = ()) -> None:
         torch.manual_seed(seed)  # seeds the LoRA A matrices and the head
-        self.adapters = AdapterSet(copy.deepcopy(foundation.model), lora, adapters, trainable)
+        self.adapters = AdapterSet(copy.deepcopy(foundation.model), lora, adapters, trainable, frozen)
         self.head = AnswerHead(foundation.hidden_size, num_answers)
         self.classifier = VQAClassifier(self.adapters.peft_model, self.head)
 

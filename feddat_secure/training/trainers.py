@@ -1,8 +1,8 @@
 """Local training of one site for FedDAT and for the adapter baselines, behind one interface.
 
-A trainer receives the global state (shared adapter, plus the head when heads are shared),
-trains on a round's mini-batches and hands back the state that may leave the site.
-Anything else (FedDAT's client adapter, a local head, optimizer state) stays inside.
+A trainer receives the global state (the travelling LoRA matrices of the shared adapter, plus the head
+when heads are shared), trains on a round's mini-batches and hands back the state that may leave the site.
+Anything else (FedDAT's client adapter, FedSA-LoRA's B matrices, a local head, optimizer state) stays inside.
 
 With record-level differential privacy (a :class:`~feddat_secure.privacy.record.RecordPrivacy`),
 every parameter a trainer updates from data is updated by DP-SGD on Poisson-sampled batches
@@ -27,7 +27,7 @@ from ..model.adapters import AdapterState, check_state_matches
 from ..privacy.accounting import GaussianEvent
 from ..privacy.dp_sgd import PrivateOptimizer, attach_per_sample_gradients, expected_hook_warnings
 from ..privacy.record import RecordPrivacy
-from .adapter_names import CLIENT, FROZEN_GLOBAL, SHARED
+from .adapter_names import CLIENT, FROZEN_GLOBAL, LORA_MATRICES, SHARED, is_matrix
 from .local_model import LocalModel, split_head
 from .losses import mkd_loss
 from .schedule import learning_rate
@@ -55,12 +55,19 @@ def _set_rate(optimizer: torch.optim.Optimizer, rate: float) -> None:
 
 
 class LocalTrainer(ABC):
+    """A site's training. ``travels``: the LoRA matrices of the shared adapter that leave the site and are
+    replaced by the global ones (``Algorithm.travels``: ``"lora_A"``, ``"lora_B"`` or both); the others stay
+    the site's own."""
+
     def __init__(self, model: LocalModel, schedule: Schedule, *, head_travels: bool,
-                 privacy: RecordPrivacy | None = None) -> None:
+                 privacy: RecordPrivacy | None = None, travels: tuple[str, ...] = LORA_MATRICES) -> None:
+        if not travels or not set(travels) <= set(LORA_MATRICES):
+            raise ValueError(f"the travelling matrices {travels!r} must be some of {LORA_MATRICES}")
         self.model = model
         self.schedule = schedule
         self.head_travels = head_travels
         self.privacy = privacy
+        self.travels = tuple(travels)
         self.round_events: list[GaussianEvent] = []  # the DP mechanisms the last round ran (empty without DP)
 
     def train_round_on(self, split: EncodedSplit, rng: np.random.Generator, round_index: int) -> dict[str, float]:
@@ -98,22 +105,28 @@ class LocalTrainer(ABC):
                                  weight_decay=self.schedule.training.weight_decay)
 
     def shared_state(self) -> AdapterState:
-        state = self.model.adapters.get_state(SHARED)
+        """What may leave the site: the travelling matrices of the shared adapter (PEFT key names), and the
+        head when it travels."""
+        state = self._travelling(self.model.adapters.get_state(SHARED))
         if self.head_travels:
             state.update(self.model.head_state())
         return state
 
     def load_global(self, state: Mapping[str, np.ndarray]) -> None:
-        """Replace the received adapters (and a shared head) only once all of the state has passed."""
+        """Replace the travelling matrices of the received adapters (and a shared head) with the global state's,
+        only once all of the state has passed; each receiver keeps its other matrices."""
         adapter, head = split_head(state)
         if head and not self.head_travels:
             raise ValueError("received a head although heads stay local in this run")
-        check_state_matches(adapter, self.model.adapters.get_state(SHARED), what="global adapter")
+        check_state_matches(adapter, self._travelling(self.model.adapters.get_state(SHARED)), what="global adapter")
         if self.head_travels:
             check_state_matches(head, self.model.head_state(), what="global head")
             self.model.set_head_state(head)
         for name in self.receivers:
-            self.model.adapters.set_state(name, adapter)
+            self.model.adapters.set_state(name, {**self.model.adapters.get_state(name), **adapter})
+
+    def _travelling(self, adapter: Mapping[str, np.ndarray]) -> AdapterState:
+        return {key: value for key, value in adapter.items() if is_matrix(key, self.travels)}
 
     def state_dict(self) -> dict:
         """Everything that persists across rounds on this site (for round checkpoints): every adapter,
@@ -154,11 +167,11 @@ class FedDATTrainer(LocalTrainer):
     """Dual-Adapter Teacher with Mutual Knowledge Distillation (Chen et al., AAAI 2024)."""
 
     def __init__(self, model: LocalModel, schedule: Schedule, *, head_travels: bool,
-                 privacy: RecordPrivacy | None = None) -> None:
-        super().__init__(model, schedule, head_travels=head_travels, privacy=privacy)
+                 privacy: RecordPrivacy | None = None, travels: tuple[str, ...] = LORA_MATRICES) -> None:
+        super().__init__(model, schedule, head_travels=head_travels, privacy=privacy, travels=travels)
         # A_c and its optimizer state persist across rounds; A_s's optimizer restarts each round
         # because A_s itself is replaced by the global adapter.
-        self.client_optimizer = self._optimizer(model.adapters.parameters(CLIENT))
+        self.client_optimizer = self._optimizer(model.adapters.trainable_parameters(CLIENT))
         if privacy is not None:  # A_s and the head, and A_c (the teacher of A_s): all DP-SGD
             attach_per_sample_gradients(model.classifier, [self._shared_parameters(), self._client_parameters()])
 
@@ -166,10 +179,10 @@ class FedDATTrainer(LocalTrainer):
         return {"client": self.client_optimizer}
 
     def _shared_parameters(self) -> list[torch.nn.Parameter]:
-        return self.model.adapters.parameters(SHARED) + self.model.head_parameters()
+        return self.model.adapters.trainable_parameters(SHARED) + self.model.head_parameters()
 
     def _client_parameters(self) -> list[torch.nn.Parameter]:
-        return self.model.adapters.parameters(CLIENT)
+        return self.model.adapters.trainable_parameters(CLIENT)
 
     receivers = (SHARED, FROZEN_GLOBAL)
     kept = (SHARED, CLIENT)
@@ -252,14 +265,17 @@ class FedDATTrainer(LocalTrainer):
 
 
 class AdapterTrainer(LocalTrainer):
-    """One adapter trained with cross-entropy: FedAvg, FedProx (``proximal_mu`` > 0), local-only
-    and centralized training."""
+    """One adapter trained with cross-entropy: FedAvg, FedProx (``proximal_mu`` > 0), local-only,
+    FFA-LoRA (its frozen A matrices are in no optimizer: only B and the head are trained, and under
+    record-level DP only they are clipped and noised), FedSA-LoRA (``travels``: A only) and centralized
+    training."""
 
     def __init__(self, model: LocalModel, schedule: Schedule, *, head_travels: bool, proximal_mu: float = 0.0,
-                 keep_optimizer: bool = False, privacy: RecordPrivacy | None = None) -> None:
-        super().__init__(model, schedule, head_travels=head_travels, privacy=privacy)
+                 keep_optimizer: bool = False, privacy: RecordPrivacy | None = None,
+                 travels: tuple[str, ...] = LORA_MATRICES) -> None:
+        super().__init__(model, schedule, head_travels=head_travels, privacy=privacy, travels=travels)
         self.proximal_mu = proximal_mu
-        self._parameters = model.adapters.parameters(SHARED) + model.head_parameters()
+        self._parameters = model.adapters.trainable_parameters(SHARED) + model.head_parameters()
         self._persistent = self._optimizer(self._parameters) if keep_optimizer else None
         if privacy is not None:
             attach_per_sample_gradients(model.classifier, [self._parameters])
@@ -302,7 +318,7 @@ class AdapterTrainer(LocalTrainer):
         """FedProx pulls towards the global model: what the server sent, not a local head."""
         if not self.proximal_mu:
             return []
-        params = self.model.adapters.parameters(SHARED)
+        params = self.model.adapters.trainable_parameters(SHARED)
         return params + self.model.head_parameters() if self.head_travels else params
 
     def evaluate(self, split):
