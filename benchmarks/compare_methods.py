@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--train-per-client", type=int, default=1000)
     parser.add_argument("--test-per-client", type=int, default=500)
     parser.add_argument("--benchmarks", nargs="+", default=["function", "domain"])
-    parser.add_argument("--methods", nargs="+", default=["feddat", "fedavg", "fedavg-3x", "local", "centralized"],
+    parser.add_argument("--methods", nargs="+", default=["feddat", "fedavg", "fedavg-3x", "ffa-lora", "fedsa-lora", "local", "centralized"],
                         choices=METHODS)
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-3],
                         help="one table per rate; within a table every method uses the same rate")
