@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from feddat_secure.data.synthetic import synthetic_benchmark
 from feddat_secure.federation.runner import run
 from feddat_secure.model.adapters import LoraSettings
 from feddat_secure.model.backbone import load_foundation
+from feddat_secure.predictor import Predictor
 from feddat_secure.training.local_model import LocalModel
 from feddat_secure.training.trainers import CLIENT, FROZEN_GLOBAL, SHARED, AdapterTrainer, FedDATTrainer, Schedule
 
@@ -148,13 +150,37 @@ def run_cell(cache: Path, benchmark: str, method: str, seed: int, setting: Setti
         result = run(config_from_dict(raw), progress=False, echo=lambda _: None)
         seconds = time.perf_counter() - start
         data_digest = json.loads((result.run_dir / "manifest.json").read_text())["data"]["sha256"]
+        predictions = prediction_shares(result.run_dir, method, benchmark_data(benchmark, seed, setting))
     final = result.history[-1]
     cell = {"benchmark": benchmark, "method": method, "seed": seed, "setting": asdict(setting),
             "config": run_config(benchmark, method, seed, setting, output_dir=""), "revision": REVISION,
             "seconds": round(seconds, 1), "data_digest": data_digest, "sites": final["clients"],
+            "predictions": predictions,
             "mean_by_round": [record["mean"] for record in result.history]}
     write_json(path, cell)
     return cell, True
+
+
+def benchmark_data(benchmark: str, seed: int, setting: Setting):
+    """The examples a cell of this (benchmark, seed, sizes) trains and tests on: the runner builds the same."""
+    return synthetic_benchmark(benchmark, num_clients=setting.num_clients, train_per_client=setting.train_per_client,
+                               test_per_client=setting.test_per_client, image_size=load_foundation().image_size,
+                               seed=seed)
+
+
+def prediction_shares(run_dir: Path, method: str, data) -> dict[str, dict[str, float]]:
+    """Per site, from the run's saved model (``Predictor.from_run``, what a user deploys): the share of test
+    predictions on the site's most frequent predicted answer (a model that collapsed to the answer prior gives
+    one answer nearly always) and the accuracy those predictions score (it must equal the run's own last-round
+    accuracy: the saved model is the evaluated one)."""
+    shares = {}
+    for client in data.clients:
+        predictor = Predictor.from_run(run_dir, site=None if method == "centralized" else client.client_id)
+        answers = predictor.predict([e.image for e in client.test], [e.question for e in client.test])
+        shares[client.client_id] = {
+            "top_answer_share": max(Counter(answers).values()) / len(answers),
+            "accuracy": sum(a == e.answer for a, e in zip(answers, client.test)) / len(answers)}
+    return shares
 
 
 def baseline_cell(cache: Path, benchmark: str, seed: int, setting: Setting) -> dict:
@@ -162,9 +188,7 @@ def baseline_cell(cache: Path, benchmark: str, seed: int, setting: Setting) -> d
     path = cache / f"{setting.data_key(benchmark, seed)}-baselines.json"
     if path.exists():
         return json.loads(path.read_text())
-    data = synthetic_benchmark(benchmark, num_clients=setting.num_clients, train_per_client=setting.train_per_client,
-                               test_per_client=setting.test_per_client, image_size=load_foundation().image_size,
-                               seed=seed)
+    data = benchmark_data(benchmark, seed, setting)
     cell = {"benchmark": benchmark, "seed": seed, "data_digest": data.digest(),
             "sites": {site: asdict(scores) for site, scores in site_baselines(data).items()}}
     write_json(path, cell)
@@ -236,15 +260,18 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
         "",
         "Accuracy (%) on each site's test split after the last round: **site mean** is the mean over sites (then "
         "over seeds, ± the half-width of a 95 % t-interval over seeds), **worst site** the lowest site's accuracy "
-        "(mean over seeds). The reference rows need no training: *question-only* answers each question with the "
-        "answer its exact wording most often had in training (the best a model that ignores the image can do), "
+        "(mean over seeds), **top answer** the share of a site's test predictions that are its most frequent "
+        "predicted answer (mean over sites and seeds; predicted by `Predictor.from_run` from the saved model, whose "
+        "accuracy is checked against the run's own). The reference rows need no training: *question-only* "
+        "answers each question with the answer its exact wording most often had in training (the best a model "
+        "that ignores the image can do), "
         "*majority* always gives the site's most frequent training answer (`feddat_secure/data/baselines.py`).",
     ]
-    missing = []
+    missing, unreproduced = [], []
     for setting in settings:
         lines += ["", f"## Learning rate {setting.learning_rate:g}", ""]
-        header = "| method | " + " | ".join(f"{b}: site mean | {b}: worst site" for b in benchmarks) + " |"
-        lines += [header, "|---|" + "---|---|" * len(benchmarks)]
+        header = "| method | " + " | ".join(f"{b}: site mean | worst site | top answer" for b in benchmarks) + " |"
+        lines += [header, "|---|" + "---|---|---|" * len(benchmarks)]
         per_seed: dict[tuple[str, str], list[float]] = {}
         used_seeds: dict[str, list[int]] = {}
         for benchmark in benchmarks:
@@ -271,6 +298,13 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
                 mode = deployed_mode(method)
                 per_seed[benchmark, method] = [float(np.mean(site_scores(cell, mode))) for cell in cells]
                 per_seed[benchmark, method + "/worst"] = [float(np.min(site_scores(cell, mode))) for cell in cells]
+                per_seed[benchmark, method + "/top"] = [float(np.mean(site_scores(
+                    {"sites": cell["predictions"]}, "top_answer_share"))) for cell in cells]
+                for cell in cells:  # the saved model must be the evaluated one
+                    for site, predicted in cell["predictions"].items():
+                        if abs(predicted["accuracy"] - cell["sites"][site][mode]) > 1e-9:
+                            unreproduced.append(f"{benchmark}/{method}/seed {cell['seed']}/{site}: "
+                                                f"{predicted['accuracy']:.3f} vs {cell['sites'][site][mode]:.3f}")
                 if method == "feddat":
                     for extra in FEDDAT_MODES:
                         per_seed[benchmark, extra] = [float(np.mean(site_scores(cell, extra))) for cell in cells]
@@ -281,10 +315,12 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
             cells = []
             for benchmark in benchmarks:
                 if (benchmark, key) in per_seed:
+                    top = per_seed.get((benchmark, key + "/top"), [1.0] if key == "majority" else [])
                     cells += [percent(*interval(per_seed[benchmark, key])),
-                              f"{100 * np.mean(per_seed[benchmark, key + '/worst']):.1f}"]
+                              f"{100 * np.mean(per_seed[benchmark, key + '/worst']):.1f}",
+                              f"{100 * np.mean(top):.1f}" if top else "—"]
                 else:
-                    cells += ["not run", ""]
+                    cells += ["not run", "", ""]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         if "feddat" in methods:
             lines += ["", "FedDAT's other inference modes (same runs, site mean):", "",
@@ -322,6 +358,10 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
                   f"FedDAT: {1000 * feddat_step:.1f} ms per local step; FedAvg-adapter: {1000 * fedavg_step:.1f} ms; "
                   f"ratio **{feddat_step / fedavg_step:.2f}x** (batch 16, same batches, same process). FedDAT does "
                   "one teacher forward pass and two forward/backward passes per batch, FedAvg one."]
+    if unreproduced:
+        lines += ["", "## Saved models that do not reproduce their run's accuracy", "",
+                  "Predicting with `Predictor.from_run` gave another accuracy than the run's last evaluation: "
+                  + "; ".join(unreproduced) + "."]
     if missing:
         lines += ["", "## Not yet run", "", "Cells missing from the cache (rerun the command to fill them in): "
                   + ", ".join(missing) + "."]
@@ -339,8 +379,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--train-per-client", type=int, default=1000)
     parser.add_argument("--test-per-client", type=int, default=500)
     parser.add_argument("--benchmarks", nargs="+", default=["function", "domain"])
-    parser.add_argument("--methods", nargs="+", default=["feddat", "fedavg", "fedavg-3x", "ffa-lora", "fedsa-lora", "local", "centralized"],
-                        choices=METHODS)
+    parser.add_argument("--methods", nargs="+", choices=METHODS,
+                        default=["feddat", "fedavg", "fedavg-3x", "ffa-lora", "fedsa-lora", "local", "centralized"])
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-3],
                         help="one table per rate; within a table every method uses the same rate")
     parser.add_argument("--cache", default=str(CACHE), help="folder of cached cells (one JSON file each)")
