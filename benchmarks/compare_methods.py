@@ -23,32 +23,25 @@ Reported per benchmark (seeds are paired: one seed is one dataset, shared by eve
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
+from cells import REVISION, baseline_cell, interval, percent, run_cell, site_scores, write_json
 
 from feddat_secure.config import config_from_dict
-from feddat_secure.data.baselines import site_baselines
 from feddat_secure.data.batching import encode_split
 from feddat_secure.data.synthetic import synthetic_benchmark
-from feddat_secure.federation.runner import run
 from feddat_secure.model.adapters import LoraSettings
 from feddat_secure.model.backbone import load_foundation
-from feddat_secure.predictor import Predictor
 from feddat_secure.training.local_model import LocalModel
 from feddat_secure.training.trainers import CLIENT, FROZEN_GLOBAL, SHARED, AdapterTrainer, FedDATTrainer, Schedule
 
@@ -98,119 +91,16 @@ def run_config(benchmark: str, method: str, seed: int, setting: Setting, output_
     }
 
 
-def cell_key(benchmark: str, method: str, seed: int, setting: Setting) -> str:
-    """The cache file's name: readable fields, then a digest of the whole configuration (any change, a new cell)."""
-    config = run_config(benchmark, method, seed, setting, output_dir="")
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{benchmark}-{method}-lr{setting.learning_rate:g}-s{seed}-{digest}"
-
-
-def git_revision() -> str:
-    """The checkout's commit, with "+dirty" when tracked files differ from it (a cell's code must be findable)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
-REVISION = git_revision()  # read once: the code this process imported, even if the checkout changes while it runs
-
-
-def write_json(path: Path, value: dict) -> None:
-    """Whole or not at all: a run killed mid-write leaves no half file for the next resume to trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(partial, path)
+def grid_cell(cache: Path, benchmark: str, method: str, seed: int, setting: Setting, *, train: bool
+         ) -> tuple[dict | None, bool]:
+    """One cell of the grid (``cells.run_cell``): cached, or trained now when ``train`` is set."""
+    return run_cell(cache, f"{benchmark}-{method}-lr{setting.learning_rate:g}-s{seed}",
+                    run_config(benchmark, method, seed, setting, output_dir=""), train=train)
 
 
 def deployed_mode(method: str) -> str:
     """The model each method deploys: FedDAT's Dual-Adapter Teacher, else the one adapter."""
     return "dat" if method == "feddat" else "shared"
-
-
-def run_cell(cache: Path, benchmark: str, method: str, seed: int, setting: Setting, *, train: bool
-             ) -> tuple[dict | None, bool]:
-    """One cell's cached result, training it first when missing and ``train`` is set (None when missing and not
-    trained); and whether it was trained now. The cell records the digest of the data it trained on, which the
-    report checks against the baselines' (the reference scores are of the very examples the methods saw)."""
-    path = cache / f"{cell_key(benchmark, method, seed, setting)}.json"
-    if path.exists():
-        return json.loads(path.read_text()), False
-    if not train:
-        return None, False
-    with tempfile.TemporaryDirectory() as folder:
-        raw = run_config(benchmark, method, seed, setting, folder)
-        raw["name"] = "cell"
-        start = time.perf_counter()
-        result = run(config_from_dict(raw), progress=False, echo=lambda _: None)
-        seconds = time.perf_counter() - start
-        data_digest = json.loads((result.run_dir / "manifest.json").read_text())["data"]["sha256"]
-        predictions = prediction_shares(result.run_dir, method, benchmark_data(benchmark, seed, setting))
-    final = result.history[-1]
-    cell = {"benchmark": benchmark, "method": method, "seed": seed, "setting": asdict(setting),
-            "config": run_config(benchmark, method, seed, setting, output_dir=""), "revision": REVISION,
-            "seconds": round(seconds, 1), "data_digest": data_digest, "sites": final["clients"],
-            "predictions": predictions,
-            "mean_by_round": [record["mean"] for record in result.history]}
-    write_json(path, cell)
-    return cell, True
-
-
-def benchmark_data(benchmark: str, seed: int, setting: Setting):
-    """The examples a cell of this (benchmark, seed, sizes) trains and tests on: the runner builds the same."""
-    return synthetic_benchmark(benchmark, num_clients=setting.num_clients, train_per_client=setting.train_per_client,
-                               test_per_client=setting.test_per_client, image_size=load_foundation().image_size,
-                               seed=seed)
-
-
-def prediction_shares(run_dir: Path, method: str, data) -> dict[str, dict[str, float]]:
-    """Per site, from the run's saved model (``Predictor.from_run``, what a user deploys): the share of test
-    predictions on the site's most frequent predicted answer (a model that collapsed to the answer prior gives
-    one answer nearly always) and the accuracy those predictions score (it must equal the run's own last-round
-    accuracy: the saved model is the evaluated one)."""
-    shares = {}
-    for client in data.clients:
-        predictor = Predictor.from_run(run_dir, site=None if method == "centralized" else client.client_id)
-        answers = predictor.predict([e.image for e in client.test], [e.question for e in client.test])
-        shares[client.client_id] = {
-            "top_answer_share": max(Counter(answers).values()) / len(answers),
-            "accuracy": sum(a == e.answer for a, e in zip(answers, client.test)) / len(answers)}
-    return shares
-
-
-def baseline_cell(cache: Path, benchmark: str, seed: int, setting: Setting) -> dict:
-    """The data's reference scores for one (benchmark, seed, sizes); cached too (7,500 images take seconds)."""
-    path = cache / f"{setting.data_key(benchmark, seed)}-baselines.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    data = benchmark_data(benchmark, seed, setting)
-    cell = {"benchmark": benchmark, "seed": seed, "data_digest": data.digest(),
-            "sites": {site: asdict(scores) for site, scores in site_baselines(data).items()}}
-    write_json(path, cell)
-    return cell
-
-
-def site_scores(cell: dict, key: str) -> list[float]:
-    """Per-site accuracies of a method cell (``key``: an inference mode) or a baseline cell (a baseline name)."""
-    return [float(scores[key]) for _, scores in sorted(cell["sites"].items())]
-
-
-def interval(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % t-interval (nan with one value)."""
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return float(values.mean()), math.nan
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return float(values.mean()), float(half)
-
-
-def percent(mean: float, half: float) -> str:
-    return f"{100 * mean:.1f}" if math.isnan(half) else f"{100 * mean:.1f} ± {100 * half:.1f}"
 
 
 def time_local_steps(steps: int) -> tuple[float, float]:
@@ -275,39 +165,40 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
         per_seed: dict[tuple[str, str], list[float]] = {}
         used_seeds: dict[str, list[int]] = {}
         for benchmark in benchmarks:
-            found = {method: {seed: run_cell(cache, benchmark, method, seed, setting, train=False)[0]
+            found = {method: {seed: grid_cell(cache, benchmark, method, seed, setting, train=False)[0]
                               for seed in seeds} for method in methods}
             missing += [f"{benchmark}/{method}/lr {setting.learning_rate:g}/seed {seed}"
-                        for method in methods for seed, cell in found[method].items() if cell is None]
-            ran = [method for method in methods if any(cell is not None for cell in found[method].values())]
+                        for method in methods for seed, one in found[method].items() if one is None]
+            ran = [method for method in methods if any(one is not None for one in found[method].values())]
             # every row of a benchmark over the same seeds, so that differences are paired
             used = [seed for seed in seeds if all(found[method][seed] is not None for method in ran)]
             used_seeds[benchmark] = used
-            baselines = {seed: baseline_cell(cache, benchmark, seed, setting) for seed in used}
+            baselines = {seed: baseline_cell(cache, run_config(benchmark, "fedavg", seed, setting, ""))
+                         for seed in used}
             for name in BASELINES:
                 per_seed[benchmark, name] = [float(np.mean(site_scores(baselines[seed], name))) for seed in used]
                 per_seed[benchmark, name + "/worst"] = [float(np.min(site_scores(baselines[seed], name)))
                                                         for seed in used]
             for method in ran if used else ():
                 cells = [found[method][seed] for seed in used]
-                for cell in cells:
-                    if cell["data_digest"] != baselines[cell["seed"]]["data_digest"]:
-                        raise SystemExit(f"{benchmark}/{method}/seed {cell['seed']}: trained on data "
-                                         f"{cell['data_digest'][:12]}, the baselines are of "
-                                         f"{baselines[cell['seed']]['data_digest'][:12]}")
+                for one, seed in zip(cells, used):
+                    if one["data_digest"] != baselines[seed]["data_digest"]:
+                        raise SystemExit(f"{benchmark}/{method}/seed {seed}: trained on data "
+                                         f"{one['data_digest'][:12]}, the baselines are of "
+                                         f"{baselines[seed]['data_digest'][:12]}")
                 mode = deployed_mode(method)
-                per_seed[benchmark, method] = [float(np.mean(site_scores(cell, mode))) for cell in cells]
-                per_seed[benchmark, method + "/worst"] = [float(np.min(site_scores(cell, mode))) for cell in cells]
-                per_seed[benchmark, method + "/top"] = [float(np.mean(site_scores(
-                    {"sites": cell["predictions"]}, "top_answer_share"))) for cell in cells]
-                for cell in cells:  # the saved model must be the evaluated one
-                    for site, predicted in cell["predictions"].items():
-                        if abs(predicted["accuracy"] - cell["sites"][site][mode]) > 1e-9:
-                            unreproduced.append(f"{benchmark}/{method}/seed {cell['seed']}/{site}: "
-                                                f"{predicted['accuracy']:.3f} vs {cell['sites'][site][mode]:.3f}")
+                per_seed[benchmark, method] = [float(np.mean(site_scores(one, mode))) for one in cells]
+                per_seed[benchmark, method + "/worst"] = [float(np.min(site_scores(one, mode))) for one in cells]
+                per_seed[benchmark, method + "/top"] = [
+                    float(np.mean(site_scores(one, "top_answer_share", "predictions"))) for one in cells]
+                for one in cells:  # the saved model must be the evaluated one
+                    for site, predicted in one["predictions"].items():
+                        if abs(predicted["accuracy"] - one["sites"][site][mode]) > 1e-9:
+                            unreproduced.append(f"{benchmark}/{method}/seed {one['config']['seed']}/{site}: "
+                                                f"{predicted['accuracy']:.3f} vs {one['sites'][site][mode]:.3f}")
                 if method == "feddat":
                     for extra in FEDDAT_MODES:
-                        per_seed[benchmark, extra] = [float(np.mean(site_scores(cell, extra))) for cell in cells]
+                        per_seed[benchmark, extra] = [float(np.mean(site_scores(one, extra))) for one in cells]
         lines[-2:-2] = ["Seeds used: " + "; ".join(f"{b}: {', '.join(map(str, used_seeds[b])) or 'none'} "
                                                    f"({len(used_seeds[b])})" for b in benchmarks) + ".", ""]
         rows = [(method, LABELS[method]) for method in methods] + list(BASELINES.items())
@@ -397,13 +288,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         for setting in settings:  # seed-major: a grid stopped early has the same seeds for every benchmark
             for seed in seeds:
                 for benchmark in args.benchmarks:
-                    baseline_cell(cache, benchmark, seed, setting)
+                    baseline_cell(cache, run_config(benchmark, "fedavg", seed, setting, ""))
                     for method in args.methods:
-                        cell, trained = run_cell(cache, benchmark, method, seed, setting, train=not args.report_only)
-                        if cell is not None:
-                            score = np.mean(site_scores(cell, deployed_mode(method)))
+                        found, trained = grid_cell(cache, benchmark, method, seed, setting, train=not args.report_only)
+                        if found is not None:
+                            score = np.mean(site_scores(found, deployed_mode(method)))
                             print(f"lr {setting.learning_rate:g} {benchmark:9} {method:12} seed {seed}: {score:.3f} "
-                                  f"({cell['seconds']:.0f} s{'' if trained else ', cached'})", flush=True)
+                                  f"({found['seconds']:.0f} s{'' if trained else ', cached'})", flush=True)
         timing = cache / "step-timing.json"
         if not (args.report_only or args.skip_step_timing):
             feddat_step, fedavg_step = time_local_steps(5 if args.quick else 40)

@@ -1,0 +1,170 @@
+"""Cached benchmark cells: one run of ``feddat_secure.federation.runner.run`` (the code behind
+``feddat-secure run``) per configuration, kept as one JSON file, so that a grid runs in resumable pieces.
+
+A cell's file is named by a readable label and a digest of its whole configuration: any change to the
+configuration is a new cell, and an unchanged one is never trained twice. A cell records what it ran (the
+configuration, the revision of the code, the digest of the data), each site's last-round accuracy, the share of
+each site's test predictions on its most frequent answer (predicted from the saved model, whose accuracy is
+checked against the run's own) and, under differential privacy, the ε every site's ledger spent.
+
+Used by ``compare_methods.py`` and ``privacy_tradeoff.py``; not a library module (benchmarks are scripts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from feddat_secure.config import config_from_dict
+from feddat_secure.data.baselines import site_baselines
+from feddat_secure.data.synthetic import synthetic_benchmark
+from feddat_secure.federation.runner import run
+from feddat_secure.model.backbone import load_foundation
+from feddat_secure.predictor import Predictor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_revision() -> str:
+    """The checkout's commit, with "+dirty" when tracked files differ from it (a cell's code must be findable)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+REVISION = git_revision()  # read once: the code this process imported, even if the checkout changes while it runs
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Whole or not at all: a run killed mid-write leaves no half file for the next resume to trust."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval (nan with one value)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), math.nan
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def percent(mean: float, half: float) -> str:
+    return f"{100 * mean:.1f}" if math.isnan(half) else f"{100 * mean:.1f} ± {100 * half:.1f}"
+
+
+def benchmark_data(benchmark: str, seed: int, num_clients: int, train_per_client: int, test_per_client: int):
+    """The examples a run of this (benchmark, seed, sizes) trains and tests on: the runner builds the same."""
+    return synthetic_benchmark(benchmark, num_clients=num_clients, train_per_client=train_per_client,
+                               test_per_client=test_per_client, image_size=load_foundation().image_size, seed=seed)
+
+
+def data_of(config: dict):
+    """The examples of a run configuration (a synthetic benchmark)."""
+    data = config["data"]
+    return benchmark_data(data["benchmark"], config["seed"], data["num_clients"], data["train_per_client"],
+                          data["test_per_client"])
+
+
+def baseline_cell(cache: Path, config: dict) -> dict:
+    """The reference scores of a configuration's data (``feddat_secure.data.baselines``); cached too (7,500
+    images take seconds to generate)."""
+    data = config["data"]
+    name = (f"{data['benchmark']}-n{data['num_clients']}-{data['train_per_client']}-{data['test_per_client']}"
+            f"-s{config['seed']}-baselines.json")
+    path = cache / name
+    if path.exists():
+        return json.loads(path.read_text())
+    benchmark = data_of(config)
+    cell = {"benchmark": data["benchmark"], "seed": config["seed"], "data_digest": benchmark.digest(),
+            "sites": {site: asdict(scores) for site, scores in site_baselines(benchmark).items()}}
+    write_json(path, cell)
+    return cell
+
+
+def cell_path(cache: Path, label: str, config: dict) -> Path:
+    """Where a configuration's cell lives: ``<label>-<first 12 hex of the configuration's SHA-256>.json``."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    return cache / f"{label}-{digest}.json"
+
+
+def prediction_shares(run_dir: Path, centralized: bool, data) -> dict[str, dict[str, float]]:
+    """Per site, from the run's saved model (``Predictor.from_run``, what a user deploys): the share of test
+    predictions on the site's most frequent predicted answer (a model that collapsed to the answer prior gives
+    one answer nearly always) and the accuracy those predictions score (it must equal the run's own last-round
+    accuracy: the saved model is the evaluated one)."""
+    shares = {}
+    for client in data.clients:
+        predictor = Predictor.from_run(run_dir, site=None if centralized else client.client_id)
+        answers = predictor.predict([e.image for e in client.test], [e.question for e in client.test])
+        shares[client.client_id] = {
+            "top_answer_share": max(Counter(answers).values()) / len(answers),
+            "accuracy": sum(a == e.answer for a, e in zip(answers, client.test)) / len(answers)}
+    return shares
+
+
+def spent_epsilon(run_dir: Path) -> list[dict] | None:
+    """Every DP ledger's ε after the run (from the run's privacy report): None without DP."""
+    report = run_dir / "privacy_report.json"
+    if not report.exists():
+        return None
+    ledgers = json.loads(report.read_text())["ledgers"]
+    return [{key: ledger[key] for key in ("client", "level", "accountant", "epsilon", "delta")} for ledger in ledgers]
+
+
+def run_cell(cache: Path, label: str, config: dict, *, train: bool) -> tuple[dict | None, bool]:
+    """The cell of ``config`` (a run configuration as a TOML file would give it, with ``output_dir`` ""),
+    training it first when it is missing and ``train`` is set; None when missing and not trained. Also returns
+    whether it was trained now. A DP run's dataset ledgers go to the run's temporary folder: a benchmark must
+    not charge the budget of a dataset's real ledger."""
+    path = cell_path(cache, label, config)
+    if path.exists():
+        return json.loads(path.read_text()), False
+    if not train:
+        return None, False
+    with tempfile.TemporaryDirectory() as folder:
+        raw = {**config, "output_dir": folder, "name": "cell"}
+        if "privacy" in raw:
+            raw["privacy"] = {**raw["privacy"], "dataset_ledger_dir": str(Path(folder) / "ledgers")}
+        start = time.perf_counter()
+        result = run(config_from_dict(raw), progress=False, echo=lambda _: None)
+        seconds = time.perf_counter() - start
+        data_digest = json.loads((result.run_dir / "manifest.json").read_text())["data"]["sha256"]
+        centralized = config["federation"]["algorithm"] == "centralized"
+        predictions = prediction_shares(result.run_dir, centralized, data_of(config))
+        epsilon = spent_epsilon(result.run_dir)
+    final = result.history[-1]
+    sites = final["clients"]
+    if any(scores is None for scores in sites.values()):  # DP: the sites kept their metrics (a simulation's
+        sites = next(kept["clients"] for kept in result.site_history if kept["round"] == final["round"])  # operator)
+    cell = {"label": label, "config": config, "revision": REVISION, "seconds": round(seconds, 1),
+            "data_digest": data_digest, "sites": sites, "predictions": predictions, "epsilon": epsilon,
+            "rounds_run": len(result.history), "stopped": result.stopped}
+    write_json(path, cell)
+    return cell, True
+
+
+def site_scores(cell: dict, key: str, field: str = "sites") -> list[float]:
+    """Per-site values of a cell, in site order: an inference mode's accuracy or a baseline (``field`` "sites"),
+    or a prediction statistic (``field`` "predictions")."""
+    return [float(scores[key]) for _, scores in sorted(cell[field].items())]
