@@ -1,24 +1,24 @@
-"""Record-level DP: accuracy against ε, FedDAT against FedAvg-adapter, and the cost of DP-SGD.
+"""Record-level DP: accuracy against ε (with the data's reference scores), and the cost of DP-SGD per step.
 
-Two measurements, written to docs/results_privacy.md (raw numbers to a JSON file beside it):
+Two measurements, written to docs/results_privacy.md:
 
-``cost``
-    ms per local step of each trainer without DP and with DP-SGD (Opacus per-sample gradients,
-    per-sample clipping, noise; Poisson batches of the same expected size), in the same process,
-    interleaved round by round so that load on the machine hits both alike.
 ``accuracy``
-    a small federation per (method, ε, seed): every site trains on the function benchmark,
-    the shared adapters are averaged (FedAvg, weighted by example counts, like the runner), and
-    each site's test accuracy after the last round is reported (FedDAT: its Dual-Adapter
-    Teacher). σ is calibrated per site so that a site taking part in every round ends at the
-    target ε (RDP, δ = 1e-5). The loop drives the trainers directly with the runner's data,
-    seeds and model construction (the runner's DP integration was not available when this was
-    written); ε = ∞ is the non-private trainer.
+    one cell per (method, ε, seed): a federation run by ``feddat_secure.federation.runner.run`` (the code behind
+    ``feddat-secure run``) with record-level DP at a target ε (σ calibrated by the runner so that a site taking
+    part in every round ends at ε; δ = 1e-5), cached as one JSON file in ``--cache`` (committed under
+    ``benchmarks/results/privacy_tradeoff``) so that the grid runs in resumable pieces (``cells.py``). ε = ∞ is
+    the same run without DP. Next to each accuracy stand
+    the majority answer and question-only (no image) scores of the same data, and the share of predictions on
+    each site's most frequent answer (a model that collapsed to the answer prior gives one answer nearly always).
+``cost``
+    ms per local step of each trainer without DP and with DP-SGD (Opacus per-sample gradients, per-sample
+    clipping, noise; Poisson batches of the same expected size), in the same process, interleaved round by round
+    so that load on the machine hits both alike (raw numbers in docs/results_privacy.json).
 
+    python benchmarks/privacy_tradeoff.py accuracy            # the grid (resumes from the cache)
     python benchmarks/privacy_tradeoff.py cost
-    python benchmarks/privacy_tradeoff.py accuracy
-    python benchmarks/privacy_tradeoff.py accuracy --epsilons 0 --append   # σ = 0: clipping alone
-    python benchmarks/privacy_tradeoff.py all --quick      # smoke run of the script itself
+    python benchmarks/privacy_tradeoff.py report              # the Markdown from the cache and the JSON alone
+    python benchmarks/privacy_tradeoff.py all --quick         # smoke run of the script itself
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ import math
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from cells import baseline_cell, interval, percent, run_cell, site_scores
 
 from feddat_secure.config import RecordPrivacyConfig, TrainingConfig
 from feddat_secure.data import build_benchmark
@@ -42,18 +44,24 @@ from feddat_secure.data.batching import encode_split
 from feddat_secure.federation.algorithms import dp_steps_per_batch
 from feddat_secure.model.adapters import LoraSettings
 from feddat_secure.model.backbone import load_foundation
-from feddat_secure.privacy import compute_epsilon, make_record_privacy
+from feddat_secure.privacy import make_record_privacy
 from feddat_secure.training.local_model import LocalModel
 from feddat_secure.training.trainers import CLIENT, FROZEN_GLOBAL, SHARED, AdapterTrainer, FedDATTrainer, Schedule
 
-METHODS = {"feddat": "FedDAT (DAT)", "fedavg": "FedAvg-adapter"}
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "benchmarks" / "results" / "privacy_tradeoff"
+METHODS = {"feddat": "FedDAT (DAT)", "fedavg": "FedAvg-adapter", "ffa-lora": "FFA-LoRA (A frozen, B aggregated)"}
 LORA = LoraSettings(rank=8, alpha=16.0)  # the config defaults
 DELTA = 1e-5
 CLIP = 1.0
 
 
+COST_METHODS = ("feddat", "fedavg")  # the two trainers whose step cost is timed
+
+
 def make_trainer(method: str, foundation, num_answers: int, training: TrainingConfig, rounds: int, seed: int,
                  privacy=None):
+    """A site's trainer for the cost measurement: FedDAT's, or one adapter trained with cross-entropy."""
     if method == "feddat":
         model = LocalModel(foundation, LORA, (SHARED, FROZEN_GLOBAL, CLIENT), (SHARED, CLIENT), num_answers, seed)
         return FedDATTrainer(model, Schedule(training, rounds), head_travels=False, privacy=privacy)
@@ -62,6 +70,7 @@ def make_trainer(method: str, foundation, num_answers: int, training: TrainingCo
 
 
 def encoded_sites(foundation, clients: int, train: int, test: int, seed: int):
+    """The function benchmark's sites as model tensors, labels over each site's own answers (as the runner)."""
     benchmark = build_benchmark("function", path="", num_clients=clients, train_per_client=train,
                                 test_per_client=test, image_size=foundation.image_size, seed=seed)
     sites = []
@@ -91,7 +100,7 @@ def measure_cost(foundation, repeats: int, steps: int, quick: bool) -> dict:
     training = TrainingConfig(local_steps=steps, batch_size=16, learning_rate=3e-3)
     train, _, answers = encoded_sites(foundation, 1, 40 if quick else 200, 10, seed=0)[0]
     results = {}
-    for method in METHODS:
+    for method in COST_METHODS:
         privacy = record_privacy(3.0, len(train), training, 6, method)
         trainers = {"non-private": make_trainer(method, foundation, answers, training, 6, seed=1),
                     "DP-SGD": make_trainer(method, foundation, answers, training, 6, seed=1, privacy=privacy)}
@@ -112,227 +121,163 @@ def measure_cost(foundation, repeats: int, steps: int, quick: bool) -> dict:
 
 # ---------------------------------------------------------------- accuracy against ε
 
-def federation(method: str, foundation, sites, training: TrainingConfig, rounds: int, seed: int,
-               target_epsilon: float) -> dict:
-    torch.manual_seed(seed)
-    initial = LocalModel(foundation, LORA, (SHARED,), (SHARED,), 2, seed=seed)  # the runner's initial global A_s
-    global_state = initial.adapters.get_state(SHARED)
-    del initial
-    trainers, rngs, privacies = [], [], []
-    for index, (train, _, answers) in enumerate(sites):
-        privacy = record_privacy(target_epsilon, len(train), training, rounds, method)
-        privacies.append(privacy)
-        trainers.append(make_trainer(method, foundation, answers, training, rounds, seed * 1000 + index + 1, privacy))
-        rngs.append(np.random.default_rng(seed * 1000 + index))
-    events = [[] for _ in sites]
-    for round_index in range(rounds):
-        states, weights = [], []
-        for index, trainer in enumerate(trainers):
-            trainer.load_global(global_state)
-            trainer.train_round_on(sites[index][0], rngs[index], round_index)
-            events[index] += trainer.round_events
-            states.append(trainer.shared_state())
-            weights.append(len(sites[index][0]))
-        global_state = {key: sum(w * s[key] for w, s in zip(weights, states)) / sum(weights) for key in states[0]}
-    accuracies = []
-    for index, trainer in enumerate(trainers):
-        trainer.load_global(global_state)
-        accuracies.append(trainer.evaluate(sites[index][1])["dat" if method == "feddat" else "shared"])
-    spent = [compute_epsilon(e, DELTA, "rdp") for e in events] if events[0] else [math.inf if rounds else 0.0]
-    return {"accuracy": float(np.mean(accuracies)), "epsilon_spent": max(spent),
-            "noise_multiplier": [p.noise_multiplier if p else 0.0 for p in privacies]}
+def run_config(method: str, epsilon: float, seed: int, args: argparse.Namespace) -> dict:
+    """One cell's run configuration, as ``feddat-secure run`` would read it from a TOML file."""
+    config = {
+        "seed": seed, "output_dir": "",
+        "data": {"benchmark": args.benchmark, "num_clients": args.clients, "train_per_client": args.train_per_client,
+                 "test_per_client": args.test_per_client},
+        "federation": {"rounds": args.rounds, "algorithm": method},
+        "training": {"local_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate},
+        "model": {"head": "local"},
+    }
+    if not math.isinf(epsilon):  # seeded noise: reproducible numbers, no privacy claim (a benchmark, not a release)
+        config["privacy"] = {"record": {"enabled": True, "target_epsilon": epsilon, "max_grad_norm": CLIP,
+                                        "delta": DELTA, "reproducible": True}}
+    return config
 
 
-def measure_untrained(foundation, seeds, clients: int, quick: bool) -> dict:
-    """The same sites' accuracy before any training (the initial global adapter, untrained heads)."""
-    training = TrainingConfig(local_steps=1, batch_size=16, learning_rate=3e-3)
-    scores = {method: [] for method in METHODS}
-    for seed in seeds:
-        sites = encoded_sites(foundation, clients, 40 if quick else 200, 20 if quick else 100, seed)
-        for method in METHODS:
-            scores[method].append(federation(method, foundation, sites, training, 0, seed, math.inf)["accuracy"])
-    print(f"before training: {scores}", flush=True)
-    return scores
+def accuracy_cell(cache: Path, method: str, epsilon: float, seed: int, args: argparse.Namespace, *, train: bool
+                  ) -> tuple[dict | None, bool]:
+    label = f"{args.benchmark}-{method}-eps{epsilon:g}-s{seed}"
+    return run_cell(cache, label, run_config(method, epsilon, seed, args), train=train)
 
 
-def measure_accuracy(foundation, epsilons, seeds, clients: int, rounds: int, steps: int, quick: bool) -> dict:
-    training = TrainingConfig(local_steps=steps, batch_size=16, learning_rate=3e-3)
-    runs = []
-    for seed in seeds:
-        sites = encoded_sites(foundation, clients, 40 if quick else 200, 20 if quick else 100, seed)
-        for method in METHODS:
-            for epsilon in epsilons:
-                start = time.perf_counter()
-                outcome = federation(method, foundation, sites, training, rounds, seed, epsilon)
-                outcome.update(method=method, target_epsilon=epsilon, seed=seed,
-                               seconds=round(time.perf_counter() - start, 1))
-                runs.append(outcome)
-                print(f"seed {seed} {method:7} ε={epsilon:>4}: accuracy {outcome['accuracy']:.3f}, spent "
-                      f"{outcome['epsilon_spent']:.2f}, σ {np.mean(outcome['noise_multiplier']):.2f} "
-                      f"({outcome['seconds']:.0f}s)", flush=True)
-    return {"clients": clients, "train_per_client": 40 if quick else 200, "test_per_client": 20 if quick else 100,
-            "rounds": rounds, "local_steps": steps, "batch_size": training.batch_size,
-            "learning_rate": training.learning_rate, "clip": CLIP, "delta": DELTA, "runs": runs}
-
-
-# ---------------------------------------------------------------- the report
-
-def trainable_values(foundation) -> dict[str, int]:
-    """Values each private optimizer noises per step: A_s with a head (FedAvg's, FedDAT's first), A_c."""
-    trainer = make_trainer("feddat", foundation, 4, TrainingConfig(), 1, seed=0)
-    return {"shared_and_head": sum(p.numel() for p in trainer._shared_parameters()),
-            "client": sum(p.numel() for p in trainer._client_parameters())}
-
-
-def reading(results: dict) -> list[str]:
-    accuracy, untrained = results["accuracy"], results.get("untrained")
-    sizes = accuracy.get("trainable_values")
-    if not untrained or not sizes:
-        return []
-
-    def mean(method: str, epsilon: float) -> float:
-        return 100 * np.mean([r["accuracy"] for r in accuracy["runs"]
-                              if r["method"] == method and r["target_epsilon"] == epsilon])
-
-    finite = sorted(e for e in {r["target_epsilon"] for r in accuracy["runs"]} if e and not math.isinf(e))
-    if not finite:
-        return []
-    best = finite[-1]
-    sigma = np.mean([np.mean(r["noise_multiplier"]) for r in accuracy["runs"]
-                     if r["method"] == "fedavg" and r["target_epsilon"] == best])
-    noise = sigma * accuracy["clip"] / accuracy["batch_size"] * math.sqrt(sizes["shared_and_head"])
-    kept = {m: (mean(m, best) - 100 * np.mean(untrained[m])) / (mean(m, math.inf) - 100 * np.mean(untrained[m]))
-            for m in METHODS}
-    steps = accuracy["rounds"] * accuracy["local_steps"]
-    return ["", "Reading: per-record clipping alone costs nothing (the σ = 0 column matches or beats training "
-            "without DP); the noise is what costs. At ε = "
-            f"{best:g} FedDAT keeps {100 * kept['feddat']:.0f} % and FedAvg {100 * kept['fedavg']:.0f} % of what "
-            "training without DP gains over the untrained models, and smaller ε change little more. The optimizers "
-            f"noise {sizes['shared_and_head']:,} values (A_s with the head; A_c: {sizes['client']:,}) with expected "
-            f"batches of {accuracy['batch_size']}: at ε = {best:g} the noise FedAvg adds to a step's mean gradient "
-            f"has norm σC√d/B ≈ {noise:.0f}, against at most C = {accuracy['clip']:g} for the clipped gradient "
-            f"itself, and {steps} steps per site do not average it out. FedDAT needs √2 times FedAvg's noise per "
-            "step for the same ε (two DP-SGD steps per batch); at this noise level both end at the same accuracy. "
-            "The hyperparameters are those of the non-private benchmark, not tuned for DP: larger expected batches, "
-            "fewer noised values (a lower LoRA rank, a head not trained from scratch) and more records per site are "
-            "the usual levers; they were not measured here."]
+def measure_accuracy(cache: Path, args: argparse.Namespace) -> None:
+    for seed in args.seeds:  # seed-major: a grid stopped early has the same seeds for every row
+        baseline_cell(cache, run_config("fedavg", math.inf, seed, args))
+        for method in args.methods:
+            for epsilon in args.epsilons:
+                cell, trained = accuracy_cell(cache, method, epsilon, seed, args, train=True)
+                mode = "dat" if method == "feddat" else "shared"
+                spent = max((ledger["epsilon"] for ledger in cell["epsilon"] or () if ledger["level"] == "record"),
+                            default=0.0)
+                print(f"seed {seed} {method:9} ε={epsilon:>4g}: accuracy {np.mean(site_scores(cell, mode)):.3f}, "
+                      f"top answer {np.mean(site_scores(cell, 'top_answer_share', 'predictions')):.2f}, "
+                      f"spent ε {spent:.2f} ({cell['seconds']:.0f} s{'' if trained else ', cached'})", flush=True)
 
 
 def column(epsilon: float) -> str:
-    if epsilon == 0:
-        return "σ = 0 (clipping only, no privacy)"
     return "ε = ∞ (no DP)" if math.isinf(epsilon) else f"ε = {epsilon:g}"
 
 
-def markdown(results: dict, command: str) -> str:
+def accuracy_section(cache: Path, args: argparse.Namespace) -> list[str]:
+    """The accuracy table from the cached cells (rows over the seeds every cell of the table has)."""
+    found = {(m, e, s): accuracy_cell(cache, m, e, s, args, train=False)[0]
+             for m in args.methods for e in args.epsilons for s in args.seeds}
+    seeds = [s for s in args.seeds if all(found[m, e, s] is not None for m in args.methods for e in args.epsilons)]
+    missing = [f"{m}/ε {e:g}/seed {s}" for (m, e, s), cell in found.items() if cell is None]
+    lines = ["## Accuracy against ε (record-level DP)", "",
+             f"Setup: {args.clients} sites of the {args.benchmark} benchmark, {args.train_per_client} train / "
+             f"{args.test_per_client} test examples each, every site in every one of {args.rounds} rounds, "
+             f"{args.steps} local steps per round of expected batch {args.batch_size} (Poisson sampling, q = "
+             f"{args.batch_size / args.train_per_client:g}), AdamW at {args.learning_rate:g}, LoRA rank 8, local "
+             f"answer heads, FedAvg of what travels weighted by example counts. DP-SGD clips each record's gradient "
+             f"to {CLIP:g} (per optimizer) and the runner calibrates σ per site so that {args.rounds} rounds end at "
+             f"the target ε (RDP, δ = {DELTA:g}); FedDAT's two DP-SGD steps per batch are accounted as one Gaussian "
+             "mechanism of σ/√2. Each cell is a `feddat-secure run` (`benchmarks/cells.py`). Seeds: "
+             f"{', '.join(map(str, seeds)) or 'none yet'} ({len(seeds)}).", "",
+             "Accuracy (%) on each site's test split after the last round, mean over sites, then over seeds ± the "
+             "half-width of a 95 % t-interval; below it, the share of predictions on each site's most frequent "
+             "predicted answer (mean over sites and seeds).", "",
+             "| method | " + " | ".join(column(e) for e in args.epsilons) + " |", "|---|" + "---|" * len(args.epsilons)]
+    if seeds:
+        for method in args.methods:
+            mode = "dat" if method == "feddat" else "shared"
+            cells = [[found[method, e, s] for s in seeds] for e in args.epsilons]
+            lines.append(f"| {METHODS[method]} | " + " | ".join(
+                percent(*interval([np.mean(site_scores(c, mode)) for c in column_cells])) for column_cells in cells)
+                + " |")
+            lines.append("| top answer | " + " | ".join(
+                f"{100 * np.mean([np.mean(site_scores(c, 'top_answer_share', 'predictions')) for c in cc]):.0f} %"
+                for cc in cells) + " |")
+        references = [baseline_cell(cache, run_config("fedavg", math.inf, s, args)) for s in seeds]
+        majority = percent(*interval([np.mean(site_scores(r, "majority")) for r in references]))
+        question = percent(*interval([np.mean(site_scores(r, "question_only")) for r in references]))
+        spent = [ledger["epsilon"] for c in found.values() if c and c["epsilon"] for ledger in c["epsilon"]
+                 if ledger["level"] == "record" and ledger["accountant"] == "rdp"
+                 and c["config"]["privacy"]["record"].get("target_epsilon")
+                 and ledger["epsilon"] > c["config"]["privacy"]["record"]["target_epsilon"] + 1e-9]
+        lines += ["", f"References on the same data, without training: majority answer {majority}, question-only "
+                  f"(no image) {question} (`feddat_secure/data/baselines.py`).", "",
+                  "ε spent (every site's RDP ledger, from each run's privacy report) "
+                  + ("stayed within its target in every run." if not spent else
+                     f"EXCEEDED its target in {len(spent)} ledgers.")]
+    if missing:
+        lines += ["", "Not yet run (rerun the command to fill them in): " + ", ".join(missing) + "."]
+    return lines + [""]
+
+
+def cost_section(cost: dict) -> list[str]:
+    lines = ["## Cost of DP-SGD per local step", "",
+             f"Median ms per local step over {cost['rounds_timed']} rounds of {cost['steps_per_round']} steps "
+             f"(after one warm-up round), batch {cost['batch_size']} without DP, Poisson batches of expected "
+             f"size {cost['batch_size']} with DP (a site of {cost['dataset_size']} records), same process, "
+             "rounds of the two trainers interleaved, one torch thread.", "",
+             "| method | non-private | DP-SGD | ratio |", "|---|---|---|---|"]
+    for method, row in cost["per_method"].items():
+        lines.append(f"| {METHODS.get(method, method)} | {row['non-private']:.1f} ms | {row['DP-SGD']:.1f} ms | "
+                     f"**{row['ratio']:.2f}x** |")
+    return lines + ["", "DP-SGD adds Opacus's per-sample gradients (activations kept in forward hooks, one "
+                    "outer product per LoRA and head layer per record in backward), the per-record norms and "
+                    "clipping, and one Gaussian draw per trainable value per step. FedDAT also computes the head's "
+                    "per-sample gradients in its DAT pass, where they are discarded.", ""]
+
+
+def markdown(cache: Path, cost: dict | None, args: argparse.Namespace, command: str) -> str:
     lines = ["# Results: differential privacy", "",
-             f"Measured by `benchmarks/privacy_tradeoff.py` on the embedded foundation (CPU: {platform.machine()}, "
-             f"{torch.get_num_threads()} torch thread, shared machine). Reproduce with:", "", "```", command, "```", ""]
-    accuracy = results.get("accuracy")
-    if accuracy:
-        eps_values = sorted({r["target_epsilon"] for r in accuracy["runs"]}, key=lambda e: (e == 0, math.isinf(e), e))
-        seeds = sorted({r["seed"] for r in accuracy["runs"]})
-        lines += [
-            "## Accuracy against ε (record-level DP, function benchmark)", "",
-            f"Setup: {accuracy['clients']} sites of the function benchmark, {accuracy['train_per_client']} train / "
-            f"{accuracy['test_per_client']} test examples each, every site in every one of {accuracy['rounds']} "
-            f"rounds, {accuracy['local_steps']} local steps per round of expected batch {accuracy['batch_size']} "
-            f"(Poisson sampling, q = {accuracy['batch_size'] / accuracy['train_per_client']:g}), AdamW at "
-            f"{accuracy['learning_rate']:g}, LoRA rank 8, local answer heads, FedAvg of the shared adapters "
-            f"weighted by example counts. DP-SGD clips each record's gradient to {accuracy['clip']:g} (per "
-            f"optimizer) and calibrates σ per site so that {accuracy['rounds']} rounds end at the target ε "
-            f"(Opacus RDP, δ = {accuracy['delta']:g}); FedDAT's two DP-SGD steps per batch are accounted as one "
-            f"Gaussian mechanism of σ/√2, so FedDAT needs √2 times the noise per step of FedAvg for the same ε. "
-            f"ε = ∞ is training without DP. Seeds: {', '.join(map(str, seeds))}. Driven by the script's own "
-            "federation loop over the trainers (same data, model construction, seeds and aggregation as the runner).",
-            "",
-            "Accuracy (%) on each site's test split after the last round, mean over sites; mean ± std over seeds "
-            "(in brackets: the per-step noise multiplier σ, mean over sites and seeds).", "",
-            "| method | " + " | ".join(column(e) for e in eps_values) + " |",
-            "|---|" + "---|" * len(eps_values)]
-        for method, label in METHODS.items():
-            cells = []
-            for epsilon in eps_values:
-                runs = [r for r in accuracy["runs"] if r["method"] == method and r["target_epsilon"] == epsilon]
-                values = [100 * r["accuracy"] for r in runs]
-                sigma = np.mean([np.mean(r["noise_multiplier"]) for r in runs])
-                spread = f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else ""
-                cells.append(f"{np.mean(values):.1f}{spread}" + ("" if math.isinf(epsilon) or not epsilon
-                                                                 else f" (σ {sigma:.2f})"))
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        untrained = results.get("untrained")
-        if untrained:
-            lines += ["", "Before any training the same sites score "
-                      + " and ".join(f"{100 * np.mean(v):.1f} ({METHODS[m]})" for m, v in untrained.items())
-                      + " (initial global adapter, untrained local heads)."]
-        lines += reading(results)
-        seconds = sum(r["seconds"] for r in accuracy["runs"])
-        within = all(r["epsilon_spent"] <= r["target_epsilon"] + 1e-9 for r in accuracy["runs"] if r["target_epsilon"])
-        lines += ["", "ε actually spent (largest site, recomputed from each run's events with the RDP accountant) "
-                      + ("stayed within its target in every run. " if within else "EXCEEDED its target in some run. ")
-                      + f"The {len(accuracy['runs'])} runs took {seconds / 60:.1f} minutes in total.", ""]
-    cost = results.get("cost")
+             f"Measured by `benchmarks/privacy_tradeoff.py` on the embedded foundation (CPU: {platform.machine()}). "
+             "Reproduce, or resume, with:", "", "```", command, "```", ""]
+    lines += accuracy_section(cache, args)
     if cost:
-        lines += ["## Cost of DP-SGD per local step", "",
-                  f"Median ms per local step over {cost['rounds_timed']} rounds of {cost['steps_per_round']} steps "
-                  f"(after one warm-up round), batch {cost['batch_size']} without DP, Poisson batches of expected "
-                  f"size {cost['batch_size']} with DP (a site of {cost['dataset_size']} records), same process, "
-                  "rounds of the two trainers interleaved.", "",
-                  "| method | non-private | DP-SGD | ratio |", "|---|---|---|---|"]
-        for method, label in METHODS.items():
-            row = cost["per_method"][method]
-            lines.append(f"| {label} | {row['non-private']:.1f} ms | {row['DP-SGD']:.1f} ms | "
-                         f"**{row['ratio']:.2f}x** |")
-        lines += ["", "DP-SGD adds Opacus's per-sample gradients (activations kept in forward hooks, one "
-                      "outer product per LoRA and head layer per record in backward), the per-record norms and "
-                      "clipping, and one Gaussian draw per trainable value per step. FedDAT also computes the head's "
-                      "per-sample gradients in its DAT pass, where they are discarded.", ""]
+        lines += cost_section(cost)
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["cost", "accuracy", "untrained", "all", "report"],
-                        help="what to measure; report: only rewrite the Markdown from the saved JSON")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of the script")
+    parser.add_argument("what", choices=["cost", "accuracy", "all", "report"],
+                        help="what to measure; report: only rewrite the Markdown from the cache and the JSON")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and a temporary cache: a smoke run")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0, math.inf])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--benchmark", default="function")
+    parser.add_argument("--clients", type=int, default=5)
+    parser.add_argument("--train-per-client", type=int, default=1000)
+    parser.add_argument("--test-per-client", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per trainer (cost)")
-    parser.add_argument("--output", default="docs/results_privacy.md")
-    parser.add_argument("--append", action="store_true", help="add these accuracy runs to the saved ones")
+    parser.add_argument("--cache", default=str(CACHE), help="folder of cached cells (one JSON file each)")
+    parser.add_argument("--output", default=str(ROOT / "docs" / "results_privacy.md"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    foundation = load_foundation()
-    raw_path = Path(args.output).with_suffix(".json")
-    results = json.loads(raw_path.read_text()) if raw_path.is_file() and not args.quick else {}
-    if args.what in ("cost", "all"):
-        results["cost"] = measure_cost(foundation, 1 if args.quick else args.repeats, 2 if args.quick else args.steps,
-                                       args.quick)
-    if args.what in ("accuracy", "all"):
-        measured = measure_accuracy(foundation, args.epsilons, args.seeds[:1] if args.quick else args.seeds,
-                                    args.clients, 2 if args.quick else args.rounds, 2 if args.quick else args.steps,
-                                    args.quick)
-        if args.append and "accuracy" in results:
-            measured["runs"] = results["accuracy"]["runs"] + measured["runs"]
-        results["accuracy"] = measured
-    if "accuracy" in results and "trainable_values" not in results["accuracy"]:
-        results["accuracy"]["trainable_values"] = trainable_values(foundation)
-    if args.what in ("untrained", "all"):
-        results["untrained"] = measure_untrained(foundation, args.seeds[:1] if args.quick else args.seeds,
-                                                 args.clients, args.quick)
+    if any(not epsilon > 0 for epsilon in args.epsilons):
+        parser.error("every --epsilons value must be > 0 (inf: without DP); the runner refuses DP with σ = 0")
     if args.quick:
-        print(markdown(results, "python benchmarks/privacy_tradeoff.py all --quick"))
+        args.seeds, args.clients, args.train_per_client, args.test_per_client = args.seeds[:1], 3, 40, 20
+        args.rounds, args.steps, args.batch_size = 2, 2, 8
+    raw_path = Path(args.output).with_suffix(".json")
+    saved = json.loads(raw_path.read_text()) if raw_path.is_file() and not args.quick else {}
+    with tempfile.TemporaryDirectory() as scratch:
+        cache = Path(scratch) if args.quick else Path(args.cache)
+        if args.what in ("accuracy", "all"):
+            measure_accuracy(cache, args)
+        if args.what in ("cost", "all"):
+            torch.set_num_threads(1)
+            saved["cost"] = measure_cost(load_foundation(), 1 if args.quick else args.repeats,
+                                         2 if args.quick else args.steps, args.quick)
+        command = "python " + " ".join(["benchmarks/privacy_tradeoff.py", *(sys.argv[1:] if argv is None else argv)])
+        text = markdown(cache, saved.get("cost"), args, command)
+    if args.quick:
+        print(text)
         return 0
-    raw_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    command = "OMP_NUM_THREADS=1 python benchmarks/privacy_tradeoff.py cost\n" \
-              "OMP_NUM_THREADS=1 python benchmarks/privacy_tradeoff.py accuracy\n" \
-              "OMP_NUM_THREADS=1 python benchmarks/privacy_tradeoff.py accuracy --epsilons 0 --append\n" \
-              "OMP_NUM_THREADS=1 python benchmarks/privacy_tradeoff.py untrained"
-    Path(args.output).write_text(markdown(results, command))
-    print(f"wrote {args.output} and {raw_path}")
+    if "cost" in saved:
+        raw_path.write_text(json.dumps({"cost": saved["cost"]}, indent=1) + "\n")
+    Path(args.output).write_text(text)
+    print(f"wrote {args.output}")
     return 0
 
 
