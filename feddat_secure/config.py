@@ -120,6 +120,11 @@ class TrainingConfig:
     task_weight: float = _range(0.5, low=0, high=100)
     distill_weight: float = _range(0.5, low=0, high=100)
     eval_batch_size: int = _range(256, low=1, high=MAX_BATCH_SIZE)
+    # FedDAT ablations (docs/findings.md): A_c is trained in the first N rounds only (0: every round; 1: the
+    # official code, whose A_c lost requires_grad after round 1), and the DAT's loss also steps the local head
+    # (the official code's one optimizer over every parameter)
+    client_adapter_rounds: int = _range(0, low=0, high=MAX_ROUNDS)
+    head_in_dat_loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -360,6 +365,14 @@ def _check_consistency(config: RunConfig) -> None:
     if federation.algorithm == "feddat" and training.task_weight == 0:
         raise ConfigError("key 'training.task_weight' must be > 0 with FedDAT: without the cross-entropy term no "
                           "adapter learns from the labels")
+    ablations = [key for key, on in (("client_adapter_rounds", training.client_adapter_rounds),
+                                     ("head_in_dat_loss", training.head_in_dat_loss)) if on]
+    if ablations and federation.algorithm != "feddat":
+        raise ConfigError(f"key 'training.{ablations[0]}' is a FedDAT ablation; federation.algorithm is "
+                          f"{federation.algorithm!r}")
+    if ablations and config.privacy.record.enabled:
+        raise ConfigError(f"key 'training.{ablations[0]}' is a non-private ablation: record-level DP accounts both "
+                          "of FedDAT's DP-SGD steps on every batch (remove it, or set privacy.record.enabled = false)")
     _check_target_modules(config.model.target_modules)
     _check_privacy(config)
 

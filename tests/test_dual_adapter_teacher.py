@@ -66,9 +66,9 @@ def test_scaling_is_restored_after_the_teacher_pass(site, foundation):
     torch.testing.assert_close(lora_layer_delta(site, CLIENT_ONLY, x), before)
 
 
-def train_rounds(site: LocalModel, split, rounds: int):
+def train_rounds(site: LocalModel, split, rounds: int, **training):
     """Yield (frozen before, frozen after, client before, client after, trainer) per round."""
-    trainer = FedDATTrainer(site, Schedule(TrainingConfig(local_steps=3, batch_size=8), rounds),
+    trainer = FedDATTrainer(site, Schedule(TrainingConfig(local_steps=3, batch_size=8, **training), rounds),
                             head_travels=False)
     rng = np.random.default_rng(0)
     for round_index in range(rounds):
@@ -103,3 +103,41 @@ def test_shared_adapter_trains_and_is_reset_to_the_global_adapter_each_round(sit
     trainer.load_global(global_state)
     for key, value in trainer.shared_state().items():
         np.testing.assert_array_equal(value, global_state[key])
+
+
+def head_state(site: LocalModel) -> dict[str, np.ndarray]:
+    return {key: value.copy() for key, value in site.head_state().items()}
+
+
+def test_the_official_codes_ablation_trains_the_client_adapter_in_the_first_rounds_only(site, tiny_split):
+    changes = [max(float(np.abs(after[k] - before[k]).max()) for k in before)
+               for *_, before, after in train_rounds(site, tiny_split, rounds=3, client_adapter_rounds=1)]
+    assert changes[0] > 1e-6 and changes[1] == changes[2] == 0.0
+
+
+def test_the_head_in_dat_loss_ablation_also_steps_the_head_with_the_dats_loss(site, tiny_split, foundation, lora,
+                                                                             tiny_benchmark):
+    def head_after_round(**training) -> dict[str, np.ndarray]:
+        model = LocalModel(foundation, lora, NAMES, TRAINABLE, len(tiny_benchmark.answers), seed=1)
+        trainer = FedDATTrainer(model, Schedule(TrainingConfig(local_steps=2, batch_size=8, **training), 1),
+                                head_travels=False)
+        trainer.train_round(tiny_split.sample_batches(8, 2, np.random.default_rng(0)), 0)
+        return head_state(model)
+
+    default, ablation = head_after_round(), head_after_round(head_in_dat_loss=True)
+    assert any(not np.array_equal(default[key], ablation[key]) for key in default)
+    torch.manual_seed(0)
+    trainer = FedDATTrainer(site, Schedule(TrainingConfig(head_in_dat_loss=True), 1), head_travels=False)
+    held = {id(p) for group in trainer.client_optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in site.head_parameters()} <= held
+
+
+def test_feddat_ablations_are_refused_with_record_level_dp_and_for_other_algorithms():
+    from feddat_secure.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="non-private ablation"):
+        config_from_dict({"training": {"client_adapter_rounds": 1},
+                          "privacy": {"record": {"enabled": True, "noise_multiplier": 1.0}}})
+    with pytest.raises(ConfigError, match="FedDAT ablation"):
+        config_from_dict({"federation": {"algorithm": "fedavg"}, "training": {"head_in_dat_loss": True}})
+    assert config_from_dict({"training": {"client_adapter_rounds": 1, "head_in_dat_loss": True}})

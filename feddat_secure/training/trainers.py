@@ -13,6 +13,7 @@ every parameter a trainer updates from data is updated by DP-SGD on Poisson-samp
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -170,8 +171,13 @@ class FedDATTrainer(LocalTrainer):
                  privacy: RecordPrivacy | None = None, travels: tuple[str, ...] = LORA_MATRICES) -> None:
         super().__init__(model, schedule, head_travels=head_travels, privacy=privacy, travels=travels)
         # A_c and its optimizer state persist across rounds; A_s's optimizer restarts each round
-        # because A_s itself is replaced by the global adapter.
-        self.client_optimizer = self._optimizer(model.adapters.trainable_parameters(CLIENT))
+        # because A_s itself is replaced by the global adapter. The ablation head_in_dat_loss puts the head in
+        # A_c's optimizer too (the DAT's loss then also steps it), as the official code's one optimizer does.
+        training = schedule.training
+        if privacy is not None and (training.client_adapter_rounds or training.head_in_dat_loss):
+            raise ValueError("FedDAT's ablations (client_adapter_rounds, head_in_dat_loss) are non-private only")
+        self.client_optimizer = self._optimizer(model.adapters.trainable_parameters(CLIENT)
+                                                + (model.head_parameters() if training.head_in_dat_loss else []))
         if privacy is not None:  # A_s and the head, and A_c (the teacher of A_s): all DP-SGD
             attach_per_sample_gradients(model.classifier, [self._shared_parameters(), self._client_parameters()])
 
@@ -191,6 +197,7 @@ class FedDATTrainer(LocalTrainer):
         cfg = self.schedule.training
         shared_optimizer = self._optimizer(self._shared_parameters())
         optimizers = (shared_optimizer, self.client_optimizer)
+        train_client = not cfg.client_adapter_rounds or round_index < cfg.client_adapter_rounds
         self.model.classifier.train()
         losses = []
         for step, batch in enumerate(batches):
@@ -208,6 +215,9 @@ class FedDATTrainer(LocalTrainer):
                 optimizer.zero_grad(set_to_none=True)
             shared_loss.backward()
             shared_optimizer.step()
+            if not train_client:  # the ablation client_adapter_rounds: A_c (and the DAT) learn no more
+                losses.append((shared_loss.item(), math.nan))
+                continue
             dat = self.model.logits(batch, DUAL_ADAPTER_TEACHER)  # 3. the DAT learns from A_s
             client_loss = mkd_loss(dat, student, labels, temperature=cfg.temperature,
                                    task_weight=cfg.task_weight, distill_weight=cfg.distill_weight)
@@ -217,6 +227,8 @@ class FedDATTrainer(LocalTrainer):
             self.client_optimizer.step()
             losses.append((shared_loss.item(), client_loss.item()))
         mean = np.mean(losses, axis=0)
+        if not train_client:
+            return {"shared_loss": float(mean[0])}
         return {"shared_loss": float(mean[0]), "client_loss": float(mean[1])}
 
     def _train_private_round(self, batches, round_index, generator):
