@@ -48,9 +48,19 @@ from feddat_secure.training.trainers import CLIENT, FROZEN_GLOBAL, SHARED, Adapt
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / "results" / "compare_methods"
 COMPUTE_MATCH = 3  # fedavg-3x: local steps × this (a FedDAT step costs ≈ 2.9 FedAvg steps, measured below)
-METHODS = ("feddat", "fedavg", "fedavg-3x", "fedprox", "ffa-lora", "fedsa-lora", "local", "centralized")
+# rows that run another method with one change: (the algorithm, its training keys); fedavg-3x also multiplies the
+# local steps by COMPUTE_MATCH. The FedDAT ablations: without distillation, the official code's A_c trained in
+# round 1 only, the official code's head also stepped by the DAT's loss.
+VARIANTS = {"fedavg-3x": ("fedavg", {}), "feddat-no-distill": ("feddat", {"distill_weight": 0.0}),
+            "feddat-ac-round1": ("feddat", {"client_adapter_rounds": 1}),
+            "feddat-head-dat": ("feddat", {"head_in_dat_loss": True})}
+METHODS = ("feddat", "fedavg", "fedavg-3x", "fedprox", "ffa-lora", "fedsa-lora", "local", "centralized",
+           "feddat-no-distill", "feddat-ac-round1", "feddat-head-dat")
 LABELS = {"feddat": "FedDAT (DAT)", "fedavg": "FedAvg-adapter",
           "fedavg-3x": f"FedAvg-adapter, {COMPUTE_MATCH}× local steps",
+          "feddat-no-distill": "FedDAT without distillation (distill_weight 0)",
+          "feddat-ac-round1": "FedDAT, A_c trained in round 1 only (official code)",
+          "feddat-head-dat": "FedDAT, head also stepped by the DAT loss (official code)",
           "fedprox": "FedProx (μ = 0.01)", "ffa-lora": "FFA-LoRA (A frozen, B aggregated)",
           "fedsa-lora": "FedSA-LoRA (A aggregated, B kept)", "local": "local-only",
           "centralized": "centralized (pooled data)"}
@@ -72,21 +82,19 @@ class Setting:
     test_per_client: int = 500
     num_clients: int = 5
 
-    def data_key(self, benchmark: str, seed: int) -> str:
-        return f"{benchmark}-n{self.num_clients}-{self.train_per_client}-{self.test_per_client}-s{seed}"
-
 
 def run_config(benchmark: str, method: str, seed: int, setting: Setting, output_dir: str) -> dict:
     """The run configuration of one cell, as ``feddat-secure run`` would read it from a TOML file."""
     steps = setting.local_steps * (COMPUTE_MATCH if method == "fedavg-3x" else 1)
+    algorithm, changes = VARIANTS.get(method, (method, {}))
     return {
         "seed": seed, "output_dir": output_dir,
         "data": {"benchmark": benchmark, "num_clients": setting.num_clients,
                  "train_per_client": setting.train_per_client, "test_per_client": setting.test_per_client},
         "federation": {"rounds": setting.rounds, "fedprox_mu": 0.01,
-                       "algorithm": "fedavg" if method == "fedavg-3x" else method},
+                       "algorithm": algorithm},
         "training": {"local_steps": steps, "batch_size": setting.batch_size,
-                     "learning_rate": setting.learning_rate},
+                     "learning_rate": setting.learning_rate, **changes},
         "model": {"head": "local"},
     }
 
@@ -100,7 +108,7 @@ def grid_cell(cache: Path, benchmark: str, method: str, seed: int, setting: Sett
 
 def deployed_mode(method: str) -> str:
     """The model each method deploys: FedDAT's Dual-Adapter Teacher, else the one adapter."""
-    return "dat" if method == "feddat" else "shared"
+    return "dat" if VARIANTS.get(method, (method,))[0] == "feddat" else "shared"
 
 
 def time_local_steps(steps: int) -> tuple[float, float]:
