@@ -98,6 +98,9 @@ class DataConfig:
     num_clients: int = _range(5, low=1, high=MAX_CLIENTS)
     train_per_client: int = _range(200, low=1, high=MAX_GENERATED_EXAMPLES)
     test_per_client: int = _range(100, low=1, high=MAX_GENERATED_EXAMPLES)
+    # > 0: every site holds out the last fraction of its training examples and is scored on them instead of its
+    # test split (choosing hyperparameters without ever seeing a test example)
+    validation_fraction: float = _range(0.0, low=0, high=0.5)
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,19 @@ class Benchmark:
                     h.update(str(ex.image.shape).encode())
                     h.update(b"\x00q" + ex.question.encode() + b"\x00r" + ex.answer.encode())
         return h.hexdigest()
+
+
+def hold_out_validation(benchmark: Benchmark, fraction: float) -> Benchmark:
+    """The benchmark with each site's test split replaced by the last ``fraction`` of its training examples
+    (at least one), which leave its training split: scores for choosing hyperparameters that never see a test
+    example. ``fraction`` in (0, 1); DataError when a site would keep no training example."""
+    if not 0 < fraction < 1:
+        raise DataError(f"a validation fraction must be in (0, 1), not {fraction!r}")
+    clients = []
+    for client in benchmark.clients:
+        held = max(1, round(fraction * len(client.train)))
+        if held >= len(client.train):
+            raise DataError(f"client {client.client_id!r}: holding out {fraction:g} of its {len(client.train)} "
+                            "training examples for validation leaves none to train on")
+        clients.append(ClientData(client.client_id, client.train[:-held], client.train[-held:], client.answers))
+    return Benchmark(benchmark.name, clients, benchmark.answers, benchmark.skipped_sites)
