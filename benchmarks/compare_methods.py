@@ -23,6 +23,7 @@ Reported per benchmark (seeds are paired: one seed is one dataset, shared by eve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -83,11 +84,13 @@ class Setting:
     num_clients: int = 5
 
 
-def run_config(benchmark: str, method: str, seed: int, setting: Setting, output_dir: str) -> dict:
-    """The run configuration of one cell, as ``feddat-secure run`` would read it from a TOML file."""
+def run_config(benchmark: str, method: str, seed: int, setting: Setting, output_dir: str,
+               validation_fraction: float = 0.0) -> dict:
+    """The run configuration of one cell, as ``feddat-secure run`` would read it from a TOML file; with
+    ``validation_fraction``, scored on that held-out part of each site's training data instead of its test split."""
     steps = setting.local_steps * (COMPUTE_MATCH if method == "fedavg-3x" else 1)
     algorithm, changes = VARIANTS.get(method, (method, {}))
-    return {
+    config = {
         "seed": seed, "output_dir": output_dir,
         "data": {"benchmark": benchmark, "num_clients": setting.num_clients,
                  "train_per_client": setting.train_per_client, "test_per_client": setting.test_per_client},
@@ -97,13 +100,38 @@ def run_config(benchmark: str, method: str, seed: int, setting: Setting, output_
                      "learning_rate": setting.learning_rate, **changes},
         "model": {"head": "local"},
     }
+    if validation_fraction:
+        config["data"]["validation_fraction"] = validation_fraction
+    return config
 
 
-def grid_cell(cache: Path, benchmark: str, method: str, seed: int, setting: Setting, *, train: bool
-         ) -> tuple[dict | None, bool]:
+def grid_cell(cache: Path, benchmark: str, method: str, seed: int, setting: Setting, *, train: bool,
+              validation_fraction: float = 0.0) -> tuple[dict | None, bool]:
     """One cell of the grid (``cells.run_cell``): cached, or trained now when ``train`` is set."""
-    return run_cell(cache, f"{benchmark}-{method}-lr{setting.learning_rate:g}-s{seed}",
-                    run_config(benchmark, method, seed, setting, output_dir=""), train=train)
+    label = f"{benchmark}-{method}-lr{setting.learning_rate:g}-s{seed}" + ("-validation" if validation_fraction
+                                                                          else "")
+    return run_cell(cache, label, run_config(benchmark, method, seed, setting, "", validation_fraction), train=train)
+
+
+def choose_rates(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
+                 base: Setting, candidates: Sequence[float], fraction: float, *, train: bool
+                 ) -> dict[tuple[str, str], tuple[float | None, dict[float, float]]]:
+    """Per (benchmark, method): the candidate learning rate whose runs score best on the held-out validation part
+    of the training data (site mean, mean over ``seeds``; a tie goes to the smaller rate), with every candidate's
+    score; (None, scores) while some validation cell is missing. The test split is never looked at."""
+    chosen = {}
+    for benchmark in benchmarks:
+        for method in methods:
+            scores = {}
+            for rate in candidates:
+                setting = dataclasses.replace(base, learning_rate=rate)
+                cells = [grid_cell(cache, benchmark, method, seed, setting, train=train,
+                                   validation_fraction=fraction)[0] for seed in seeds]
+                if all(cell is not None for cell in cells):
+                    scores[rate] = float(np.mean([np.mean(site_scores(cell, deployed_mode(method))) for cell in cells]))
+            best = max(sorted(scores), key=lambda rate: scores[rate]) if len(scores) == len(candidates) else None
+            chosen[benchmark, method] = best, scores
+    return chosen
 
 
 def deployed_mode(method: str) -> str:
@@ -135,10 +163,13 @@ def time_local_steps(steps: int) -> tuple[float, float]:
     return min(timings["feddat"], timings["feddat2"]), min(timings["fedavg"], timings["fedavg2"])
 
 
-def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
-           settings: Sequence[Setting], step_times: tuple[float, float] | None, command: str) -> str:
-    """docs/results.md from the cache: only cells present for every seed are reported (the rest are listed)."""
-    base = settings[0]
+def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds: Sequence[int], base: Setting,
+           settings: Sequence[Setting], step_times: tuple[float, float] | None, command: str,
+           selection: tuple[dict, Sequence[float], float, Sequence[int]] | None = None) -> str:
+    """docs/results.md from the cache: one table per fixed learning rate of ``settings`` (sizes and schedule of
+    ``base``), and with ``selection`` (the chosen rates, the candidates, the validation fraction, the selection
+    seeds) one with each method at its chosen rate. Each table reports the seeds every one of its rows has; the
+    missing cells are listed."""
     lines = [
         "# Results: FedDAT, the adapter baselines and the data's reference scores",
         "",
@@ -149,7 +180,8 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
         "", "```", command, "```", "",
         f"Setup: {base.num_clients} sites, {base.train_per_client} train / {base.test_per_client} test examples each, "
         f"{base.rounds} rounds of {base.local_steps} local steps (batch {base.batch_size}; `fedavg-3x`: "
-        f"{COMPUTE_MATCH * base.local_steps}), AdamW at one constant learning rate for every method of a table, LoRA "
+        f"{COMPUTE_MATCH * base.local_steps}), AdamW at a constant learning rate (one for every method of a table, or "
+        "each method's own chosen on a validation split), LoRA "
         "rank 8 on attention and feed-forward projections, local answer heads over each site's own answers, every "
         "site every round, aggregation weighted by example counts. Centralized trains one adapter and one head on "
         "the pooled data for as many steps as the whole federation. FedDAT is scored with its Dual-Adapter Teacher "
@@ -166,22 +198,40 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
         "*majority* always gives the site's most frequent training answer (`feddat_secure/data/baselines.py`).",
     ]
     missing, unreproduced = [], []
-    for setting in settings:
-        lines += ["", f"## Learning rate {setting.learning_rate:g}", ""]
+    tables = [(f"Learning rate {setting.learning_rate:g}", lambda _b, _m, fixed=setting: fixed) for setting in settings]
+    if selection is not None:
+        chosen, candidates, fraction, selection_seeds = selection
+        lines += ["", "## Learning rates chosen on a validation split", "",
+                  f"Each method's rate is the candidate ({', '.join(f'{r:g}' for r in candidates)}) whose runs score "
+                  f"best, site mean over seeds {', '.join(map(str, selection_seeds))}, on the last "
+                  f"{100 * fraction:g} % of each site's training examples held out of training "
+                  "(`data.validation_fraction`); the test split plays no part in the choice.", "",
+                  "| method | " + " | ".join(benchmarks) + " |", "|---|" + "---|" * len(benchmarks)]
+        for method in methods:
+            lines.append(f"| {LABELS[method]} | " + " | ".join(
+                ("not yet chosen" if chosen[b, method][0] is None else f"**{chosen[b, method][0]:g}**") + " ("
+                + ", ".join(f"{r:g}: {100 * v:.1f}" for r, v in sorted(chosen[b, method][1].items())) + ")"
+                for b in benchmarks) + " |")
+        tables.append(("Each method at its chosen learning rate",
+                       lambda b, m: None if chosen[b, m][0] is None else
+                       dataclasses.replace(base, learning_rate=chosen[b, m][0])))
+    for title, setting_of in tables:
+        lines += ["", f"## {title}", ""]
         header = "| method | " + " | ".join(f"{b}: site mean | worst site | top answer" for b in benchmarks) + " |"
         lines += [header, "|---|" + "---|---|---|" * len(benchmarks)]
         per_seed: dict[tuple[str, str], list[float]] = {}
         used_seeds: dict[str, list[int]] = {}
         for benchmark in benchmarks:
-            found = {method: {seed: grid_cell(cache, benchmark, method, seed, setting, train=False)[0]
+            found = {method: {seed: None if setting_of(benchmark, method) is None else
+                              grid_cell(cache, benchmark, method, seed, setting_of(benchmark, method), train=False)[0]
                               for seed in seeds} for method in methods}
-            missing += [f"{benchmark}/{method}/lr {setting.learning_rate:g}/seed {seed}"
+            missing += [f"{benchmark}/{method}/{title.lower()}/seed {seed}"
                         for method in methods for seed, one in found[method].items() if one is None]
             ran = [method for method in methods if any(one is not None for one in found[method].values())]
             # every row of a benchmark over the same seeds, so that differences are paired
             used = [seed for seed in seeds if all(found[method][seed] is not None for method in ran)]
             used_seeds[benchmark] = used
-            baselines = {seed: baseline_cell(cache, run_config(benchmark, "fedavg", seed, setting, ""))
+            baselines = {seed: baseline_cell(cache, run_config(benchmark, "fedavg", seed, base, ""))
                          for seed in used}
             for name in BASELINES:
                 per_seed[benchmark, name] = [float(np.mean(site_scores(baselines[seed], name))) for seed in used]
@@ -280,8 +330,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--benchmarks", nargs="+", default=["function", "domain"])
     parser.add_argument("--methods", nargs="+", choices=METHODS,
                         default=["feddat", "fedavg", "fedavg-3x", "ffa-lora", "fedsa-lora", "local", "centralized"])
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-3],
+    parser.add_argument("--learning-rates", type=float, nargs="*", default=[3e-3],
                         help="one table per rate; within a table every method uses the same rate")
+    parser.add_argument("--select-learning-rate", type=float, nargs="*", default=[], metavar="RATE",
+                        help="candidates: each method's rate is chosen on a validation split, then run on every seed")
+    parser.add_argument("--validation-fraction", type=float, default=0.1,
+                        help="share of each site's training examples held out to choose rates on")
+    parser.add_argument("--selection-seeds", type=int, default=2, help="the first N seeds choose the rates")
     parser.add_argument("--cache", default=str(CACHE), help="folder of cached cells (one JSON file each)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tables from the cache")
     parser.add_argument("--skip-step-timing", action="store_true", help="leave out the cost-of-a-step measurement")
@@ -289,20 +344,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     seeds = list(range(1 if args.quick else args.seeds))
     sizes = (40, 20, 2) if args.quick else (args.train_per_client, args.test_per_client, args.rounds)
-    settings = [Setting(rounds=sizes[2], local_steps=2 if args.quick else 20, learning_rate=rate,
-                        train_per_client=sizes[0], test_per_client=sizes[1]) for rate in args.learning_rates]
+    base = Setting(rounds=sizes[2], local_steps=2 if args.quick else 20, train_per_client=sizes[0],
+                   test_per_client=sizes[1])
+    settings = [dataclasses.replace(base, learning_rate=rate) for rate in args.learning_rates]
+    train = not args.report_only
+
+    def run_all(pairs) -> None:
+        """Every (method, setting) of ``pairs`` on every seed, seed-major: a grid stopped early has the same seeds
+        for every benchmark."""
+        for seed in seeds:
+            for benchmark in args.benchmarks:
+                baseline_cell(cache, run_config(benchmark, "fedavg", seed, base, ""))
+                for method, setting in pairs(benchmark):
+                    found, trained = grid_cell(cache, benchmark, method, seed, setting, train=train)
+                    if found is not None:
+                        score = np.mean(site_scores(found, deployed_mode(method)))
+                        print(f"lr {setting.learning_rate:g} {benchmark:9} {method:12} seed {seed}: {score:.3f} "
+                              f"({found['seconds']:.0f} s{'' if trained else ', cached'})", flush=True)
+
     with tempfile.TemporaryDirectory() as scratch:
         cache = Path(scratch) if args.quick else Path(args.cache)
-        for setting in settings:  # seed-major: a grid stopped early has the same seeds for every benchmark
-            for seed in seeds:
-                for benchmark in args.benchmarks:
-                    baseline_cell(cache, run_config(benchmark, "fedavg", seed, setting, ""))
-                    for method in args.methods:
-                        found, trained = grid_cell(cache, benchmark, method, seed, setting, train=not args.report_only)
-                        if found is not None:
-                            score = np.mean(site_scores(found, deployed_mode(method)))
-                            print(f"lr {setting.learning_rate:g} {benchmark:9} {method:12} seed {seed}: {score:.3f} "
-                                  f"({found['seconds']:.0f} s{'' if trained else ', cached'})", flush=True)
+        for setting in settings:
+            run_all(lambda _benchmark, fixed=setting: [(method, fixed) for method in args.methods])
+        selection = None
+        if args.select_learning_rate:
+            selection_seeds = seeds[:args.selection_seeds]
+            chosen = choose_rates(cache, args.benchmarks, args.methods, selection_seeds, base,
+                                  args.select_learning_rate, args.validation_fraction, train=train)
+            for (benchmark, method), (rate, scores) in chosen.items():
+                print(f"{benchmark:9} {method:12} validation: " + ", ".join(f"{r:g} {v:.3f}" for r, v in
+                                                                            sorted(scores.items()))
+                      + f" -> {'not yet chosen' if rate is None else f'{rate:g}'}", flush=True)
+            run_all(lambda benchmark: [(method, dataclasses.replace(base, learning_rate=chosen[benchmark, method][0]))
+                                       for method in args.methods if chosen[benchmark, method][0] is not None])
+            selection = chosen, args.select_learning_rate, args.validation_fraction, selection_seeds
         timing = cache / "step-timing.json"
         if not (args.report_only or args.skip_step_timing):
             feddat_step, fedavg_step = time_local_steps(5 if args.quick else 40)
@@ -314,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             measured = json.loads(timing.read_text())
             step_times = measured["feddat_s"], measured["fedavg_s"]
         command = "python " + " ".join(["benchmarks/compare_methods.py", *(sys.argv[1:] if argv is None else argv)])
-        text = report(cache, args.benchmarks, args.methods, seeds, settings, step_times, command)
+        text = report(cache, args.benchmarks, args.methods, seeds, base, settings, step_times, command, selection)
     if args.quick:
         print(text)
     else:
