@@ -35,6 +35,7 @@ from feddat_secure.model.backbone import load_foundation
 from feddat_secure.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parent.parent
+BASELINES_VERSION = "v2"  # v2: question-only backs off from the exact wording to the template (docs/data.md)
 
 
 def git_revision() -> str:
@@ -91,7 +92,7 @@ def baseline_cell(cache: Path, config: dict) -> dict:
     images take seconds to generate)."""
     data = config["data"]
     name = (f"{data['benchmark']}-n{data['num_clients']}-{data['train_per_client']}-{data['test_per_client']}"
-            f"-s{config['seed']}-baselines.json")
+            f"-s{config['seed']}-baselines-{BASELINES_VERSION}.json")
     path = cache / name
     if path.exists():
         return json.loads(path.read_text())

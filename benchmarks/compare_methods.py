@@ -193,8 +193,8 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
         "(mean over seeds), **top answer** the share of a site's test predictions that are its most frequent "
         "predicted answer (mean over sites and seeds; predicted by `Predictor.from_run` from the saved model, whose "
         "accuracy is checked against the run's own). The reference rows need no training: *question-only* "
-        "answers each question with the answer its exact wording most often had in training (the best a model "
-        "that ignores the image can do), "
+        "answers from the question's words alone, by a lookup of its template or exact wording fitted on the "
+        "training data (a strong reference for what ignoring the image gets, not a bound; docs/data.md), "
         "*majority* always gives the site's most frequent training answer (`feddat_secure/data/baselines.py`).",
     ]
     missing, unreproduced = [], []
