@@ -50,8 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / "results" / "compare_methods"
 COMPUTE_MATCH = 3  # fedavg-3x: local steps × this (a FedDAT step costs ≈ 2.9 FedAvg steps, measured below)
 # rows that run another method with one change: (the algorithm, its training keys); fedavg-3x also multiplies the
-# local steps by COMPUTE_MATCH. The FedDAT ablations: without distillation, the official code's A_c trained in
-# round 1 only, the official code's head also stepped by the DAT's loss.
+# local steps by COMPUTE_MATCH. The FedDAT ablations (docs/configuration.md): without distillation; A_c trained
+# in round 1 only (as the official code's); the head also stepped on the DAT's loss (modelled on its one optimizer).
 VARIANTS = {"fedavg-3x": ("fedavg", {}), "feddat-no-distill": ("feddat", {"distill_weight": 0.0}),
             "feddat-ac-round1": ("feddat", {"client_adapter_rounds": 1}),
             "feddat-head-dat": ("feddat", {"head_in_dat_loss": True})}
@@ -60,8 +60,8 @@ METHODS = ("feddat", "fedavg", "fedavg-3x", "fedprox", "ffa-lora", "fedsa-lora",
 LABELS = {"feddat": "FedDAT (DAT)", "fedavg": "FedAvg-adapter",
           "fedavg-3x": f"FedAvg-adapter, {COMPUTE_MATCH}× local steps",
           "feddat-no-distill": "FedDAT without distillation (distill_weight 0)",
-          "feddat-ac-round1": "FedDAT, A_c trained in round 1 only (official code)",
-          "feddat-head-dat": "FedDAT, head also stepped by the DAT loss (official code)",
+          "feddat-ac-round1": "FedDAT, A_c trained in round 1 only",
+          "feddat-head-dat": "FedDAT, head also stepped on the DAT loss",
           "fedprox": "FedProx (μ = 0.01)", "ffa-lora": "FFA-LoRA (A frozen, B aggregated)",
           "fedsa-lora": "FedSA-LoRA (A aggregated, B kept)", "local": "local-only",
           "centralized": "centralized (pooled data)"}

@@ -123,9 +123,9 @@ class TrainingConfig:
     task_weight: float = _range(0.5, low=0, high=100)
     distill_weight: float = _range(0.5, low=0, high=100)
     eval_batch_size: int = _range(256, low=1, high=MAX_BATCH_SIZE)
-    # FedDAT ablations (docs/findings.md): A_c is trained in the first N rounds only (0: every round; 1: the
-    # official code, whose A_c lost requires_grad after round 1), and the DAT's loss also steps the local head
-    # (the official code's one optimizer over every parameter)
+    # FedDAT ablations (docs/configuration.md): A_c is trained in the first N rounds only (0: every round; 1: as
+    # the official code's A_c, which lost requires_grad after round 1), and A_c's optimizer also steps the local
+    # head on the DAT's loss (modelled on the official code's one optimizer over every parameter)
     client_adapter_rounds: int = _range(0, low=0, high=MAX_ROUNDS)
     head_in_dat_loss: bool = False
 
@@ -374,8 +374,18 @@ def _check_consistency(config: RunConfig) -> None:
         raise ConfigError(f"key 'training.{ablations[0]}' is a FedDAT ablation; federation.algorithm is "
                           f"{federation.algorithm!r}")
     if ablations and config.privacy.record.enabled:
-        raise ConfigError(f"key 'training.{ablations[0]}' is a non-private ablation: record-level DP accounts both "
-                          "of FedDAT's DP-SGD steps on every batch (remove it, or set privacy.record.enabled = false)")
+        raise ConfigError(f"key 'training.{ablations[0]}' is an ablation without record-level DP, whose accounting "
+                          "counts both of FedDAT's DP-SGD steps on every batch (remove it, or set "
+                          "privacy.record.enabled = false)")
+    if training.client_adapter_rounds and training.client_adapter_rounds >= federation.rounds:
+        raise ConfigError(f"key 'training.client_adapter_rounds' is {training.client_adapter_rounds}: it must be "
+                          f"below federation.rounds ({federation.rounds}), or it changes nothing")
+    if training.client_adapter_rounds and federation.clients_per_round:
+        raise ConfigError("key 'training.client_adapter_rounds' counts the federation's rounds: with a sampled "
+                          "cohort (federation.clients_per_round) a site first sampled later would never train A_c")
+    if training.head_in_dat_loss and config.model.head != "local":
+        raise ConfigError("key 'training.head_in_dat_loss' steps a site's own head with A_c's optimizer: it needs "
+                          "model.head = 'local'")
     _check_target_modules(config.model.target_modules)
     _check_privacy(config)
 

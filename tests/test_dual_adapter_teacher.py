@@ -135,9 +135,15 @@ def test_the_head_in_dat_loss_ablation_also_steps_the_head_with_the_dats_loss(si
 def test_feddat_ablations_are_refused_with_record_level_dp_and_for_other_algorithms():
     from feddat_secure.config import ConfigError, config_from_dict
 
-    with pytest.raises(ConfigError, match="non-private ablation"):
+    with pytest.raises(ConfigError, match="without record-level DP"):
         config_from_dict({"training": {"client_adapter_rounds": 1},
                           "privacy": {"record": {"enabled": True, "noise_multiplier": 1.0}}})
     with pytest.raises(ConfigError, match="FedDAT ablation"):
         config_from_dict({"federation": {"algorithm": "fedavg"}, "training": {"head_in_dat_loss": True}})
+    with pytest.raises(ConfigError, match="below federation.rounds"):
+        config_from_dict({"federation": {"rounds": 2}, "training": {"client_adapter_rounds": 2}})
+    with pytest.raises(ConfigError, match="sampled cohort"):
+        config_from_dict({"federation": {"clients_per_round": 2}, "training": {"client_adapter_rounds": 1}})
+    with pytest.raises(ConfigError, match="model.head = 'local'"):
+        config_from_dict({"model": {"head": "shared"}, "training": {"head_in_dat_loss": True}})
     assert config_from_dict({"training": {"client_adapter_rounds": 1, "head_in_dat_loss": True}})

@@ -172,7 +172,8 @@ class FedDATTrainer(LocalTrainer):
         super().__init__(model, schedule, head_travels=head_travels, privacy=privacy, travels=travels)
         # A_c and its optimizer state persist across rounds; A_s's optimizer restarts each round
         # because A_s itself is replaced by the global adapter. The ablation head_in_dat_loss puts the head in
-        # A_c's optimizer too (the DAT's loss then also steps it), as the official code's one optimizer does.
+        # A_c's optimizer too, so that the DAT's loss also steps it: the head then takes two AdamW steps per batch
+        # (A_s's optimizer on A_s's loss, A_c's on the DAT's), each with its own moments.
         training = schedule.training
         if privacy is not None and (training.client_adapter_rounds or training.head_in_dat_loss):
             raise ValueError("FedDAT's ablations (client_adapter_rounds, head_in_dat_loss) are non-private only")
