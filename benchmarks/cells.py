@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy import stats
 
 from feddat_secure.config import config_from_dict
@@ -144,7 +145,8 @@ def run_cell(cache: Path, label: str, config: dict, *, train: bool) -> tuple[dic
     if not train:
         return None, False
     with tempfile.TemporaryDirectory() as folder:
-        raw = {**config, "output_dir": folder, "name": "cell"}
+        raw = {**config, "output_dir": folder, "name": "cell",  # the run's receipt stays with it, not in the home
+               "audit": {**config.get("audit", {}), "receipt_dir": str(Path(folder) / "receipts")}}
         if "privacy" in raw:
             raw["privacy"] = {**raw["privacy"], "dataset_ledger_dir": str(Path(folder) / "ledgers")}
         start = time.perf_counter()
@@ -158,11 +160,25 @@ def run_cell(cache: Path, label: str, config: dict, *, train: bool) -> tuple[dic
     sites = final["clients"]
     if any(scores is None for scores in sites.values()):  # DP: the sites kept their metrics (a simulation's
         sites = next(kept["clients"] for kept in result.site_history if kept["round"] == final["round"])  # operator)
-    cell = {"label": label, "config": config, "revision": REVISION, "seconds": round(seconds, 1),
+    cell = {"label": label, "config": config, "revision": REVISION, "torch_threads": torch.get_num_threads(),
+            "seconds": round(seconds, 1),
             "data_digest": data_digest, "sites": sites, "predictions": predictions, "epsilon": epsilon,
             "rounds_run": len(result.history), "stopped": result.stopped}
     write_json(path, cell)
     return cell, True
+
+
+def provenance(cells: Sequence[dict]) -> str:
+    """What a table's cells ran on, for its caption: the code revisions and torch thread counts, with how many
+    cells each, and the cells that stopped before their last round (a privacy budget), which a reader must know."""
+    revisions = Counter(cell.get("revision", "unknown") for cell in cells)
+    threads = Counter(str(cell.get("torch_threads", "not recorded")) for cell in cells)
+    stopped = [cell["label"] for cell in cells if cell.get("stopped")]
+    text = (f"Cells ran at revision {', '.join(f'{r} ({n})' for r, n in sorted(revisions.items()))}; torch threads "
+            f"{', '.join(f'{t} ({n})' for t, n in sorted(threads.items()))}.")
+    if any(revision.endswith("+dirty") for revision in revisions):
+        text += " A revision marked +dirty ran with uncommitted changes."
+    return text + (f" Stopped before their last round: {', '.join(stopped)}." if stopped else "")
 
 
 def site_scores(cell: dict, key: str, field: str = "sites") -> list[float]:

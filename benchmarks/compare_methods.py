@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from cells import REVISION, baseline_cell, interval, percent, run_cell, site_scores, write_json
+from cells import REVISION, baseline_cell, interval, percent, provenance, run_cell, site_scores, write_json
 
 from feddat_secure.config import config_from_dict
 from feddat_secure.data.batching import encode_split
@@ -174,7 +173,8 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
         "# Results: FedDAT, the adapter baselines and the data's reference scores",
         "",
         f"Measured by `benchmarks/compare_methods.py` on the embedded foundation (CPU: "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads); every number "
+        f"{platform.processor() or platform.machine()}; the cells' revisions and torch threads are listed at the "
+        "end of the tables); every number "
         "below is read from the cached cells in `benchmarks/results/compare_methods/` (each holds its full "
         "configuration and the revision it ran on). Reproduce, or resume, with:",
         "", "```", command, "```", "",
@@ -197,7 +197,7 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
         "training data (a strong reference for what ignoring the image gets, not a bound; docs/data.md), "
         "*majority* always gives the site's most frequent training answer (`feddat_secure/data/baselines.py`).",
     ]
-    missing, unreproduced = [], []
+    missing, unreproduced, reported = [], [], []
     tables = [(f"Learning rate {setting.learning_rate:g}", lambda _b, _m, fixed=setting: fixed) for setting in settings]
     if selection is not None:
         chosen, candidates, fraction, selection_seeds = selection
@@ -239,6 +239,7 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
                                                         for seed in used]
             for method in ran if used else ():
                 cells = [found[method][seed] for seed in used]
+                reported += cells
                 for one, seed in zip(cells, used):
                     if one["data_digest"] != baselines[seed]["data_digest"]:
                         raise SystemExit(f"{benchmark}/{method}/seed {seed}: trained on data "
@@ -301,6 +302,8 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
                                                       per_seed[benchmark, "question_only"]))
                     lines.append(f"- {benchmark}: {100 * mean:+.1f}" + ("" if math.isnan(half) else
                                                                          f" ± {100 * half:.1f}") + " points")
+    if reported:
+        lines += ["", provenance(reported)]
     if step_times is not None:
         feddat_step, fedavg_step = step_times
         lines += ["", "## Cost of a local step", "",

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cells import baseline_cell, interval, percent, run_cell, site_scores
+from cells import baseline_cell, interval, percent, provenance, run_cell, site_scores
 
 from feddat_secure.config import RecordPrivacyConfig, TrainingConfig
 from feddat_secure.data import build_benchmark
@@ -192,6 +192,11 @@ def accuracy_section(cache: Path, args: argparse.Namespace) -> list[str]:
                 f"{100 * np.mean([np.mean(site_scores(c, 'top_answer_share', 'predictions')) for c in cc]):.0f} %"
                 for cc in cells) + " |")
         references = [baseline_cell(cache, run_config("fedavg", math.inf, s, args)) for s in seeds]
+        for (method, epsilon, seed), cell in found.items():
+            reference = references[seeds.index(seed)] if seed in seeds else None
+            if cell is not None and reference is not None and cell["data_digest"] != reference["data_digest"]:
+                raise SystemExit(f"{method}/ε {epsilon:g}/seed {seed}: trained on data {cell['data_digest'][:12]}, "
+                                 f"the references are of {reference['data_digest'][:12]}")
         majority = percent(*interval([np.mean(site_scores(r, "majority")) for r in references]))
         question = percent(*interval([np.mean(site_scores(r, "question_only")) for r in references]))
         spent = [ledger["epsilon"] for c in found.values() if c and c["epsilon"] for ledger in c["epsilon"]
@@ -202,7 +207,8 @@ def accuracy_section(cache: Path, args: argparse.Namespace) -> list[str]:
                   f"(no image) {question} (`feddat_secure/data/baselines.py`).", "",
                   "ε spent (every site's RDP ledger, from each run's privacy report) "
                   + ("stayed within its target in every run." if not spent else
-                     f"EXCEEDED its target in {len(spent)} ledgers.")]
+                     f"EXCEEDED its target in {len(spent)} ledgers."),
+                  "", provenance([cell for cell in found.values() if cell is not None])]
     if missing:
         lines += ["", "Not yet run (rerun the command to fill them in): " + ", ".join(missing) + "."]
     return lines + [""]
