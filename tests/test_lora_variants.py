@@ -220,3 +220,29 @@ def test_a_resumed_fedsa_lora_run_ends_with_the_sites_own_b_of_an_uninterrupted_
         name = f"parties/{cid}/{SHARED}_adapter/adapter_model.safetensors"
         a, b = load_file(str(whole.run_dir / name)), load_file(str(resumed.run_dir / name))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_every_party_binds_the_session_to_the_initial_adapter_it_built_and_a_site_with_another_a_never_opens(
+        foundation, tmp_path, monkeypatch):
+    import dataclasses
+
+    from feddat_secure.federation import simulation
+
+    federation = federation_of(tmp_path / "agreeing", foundation, "ffa-lora")
+    plan = federation.plan
+    assert federation.server.plan.config_digest == plan.opening_digest()
+    assert all(site.config_digest == plan.opening_digest() for site in federation.sites.values())
+    assert plan.opening_digest("a" * 64) != plan.opening_digest("b" * 64)  # a deployment's agreement is bound too
+
+    build_site = simulation.build_site
+
+    def build_with_another_a(plan, folder, *args, **kwargs):  # as a site whose torch or PEFT initialised A otherwise
+        if folder.party_id == "client0":
+            key = next(key for key in plan.initial_adapter if is_matrix(key, (LORA_A,)))
+            nudged = np.nextafter(plan.initial_adapter[key], np.float32(1))  # the last bit of a matrix never sent
+            plan = dataclasses.replace(plan, initial_adapter={**plan.initial_adapter, key: nudged})
+        return build_site(plan, folder, *args, **kwargs)
+
+    monkeypatch.setattr(simulation, "build_site", build_with_another_a)
+    with pytest.raises(Exception, match="no acceptable answer to 'open' from client0; "):
+        federation_of(tmp_path / "disagreeing", foundation, "ffa-lora")

@@ -11,6 +11,7 @@ test (and a deployment) calls each in a process of its own.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,19 @@ class RunPlan:
         if not self.algorithm.global_model_whole:
             return None, head
         return {**self.initial_adapter, **adapter}, head
+
+    def opening_digest(self, agreed: str | None = None) -> str:
+        """What every party checks at the session's opening: the configuration's digest (a deployment's
+        agreement digest, ``agreed``, in its place) bound to the SHA-256 of the initial adapter this party built
+        from it. The initial adapter comes from the seed through torch's generator and PEFT's initialisation, in
+        each party's own process; FFA-LoRA's frozen A never travels, so parties whose libraries built another
+        one would otherwise train on different A matrices with nothing to tell them (and the aggregate
+        mean(B)·A would be wrong everywhere): they now never open a session together."""
+        adapter = hashlib.sha256()
+        for key in sorted(self.initial_adapter):
+            value = np.ascontiguousarray(self.initial_adapter[key], dtype="<f4")
+            adapter.update(f"{key}:{value.shape}:".encode() + value.tobytes())
+        return hashlib.sha256(f"{agreed or self.config.digest()}:{adapter.hexdigest()}".encode()).hexdigest()
 
     @property
     def per_round(self) -> int:
@@ -219,8 +233,9 @@ def build_site(plan: RunPlan, folder: PartyFolder, foundation: Foundation, lora:
                split: tuple[EncodedSplit, EncodedSplit], answers: tuple[str, ...], *, resume: bool,
                opening_digest: str | None = None, dataset_ledger_dir: str | Path | None = None) -> Site:
     """The site ``folder.party_id`` from its own folder (identity, roster, audit log, checkpoints, outputs).
-    ``opening_digest``: what the server's opening must carry (default: the configuration's SHA-256; a
-    deployment's agreement digest covers the federation's facts too). ``dataset_ledger_dir``: where the data
+    ``opening_digest``: the digest the server's opening must carry, bound to this party's initial adapter by
+    :meth:`RunPlan.opening_digest` (default: the configuration's SHA-256; a deployment's agreement digest covers
+    the federation's facts too). ``dataset_ledger_dir``: where the data
     owner keeps its dataset's privacy ledger (default: ``$FEDDAT_SECURE_LEDGER_DIR``, else under
     ``$XDG_DATA_HOME``)."""
     identity, roster = party_identity(plan, folder)
@@ -237,7 +252,7 @@ def build_site(plan: RunPlan, folder: PartyFolder, foundation: Foundation, lora:
     privacy = site_privacy(plan, site_id, split[0], dataset_ledger_dir)
     if not resume and (overdraw := start_refusal(privacy)) is not None:  # before this run opens anything
         raise BudgetExceeded(0, [overdraw], whole_run=True)
-    return Site(identity, roster, folder, config_digest=opening_digest or plan.config.digest(), trainer=trainer,
+    return Site(identity, roster, folder, config_digest=plan.opening_digest(opening_digest), trainer=trainer,
                 train=split[0], test=split[1], answers=answers, layout=plan.layout,
                 sends_updates=plan.algorithm.sends_updates, protocol=build_protocol(plan), privacy=privacy,
                 weight=plan.weights[site_id], seed=seed, audit=_audit(plan, folder, identity, roster, resume),
@@ -251,7 +266,7 @@ def build_server(plan: RunPlan, folder: PartyFolder, channel: Channel, *, resume
     identity, roster = party_identity(plan, folder)
     config = plan.config
     link = ServerLink(channel, _audit(plan, folder, identity, roster, resume))
-    server_plan = ServerPlan(config_digest=opening_digest or config.digest(), rounds=config.federation.rounds,
+    server_plan = ServerPlan(config_digest=plan.opening_digest(opening_digest), rounds=config.federation.rounds,
                              per_round=plan.per_round,
                              sends_updates=plan.algorithm.sends_updates, vector_length=plan.vector_length,
                              seed=config.seed, site_metrics=plan.site_metrics_shared)
@@ -264,5 +279,5 @@ def build_keyholder(plan: RunPlan, folder: PartyFolder, *, resume: bool,
                     opening_digest: str | None = None) -> KeyHolder:
     """The HE key holder from its own folder (``opening_digest``: as for :func:`build_site`)."""
     identity, roster = party_identity(plan, folder)
-    return KeyHolder(identity, roster, folder, config_digest=opening_digest or plan.config.digest(),
+    return KeyHolder(identity, roster, folder, config_digest=plan.opening_digest(opening_digest),
                      protocol=build_protocol(plan), audit=_audit(plan, folder, identity, roster, resume))
