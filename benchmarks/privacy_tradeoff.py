@@ -233,7 +233,8 @@ def cost_section(cost: dict) -> list[str]:
              f"Median ms per local step over {cost['rounds_timed']} rounds of {cost['steps_per_round']} steps "
              f"(after one warm-up round), batch {cost['batch_size']} without DP, Poisson batches of expected "
              f"size {cost['batch_size']} with DP (a site of {cost['dataset_size']} records), same process, "
-             "rounds of the two trainers interleaved, one torch thread.", "",
+             "rounds of the two trainers interleaved, one torch thread (`OMP_NUM_THREADS=1 python "
+             "benchmarks/privacy_tradeoff.py cost`; the numbers are its last run's, kept in results_privacy.json).", "",
              "| method | non-private | DP-SGD | ratio |", "|---|---|---|---|"]
     for method, row in cost["per_method"].items():
         lines.append(f"| {METHODS.get(method, method)} | {row['non-private']:.1f} ms | {row['DP-SGD']:.1f} ms | "
