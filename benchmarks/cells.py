@@ -29,8 +29,8 @@ import torch
 from scipy import stats
 
 from feddat_secure.config import config_from_dict
+from feddat_secure.data import build_benchmark
 from feddat_secure.data.baselines import site_baselines
-from feddat_secure.data.synthetic import synthetic_benchmark
 from feddat_secure.federation.runner import run
 from feddat_secure.model.backbone import load_foundation
 from feddat_secure.predictor import Predictor
@@ -75,17 +75,14 @@ def percent(mean: float, half: float) -> str:
     return f"{100 * mean:.1f}" if math.isnan(half) else f"{100 * mean:.1f} ± {100 * half:.1f}"
 
 
-def benchmark_data(benchmark: str, seed: int, num_clients: int, train_per_client: int, test_per_client: int):
-    """The examples a run of this (benchmark, seed, sizes) trains and tests on: the runner builds the same."""
-    return synthetic_benchmark(benchmark, num_clients=num_clients, train_per_client=train_per_client,
-                               test_per_client=test_per_client, image_size=load_foundation().image_size, seed=seed)
-
-
 def data_of(config: dict):
-    """The examples of a run configuration (a synthetic benchmark)."""
+    """The examples of a run configuration, built by the runner's own ``build_benchmark`` (a validation split
+    included): what the run trained and was scored on."""
     data = config["data"]
-    return benchmark_data(data["benchmark"], config["seed"], data["num_clients"], data["train_per_client"],
-                          data["test_per_client"])
+    return build_benchmark(data["benchmark"], path=data.get("path", ""), num_clients=data["num_clients"],
+                           train_per_client=data["train_per_client"], test_per_client=data["test_per_client"],
+                           image_size=load_foundation().image_size, seed=config["seed"],
+                           validation_fraction=data.get("validation_fraction", 0.0))
 
 
 def baseline_cell(cache: Path, config: dict) -> dict:
@@ -93,7 +90,9 @@ def baseline_cell(cache: Path, config: dict) -> dict:
     images take seconds to generate)."""
     data = config["data"]
     name = (f"{data['benchmark']}-n{data['num_clients']}-{data['train_per_client']}-{data['test_per_client']}"
-            f"-s{config['seed']}-baselines-{BASELINES_VERSION}.json")
+            f"-s{config['seed']}"
+            + (f"-val{data['validation_fraction']:g}" if data.get("validation_fraction") else "")
+            + f"-baselines-{BASELINES_VERSION}.json")
     path = cache / name
     if path.exists():
         return json.loads(path.read_text())

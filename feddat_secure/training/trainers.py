@@ -13,7 +13,6 @@ every parameter a trainer updates from data is updated by DP-SGD on Poisson-samp
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -217,7 +216,7 @@ class FedDATTrainer(LocalTrainer):
             shared_loss.backward()
             shared_optimizer.step()
             if not train_client:  # the ablation client_adapter_rounds: A_c (and the DAT) learn no more
-                losses.append((shared_loss.item(), math.nan))
+                losses.append((shared_loss.item(),))
                 continue
             dat = self.model.logits(batch, DUAL_ADAPTER_TEACHER)  # 3. the DAT learns from A_s
             client_loss = mkd_loss(dat, student, labels, temperature=cfg.temperature,
@@ -228,9 +227,7 @@ class FedDATTrainer(LocalTrainer):
             self.client_optimizer.step()
             losses.append((shared_loss.item(), client_loss.item()))
         mean = np.mean(losses, axis=0)
-        if not train_client:
-            return {"shared_loss": float(mean[0])}
-        return {"shared_loss": float(mean[0]), "client_loss": float(mean[1])}
+        return dict(zip(("shared_loss", "client_loss"), map(float, mean)))
 
     def _train_private_round(self, batches, round_index, generator):
         """The same three passes per batch, each optimizer step a DP-SGD step of its own.
