@@ -106,7 +106,7 @@ def test_an_input_whose_spool_file_cannot_be_written_is_left_out_of_the_sum_and_
     harness.commit()
     requests = {m.recipient: m.data for m in harness.server.advance()}
 
-    def full_disk(path, mode):
+    def full_disk(path, mode, **options):  # the direct write opens through the same open(), with an opener
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     for name, request in requests.items():
@@ -169,3 +169,54 @@ def test_a_forked_child_that_exits_normally_leaves_its_parents_spooled_inputs_al
                           env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "signed input"
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 17])
+def test_a_directly_written_input_reads_back_byte_for_byte_at_its_own_length(tmp_path, size):
+    """Direct I/O writes whole 4 KiB blocks from a reused staging buffer: a file left padded, or holding the end of
+    the previous (longer) input, would be relayed with bytes its client never signed and the committee would abort
+    the round. Inputs of every length against the block, each after a longer one."""
+    inputs = spool.Spool(parent=tmp_path)
+    longer = bytes(range(256)) * (size // 256 + 40)
+    inputs.put("before", longer)
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    inputs.put("input", data)
+    assert inputs["input"] == data and inputs["before"] == longer
+    assert (inputs.folder / "000001.msg").stat().st_size == size
+    inputs.clear()
+
+
+def test_a_file_system_that_refuses_direct_io_gets_every_input_written_buffered(tmp_path, monkeypatch):
+    """O_DIRECT is refused with EINVAL by some file systems (tmpfs before Linux 6.6, FUSE and network mounts): the
+    spool must fall back to buffered writes, not refuse every input and with it every round."""
+    def no_direct_io(path, flags):
+        raise OSError(errno.EINVAL, "Invalid argument", path)
+
+    monkeypatch.setattr(spool, "_direct_opener", no_direct_io)
+    inputs = spool.Spool(parent=tmp_path)
+    inputs.put("client-0", b"first signed input")
+    inputs.put("client-1", b"second")
+    assert inputs.writes_directly is False
+    assert (inputs["client-0"], inputs["client-1"]) == (b"first signed input", b"second")
+    inputs.clear()
+
+
+def test_a_direct_write_that_fails_for_another_reason_is_an_error_and_leaves_no_file(tmp_path, monkeypatch):
+    """Only EINVAL means "no direct I/O here"; a full disk during a direct write must refuse that input (its file
+    gone, the folder's other inputs kept), not silently retry it buffered into the same full disk."""
+    inputs = spool.Spool(parent=tmp_path)
+    inputs.put("client-0", b"kept")
+    if not inputs.writes_directly:
+        pytest.skip(f"{tmp_path}'s file system refuses O_DIRECT")
+    real_ftruncate = spool.os.ftruncate
+
+    def full_disk(descriptor, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool.os, "ftruncate", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        inputs.put("client-1", b"refused" * 1000)
+    monkeypatch.setattr(spool.os, "ftruncate", real_ftruncate)
+    assert list(inputs) == ["client-0"] and inputs["client-0"] == b"kept"
+    assert sorted(path.name for path in inputs.folder.iterdir()) == ["000000.msg"]
+    inputs.clear()
