@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,7 +26,15 @@ import numpy as np
 
 from .errors import ConfigurationError, MessageRejected, ProtocolError
 from .identity import Identity, Roster
-from .wire import MAX_MESSAGE_BYTES, Envelope, check_session_id, decode, encode
+from .wire import (
+    MAX_MESSAGE_BYTES,
+    Envelope,
+    check_session_id,
+    decode,
+    decode_checking_payload_later,
+    encode,
+    encode_to_each,
+)
 
 STATE_FORMAT = "feddat-secure/protocol-state/1"
 
@@ -85,10 +93,21 @@ class Party(ABC):
     def _send(self, envelope: Envelope) -> Outgoing:
         return Outgoing(envelope.recipient, self._sign(envelope))
 
+    def _send_to_each(self, envelope: Envelope, recipients: Sequence[str]) -> list[Outgoing]:
+        """``[self._send(replace(envelope, recipient=r)) for r in recipients]``, the payload encoded once
+        (``wire.encode_to_each``)."""
+        return [Outgoing(recipient, data) for recipient, data in
+                zip(recipients, encode_to_each(envelope, recipients, self._identity))]
+
     def _decode(self, data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
         """Verify a message (or a relayed or nested one) of this session under this roster; ``max_bytes`` is the
         largest message the current stage can legitimately carry (refused before anything is parsed)."""
         return decode(data, self._roster, session=self.session, max_bytes=max_bytes)
+
+    def _decode_checking_payload_later(self, data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES
+                                       ) -> tuple[Envelope, Callable[[], None]]:
+        """``_decode`` with the payload's check returned, not yet run (``wire.decode_checking_payload_later``)."""
+        return decode_checking_payload_later(data, self._roster, session=self.session, max_bytes=max_bytes)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild this party, as plain values: str, int, float, bool, None, lists, dicts with

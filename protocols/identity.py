@@ -23,7 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from nacl.exceptions import CryptoError
-from nacl.signing import VerifyKey
+from nacl.signing import SigningKey, VerifyKey
 
 from .errors import ConfigurationError, MessageRejected
 
@@ -220,7 +220,15 @@ class Identity:
         return self.private_key.public_key()
 
     def sign(self, data: bytes) -> bytes:
-        return self.private_key.sign(data)
+        """The Ed25519 signature of ``data`` (RFC 8032: deterministic, so the same bytes whichever library makes
+        it), made by libsodium (PyNaCl), which signs in about 60 % of OpenSSL's time here (17 vs 28 µs; a server
+        signs about 600 messages a round)."""
+        return self._signing_key.sign(bytes(data)).signature
+
+    @functools.cached_property
+    def _signing_key(self) -> SigningKey:
+        return SigningKey(self.private_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                         serialization.NoEncryption()))
 
     def private_pem(self) -> bytes:
         """The private key as unencrypted PKCS#8 PEM: the folder that holds it is the trust boundary."""

@@ -16,7 +16,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from .errors import ConfigurationError
@@ -71,6 +71,20 @@ def run_each(function: Callable[..., T], arguments: Sequence[tuple]) -> list[T]:
     if error is not None:
         raise error
     return results
+
+
+def start(function: Callable[..., T], *arguments) -> Future:
+    """``function(*arguments)`` begun on a worker thread, for the caller to overlap with work of its own; its
+    ``result()`` waits and returns (or raises) what the call did. Run at once in the calling thread, and returned
+    finished, where there is one worker (``FEDDAT_SECURE_THREADS=1``) or the caller is a worker itself."""
+    if worker_count() <= 1 or threading.current_thread().name.startswith(_THREAD_PREFIX):
+        done: Future = Future()
+        try:
+            done.set_result(function(*arguments))
+        except BaseException as raised:  # noqa: BLE001 - handed to the caller by result()
+            done.set_exception(raised)
+        return done
+    return _shared_pool(1).submit(function, *arguments)
 
 
 @functools.cache

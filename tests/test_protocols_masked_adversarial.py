@@ -155,6 +155,35 @@ def test_a_packed_value_above_the_modulus_is_refused_by_the_server():
     assert "client-0" not in h.server._round.weights  # refused whole: nothing was added
 
 
+@pytest.mark.parametrize("position", ["first", "after others"])
+def test_a_masked_vector_whose_payload_does_not_match_its_signed_digest_leaves_the_sum_exactly_as_it_was(position):
+    """The server adds a masked vector while another thread checks its payload against the signed digest (issue 16).
+    A vector changed after signing (the header and its signature intact) must be refused and subtracted again:
+    any trace of it in the sum would survive unmasking as an error no one could attribute."""
+    h = Harness()
+    for _ in range(3):
+        h.stage()
+    answers = h.answer()
+    if position == "after others":
+        for name in ("client-0", "client-2"):
+            h.server.receive(answers[name])
+    before = None if h.server._round.total is None else h.server._round.total.copy()
+    tampered = bytearray(answers["client-1"])
+    tampered[-64 - 5] ^= 0x01  # a byte of the masked vector's last value, just before the signature
+    with pytest.raises(MessageRejected, match="the payload does not match its signed digest"):
+        h.server.receive(bytes(tampered))
+    after = h.server._round.total
+    assert (after is None) if before is None else np.array_equal(after, before)
+    assert "client-1" not in h.server._round.weights
+    for name, data in answers.items():  # the genuine message is still accepted afterwards
+        if position == "first" or name not in ("client-0", "client-2"):
+            h.server.receive(data)
+    h.advance()
+    for _ in range(2):
+        h.stage()
+    np.testing.assert_allclose(h.server.result().vector, 5 * np.linspace(-0.2, 0.2, h.length), atol=0.01)
+
+
 def test_a_client_refuses_a_round_that_does_not_match_its_input_or_options():
     h = Harness()
     request = h.read(h.requests["client-0"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -24,7 +25,7 @@ from protocols import (
     new_session_id,
     peek,
 )
-from protocols.wire import MAGIC, SIGNATURE_BYTES, VERSION, payload_digest
+from protocols.wire import MAGIC, SIGNATURE_BYTES, VERSION, encode_to_each, payload_digest
 
 SERVER = Identity.generate("server")
 ALICE = Identity.generate("client-0")
@@ -365,3 +366,31 @@ def test_any_fields_and_vectors_round_trip_to_identical_bytes(fields, values):
     decoded = read(data)
     assert same(original, decoded)
     assert encode(decoded, ALICE) == data
+
+
+def test_encoding_one_message_to_each_recipient_is_byte_for_byte_encoding_it_to_each_in_turn():
+    """The masked server relays the same n signed messages to each of n clients and encodes the payload once
+    (issue 16): every message must still be exactly what ``encode`` makes for its recipient, so that it decodes,
+    verifies and hashes (audit logs) as before, and a field holding another party's id is not rewritten."""
+    identity = Identity.generate("server")
+    roster = Roster.from_identities(identity, [Identity.generate(f"client-{i}") for i in range(3)])
+    session = new_session_id()
+    envelope = Envelope("masked", 4, "advertise_keys", "server", "client-0", {"note": "client-0", "n": [1, 2.5]},
+                        {"v": np.arange(5, dtype=np.uint32)}, {"client-0": b"a", "client-1": b"bc"}, session,
+                        roster.digest)
+    recipients = ["client-0", "client-1", "client-2"]
+    each = encode_to_each(envelope, recipients, identity)
+    assert each == [encode(dataclasses.replace(envelope, recipient=r), identity) for r in recipients]
+    assert [decode(data, roster, session=session).recipient for data in each] == recipients
+    assert decode(each[2], roster, session=session).fields["note"] == "client-0"
+    with pytest.raises(ProtocolError, match="header field 'recipient' must be a party id, not 'bad id'"):
+        encode_to_each(envelope, ["client-0", "bad id"], identity)
+
+
+def test_a_party_signs_exactly_what_rfc_8032_ed25519_signs_whichever_library_makes_it():
+    """Identity.sign goes through libsodium for speed (issue 16); Ed25519 is deterministic, so every signature must
+    be the one OpenSSL makes with the same key, and verify under the roster's public key."""
+    for size in (0, 1, 300, 70_000):
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        assert SERVER.sign(data) == SERVER.private_key.sign(data)
+        SERVER.public_key.verify(SERVER.sign(data), data)

@@ -40,9 +40,10 @@ def high_bits_clear(packed: np.ndarray, modulus_bits: int) -> bool:
     return not np.any(packed[:, -1] >> np.uint8(8 - spare))
 
 
-def accumulate(total: np.ndarray, packed: np.ndarray) -> None:
-    """``total ← total + packed`` modulo 2^(8·total.itemsize), exact modulo 2^(8·width); in place, split over the
-    worker threads.
+def accumulate(total: np.ndarray, packed: np.ndarray, *, subtract: bool = False, threads: int | None = None) -> None:
+    """``total ← total + packed`` (``total − packed`` with ``subtract``: the exact undo of an addition) modulo
+    2^(8·total.itemsize), exact modulo 2^(8·width); in place, split over ``threads`` worker threads (default
+    ``parallel.worker_count()``; 1: in the calling thread only).
 
     ``total``: a contiguous 1-D unsigned word vector of length P; ``packed``: a C-contiguous ``(P, width)`` uint8
     array with ``width <= total.itemsize`` (e.g. a read-only view into a received message).
@@ -52,14 +53,15 @@ def accumulate(total: np.ndarray, packed: np.ndarray) -> None:
     word = total.dtype.newbyteorder("<")
     flat = packed.reshape(-1)
     inside = max(0, count - (-(-itemsize // width)) + 1)  # values whose whole word lies inside the packed bytes
+    operation = np.subtract if subtract else np.add
 
     def add_span(start: int, stop: int) -> None:
         if stop > start:
             words = np.ndarray((stop - start,), word, buffer=flat, offset=start * width, strides=(width,))
-            np.add(total[start:stop], words, out=total[start:stop])
+            operation(total[start:stop], words, out=total[start:stop])
 
-    parallel.run_each(add_span, parallel.spans(inside, parallel.worker_count()))
+    parallel.run_each(add_span, parallel.spans(inside, threads or parallel.worker_count()))
     if inside < count:
         tail = np.zeros((count - inside, itemsize), np.uint8)
         tail[:, :width] = packed[inside:]
-        np.add(total[inside:], tail.reshape(-1).view(word), out=total[inside:])
+        operation(total[inside:], tail.reshape(-1).view(word), out=total[inside:])

@@ -60,13 +60,13 @@ def recover(shares: Mapping[int, bytes], threshold: int, verify: Callable[[bytes
         raise ProtocolError(f"{len(points)} well-formed shares cannot reconstruct a {threshold}-of-n secret")
     radius = (len(points) - threshold) // 2
     # the first t, then Berlekamp–Welch (O(m³), only when the first fails): each trusted only within the radius
-    for decode in (lambda: _interpolate(points[:threshold]),
-                   lambda: _polynomial_function(_berlekamp_welch(points, threshold))):
-        found = _verified(decode(), points, verify)
+    for decode, through in ((lambda: _interpolate(points[:threshold]), points[:threshold]),
+                            (lambda: _polynomial_function(_berlekamp_welch(points, threshold)), ())):
+        found = _verified(decode(), points, verify, through)
         if found is not None and len(found[1]) <= radius:
             return found[0], bad | found[1]
     for subset in itertools.islice(_subsets(points, threshold), MAX_SUBSETS):
-        found = _verified(_interpolate(subset), points, verify)
+        found = _verified(_interpolate(subset), points, verify, subset)
         if found is not None:
             return found[0], bad | found[1]
     raise ProtocolError(f"no {threshold} of the {len(shares)} shares reconstruct the committed secret "
@@ -74,9 +74,11 @@ def recover(shares: Mapping[int, bytes], threshold: int, verify: Callable[[bytes
 
 
 def _verified(polynomial: Callable[[int], int] | None, points: list[tuple[int, int]],
-              verify: Callable[[bytes], bool]) -> tuple[bytes, set[int]] | None:
+              verify: Callable[[bytes], bool],
+              through: Iterable[tuple[int, int]] = ()) -> tuple[bytes, set[int]] | None:
     """The secret P(0) of ``polynomial`` (a function over the field) and the indices of the points off it, if
-    ``verify`` accepts that secret."""
+    ``verify`` accepts that secret. ``through``: points the polynomial was interpolated through, on it by
+    construction, so not evaluated again (half of the points when the first t interpolate)."""
     if polynomial is None:
         return None
     value = polynomial(0)
@@ -85,7 +87,8 @@ def _verified(polynomial: Callable[[int], int] | None, points: list[tuple[int, i
     secret = value.to_bytes(SECRET_BYTES, "big")
     if not verify(secret):
         return None
-    return secret, {x for x, y in points if polynomial(x) != y}
+    on = set(through)
+    return secret, {x for x, y in points if (x, y) not in on and polynomial(x) != y}
 
 
 def _subsets(points: list[tuple[int, int]], threshold: int) -> Iterator[list[tuple[int, int]]]:
