@@ -118,8 +118,7 @@ class MaskedServer(ServerSession):
         view = view_digest(self.session, round_id, clients, terms, context)
         self._round = _Round(round_id, clients, vector_length, terms, context, view, set(clients))
         self._result, self._aborted, self.stage, self.round_done = None, False, COMMIT, False
-        return [self._request(client, {"cohort": list(clients), "terms": terms, "round_context": context})
-                for client in clients]
+        return self._request_from_each(clients, {"cohort": list(clients), "terms": terms, "round_context": context})
 
     def advance(self) -> list[Outgoing]:
         state = self._current()
@@ -148,9 +147,10 @@ class MaskedServer(ServerSession):
     def _request(self, client: str, fields=None, blobs=None) -> Outgoing:
         return self._send(self._envelope(self._round.round_id, self.stage, client, fields, None, blobs))
 
-    def _request_from_each(self, clients: Sequence[str], blobs: Mapping[str, bytes]) -> list[Outgoing]:
-        """The same request (every member's signed message, relayed) to each of ``clients``, encoded once."""
-        return self._send_to_each(self._envelope(self._round.round_id, self.stage, clients[0], None, None, blobs),
+    def _request_from_each(self, clients: Sequence[str], fields=None, blobs=None) -> list[Outgoing]:
+        """The same request to each of ``clients`` (the round's terms, the survivors, every member's signed message
+        relayed), encoded once: only the recipient differs."""
+        return self._send_to_each(self._envelope(self._round.round_id, self.stage, clients[0], fields, None, blobs),
                                   clients)
 
     def _abort(self, reason: str) -> RoundAborted:
@@ -304,7 +304,7 @@ class MaskedServer(ServerSession):
     def _after_commit(self, state: _Round) -> list[Outgoing]:
         self._require_everyone(state, state.committed, "commitment")
         self.stage = ADVERTISE
-        return self._request_from_each(state.clients, blobs=dict(state.committed))
+        return self._request_from_each(state.clients, blobs=dict(state.committed))  # relayed verbatim
 
     def _after_advertise(self, state: _Round) -> list[Outgoing]:
         self._require_everyone(state, state.advertised, "key advertisement")
@@ -333,7 +333,7 @@ class MaskedServer(ServerSession):
         state.dropped_needed = tuple(sorted(c for c in dropped if survivors.intersection(state.neighbours[c])))
         self._require_holders(state, survivors | set(state.dropped_needed), survivors)
         state.live, state.survivors, self.stage = survivors, tuple(sorted(survivors)), CONSISTENCY
-        return [self._request(client, {"survivors": list(state.survivors)}) for client in state.survivors]
+        return self._request_from_each(state.survivors, {"survivors": list(state.survivors)})
 
     def _after_consistency(self, state: _Round) -> list[Outgoing]:
         live = set(state.consistency)

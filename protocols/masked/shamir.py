@@ -124,13 +124,14 @@ def _interpolate(points: list[tuple[int, int]]) -> Callable[[int], int]:
     the coefficients cost O(t²) field products (issue 16: the server reconstructs a secret per client and round).
     A product of nonzero differences, each smaller than the prime, is never 0 modulo it, so every inverse exists."""
     xs = [x for x, _ in points]
-    weights = []
-    for i, (x_i, y_i) in enumerate(points):
+    denominators = []
+    for i, x_i in enumerate(xs):
         denominator = 1
         for j, x_j in enumerate(xs):
             if j != i:
                 denominator *= x_i - x_j
-        weights.append(y_i * pow(denominator % PRIME, -1, PRIME) % PRIME)
+        denominators.append(denominator % PRIME)
+    weights = [y * inverse % PRIME for (_, y), inverse in zip(points, _inverses(denominators))]
 
     def value(x: int) -> int:
         differences = [x - x_j for x_j in xs]
@@ -144,6 +145,20 @@ def _interpolate(points: list[tuple[int, int]]) -> Callable[[int], int]:
         return total % PRIME
 
     return value
+
+
+def _inverses(values: list[int]) -> list[int]:
+    """The inverses of nonzero ``values`` modulo PRIME with one field inversion (Montgomery's trick: running
+    products, one inverse, then back), where t inversions cost the server about 7 ms a round (issue 16)."""
+    prefix, running = [], 1
+    for value in values:
+        prefix.append(running)
+        running = running * value % PRIME
+    inverse, result = pow(running, -1, PRIME), [0] * len(values)
+    for i in range(len(values) - 1, -1, -1):
+        result[i] = inverse * prefix[i] % PRIME
+        inverse = inverse * values[i] % PRIME
+    return result
 
 
 def _berlekamp_welch(points: list[tuple[int, int]], threshold: int) -> list[int] | None:
