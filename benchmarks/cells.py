@@ -29,7 +29,7 @@ import torch
 from scipy import stats
 
 from feddat_secure.config import config_from_dict
-from feddat_secure.data import build_benchmark
+from feddat_secure.data import FAMILIES, build_benchmark
 from feddat_secure.data.baselines import site_baselines
 from feddat_secure.federation.runner import run
 from feddat_secure.model.backbone import load_foundation
@@ -82,7 +82,8 @@ def data_of(config: dict):
     return build_benchmark(data["benchmark"], path=data.get("path", ""), num_clients=data["num_clients"],
                            train_per_client=data["train_per_client"], test_per_client=data["test_per_client"],
                            image_size=load_foundation().image_size, seed=config["seed"],
-                           validation_fraction=data.get("validation_fraction", 0.0))
+                           validation_fraction=data.get("validation_fraction", 0.0),
+                           question_families=tuple(data.get("question_families", FAMILIES)))
 
 
 def baseline_cell(cache: Path, config: dict) -> dict:
@@ -92,6 +93,7 @@ def baseline_cell(cache: Path, config: dict) -> dict:
     name = (f"{data['benchmark']}-n{data['num_clients']}-{data['train_per_client']}-{data['test_per_client']}"
             f"-s{config['seed']}"
             + (f"-val{data['validation_fraction']:g}" if data.get("validation_fraction") else "")
+            + (f"-{'+'.join(data['question_families'])}" if data.get("question_families") else "")
             + f"-baselines-{BASELINES_VERSION}.json")
     path = cache / name
     if path.exists():

@@ -37,7 +37,7 @@ def baselines(config: RunConfig) -> dict[str, float]:
     data = config.data
     benchmark = build_benchmark(data.benchmark, path=data.path, num_clients=data.num_clients,
                                 train_per_client=data.train_per_client, test_per_client=data.test_per_client,
-                                image_size=image_size, seed=config.seed)
+                                image_size=image_size, seed=config.seed, question_families=data.question_families)
     scores = site_baselines(benchmark).values()
     return {"majority": float(np.mean([s.majority for s in scores])),
             "question-only": float(np.mean([s.question_only for s in scores]))}

@@ -51,7 +51,7 @@ def rescore_test_split(predictor: feddat_secure.Predictor, run: Path) -> None:
     benchmark = build_benchmark(config.data.benchmark, path=config.data.path, num_clients=config.data.num_clients,
                                 train_per_client=config.data.train_per_client,
                                 test_per_client=config.data.test_per_client, image_size=predictor.image_size,
-                                seed=config.seed)
+                                seed=config.seed, question_families=config.data.question_families)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     for client in benchmark.clients:
         if predictor.site not in (None, client.client_id):

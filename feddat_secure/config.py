@@ -27,11 +27,13 @@ from protocols import ConfigurationError, options_class, registered_protocols
 from protocols.he import HEOptions
 from protocols.masked import MaskedOptions
 
+from .data.questions import FAMILIES as QUESTION_FAMILIES
 from .errors import FeddatError
 from .federation.algorithms import get_algorithm, registered_algorithms
 from .model.lora_targets import DEFAULT_TARGET_MODULES, matches_target
 
-BENCHMARKS = ("function", "domain", "scene", "digits", "digits-skew", "folder")
+SYNTHETIC_BENCHMARKS = ("function", "domain", "scene")
+BENCHMARKS = (*SYNTHETIC_BENCHMARKS, "digits", "digits-skew", "folder")
 ALGORITHMS = (*registered_algorithms(), "centralized")  # "centralized" is a run mode of its own (pooled data)
 
 # Bounds on what a run may ask for. The simulation holds every site's copy of the model and every generated
@@ -101,6 +103,9 @@ class DataConfig:
     # > 0: every site holds out the last fraction of its training examples and is scored on them instead of its
     # test split (choosing hyperparameters without ever seeing a test example)
     validation_fraction: float = _range(0.0, low=0, high=0.5)
+    # the synthetic benchmarks' question families (function: site i asks families[i mod len]; domain, scene: every
+    # listed family at every site); ["existence", "attribute", "counting"] keeps the ones the image answers
+    question_families: tuple[str, ...] = QUESTION_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -387,6 +392,7 @@ def _check_consistency(config: RunConfig) -> None:
         raise ConfigError("key 'training.head_in_dat_loss' steps a site's own head with A_c's optimizer: it needs "
                           "model.head = 'local'")
     _check_target_modules(config.model.target_modules)
+    _check_question_families(config.data)
     _check_privacy(config)
 
 
@@ -405,6 +411,19 @@ def _check_name(name: str) -> None:
         problem = f"must be at most {MAX_NAME_BYTES} bytes long (a folder name)"
     if problem:
         raise ConfigError(f"key 'name' {problem}, got {_shown(name)}")
+
+
+def _check_question_families(data: DataConfig) -> None:
+    families = data.question_families
+    unknown = [family for family in families if family not in QUESTION_FAMILIES]
+    if unknown:
+        raise ConfigError(f"key 'data.question_families': unknown family {_shown(unknown[0])}; known: "
+                          f"{', '.join(QUESTION_FAMILIES)}")
+    if len(set(families)) != len(families):
+        raise ConfigError(f"key 'data.question_families' names a family twice: {list(families)}")
+    if families != QUESTION_FAMILIES and data.benchmark not in SYNTHETIC_BENCHMARKS:
+        raise ConfigError(f"key 'data.question_families' applies to the synthetic benchmarks "
+                          f"({', '.join(SYNTHETIC_BENCHMARKS)}), not {data.benchmark!r}")
 
 
 def _check_target_modules(targets: tuple[str, ...]) -> None:

@@ -3,10 +3,17 @@
 - ``function``: every client asks a different question family;
 - ``domain``: same families, each client's images come from another rendering domain;
 - ``scene``: each client has its own object vocabulary, layout and background.
+
+``families`` narrows the question families every benchmark draws from (all five by default): ``function`` gives
+client ``i`` family ``families[i mod len]``, the others ask every listed family at every client. Keeping only
+``existence``, ``attribute`` and ``counting`` (``GROUNDED_FAMILIES``), the families the image answers, leaves room
+to learn: on 5 sites × 1,000 examples a question-only lookup scores about 43 % there, against 54 % with all five,
+where the spatial and logical templates give most of their answer away (docs/data.md).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +21,8 @@ import numpy as np
 from .questions import FAMILIES, FAMILY_ANSWERS, GENERATORS
 from .scenes import DOMAINS, SHAPES, SceneStyle, apply_domain, render, sample_objects
 from .vqa import Benchmark, ClientData, VQAExample
+
+GROUNDED_FAMILIES = ("existence", "attribute", "counting")
 
 
 @dataclass(frozen=True)
@@ -36,12 +45,12 @@ def generate_examples(spec: SiteSpec, count: int, image_size: int, rng: np.rando
     return examples
 
 
-def _function_sites(num_clients: int) -> list[SiteSpec]:
-    return [SiteSpec(families=(FAMILIES[i % len(FAMILIES)],)) for i in range(num_clients)]
+def _function_sites(num_clients: int, families: tuple[str, ...]) -> list[SiteSpec]:
+    return [SiteSpec(families=(families[i % len(families)],)) for i in range(num_clients)]
 
 
-def _domain_sites(num_clients: int) -> list[SiteSpec]:
-    return [SiteSpec(domain=DOMAINS[i % len(DOMAINS)]) for i in range(num_clients)]
+def _domain_sites(num_clients: int, families: tuple[str, ...]) -> list[SiteSpec]:
+    return [SiteSpec(families=families, domain=DOMAINS[i % len(DOMAINS)]) for i in range(num_clients)]
 
 
 _SCENE_LAYOUTS = (
@@ -55,27 +64,34 @@ _SCENE_LAYOUTS = (
 )
 
 
-def _scene_sites(num_clients: int) -> list[SiteSpec]:
-    return [SiteSpec(style=_SCENE_LAYOUTS[i % len(_SCENE_LAYOUTS)]) for i in range(num_clients)]
+def _scene_sites(num_clients: int, families: tuple[str, ...]) -> list[SiteSpec]:
+    return [SiteSpec(families=families, style=_SCENE_LAYOUTS[i % len(_SCENE_LAYOUTS)]) for i in range(num_clients)]
 
 
 SITE_BUILDERS = {"function": _function_sites, "domain": _domain_sites, "scene": _scene_sites}
 
 
 def synthetic_benchmark(
-    name: str, *, num_clients: int, train_per_client: int, test_per_client: int, image_size: int, seed: int
+    name: str, *, num_clients: int, train_per_client: int, test_per_client: int, image_size: int, seed: int,
+    families: Sequence[str] = FAMILIES,
 ) -> Benchmark:
+    """The synthetic benchmark ``name`` with ``num_clients`` sites asking questions of ``families`` (module
+    docstring); raises ValueError for an unknown benchmark or family, or a family named twice."""
     if name not in SITE_BUILDERS:
         raise ValueError(f"unknown synthetic benchmark {name!r}; known: {', '.join(SITE_BUILDERS)}")
+    families = tuple(families)
+    unknown = [family for family in families if family not in FAMILIES]
+    if unknown or not families or len(set(families)) != len(families):
+        raise ValueError(f"question families must be distinct names from {', '.join(FAMILIES)}, got {list(families)}")
     clients = []
-    for index, spec in enumerate(SITE_BUILDERS[name](num_clients)):
+    for index, spec in enumerate(SITE_BUILDERS[name](num_clients, families)):
         # One independent stream per client, so adding a client never changes the others.
         rng = np.random.default_rng([seed, index])
         train = generate_examples(spec, train_per_client, image_size, rng)
         test = generate_examples(spec, test_per_client, image_size, rng)
         answers = tuple(sorted({a for family in spec.families for a in FAMILY_ANSWERS[family]}))
         clients.append(ClientData(f"client{index}", train, test, answers))
-    vocabulary = tuple(sorted({a for family in FAMILIES for a in FAMILY_ANSWERS[family]}))
+    vocabulary = tuple(sorted({a for family in families for a in FAMILY_ANSWERS[family]}))
     return Benchmark(name, clients, vocabulary)
 
 

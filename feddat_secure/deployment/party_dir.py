@@ -187,7 +187,8 @@ def site_data(folder: Path, planned: PlannedParty, site_id: str):
     benchmark = build_benchmark(data.benchmark, path=path, num_clients=data.num_clients,
                                 train_per_client=data.train_per_client, test_per_client=data.test_per_client,
                                 image_size=planned.foundation.image_size, seed=config.seed,
-                                validation_fraction=data.validation_fraction)
+                                validation_fraction=data.validation_fraction,
+                                question_families=data.question_families)
     client = next((c for c in benchmark.clients if c.client_id == site_id), None)
     if client is None:
         raise DeploymentError(f"{site_id}: no data of this site in the {data.benchmark!r} benchmark "

@@ -183,7 +183,8 @@ def load_inputs(config: RunConfig) -> tuple[Foundation, Benchmark]:
     benchmark = build_benchmark(config.data.benchmark, path=config.data.path, num_clients=config.data.num_clients,
                                 train_per_client=config.data.train_per_client,
                                 test_per_client=config.data.test_per_client, image_size=foundation.image_size,
-                                seed=config.seed, validation_fraction=config.data.validation_fraction)
+                                seed=config.seed, validation_fraction=config.data.validation_fraction,
+                                question_families=config.data.question_families)
     check_against_data(config, {c.client_id: len(c.train) for c in benchmark.clients})
     return foundation, benchmark
 
