@@ -29,7 +29,7 @@ import torch
 from scipy import stats
 
 from feddat_secure.config import config_from_dict
-from feddat_secure.data import FAMILIES, build_benchmark
+from feddat_secure.data import FAMILIES, GROUNDED_FAMILIES, build_benchmark
 from feddat_secure.data.baselines import site_baselines
 from feddat_secure.federation.runner import run
 from feddat_secure.model.backbone import load_foundation
@@ -37,6 +37,17 @@ from feddat_secure.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES_VERSION = "v2"  # v2: question-only backs off from the exact wording to the template (docs/data.md)
+
+
+# benchmarks of the data layer with one change: (the benchmark, its question families). "-grounded" keeps the
+# families the image answers (existence, attribute, counting): where centralized training clears question-only.
+BENCHMARK_VARIANTS = {f"{name}-grounded": (name, GROUNDED_FAMILIES) for name in ("function", "domain", "scene")}
+
+
+def data_config(benchmark: str, **sizes) -> dict:
+    """The ``[data]`` table of a run of ``benchmark`` (a data-layer benchmark or one of ``BENCHMARK_VARIANTS``)."""
+    name, families = BENCHMARK_VARIANTS.get(benchmark, (benchmark, None))
+    return {"benchmark": name, **sizes, **({"question_families": list(families)} if families else {})}
 
 
 def git_revision() -> str:

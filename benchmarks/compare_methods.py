@@ -35,10 +35,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from cells import REVISION, baseline_cell, interval, percent, provenance, run_cell, site_scores, write_json
+from cells import (
+    BENCHMARK_VARIANTS,
+    REVISION,
+    baseline_cell,
+    data_config,
+    interval,
+    percent,
+    provenance,
+    run_cell,
+    site_scores,
+    write_json,
+)
 
 from feddat_secure.config import config_from_dict
-from feddat_secure.data import GROUNDED_FAMILIES
 from feddat_secure.data.batching import encode_split
 from feddat_secure.data.synthetic import synthetic_benchmark
 from feddat_secure.model.adapters import LoraSettings
@@ -65,9 +75,6 @@ LABELS = {"feddat": "FedDAT (DAT)", "fedavg": "FedAvg-adapter",
           "fedprox": "FedProx (μ = 0.01)", "ffa-lora": "FFA-LoRA (A frozen, B aggregated)",
           "fedsa-lora": "FedSA-LoRA (A aggregated, B kept)", "local": "local-only",
           "centralized": "centralized (pooled data)"}
-# benchmarks of the data layer with one change: (the benchmark, its question families). "-grounded" keeps the
-# families the image answers (existence, attribute, counting): where centralized training clears question-only.
-BENCHMARK_VARIANTS = {f"{name}-grounded": (name, GROUNDED_FAMILIES) for name in ("function", "domain", "scene")}
 BASELINES = {"question_only": "question-only (no image), site's own data",
              "question_only_pooled": "question-only (no image), every site's data",
              "majority": "majority answer"}
@@ -93,11 +100,10 @@ def run_config(benchmark: str, method: str, seed: int, setting: Setting, output_
     ``validation_fraction``, scored on that held-out part of each site's training data instead of its test split."""
     steps = setting.local_steps * (COMPUTE_MATCH if method == "fedavg-3x" else 1)
     algorithm, changes = VARIANTS.get(method, (method, {}))
-    name, families = BENCHMARK_VARIANTS.get(benchmark, (benchmark, None))
     config = {
         "seed": seed, "output_dir": output_dir,
-        "data": {"benchmark": name, "num_clients": setting.num_clients,
-                 "train_per_client": setting.train_per_client, "test_per_client": setting.test_per_client},
+        "data": data_config(benchmark, num_clients=setting.num_clients, train_per_client=setting.train_per_client,
+                            test_per_client=setting.test_per_client),
         "federation": {"rounds": setting.rounds, "fedprox_mu": 0.01,
                        "algorithm": algorithm},
         "training": {"local_steps": steps, "batch_size": setting.batch_size,
@@ -106,8 +112,6 @@ def run_config(benchmark: str, method: str, seed: int, setting: Setting, output_
     }
     if validation_fraction:
         config["data"]["validation_fraction"] = validation_fraction
-    if families:
-        config["data"]["question_families"] = list(families)
     return config
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cells import baseline_cell, interval, percent, provenance, run_cell, site_scores
+from cells import BENCHMARK_VARIANTS, baseline_cell, data_config, interval, percent, provenance, run_cell, site_scores
 
 from feddat_secure.config import RecordPrivacyConfig, TrainingConfig
 from feddat_secure.data import build_benchmark
@@ -125,8 +125,8 @@ def run_config(method: str, epsilon: float, seed: int, args: argparse.Namespace)
     """One cell's run configuration, as ``feddat-secure run`` would read it from a TOML file."""
     config = {
         "seed": seed, "output_dir": "",
-        "data": {"benchmark": args.benchmark, "num_clients": args.clients, "train_per_client": args.train_per_client,
-                 "test_per_client": args.test_per_client},
+        "data": data_config(args.benchmark, num_clients=args.clients, train_per_client=args.train_per_client,
+                            test_per_client=args.test_per_client),
         "federation": {"rounds": args.rounds, "algorithm": method},
         "training": {"local_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate},
         "model": {"head": "local"},
@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0, math.inf])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--benchmark", default="function")
+    parser.add_argument("--benchmark", default="function",
+                        help="function, domain, scene, or one of " + ", ".join(BENCHMARK_VARIANTS))
     parser.add_argument("--clients", type=int, default=5)
     parser.add_argument("--train-per-client", type=int, default=1000)
     parser.add_argument("--test-per-client", type=int, default=500)
