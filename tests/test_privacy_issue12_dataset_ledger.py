@@ -20,6 +20,7 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 
 from feddat_secure.cli import USER_ERRORS, main
+from feddat_secure.data import build_benchmark
 from feddat_secure.data.batching import EncodedSplit
 from feddat_secure.federation import site_app
 from feddat_secure.federation.runner import run
@@ -288,3 +289,36 @@ def test_a_record_set_swapped_or_deleted_to_hide_an_overlap_is_refused(tmp_path,
     assert {path: path.read_bytes() for path in tmp_path.iterdir()} == files
     assert main(["privacy", "ledger", "show", str(forty.path)]) == 1
     assert named.split(":")[-1].strip() in capsys.readouterr().err
+
+
+def test_two_sites_of_one_run_whose_data_share_records_each_charge_both_ledgers_and_the_report_checks_out(
+        tmp_path, ledger_dir, monkeypatch):
+    """Two hospitals may hold the same patient. Each site's dataset ledger then gets the other site's charges of the
+    same run too (the record's ε composes over both sites' releases), and the report's check that a ledger holds
+    this run's charges, which compared all of the run's charges with one site's, refused every such run at its
+    end (found running the function-grounded benchmark, whose same-family sites draw identical examples)."""
+    from feddat_secure.federation import runner as runner_module
+
+    def with_shared_records(*args, **kwargs):
+        benchmark = build_benchmark(*args, **kwargs)
+        first, second = benchmark.clients[:2]
+        shared = dataclasses.replace(second, train=[*first.train[:5], *second.train[5:]])
+        return dataclasses.replace(benchmark, clients=[first, shared, *benchmark.clients[2:]])
+
+    monkeypatch.setattr(runner_module, "build_benchmark", with_shared_records)
+    config = small_config(tmp_path, privacy={"record": {"enabled": True, "noise_multiplier": 1.5}},
+                          secure_aggregation={"protocol": "plain"}, training={"local_steps": 1},
+                          data={"benchmark": "domain", "num_clients": 2, "train_per_client": 20,
+                                "test_per_client": 4})  # every site answers over every family's answers
+    result = run(config, **QUIET)  # raised EvidenceMismatch before the fix
+    assert (result.run_dir / "privacy_report.json").exists()
+    summaries = {site: json.loads((result.run_dir / "parties" / site / LEDGER_FILE).read_text())["dataset_ledger"]
+                 for site in ("client0", "client1")}
+    others = []
+    for site, other in (("client0", "client1"), ("client1", "client0")):
+        trained_on = [c.trained_on for c in read_ledger(summaries[site]["path"]).charges]
+        assert trained_on.count(summaries[site]["dataset_sha256"]) == config.federation.rounds
+        others.append(trained_on.count(summaries[other]["dataset_sha256"]))
+    # the ledger made first holds every charge on the shared records (the other was made at its site's first
+    # charge, after the first site's first one): the soundness argument of the shared budgets
+    assert max(others) == config.federation.rounds and min(others) >= config.federation.rounds - 1

@@ -253,8 +253,12 @@ class LedgerContents:
         accountant.rounds = [(c.round, c.events) for c in self.charges if c.level == level and c.run != exclude_run]
         return accountant
 
-    def run_charges(self, run: str, level: str) -> list[tuple[int, tuple[GaussianEvent, ...]]]:
-        return [(c.round, c.events) for c in self.charges if c.run == run and c.level == level]
+    def run_charges(self, run: str, level: str, trained_on: str | None = None
+                    ) -> list[tuple[int, tuple[GaussianEvent, ...]]]:
+        """Run ``run``'s charges at ``level`` as (round, events); with ``trained_on``, only those of the site that
+        trained on that dataset: two sites of one run whose data share records both charge this ledger."""
+        return [(c.round, c.events) for c in self.charges if c.run == run and c.level == level
+                and (trained_on is None or c.trained_on == trained_on)]
 
     def runs(self) -> list[str]:
         return list(dict.fromkeys(c.run for c in self.charges))

@@ -262,7 +262,8 @@ def _against_dataset_ledgers(result: EvidenceCheck, contents: Mapping[str, Mappi
         for accountant in (PrivacyAccountant.from_state_dict(s) for s in content.get("ledgers", [])):
             if not accountant.rounds or accountant.level not in ledger.budgets:
                 continue
-            runs = [ledger.run_charges(run, accountant.level) for run in ledger.runs()]
+            # this site's own charges: another site of the run whose data shares records charges this ledger too
+            runs = [ledger.run_charges(run, accountant.level, summary.get("dataset_sha256")) for run in ledger.runs()]
             if accountant.rounds not in runs:
                 result.mismatches.append(Mismatch(party, name, f"dataset ledger {path.name}: this run's "
                                                   f"{accountant.level}-level charges",

@@ -308,7 +308,8 @@ class SitePrivacy:
             return
         contents = self.dataset.ledger.read()
         for accountant in self.accountants:
-            charged = contents.run_charges(run, accountant.level) if contents is not None else []
+            charged = (contents.run_charges(run, accountant.level, self.dataset.ledger.dataset_sha256)
+                       if contents is not None else [])
             if charged[:len(accountant.rounds)] != accountant.rounds:
                 raise DatasetLedgerError(f"{self.dataset.ledger.path}: the dataset ledger does not hold the "
                                          f"{accountant.level}-level charges this run's checkpoint holds (was it cut "
