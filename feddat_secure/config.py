@@ -28,6 +28,7 @@ from protocols.he import HEOptions
 from protocols.masked import MaskedOptions
 
 from .data.questions import FAMILIES as QUESTION_FAMILIES
+from .data.synthetic import check_families
 from .errors import FeddatError
 from .federation.algorithms import get_algorithm, registered_algorithms
 from .model.lora_targets import DEFAULT_TARGET_MODULES, matches_target
@@ -414,14 +415,11 @@ def _check_name(name: str) -> None:
 
 
 def _check_question_families(data: DataConfig) -> None:
-    families = data.question_families
-    unknown = [family for family in families if family not in QUESTION_FAMILIES]
-    if unknown:
-        raise ConfigError(f"key 'data.question_families': unknown family {_shown(unknown[0])}; known: "
-                          f"{', '.join(QUESTION_FAMILIES)}")
-    if len(set(families)) != len(families):
-        raise ConfigError(f"key 'data.question_families' names a family twice: {list(families)}")
-    if families != QUESTION_FAMILIES and data.benchmark not in SYNTHETIC_BENCHMARKS:
+    try:
+        check_families(data.question_families)
+    except ValueError as error:
+        raise ConfigError(f"key 'data.question_families': {error}") from None
+    if data.question_families != QUESTION_FAMILIES and data.benchmark not in SYNTHETIC_BENCHMARKS:
         raise ConfigError(f"key 'data.question_families' applies to the synthetic benchmarks "
                           f"({', '.join(SYNTHETIC_BENCHMARKS)}), not {data.benchmark!r}")
 

@@ -71,6 +71,19 @@ def _scene_sites(num_clients: int, families: tuple[str, ...]) -> list[SiteSpec]:
 SITE_BUILDERS = {"function": _function_sites, "domain": _domain_sites, "scene": _scene_sites}
 
 
+def check_families(families: Sequence[str]) -> tuple[str, ...]:
+    """``families`` as a tuple if it names known families, each once; otherwise ValueError naming the problem."""
+    families = tuple(families)
+    if not families:
+        raise ValueError("names no family")
+    unknown = [family for family in families if family not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
+    if len(set(families)) != len(families):
+        raise ValueError(f"names a family twice: {list(families)}")
+    return families
+
+
 def synthetic_benchmark(
     name: str, *, num_clients: int, train_per_client: int, test_per_client: int, image_size: int, seed: int,
     families: Sequence[str] = FAMILIES,
@@ -79,10 +92,7 @@ def synthetic_benchmark(
     docstring); raises ValueError for an unknown benchmark or family, or a family named twice."""
     if name not in SITE_BUILDERS:
         raise ValueError(f"unknown synthetic benchmark {name!r}; known: {', '.join(SITE_BUILDERS)}")
-    families = tuple(families)
-    unknown = [family for family in families if family not in FAMILIES]
-    if unknown or not families or len(set(families)) != len(families):
-        raise ValueError(f"question families must be distinct names from {', '.join(FAMILIES)}, got {list(families)}")
+    families = check_families(families)
     clients = []
     for index, spec in enumerate(SITE_BUILDERS[name](num_clients, families)):
         # One independent stream per client, so adding a client never changes the others.
