@@ -32,6 +32,7 @@ from .wire import (
     check_session_id,
     decode,
     decode_checking_payload_later,
+    decode_each,
     encode,
     encode_to_each,
 )
@@ -103,6 +104,12 @@ class Party(ABC):
         """Verify a message (or a relayed or nested one) of this session under this roster; ``max_bytes`` is the
         largest message the current stage can legitimately carry (refused before anything is parsed)."""
         return decode(data, self._roster, session=self.session, max_bytes=max_bytes)
+
+    def _decode_each(self, messages: Sequence[bytes], *, max_bytes: int = MAX_MESSAGE_BYTES
+                     ) -> list[Envelope | MessageRejected]:
+        """``_decode`` of every message, side by side on the worker threads; each item the envelope or the refusal
+        (``wire.decode_each``)."""
+        return decode_each(messages, self._roster, session=self.session, max_bytes=max_bytes)
 
     def _decode_checking_payload_later(self, data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES
                                        ) -> tuple[Envelope, Callable[[], None]]:

@@ -224,6 +224,40 @@ def test_any_failure_inside_a_client_step_is_a_clean_refusal_that_changes_nothin
     assert h.server.stage == ADVERTISE
 
 
+@pytest.mark.parametrize("modulus_bits", [32, 20])
+def test_a_masked_answer_that_cannot_be_signed_leaves_the_input_unmasked_and_the_round_intact(monkeypatch,
+                                                                                            modulus_bits):
+    """A client masks its input in place (no copy of the vector). If the answer then fails to be signed, the masks
+    come off again exactly: the state is what it was, and answering the request again gives a correct sum, not a
+    twice-masked input. m = 20 < 32 bits: the words are reduced modulo 2^m before and after masking."""
+    h = Harness(modulus_bits=modulus_bits)
+    for _ in range(3):  # commit, advertise, share keys: every client now waits for the masked-input request
+        h.stage()
+    client = h.clients["client-0"]
+    before = client.state_dict()["state"]["round"]
+
+    def failing_sign(envelope):
+        raise OSError("the signing key's file cannot be read")
+
+    monkeypatch.setattr(client, "_sign", failing_sign)
+    with pytest.raises(MessageRejected, match="could not process the request \\(OSError"):
+        client.handle(h.requests["client-0"])
+    monkeypatch.undo()
+    after = client.state_dict()["state"]["round"]
+    assert np.array_equal(after.pop("encoded"), before.pop("encoded")) and after == before
+    assert after["expecting"] == MASKED
+    for _ in range(3):  # masked input (client-0 answers the same request again), consistency, unmask
+        h.stage()
+    np.testing.assert_allclose(h.server.result().vector, 5 * np.linspace(-0.2, 0.2, h.length), atol=0.01)
+
+
+def test_after_masking_a_client_state_no_longer_holds_its_input():
+    h = Harness()
+    for _ in range(4):  # through the masked input
+        h.stage()
+    assert all(client.state_dict()["state"]["round"]["encoded"].size == 0 for client in h.clients.values())
+
+
 def test_nan_or_inf_is_rejected_on_the_client_before_masking():
     h = Harness()
     for bad in (np.array([0.0, np.nan]), np.array([np.inf, 0.0]), np.array([-np.inf, 1.0])):

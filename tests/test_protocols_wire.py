@@ -23,9 +23,18 @@ from protocols import (
     encode,
     expect,
     new_session_id,
+    parallel,
     peek,
 )
-from protocols.wire import MAGIC, SIGNATURE_BYTES, VERSION, encode_to_each, payload_digest
+from protocols.wire import (
+    MAGIC,
+    PARALLEL_DECODE_COUNT,
+    SIGNATURE_BYTES,
+    VERSION,
+    decode_each,
+    encode_to_each,
+    payload_digest,
+)
 
 SERVER = Identity.generate("server")
 ALICE = Identity.generate("client-0")
@@ -222,13 +231,15 @@ def test_non_canonical_header_is_rejected_even_when_signed():
         read(body + ALICE.sign(body))
 
 
-def test_non_finite_json_numbers_are_rejected():
-    raw = b'{"arrays":[],"blobs":[],"fields":{"x":NaN},"payload":"' + payload_digest([b""]).encode() + \
+@pytest.mark.parametrize("fields", [b'{"x":NaN}', b'{"x":-Infinity}', b'{"x":1e999}', b'{"x":[0,{"y":-1e400}]}'])
+def test_non_finite_json_numbers_are_rejected(fields):
+    """NaN and Infinity are not JSON; 1e999 is, and parses to infinity: both refused, nested or not."""
+    raw = b'{"arrays":[],"blobs":[],"fields":' + fields + b',"payload":"' + payload_digest([b""]).encode() + \
           b'","protocol":"p","recipient":"server","round":0,' \
           b'"roster":"' + ROSTER.digest.encode() + b'","sender":"client-0","session":"' + SESSION.encode() + \
           b'","stage":"s"}'
     body = MAGIC + struct.pack("<HI", VERSION, len(raw)) + raw
-    with pytest.raises(MessageRejected, match="not ASCII JSON|finite"):
+    with pytest.raises(MessageRejected, match="not a finite number"):
         read(body + ALICE.sign(body))
 
 
@@ -252,6 +263,27 @@ def test_encode_refuses_what_decode_would_reject():
         encode(envelope(arrays={"v": np.array(["a"])}), ALICE)
     with pytest.raises(ProtocolError, match="signing identity"):
         encode(envelope(sender="server"), ALICE)
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_decode_each_gives_each_message_what_decode_gives_it_in_order_whatever_the_threads(monkeypatch, threads):
+    """A relay checked side by side: every envelope as decode returns it, every refusal as decode raises it, each in
+    its own place, so a caller names the same first bad message with one thread or several."""
+    monkeypatch.setenv(parallel.THREADS_VARIABLE, threads)
+    good = [encode(envelope(round=index), ALICE) for index in range(PARALLEL_DECODE_COUNT + 3)]
+    forged = bytearray(good[4])
+    forged[-1] ^= 1
+    messages = good[:4] + [bytes(forged)] + good[4:9] + [encode(envelope(), MALLORY)] + good[9:]
+    decoded = decode_each(messages, ROSTER, session=SESSION)
+    assert len(decoded) == len(messages)
+    for data, item in zip(messages, decoded):
+        try:
+            expected = read(data)
+        except MessageRejected as refusal:
+            assert isinstance(item, MessageRejected) and item.reason == refusal.reason
+        else:
+            assert isinstance(item, Envelope) and same(expected, item)
+    assert [index for index, item in enumerate(decoded) if isinstance(item, MessageRejected)] == [4, 10]
 
 
 def test_expect_names_the_mismatch_which_stops_replays():
