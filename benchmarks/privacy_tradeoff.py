@@ -134,6 +134,8 @@ def run_config(method: str, epsilon: float, seed: int, args: argparse.Namespace)
     if not math.isinf(epsilon):  # seeded noise: reproducible numbers, no privacy claim (a benchmark, not a release)
         config["privacy"] = {"record": {"enabled": True, "target_epsilon": epsilon, "max_grad_norm": CLIP,
                                         "delta": DELTA, "reproducible": True}}
+        if args.accountant != "rdp":  # σ calibrated under this accountant (the default stays out of the cell's key)
+            config["privacy"]["record"]["accountant"] = args.accountant
     return config
 
 
@@ -272,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--accountant", choices=["rdp", "prv"], default="rdp",
+                        help="the accountant that calibrates σ to the target ε (prv: tighter, so less noise)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per trainer (cost)")
     parser.add_argument("--cache", default=str(CACHE), help="folder of cached cells (one JSON file each)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "results_privacy.md"))
