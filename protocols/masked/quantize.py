@@ -2,7 +2,8 @@
 
 A value x is clipped to [-r, r] and mapped onto the integer grid 0..L (L = 2^bits - 1) with
 step ``scale`` = 2r / L, rounding stochastically (up with probability equal to the fractional
-part, so the rounding is unbiased). A client then sends w·q + z for an integer weight w and an
+part, so the rounding is unbiased: floor(g + u) for u uniform in [0, 1), one pass fewer than
+comparing u with the fractional part). A client then sends w·q + z for an integer weight w and an
 optional integer noise z (distributed DP), masked modulo 2^m.
 
 The grid is offset by r (q = 0 stands for -r), so a sum of counted inputs dequantizes as
@@ -65,19 +66,18 @@ class Quantizer:
             raise ConfigurationError(f"quantized values 0..{self.levels} do not fit {dtype}")
         if norm_bound is None:
             return self._round_stochastically(vector, rng, dtype)
-        grid, low = np.empty(np.shape(vector)), np.empty(np.shape(vector))
-        self._fraction_and_floor(vector, grid, low)
         if not (isinstance(norm_bound, int | float) and not isinstance(norm_bound, bool) and norm_bound > 0
                 and math.isfinite(norm_bound)):
             raise ConfigurationError(f"the rounding norm bound must be a positive number, not {norm_bound!r}")
+        grid = np.empty(np.shape(vector))
+        self._on_grid(vector, grid)
         unit = 2.0**-53
         accepted = norm_bound**2 * (1 - 2 * (len(grid) + 2) * unit)  # <= bound² / (1 + γ_d), rounding included
-        low -= self.levels / 2  # from the centre: half-integers when L is odd, exact in float64
         for _ in range(MAX_ROUNDING_DRAWS):
-            centred = low + (rng.random(grid.shape) < grid)
+            rounded = self._rounded(grid + rng.random(grid.shape))
+            centred = rounded - self.levels / 2  # from the centre: half-integers when L is odd, exact in float64
             if float(np.dot(centred, centred)) <= accepted:
-                centred += self.levels / 2
-                return np.clip(centred, 0, self.levels, out=centred).astype(dtype)
+                return rounded.astype(dtype)
         raise ConfigurationError(f"conditional rounding: no rounding of this input has norm <= {norm_bound:.6g} grid "
                                  f"steps in {MAX_ROUNDING_DRAWS} draws; the input is larger than the bound allows "
                                  "(clip it to the norm the bound was computed for)")
@@ -89,26 +89,29 @@ class Quantizer:
         shape, vector = np.shape(vector), np.ascontiguousarray(vector).reshape(-1)
         quantized = np.empty(len(vector), dtype)
         piece = max(1, min(len(vector), ROUNDING_PIECE))
-        grid, low, draws = np.empty(piece), np.empty(piece), np.empty(piece)
-        up = np.empty(piece, np.bool_)
+        grid, draws = np.empty(piece), np.empty(piece)
         for start in range(0, len(vector), piece):
             size = min(piece, len(vector) - start)
-            grid_, low_, draws_, up_ = grid[:size], low[:size], draws[:size], up[:size]
-            self._fraction_and_floor(vector[start:start + size], grid_, low_)
+            grid_, draws_ = grid[:size], draws[:size]
+            self._on_grid(vector[start:start + size], grid_)
             rng.random(out=draws_)
-            np.less(draws_, grid_, out=up_)
-            low_ += up_
-            np.clip(low_, 0, self.levels, out=low_)
-            quantized[start:start + size] = low_  # exact: integers 0..L
+            grid_ += draws_
+            quantized[start:start + size] = self._rounded(grid_)  # exact: integers 0..L
         return quantized.reshape(shape)
 
-    def _fraction_and_floor(self, values: np.ndarray, fraction: np.ndarray, floor: np.ndarray) -> None:
-        """``values`` clipped to [-r, r] and put on the grid (offset by r, in steps): the fractional parts (the
-        chances of rounding up) into ``fraction``, the floors into ``floor`` (float64 arrays of ``values``' shape)."""
-        np.clip(values, -self.clip_range, self.clip_range, out=fraction)
-        fraction += self.clip_range
-        fraction /= self.scale
-        np.modf(fraction, out=(fraction, floor))  # on the grid every value is >= 0: modf's integer part is the floor
+    def _on_grid(self, values: np.ndarray, grid: np.ndarray) -> None:
+        """``values`` clipped to [-r, r] and put on the grid, offset by r and in steps, into ``grid`` (a float64
+        array of ``values``' shape): every entry in [0, L], up to the division's rounding."""
+        np.clip(values, -self.clip_range, self.clip_range, out=grid)
+        grid += self.clip_range
+        grid /= self.scale
+
+    def _rounded(self, shifted: np.ndarray) -> np.ndarray:
+        """floor(g + u) for ``shifted`` = g + u, u uniform in [0, 1): g rounded up exactly when u >= 1 − frac(g),
+        that is with probability frac(g) (unbiased, to within the float64 rounding of g + u: 2^(bits − 52), e.g.
+        2^-36 for 16 bits); clipped to 0..L, in place (the division's rounding could put g a hair above L)."""
+        np.floor(shifted, out=shifted)
+        return np.clip(shifted, 0, self.levels, out=shifted)
 
     def dequantize_sum(self, integer_sum: np.ndarray, total_weight: int) -> np.ndarray:
         """Σ w_i·x̂_i from Σ (w_i q_i + z_i) and Σ w_i (x̂ = q·scale − r is the quantized input)."""
