@@ -82,12 +82,15 @@ def encoded_sites(foundation, clients: int, train: int, test: int, seed: int):
     return sites
 
 
-def record_privacy(target_epsilon: float, dataset_size: int, training: TrainingConfig, rounds: int, method: str):
-    """DP-SGD settings for a target ε; ∞: no DP; 0: the DP-SGD path with σ = 0 (clipping only, no privacy)."""
+def record_privacy(target_epsilon: float, dataset_size: int, training: TrainingConfig, rounds: int, method: str,
+                   accountant: str = "rdp"):
+    """DP-SGD settings for a target ε (σ calibrated under ``accountant``, as the runner does); ∞: no DP; 0: the
+    DP-SGD path with σ = 0 (clipping only, no privacy)."""
     if math.isinf(target_epsilon):
         return None
     config = RecordPrivacyConfig(enabled=True, target_epsilon=target_epsilon or 8.0, max_grad_norm=CLIP,
-                                 delta=DELTA, reproducible=True)  # seeded noise: reproducible numbers, no privacy claim
+                                 delta=DELTA, reproducible=True,  # seeded noise: reproducible numbers, no privacy claim
+                                 accountant=accountant)
     settings = make_record_privacy(config, dataset_size=dataset_size, batch_size=training.batch_size,
                                    local_steps=training.local_steps, rounds=rounds,
                                    steps_per_batch=dp_steps_per_batch(method))
