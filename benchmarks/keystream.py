@@ -7,8 +7,9 @@ Prints GB/s for AES-256-CTR (the masks' PRG), AES-128-CTR (for comparison only),
 since v4) and SHA-256 (v3's), hashing 4 MiB inputs (a masked vector), and for each the ratio of two threads'
 throughput to one thread's; then microseconds per Ed25519 verification and per signature of a 600-byte message
 with OpenSSL (cryptography) and with libsodium (PyNaCl, what the roster verifies and an identity signs with), and
-their ratios. All measured in this process,
-back to back.
+their ratios; last, milliseconds to decode a relay of 100 signed commitments (what a masked client checks at its
+advertise stage) one by one with ``wire.decode`` and together with ``wire.decode_each`` (signatures on the worker
+threads), and their ratio. All measured in this process, back to back.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from nacl.signing import SigningKey, VerifyKey
+
+from protocols import Envelope, Identity, Roster, decode, encode, new_session_id, parallel
+from protocols.wire import decode_each
 
 PIECE = 1 << 18  # the piece size protocols/masked/prg.py works in
 MESSAGE = 1 << 22  # a masked vector of 1M values, 4 bytes each
@@ -101,7 +105,23 @@ def main() -> None:
     sodium_us = microseconds_per_call(lambda: signer.sign(message), args.seconds)
     print(f"Ed25519 sign:   OpenSSL {openssl_us:.1f} us, libsodium {sodium_us:.1f} us, "
           f"OpenSSL / libsodium {openssl_us / sodium_us:.2f}")
+    relay, roster, session = signed_relay(100)
+    one_by_one = microseconds_per_call(lambda: [decode(data, roster, session=session) for data in relay],
+                                       args.seconds) / 1e3
+    together = microseconds_per_call(lambda: decode_each(relay, roster, session=session), args.seconds) / 1e3
+    print(f"relay of {len(relay)} signed messages: decode one by one {one_by_one:.2f} ms, decode_each "
+          f"({parallel.worker_count()} threads) {together:.2f} ms, "
+          f"one by one / decode_each {one_by_one / together:.2f}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+def signed_relay(count: int) -> tuple[list[bytes], Roster, str]:
+    """``count`` commit messages as a masked client's advertise request relays them, each signed by its own client."""
+    server, clients = Identity.generate("server"), [Identity.generate(f"client-{i}") for i in range(count)]
+    roster, session = Roster.from_identities(server, clients), new_session_id()
+    fields = {"view": "0" * 64, "commitment": "1" * 64}
+    return [encode(Envelope("masked", 0, "commit", client.party_id, "server", fields, session=session,
+                            roster=roster.digest), client) for client in clients], roster, session
 
 
 if __name__ == "__main__":
