@@ -4,6 +4,9 @@ The attacks of issue 10 (a malicious server or malicious clients) are in test_at
 
 from __future__ import annotations
 
+import json
+import struct
+
 import numpy as np
 import pytest
 
@@ -18,9 +21,13 @@ from protocols import (
     encode,
     make_protocol,
     new_session_id,
+    parallel,
 )
+from protocols.masked import client as masked_client
 from protocols.masked import keys as masked_keys
+from protocols.masked import prg
 from protocols.masked.stages import ADVERTISE, COMMIT, CONSISTENCY, MASKED, SHARE, UNMASK
+from protocols.wire import MAGIC, SIGNATURE_BYTES, VERSION, payload_digest
 
 
 class Harness:
@@ -224,31 +231,76 @@ def test_any_failure_inside_a_client_step_is_a_clean_refusal_that_changes_nothin
     assert h.server.stage == ADVERTISE
 
 
+@pytest.mark.parametrize("failing", ["a mask worker", "packing", "signing"])
 @pytest.mark.parametrize("modulus_bits", [32, 20])
-def test_a_masked_answer_that_cannot_be_signed_leaves_the_input_unmasked_and_the_round_intact(monkeypatch,
-                                                                                            modulus_bits):
-    """A client masks its input in place (no copy of the vector). If the answer then fails to be signed, the masks
-    come off again exactly: the state is what it was, and answering the request again gives a correct sum, not a
-    twice-masked input. m = 20 < 32 bits: the words are reduced modulo 2^m before and after masking."""
+def test_a_masked_input_request_that_fails_anywhere_leaves_the_client_state_as_it_was(monkeypatch, modulus_bits,
+                                                                                     failing):
+    """Whether a mask worker fails half-way through its span, packing fails or the signature cannot be made, the
+    client refuses the request and its state is what it was: answering the same request again gives a correct sum,
+    not an input masked twice (or in part). m = 20 < 32 bits: the words are reduced modulo 2^m."""
+    monkeypatch.setenv(parallel.THREADS_VARIABLE, "2")  # two spans: the second one's worker fails
     h = Harness(modulus_bits=modulus_bits)
     for _ in range(3):  # commit, advertise, share keys: every client now waits for the masked-input request
         h.stage()
     client = h.clients["client-0"]
     before = client.state_dict()["state"]["round"]
+    real_span = prg._apply_span
 
-    def failing_sign(envelope):
+    def failing_span(accumulator, seeds, start, stop):
+        if start > 0:
+            raise MemoryError("no memory for the keystream buffer")
+        return real_span(accumulator, seeds, start, stop)
+
+    def fail(*arguments):
         raise OSError("the signing key's file cannot be read")
 
-    monkeypatch.setattr(client, "_sign", failing_sign)
-    with pytest.raises(MessageRejected, match="could not process the request \\(OSError"):
-        client.handle(h.requests["client-0"])
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        if failing == "a mask worker":
+            patch.setattr(prg, "_apply_span", failing_span)
+        else:
+            patch.setattr(*((masked_client, "pack") if failing == "packing" else (client, "_sign")), fail)
+        with pytest.raises(MessageRejected, match="could not process the request"):
+            client.handle(h.requests["client-0"])
     after = client.state_dict()["state"]["round"]
     assert np.array_equal(after.pop("encoded"), before.pop("encoded")) and after == before
     assert after["expecting"] == MASKED
     for _ in range(3):  # masked input (client-0 answers the same request again), consistency, unmask
         h.stage()
     np.testing.assert_allclose(h.server.result().vector, 5 * np.linspace(-0.2, 0.2, h.length), atol=0.01)
+
+
+def unsigned_message_with_a_list_for_dtype(h: Harness, sender: str) -> bytes:
+    """Well framed, canonical, unsigned: refused at its header, before any signature is checked."""
+    header = {"arrays": [{"dtype": ["uint8"], "name": "a", "shape": [0]}], "blobs": [], "fields": {},
+              "payload": payload_digest([b""]), "protocol": "masked", "recipient": "server", "round": 0,
+              "roster": h.roster.digest, "sender": sender, "session": h.session, "stage": "s"}
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return MAGIC + struct.pack("<HI", VERSION, len(raw)) + raw + bytes(SIGNATURE_BYTES)
+
+
+def test_the_server_refuses_a_header_with_a_list_for_a_dtype_instead_of_crashing():
+    h = Harness()
+    with pytest.raises(MessageRejected, match="dtype must be one of"):
+        h.server.receive(unsigned_message_with_a_list_for_dtype(h, "client-0"))
+    h.stage()  # nothing changed: the round goes on
+    assert h.server.stage == ADVERTISE
+
+
+def test_a_client_names_the_first_bad_relayed_message_whatever_follows_it():
+    """The relayed messages are checked together (their signatures side by side), yet the refusal names the first
+    bad one in the request's order and blames the server, as when they were checked one by one."""
+    h = Harness()
+    h.stage()  # commit: the requests are now advertise requests relaying every client's commitment
+    request = h.read(h.requests["client-1"])
+    blobs = dict(request.blobs)
+    forged = bytearray(blobs["client-0"])
+    forged[-1] ^= 1
+    blobs["client-0"] = bytes(forged)
+    blobs["client-3"] = unsigned_message_with_a_list_for_dtype(h, "client-3")
+    tampered = h.forge("server", "client-1", ADVERTISE, dict(request.fields), dict(request.arrays), blobs)
+    with pytest.raises(MessageRejected, match="relayed message of 'client-0': bad signature") as refused:
+        h.clients["client-1"].handle(tampered)
+    assert refused.value.sender == "server"
 
 
 def test_after_masking_a_client_state_no_longer_holds_its_input():

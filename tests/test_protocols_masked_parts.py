@@ -74,6 +74,19 @@ def test_stochastic_rounding_is_unbiased_and_stays_on_the_grid():
     assert set(np.unique(q)) <= {8, 9}
 
 
+@pytest.mark.parametrize("bits", [16, 32, 33, 48, 52])
+def test_stochastic_rounding_is_unbiased_even_at_the_top_of_a_fine_grid(bits):
+    """Half-way between two grid points near L, on grids up to 2^52 points: rounded up half of the time (floor(g + u)
+    in float64 would round g + u first, which at 48 bits already moves that chance by about 0.015)."""
+    quantizer = Quantizer(1.0, bits)
+    below = quantizer.levels - 3
+    x = (below + 0.5) * quantizer.scale - 1.0
+    grid = (x + 1.0) / quantizer.scale
+    assert grid - np.floor(grid) == 0.5
+    q = quantizer.quantize(np.full(1 << 18, x), np.random.default_rng(1), dtype=np.uint64)
+    assert abs(float(np.mean(q - np.uint64(np.floor(grid)))) - 0.5) < 0.005  # 2^18 draws: σ of the mean ≈ 0.001
+
+
 def whole_vector_rounding(quantizer: Quantizer, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Stochastic rounding of the whole vector at once, as the module docstring states it."""
     grid = (np.clip(x.astype(np.float64), -quantizer.clip_range, quantizer.clip_range) + quantizer.clip_range) \

@@ -25,6 +25,7 @@ from protocols import (
     new_session_id,
     parallel,
     peek,
+    wire,
 )
 from protocols.wire import (
     MAGIC,
@@ -200,6 +201,8 @@ def good_header(**changes) -> dict:
     ({"recipient": "../etc"}, "'recipient' must be a party id"),
     ({"fields": []}, "'fields' must be an object"),
     ({"arrays": [{"name": "v", "dtype": "object", "shape": [1]}]}, "dtype must be one of"),
+    ({"arrays": [{"name": "v", "dtype": ["uint8"], "shape": [1]}]}, "dtype must be one of"),  # unhashable: no crash
+    ({"arrays": [{"name": "v", "dtype": {"uint8": 1}, "shape": [1]}]}, "dtype must be one of"),
     ({"arrays": [{"name": "v", "dtype": "uint8", "shape": [-1]}]}, "shape must be"),
     ({"arrays": [{"name": "v", "dtype": "uint8", "shape": [1], "x": 0}]}, "exactly"),
     ({"blobs": [{"name": "b", "size": 1}, {"name": "a", "size": 1}]}, "unique and sorted"),
@@ -213,6 +216,24 @@ def good_header(**changes) -> dict:
 def test_header_schema_violations_are_named(changes, message):
     with pytest.raises(MessageRejected, match=message):
         read(forge(good_header(**changes)))
+
+
+def test_a_header_no_check_foresaw_is_refused_by_name_never_a_crash(monkeypatch):
+    """Defence in depth: an exception other than a refusal inside the header checks (a header shape nobody wrote a
+    check for) is a MessageRejected naming it, so no party's loop ever sees a TypeError from a peer's bytes."""
+    def unforeseen(header):
+        raise TypeError("unhashable type: 'list'")
+
+    monkeypatch.setattr(wire, "_check_header", unforeseen)
+    with pytest.raises(MessageRejected, match=r"malformed header \(TypeError: unhashable type"):
+        read(forge(good_header()))
+
+
+def test_decode_each_refuses_an_unhashable_dtype_in_its_place_and_decodes_the_rest():
+    bad = forge(good_header(arrays=[{"name": "v", "dtype": ["uint8"], "shape": [0]}]))
+    decoded = decode_each([encode(envelope(), ALICE), bad, encode(envelope(), ALICE)], ROSTER, session=SESSION)
+    assert isinstance(decoded[0], Envelope) and isinstance(decoded[2], Envelope)
+    assert isinstance(decoded[1], MessageRejected) and "dtype must be one of" in decoded[1].reason
 
 
 def test_missing_or_extra_header_keys_are_rejected():

@@ -124,8 +124,6 @@ class MaskedClient(ClientSession):
                 raise ConfigurationError(f"noise exceeds noise_bound {self.options.noise_bound}; raise noise_bound "
                                          "(the overflow check accounts for it)")
             encoded += noise.astype(np.int64, copy=False).astype(word)  # two's complement: z modulo 2^(word bits)
-        if self.options.modulus_bits < 8 * word.itemsize:  # only w·q + z modulo 2^m counts: kept reduced, so that
-            np.bitwise_and(encoded, word.type(self.options.word_mask), out=encoded)  # in-place masking undoes exactly
         self._round = _Round(round_id, encoded, weight, context, min_survivors=min_survivors)
         return int(clipped)
 
@@ -159,12 +157,7 @@ class MaskedClient(ClientSession):
         handler = {COMMIT: self._commit, ADVERTISE: self._advertise, SHARE: self._share_keys,
                    MASKED: self._masked_input, CONSISTENCY: self._consistency_check, UNMASK: self._unmask}
         new_state, answer = handler[envelope.stage](state, envelope)
-        try:
-            outgoing = self._send(answer)
-        except BaseException:
-            if envelope.stage == MASKED:  # the input was masked in place (_mask): take the masks off again, exactly
-                self._apply_masks(state, new_state.partners, undo=True)
-            raise
+        outgoing = self._send(answer)
         self._round = new_state  # only now: a rejected request changed nothing
         return [outgoing]
 
@@ -318,26 +311,27 @@ class MaskedClient(ClientSession):
         if len(partners) < state.threshold:
             raise self._reject(f"only {len(partners)} neighbours shared keys, fewer than the threshold "
                                f"{state.threshold}; masking with so few would not protect this input")
-        # the input is not needed once it is masked: the next state forgets it (a checkpoint no longer holds it)
+        masked = self._mask(state, partners)
+        # once the masked input is sent the round needs its input no more: the next state (and any checkpoint of it)
+        # does not hold it
         new = replace(state, encoded=np.zeros(0, state.encoded.dtype), expecting=CONSISTENCY, partners=partners,
                       held_shares=held)
-        masked = self._apply_masks(state, partners)  # last: from here on only signing can fail (_handle undoes it)
         return new, self._answer(state, MASKED, fields={"weight": state.weight, "bad_shares_from": bad},
                                  arrays={"masked": masked})
 
-    def _apply_masks(self, state: _Round, partners: tuple[str, ...], *, undo: bool = False) -> np.ndarray:
-        """(w·q + z + PRG(b) + Σ ±PRG(s_ij)) mod 2^m, computed in place in ``state.encoded`` (the smallest word type
-        holding m bits; no 4 MB copy of a fresh, page-faulting array: issue 16), packed to ⌈m/8⌉ bytes a value
-        (``packing``). With ``undo``, the masks come off again: ``state.encoded`` holds w·q + z mod 2^m once more,
-        exactly, since set_input keeps it reduced modulo 2^m."""
+    def _mask(self, state: _Round, partners: tuple[str, ...]) -> np.ndarray:
+        """(w·q + z + PRG(b) + Σ ±PRG(s_ij)) mod 2^m, computed in the smallest word type holding m bits and
+        packed to ⌈m/8⌉ bytes a value (``packing``). On a copy: masking the state's input in place would save the
+        copy (a few ms for 1M values) but could not be undone when a mask worker fails half-way through its span,
+        and a refused request must leave the state as it was."""
         config = self.options
-        words = state.encoded
+        words = state.encoded.copy()
         plus, minus = [state.self_seed], []
         for peer in partners:
             seed = keys.pairwise_seed(state.mask_key, state.peer_keys[peer][1], self.session, state.view,
                                       state.round_id, self.party_id, peer)
             (plus if self.party_id < peer else minus).append(seed)
-        apply_masks(words, add=minus if undo else plus, subtract=plus if undo else minus)
+        apply_masks(words, add=plus, subtract=minus)
         if config.modulus_bits < 8 * words.itemsize:
             np.bitwise_and(words, words.dtype.type(config.word_mask), out=words)
         return pack(words, wire_width(config.modulus_bits))
@@ -425,10 +419,8 @@ class MaskedClient(ClientSession):
         def private(value: str | None) -> X25519PrivateKey | None:
             return None if value is None else X25519PrivateKey.from_private_bytes(bytes.fromhex(value))
 
-        encoded = np.asarray(saved["encoded"]).astype(self.options.word_dtype)  # a copy, reduced as set_input keeps it
-        np.bitwise_and(encoded, encoded.dtype.type(self.options.word_mask), out=encoded)
         self._round = _Round(
-            round_id=int(saved["round_id"]), encoded=encoded,
+            round_id=int(saved["round_id"]), encoded=np.asarray(saved["encoded"]).astype(self.options.word_dtype),
             weight=int(saved["weight"]), context=checked_context(saved["context"]),
             expecting=str(saved["expecting"]), cohort=tuple(saved["cohort"]), view=str(saved["view"]),
             nonce=bytes.fromhex(saved["nonce"]), commitments=dict(saved["commitments"]),
