@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from cells import baseline_cell, interval, percent, provenance, site_scores
-from privacy_tradeoff import CACHE, DELTA, METHODS, ROOT, accuracy_cell, record_privacy, run_config
+from privacy_tradeoff import CACHE, DELTA, ROOT, accuracy_cell, record_privacy, run_config
 
 from feddat_secure.config import TrainingConfig
 
@@ -45,10 +45,13 @@ LEVERS = (
     Lever("schedule of docs/results_privacy.md (batch 16, 20 steps a round)"),
     Lever("batch 64, 10 steps a round", {"batch_size": 64, "steps": 10}),
     Lever("batch 128, 10 steps a round", LARGE_BATCH, without_dp=False),
-    Lever("batch 128, learning rate 0.01", {**LARGE_BATCH, "learning_rate": 1e-2}, without_dp=False),
     Lever("batch 128, σ calibrated with PRV", {**LARGE_BATCH, "accountant": "prv"}, without_dp=False),
     Lever("batch 128, FFA-LoRA (A frozen: half the noised values)", LARGE_BATCH, method="ffa-lora"),
     Lever("batch 128, 4× the data per site (4,000)", {**LARGE_BATCH, "train_per_client": 4000}),
+    Lever("batch 128, learning rate 0.01", {**LARGE_BATCH, "learning_rate": 1e-2}),
+    Lever("batch 128, learning rate 0.03", {**LARGE_BATCH, "learning_rate": 3e-2}, without_dp=False),
+    Lever("batch 128, learning rate 0.01, 4× the data per site", {**LARGE_BATCH, "learning_rate": 1e-2,
+                                                                   "train_per_client": 4000}, without_dp=False),
 )
 
 
@@ -103,7 +106,7 @@ def report(seeds: list[int], command: str) -> str:
         majority = [np.mean(site_scores(r, "majority")) for _, _, r in found]
         top = np.mean([np.mean(site_scores(p, "top_answer_share", "predictions")) for p, _, _ in found])
         gain = np.subtract(private, floor)
-        row = [lever.name + ("" if lever.method == "feddat" else f" ({METHODS[lever.method]})"),
+        row = [lever.name,
                f"{sigma(lever, arguments(lever, seeds[0])):.2f}", percent(*interval(private)), f"{100 * top:.0f} %"]
         if lever.without_dp:
             open_ = [np.mean(site_scores(o, mode)) for _, o, _ in found]
