@@ -465,3 +465,60 @@ def test_what_the_server_sees_of_one_masked_input_is_indistinguishable_from_unif
     assert chi_square(np.bincount(top, minlength=64)) < critical_value(63)
     # the unmasked encoding, by contrast, is a single value: the test has power
     assert chi_square(np.bincount(np.full(h.length, 32767 & 0xFF), minlength=256)) > critical_value(255)
+
+
+def same_values(a, b) -> bool:
+    """Equality of two ``state_dict()`` outputs (numpy arrays compared by dtype, shape and value)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype \
+            and np.array_equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_values(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def outcomes_one_by_one(server, batch: list[bytes]) -> list[tuple[str, str | None] | None]:
+    outcomes = []
+    for data in batch:
+        try:
+            server.receive(data)
+        except MessageRejected as rejection:
+            outcomes.append((rejection.reason, rejection.sender))
+        else:
+            outcomes.append(None)
+    return outcomes
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_a_batch_taken_in_together_gives_each_message_the_outcome_and_the_server_the_state_of_one_by_one(
+        threads, monkeypatch):
+    """``receive_each`` checks a control stage's signatures side by side (issue 16); at every stage, a batch that
+    mixes every kind of bad message with the genuine answers (one sender's twice) must be refused message for
+    message with the same reasons as ``receive`` one by one, leaving the same server state."""
+    monkeypatch.setenv(parallel.THREADS_VARIABLE, threads)
+    h = Harness(n=6)
+    previous: dict[str, bytes] = {}
+    for stage in (COMMIT, ADVERTISE, SHARE, MASKED, CONSISTENCY, UNMASK):
+        assert h.server.stage == stage
+        answers = h.answer()
+        forged = bytearray(answers["client-2"])
+        forged[-1] ^= 1
+        other_session = h.forge("client-4", "server", stage, session=new_session_id())
+        batch = [bytes(forged), answers["client-0"], unsigned_message_with_a_list_for_dtype(h, "client-1"),
+                 *answers.values(), answers["client-1"], other_session, answers["client-3"][:-70],
+                 *list(previous.values())[:1], b"not a message"]
+        assert len(batch) >= 8  # enough for wire.decode_each to use its worker threads
+        one_by_one = h.protocol.server(h.server_identity, h.roster, session=h.session, state=h.server.state_dict())
+        expected = outcomes_one_by_one(one_by_one, batch)
+        outcomes = [None if rejection is None else (rejection.reason, rejection.sender)
+                    for rejection in h.server.receive_each(batch)]
+        assert outcomes == expected
+        assert outcomes.count(None) == len(answers)  # each genuine answer taken in once, whatever surrounds it
+        assert same_values(h.server.state_dict(), one_by_one.state_dict())
+        previous = answers
+        h.advance()
+    assert h.server.round_done
+    refused = list(h.server.receive_each(list(previous.values())))
+    assert [rejection.reason for rejection in refused] == ["no round in progress"] * len(previous)

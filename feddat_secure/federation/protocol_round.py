@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-from protocols import AggregateResult, MessageRejected, Outgoing, ProtocolError, ServerSession
+from protocols import AggregateResult, Outgoing, ProtocolError, ServerSession
 from protocols.simulation import run_stages
 
 from .channel import ServerLink
@@ -45,18 +45,23 @@ def _deliver(session: ServerSession, link: ServerLink, outgoing: Sequence[Outgoi
         if not wave:
             return
         relayed: list[Outgoing] = []
-        for reply in link.exchange(wave, stage):
+        replies = link.exchange(wave, stage)
+        # the stage's replies are handed to the server together, which may check their signatures side by side
+        # (ServerSession.receive_each); each is still taken in, and audited, in order
+        outcomes = session.receive_each([message.data for reply in replies for message in reply.messages or ()
+                                         if message.recipient == server_id])
+        for reply in replies:
             if reply.messages and reply.party in clients:
                 answered.add(reply.party)
             for message in reply.messages or ():
                 if message.recipient == server_id:
                     try:
-                        session.receive(message.data)
-                    except MessageRejected as rejection:
-                        _refuse(link, reply.party, message.data, rejection.reason, rejections)
+                        rejection = next(outcomes)
                     except ProtocolError as error:  # the round ends on it (RoundAborted): not taken in
                         link.audit.rejected(reply.party, message.data, f"{type(error).__name__}: {error}")
                         raise
+                    if rejection is not None:
+                        _refuse(link, reply.party, message.data, rejection.reason, rejections)
                     else:
                         link.audit.received(reply.party, message.data)
                 elif message.recipient in relay_to and message.recipient != reply.party:
