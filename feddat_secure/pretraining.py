@@ -21,6 +21,7 @@ from torch import nn
 from transformers import ViltConfig, ViltModel
 
 from .data.batching import images_to_pixels
+from .data.captions import CAPTION_WORDS, COL_WORDS, ROW_WORDS, caption
 from .data.digits import WORDS as DIGIT_WORDS
 from .data.questions import WORDS as QUESTION_WORDS
 from .data.scenes import (
@@ -36,11 +37,6 @@ from .data.scenes import (
     sample_objects,
 )
 from .model.tokenizer import build_word_tokenizer
-
-ROW_WORDS = ("top", "bottom")
-COL_WORDS = ("left", "right")
-CAPTION_WORDS = ["at", "and", *ROW_WORDS, *COL_WORDS]
-assert GRID == 2, "captions name positions with top/bottom and left/right"
 
 
 @dataclass(frozen=True)
@@ -64,27 +60,6 @@ def vocabulary() -> list[str]:
     return sorted(set(QUESTION_WORDS) | set(DIGIT_WORDS) | set(CAPTION_WORDS))
 
 
-def describe(obj: SceneObject) -> str:
-    return f"{obj.size} {obj.color} {obj.shape} at {ROW_WORDS[obj.row]} {COL_WORDS[obj.col]}"
-
-
-def perturb(obj: SceneObject, rng: np.random.Generator, style: SceneStyle) -> SceneObject:
-    """A hard negative: the same object with exactly one attribute changed."""
-    field = ("shape", "color", "size", "position")[int(rng.integers(4))]
-    if field == "shape":
-        return SceneObject(_other(obj.shape, style.shapes, rng), obj.color, obj.size, obj.row, obj.col)
-    if field == "color":
-        return SceneObject(obj.shape, _other(obj.color, style.colors, rng), obj.size, obj.row, obj.col)
-    if field == "size":
-        return SceneObject(obj.shape, obj.color, "small" if obj.size == "large" else "large", obj.row, obj.col)
-    return SceneObject(obj.shape, obj.color, obj.size, 1 - obj.row, 1 - obj.col)
-
-
-def _other(value: str, choices: tuple[str, ...], rng: np.random.Generator) -> str:
-    others = [c for c in choices if c != value]
-    return others[int(rng.integers(len(others)))]
-
-
 def cell_labels(objects: list[SceneObject], style: SceneStyle) -> np.ndarray:
     """Per grid cell: (shape, colour, size) indices, 0 meaning an empty cell."""
     labels = np.zeros((GRID * GRID, 3), dtype=np.int64)
@@ -102,14 +77,8 @@ def caption_pair(rng: np.random.Generator, style: SceneStyle,
     """
     objects = sample_objects(rng, style)
     image = apply_domain(render(objects, rng, style, image_size), DOMAINS[int(rng.integers(len(DOMAINS)))], rng)
-    described = [objects[i] for i in rng.permutation(len(objects))[:2]]
-    matches = int(rng.integers(2))
-    if not matches and rng.integers(2):  # an easy negative: the caption of another scene
-        described = sample_objects(rng, style)[:2]
-    elif not matches:  # a hard negative: one attribute of one object changed
-        victim = int(rng.integers(len(described)))
-        described[victim] = perturb(described[victim], rng, style)
-    return image, " and ".join(describe(o) for o in described), matches, cell_labels(objects, style)
+    text, matches = caption(objects, rng, style)
+    return image, text, int(matches), cell_labels(objects, style)
 
 
 class PretrainingHeads(nn.Module):

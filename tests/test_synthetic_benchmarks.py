@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from feddat_secure.data.captions import describe
 from feddat_secure.data.questions import FAMILIES, counting, existence, spatial
 from feddat_secure.data.scenes import DOMAINS, SceneObject
-from feddat_secure.data.synthetic import synthetic_benchmark
+from feddat_secure.data.synthetic import MATCH, MISMATCH, TASKS, SiteSpec, generate_examples, synthetic_benchmark
 from feddat_secure.data.vqa import ClientData, DataError, VQAExample
 
 SIZES = dict(num_clients=5, train_per_client=40, test_per_client=10, image_size=32)
 
 
-@pytest.mark.parametrize("name", ["function", "domain", "scene"])
+@pytest.mark.parametrize("name", ["function", "domain", "scene", "task"])
 def test_same_seed_gives_identical_data_and_another_seed_different_data(name):
     first = synthetic_benchmark(name, seed=0, **SIZES)
     assert first.digest() == synthetic_benchmark(name, seed=0, **SIZES).digest()
@@ -73,7 +74,7 @@ def test_generated_answers_are_true_of_the_scene(seed):
 
 def test_every_generated_question_is_covered_by_the_tokenizer(foundation):
     unknown = foundation.tokenizer.unk_token_id
-    for name in ("function", "domain", "scene"):
+    for name in ("function", "domain", "scene", "task"):
         bench = synthetic_benchmark(name, seed=0, **SIZES)
         ids = foundation.tokenizer([e.question for c in bench.clients for e in c.train])["input_ids"]
         assert all(unknown not in row for row in ids)
@@ -83,3 +84,54 @@ def test_empty_splits_are_refused_with_the_client_named():
     example = VQAExample(np.zeros((4, 4, 3), np.uint8), "q ?", "yes")
     with pytest.raises(DataError, match="client 'site7': the test split is empty"):
         ClientData("site7", [example], [])
+
+
+def test_task_benchmark_gives_each_client_one_task_with_its_own_text_and_label_space():
+    bench = synthetic_benchmark("task", seed=0, families=("existence", "attribute", "counting"), **SIZES)
+    tasks = [TASKS[index % len(TASKS)] for index in range(len(bench.clients))]
+    assert tasks == ["vqa", "matching", "attributes", "vqa", "matching"]
+    for task, client in zip(tasks, bench.clients):
+        questions = {e.question for e in client.train + client.test}
+        answers = {e.answer for e in client.train + client.test}
+        assert answers <= set(client.answers)
+        if task == "vqa":
+            assert all(q.startswith(("is there a", "what", "how many")) for q in questions)
+            assert {"match", "mismatch"}.isdisjoint(client.answers)
+        elif task == "matching":
+            assert client.answers == (MATCH, MISMATCH) and answers == {MATCH, MISMATCH}
+            assert all(" at " in q and not q.endswith("?") for q in questions)
+        else:
+            assert questions == {"what shape objects are there ?", "what size objects are there ?"}
+            assert "circle+square" in client.answers and "small+large" in client.answers
+    vqa, matching, attributes = (set(client.answers) for client in bench.clients[:3])
+    assert matching.isdisjoint(vqa | attributes)
+    assert vqa & attributes == {"circle", "square", "triangle", "cross", "diamond", "small", "large"}  # one-value sets
+    assert set(bench.answers) == vqa | matching | attributes
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_task_answers_are_true_of_the_scene(seed, monkeypatch):
+    """A matching caption is labelled ``match`` exactly when every object it describes is in the scene; an
+    attribute answer is the set of the scene's shapes or sizes."""
+    from feddat_secure.data import synthetic
+
+    scenes = []
+    original = synthetic.sample_objects
+
+    def recorded(rng, style):
+        objects = original(rng, style)
+        scenes.append(objects)
+        return objects
+
+    monkeypatch.setattr(synthetic, "sample_objects", recorded)
+    for task in ("matching", "attributes"):
+        scenes.clear()
+        examples = generate_examples(SiteSpec(task=task), 50, 32, np.random.default_rng(seed))
+        assert len(scenes) == len(examples)
+        for objects, example in zip(scenes, examples):
+            if task == "matching":
+                true_of_scene = all(part in {describe(o) for o in objects} for part in example.question.split(" and "))
+                assert (example.answer == MATCH) == true_of_scene or example.answer == MISMATCH and true_of_scene
+            else:
+                attribute = "shape" if "shape" in example.question else "size"
+                assert set(example.answer.split("+")) == {getattr(o, attribute) for o in objects}

@@ -1,8 +1,15 @@
-"""The three synthetic heterogeneity benchmarks of the FedDAT paper, rebuilt offline.
+"""The four synthetic heterogeneity benchmarks of the FedDAT paper, rebuilt offline.
 
 - ``function``: every client asks a different question family;
 - ``domain``: same families, each client's images come from another rendering domain;
-- ``scene``: each client has its own object vocabulary, layout and background.
+- ``scene``: each client has its own object vocabulary, layout and background;
+- ``task``: every client does one of three vision-language tasks (``TASKS``) on the same kind of scene, each with
+  its own kind of text and its own label space, as the paper's task benchmark mixes VQA, visual reasoning and
+  visual entailment datasets: ``vqa`` (questions of ``families``, answered by a word), ``matching`` (image–text
+  matching: a caption of up to two objects, ``match`` or ``mismatch``; ``captions.caption``) and ``attributes``
+  (multi-label attributes: which shapes, or which sizes, the scene holds, answered by the whole set, e.g.
+  ``circle+square``: a label-powerset encoding, scored by exact set match). Client ``i`` does
+  ``TASKS[i mod 3]``.
 
 ``families`` narrows the question families every benchmark draws from (all five by default): ``function`` gives
 client ``i`` family ``families[i mod len]``, the others ask every listed family at every client. Keeping only
@@ -15,23 +22,66 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
+from .captions import caption
 from .questions import FAMILIES, FAMILY_ANSWERS, GENERATORS
-from .scenes import DOMAINS, SHAPES, SceneStyle, apply_domain, render, sample_objects
+from .scenes import DOMAINS, GRID, SHAPES, SIZES, SceneObject, SceneStyle, apply_domain, render, sample_objects
 from .vqa import Benchmark, ClientData, VQAExample
 
 GROUNDED_FAMILIES = ("existence", "attribute", "counting")
+TASKS = ("vqa", "matching", "attributes")
+MATCH, MISMATCH = "match", "mismatch"
+SET_SEPARATOR = "+"
+
+
+def _answer_sets(values: tuple[str, ...], largest: int) -> tuple[str, ...]:
+    """Every non-empty set of at most ``largest`` of ``values``, each written in ``values``' order."""
+    return tuple(SET_SEPARATOR.join(chosen) for size in range(1, largest + 1)
+                 for chosen in combinations(values, size))
+
+
+# the attribute questions, each with the scene attribute it asks for
+_ATTRIBUTE_QUESTIONS = {"what shape objects are there ?": ("shape", SHAPES),
+                        "what size objects are there ?": ("size", SIZES)}
+TASK_ANSWERS: dict[str, tuple[str, ...]] = {
+    "matching": (MATCH, MISMATCH),
+    "attributes": tuple(answer for _, values in _ATTRIBUTE_QUESTIONS.values()
+                        for answer in _answer_sets(values, min(len(values), GRID * GRID))),
+}
 
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """How one client's data is generated."""
+    """How one client's data is generated: its task (``TASKS``), the question families of a ``vqa`` site, its
+    images' rendering domain and its scenes' style."""
 
     families: tuple[str, ...] = FAMILIES
     domain: str = "clean"
     style: SceneStyle = SceneStyle()
+    task: str = "vqa"
+
+    def answers(self) -> tuple[str, ...]:
+        """The site's label space, sorted."""
+        if self.task == "vqa":
+            return tuple(sorted({a for family in self.families for a in FAMILY_ANSWERS[family]}))
+        return tuple(sorted(TASK_ANSWERS[self.task]))
+
+
+def _text_and_answer(spec: SiteSpec, objects: list[SceneObject], rng: np.random.Generator) -> tuple[str, str]:
+    if spec.task == "matching":
+        text, matches = caption(objects, rng, spec.style)
+        return text, MATCH if matches else MISMATCH
+    if spec.task == "attributes":
+        questions = sorted(_ATTRIBUTE_QUESTIONS)
+        question = questions[int(rng.integers(len(questions)))]
+        attribute, values = _ATTRIBUTE_QUESTIONS[question]
+        present = {getattr(obj, attribute) for obj in objects}
+        return question, SET_SEPARATOR.join(value for value in values if value in present)
+    family = spec.families[int(rng.integers(len(spec.families)))]
+    return GENERATORS[family](objects, rng, spec.style.colors, spec.style.shapes)
 
 
 def generate_examples(spec: SiteSpec, count: int, image_size: int, rng: np.random.Generator) -> list[VQAExample]:
@@ -39,8 +89,7 @@ def generate_examples(spec: SiteSpec, count: int, image_size: int, rng: np.rando
     for _ in range(count):
         objects = sample_objects(rng, spec.style)
         image = apply_domain(render(objects, rng, spec.style, image_size), spec.domain, rng)
-        family = spec.families[int(rng.integers(len(spec.families)))]
-        question, answer = GENERATORS[family](objects, rng, spec.style.colors, spec.style.shapes)
+        question, answer = _text_and_answer(spec, objects, rng)
         examples.append(VQAExample(image=image, question=question, answer=answer))
     return examples
 
@@ -68,7 +117,11 @@ def _scene_sites(num_clients: int, families: tuple[str, ...]) -> list[SiteSpec]:
     return [SiteSpec(families=families, style=_SCENE_LAYOUTS[i % len(_SCENE_LAYOUTS)]) for i in range(num_clients)]
 
 
-SITE_BUILDERS = {"function": _function_sites, "domain": _domain_sites, "scene": _scene_sites}
+def _task_sites(num_clients: int, families: tuple[str, ...]) -> list[SiteSpec]:
+    return [SiteSpec(families=families, task=TASKS[i % len(TASKS)]) for i in range(num_clients)]
+
+
+SITE_BUILDERS = {"function": _function_sites, "domain": _domain_sites, "scene": _scene_sites, "task": _task_sites}
 
 
 def check_families(families: Sequence[str]) -> tuple[str, ...]:
@@ -99,9 +152,10 @@ def synthetic_benchmark(
         rng = np.random.default_rng([seed, index])
         train = generate_examples(spec, train_per_client, image_size, rng)
         test = generate_examples(spec, test_per_client, image_size, rng)
-        answers = tuple(sorted({a for family in spec.families for a in FAMILY_ANSWERS[family]}))
-        clients.append(ClientData(f"client{index}", train, test, answers))
-    vocabulary = tuple(sorted({a for family in families for a in FAMILY_ANSWERS[family]}))
-    return Benchmark(name, clients, vocabulary)
+        clients.append(ClientData(f"client{index}", train, test, spec.answers()))
+    vocabulary = {a for family in families for a in FAMILY_ANSWERS[family]}
+    if name == "task":  # the sites' label spaces (its vqa sites' answers are the families' above)
+        vocabulary = {a for client in clients for a in client.answers} | vocabulary
+    return Benchmark(name, clients, tuple(sorted(vocabulary)))
 
 
