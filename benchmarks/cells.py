@@ -42,7 +42,7 @@ BASELINES_VERSION = "v2"  # v2: question-only backs off from the exact wording t
 # benchmarks of the data layer with one change: (the benchmark, its question families). "-grounded" keeps the
 # families the image answers (existence, attribute, counting): where centralized training clears question-only.
 BENCHMARK_VARIANTS = {f"{name}-grounded": (name, GROUNDED_FAMILIES)
-                      for name in ("function", "domain", "scene", "task")}
+                      for name in ("function", "domain", "scene", "task", "texture")}
 
 
 def data_config(benchmark: str, **sizes) -> dict:

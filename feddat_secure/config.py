@@ -33,7 +33,7 @@ from .errors import FeddatError
 from .federation.algorithms import get_algorithm, registered_algorithms
 from .model.lora_targets import DEFAULT_TARGET_MODULES, matches_target
 
-SYNTHETIC_BENCHMARKS = ("function", "domain", "scene", "task")
+SYNTHETIC_BENCHMARKS = ("function", "domain", "scene", "task", "texture")
 BENCHMARKS = (*SYNTHETIC_BENCHMARKS, "digits", "digits-skew", "folder")
 ALGORITHMS = (*registered_algorithms(), "centralized")  # "centralized" is a run mode of its own (pooled data)
 

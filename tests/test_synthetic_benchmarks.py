@@ -14,7 +14,7 @@ from feddat_secure.data.vqa import ClientData, DataError, VQAExample
 SIZES = dict(num_clients=5, train_per_client=40, test_per_client=10, image_size=32)
 
 
-@pytest.mark.parametrize("name", ["function", "domain", "scene", "task"])
+@pytest.mark.parametrize("name", ["function", "domain", "scene", "task", "texture"])
 def test_same_seed_gives_identical_data_and_another_seed_different_data(name):
     first = synthetic_benchmark(name, seed=0, **SIZES)
     assert first.digest() == synthetic_benchmark(name, seed=0, **SIZES).digest()
@@ -74,7 +74,7 @@ def test_generated_answers_are_true_of_the_scene(seed):
 
 def test_every_generated_question_is_covered_by_the_tokenizer(foundation):
     unknown = foundation.tokenizer.unk_token_id
-    for name in ("function", "domain", "scene", "task"):
+    for name in ("function", "domain", "scene", "task", "texture"):
         bench = synthetic_benchmark(name, seed=0, **SIZES)
         ids = foundation.tokenizer([e.question for c in bench.clients for e in c.train])["input_ids"]
         assert all(unknown not in row for row in ids)
@@ -135,3 +135,50 @@ def test_task_answers_are_true_of_the_scene(seed, monkeypatch):
             else:
                 attribute = "shape" if "shape" in example.question else "size"
                 assert set(example.answer.split("+")) == {getattr(o, attribute) for o in objects}
+
+
+def test_texture_benchmark_draws_each_site_on_its_own_natural_image_with_its_own_colours_and_question_mix():
+    from collections import Counter
+
+    from feddat_secure.data.scenes import COLORS
+    from feddat_secure.data.synthetic import SITE_BUILDERS
+    from feddat_secure.data.textures import TEXTURES, texture_image
+
+    sizes = {**SIZES, "train_per_client": 300}
+    families = ("existence", "attribute", "counting")
+    bench = synthetic_benchmark("texture", seed=3, families=families, **sizes)
+    specs = SITE_BUILDERS["texture"](5, families, 3)
+    assert [spec.texture for spec in specs] == list(TEXTURES)
+    for spec, client in zip(specs, bench.clients):
+        assert len(spec.style.colors) == 4
+        named = {word for e in client.train + client.test for word in e.question.split() + [e.answer]} & set(COLORS)
+        assert named <= set(spec.style.colors)  # the site's own colours, in its questions and its answers
+        assert set(client.answers) & set(COLORS) == set(spec.style.colors)
+        asked = Counter("counting" if e.question.startswith("how many") else
+                        "existence" if e.question.startswith("is there") else "attribute" for e in client.train)
+        assert max(asked, key=asked.get) == families[int(np.argmax(spec.family_weights))]
+        # no solid background (a scene alone has at most five colours): the texture shows where no object is
+        assert all(len(np.unique(e.image.reshape(-1, 3), axis=0)) > 20 for e in client.train[:20])
+        assert texture_image(spec.texture).ndim == 3
+    assert len({tuple(spec.family_weights) for spec in specs}) == 5
+    assert len({spec.style.colors for spec in specs}) > 1
+    # the sites' draws depend on the seed and their index only: a sixth site leaves the five as they were
+    assert SITE_BUILDERS["texture"](6, families, 3)[:5] == specs
+
+
+def test_a_texture_replaces_only_the_background():
+    from feddat_secure.data.textures import on_texture
+
+    scene = np.zeros((4, 4, 3), np.uint8)
+    scene[1, 2] = (220, 40, 40)
+    texture = np.full((4, 4, 3), 77, np.uint8)
+    combined = on_texture(scene, (0, 0, 0), texture)
+    assert tuple(combined[1, 2]) == (220, 40, 40)
+    assert (np.delete(combined.reshape(-1, 3), 6, axis=0) == 77).all()
+
+
+def test_an_unknown_texture_is_refused_by_name():
+    from feddat_secure.data.textures import texture_image
+
+    with pytest.raises(ValueError, match="unknown texture 'marble'"):
+        texture_image("marble")

@@ -9,7 +9,12 @@
   matching: a caption of up to two objects, ``match`` or ``mismatch``; ``captions.caption``) and ``attributes``
   (multi-label attributes: which shapes, or which sizes, the scene holds, answered by the whole set, e.g.
   ``circle+square``: a label-powerset encoding, scored by exact set match). Client ``i`` does
-  ``TASKS[i mod 3]``.
+  ``TASKS[i mod 3]``;
+- ``texture``: a domain benchmark whose domains the foundation never saw in pretraining: client ``i`` draws its
+  scenes on crops of a natural image bundled with scikit-image (``textures.TEXTURES[i mod 5]``: brick, grass,
+  gravel, a coffee cup, a microscopy slide), asks ``families`` in its own proportions (Dirichlet(0.5) weights) and
+  uses its own 4 of the 7 colours (so its colour answers are its own subset). The weights and colours are drawn
+  from the seed and the site's index alone (``numpy.random.default_rng([seed, index, 1])``).
 
 ``families`` narrows the question families every benchmark draws from (all five by default): ``function`` gives
 client ``i`` family ``families[i mod len]``, the others ask every listed family at every client. Keeping only
@@ -28,7 +33,8 @@ import numpy as np
 
 from .captions import caption
 from .questions import FAMILIES, FAMILY_ANSWERS, GENERATORS
-from .scenes import DOMAINS, GRID, SHAPES, SIZES, SceneObject, SceneStyle, apply_domain, render, sample_objects
+from .scenes import COLORS, DOMAINS, GRID, SHAPES, SIZES, SceneObject, SceneStyle, apply_domain, render, sample_objects
+from .textures import TEXTURES, on_texture, texture_crop
 from .vqa import Benchmark, ClientData, VQAExample
 
 GROUNDED_FAMILIES = ("existence", "attribute", "counting")
@@ -62,11 +68,14 @@ class SiteSpec:
     domain: str = "clean"
     style: SceneStyle = SceneStyle()
     task: str = "vqa"
+    family_weights: tuple[float, ...] = ()  # how often each of ``families`` is asked; () for equally often
+    texture: str = ""  # a ``textures.TEXTURES`` name: the scenes' background; "" for the style's solid colour
 
     def answers(self) -> tuple[str, ...]:
-        """The site's label space, sorted."""
+        """The site's label space, sorted: a ``vqa`` site's families' answers, of the colours only its own."""
         if self.task == "vqa":
-            return tuple(sorted({a for family in self.families for a in FAMILY_ANSWERS[family]}))
+            return tuple(sorted({a for family in self.families for a in FAMILY_ANSWERS[family]
+                                 if a not in COLORS or a in self.style.colors}))
         return tuple(sorted(TASK_ANSWERS[self.task]))
 
 
@@ -80,7 +89,10 @@ def _text_and_answer(spec: SiteSpec, objects: list[SceneObject], rng: np.random.
         attribute, values = _ATTRIBUTE_QUESTIONS[question]
         present = {getattr(obj, attribute) for obj in objects}
         return question, SET_SEPARATOR.join(value for value in values if value in present)
-    family = spec.families[int(rng.integers(len(spec.families)))]
+    if spec.family_weights:
+        family = spec.families[int(rng.choice(len(spec.families), p=spec.family_weights))]
+    else:
+        family = spec.families[int(rng.integers(len(spec.families)))]
     return GENERATORS[family](objects, rng, spec.style.colors, spec.style.shapes)
 
 
@@ -89,17 +101,36 @@ def generate_examples(spec: SiteSpec, count: int, image_size: int, rng: np.rando
     for _ in range(count):
         objects = sample_objects(rng, spec.style)
         image = apply_domain(render(objects, rng, spec.style, image_size), spec.domain, rng)
+        if spec.texture:
+            image = on_texture(image, spec.style.background, texture_crop(spec.texture, image_size, rng))
         question, answer = _text_and_answer(spec, objects, rng)
         examples.append(VQAExample(image=image, question=question, answer=answer))
     return examples
 
 
-def _function_sites(num_clients: int, families: tuple[str, ...]) -> list[SiteSpec]:
+def _function_sites(num_clients: int, families: tuple[str, ...], seed: int) -> list[SiteSpec]:
     return [SiteSpec(families=(families[i % len(families)],)) for i in range(num_clients)]
 
 
-def _domain_sites(num_clients: int, families: tuple[str, ...]) -> list[SiteSpec]:
+def _domain_sites(num_clients: int, families: tuple[str, ...], seed: int) -> list[SiteSpec]:
     return [SiteSpec(families=families, domain=DOMAINS[i % len(DOMAINS)]) for i in range(num_clients)]
+
+
+TEXTURE_COLORS = 4  # colours per texture site
+MIX_CONCENTRATION = 0.5  # the Dirichlet concentration of a texture site's question mix
+
+
+def _texture_sites(num_clients: int, families: tuple[str, ...], seed: int) -> list[SiteSpec]:
+    sites = []
+    for index in range(num_clients):
+        rng = np.random.default_rng([seed, index, 1])  # not the examples' stream: the site's own draws
+        weights = rng.dirichlet([MIX_CONCENTRATION] * len(families))
+        chosen = set(rng.choice(len(COLORS), TEXTURE_COLORS, replace=False).tolist())
+        colors = tuple(color for position, color in enumerate(COLORS) if position in chosen)
+        sites.append(SiteSpec(families=families, style=SceneStyle(colors=colors),
+                              texture=TEXTURES[index % len(TEXTURES)],
+                              family_weights=tuple(float(weight) for weight in weights / weights.sum())))
+    return sites
 
 
 _SCENE_LAYOUTS = (
@@ -113,15 +144,16 @@ _SCENE_LAYOUTS = (
 )
 
 
-def _scene_sites(num_clients: int, families: tuple[str, ...]) -> list[SiteSpec]:
+def _scene_sites(num_clients: int, families: tuple[str, ...], seed: int) -> list[SiteSpec]:
     return [SiteSpec(families=families, style=_SCENE_LAYOUTS[i % len(_SCENE_LAYOUTS)]) for i in range(num_clients)]
 
 
-def _task_sites(num_clients: int, families: tuple[str, ...]) -> list[SiteSpec]:
+def _task_sites(num_clients: int, families: tuple[str, ...], seed: int) -> list[SiteSpec]:
     return [SiteSpec(families=families, task=TASKS[i % len(TASKS)]) for i in range(num_clients)]
 
 
-SITE_BUILDERS = {"function": _function_sites, "domain": _domain_sites, "scene": _scene_sites, "task": _task_sites}
+SITE_BUILDERS = {"function": _function_sites, "domain": _domain_sites, "scene": _scene_sites, "task": _task_sites,
+                 "texture": _texture_sites}
 
 
 def check_families(families: Sequence[str]) -> tuple[str, ...]:
@@ -147,7 +179,7 @@ def synthetic_benchmark(
         raise ValueError(f"unknown synthetic benchmark {name!r}; known: {', '.join(SITE_BUILDERS)}")
     families = check_families(families)
     clients = []
-    for index, spec in enumerate(SITE_BUILDERS[name](num_clients, families)):
+    for index, spec in enumerate(SITE_BUILDERS[name](num_clients, families, seed)):
         # One independent stream per client, so adding a client never changes the others.
         rng = np.random.default_rng([seed, index])
         train = generate_examples(spec, train_per_client, image_size, rng)
