@@ -230,12 +230,16 @@ def decode_each(messages: Sequence[bytes], roster: Roster, *, session: str | Non
     checks run before, payload checks after, in the calling thread: interleaved with the signature checks, their
     Python and BLAKE3's binding (which releases the GIL on every call, however short) would make the threads hand
     the GIL back and forth for every message, which costs more than it saves."""
+    if session is not None:
+        check_session_id(session)  # the receiver's own argument: a ConfigurationError, raised, not a refusal
     framed: list[_Framed | MessageRejected] = []
     for data in messages:
         try:
             framed.append(_checked_frame(data, roster, session, max_bytes))
         except MessageRejected as error:
             framed.append(error)
+        except Exception as error:  # noqa: BLE001 - refused in its place, as decode refuses it
+            framed.append(_unforeseen(error))
     signed = [index for index, item in enumerate(framed) if not isinstance(item, MessageRejected)]
 
     def verify_span(start: int, stop: int) -> None:
@@ -244,6 +248,8 @@ def decode_each(messages: Sequence[bytes], roster: Roster, *, session: str | Non
                 framed[index].verify(roster)  # type: ignore[union-attr]
             except MessageRejected as error:
                 framed[index] = error  # each thread writes only its own indices
+            except Exception as error:  # noqa: BLE001
+                framed[index] = _unforeseen(error)
 
     threads = parallel.worker_count() if len(signed) >= PARALLEL_DECODE_COUNT else 1
     parallel.run_each(verify_span, parallel.spans(len(signed), threads))
@@ -255,10 +261,25 @@ def decode_each(messages: Sequence[bytes], roster: Roster, *, session: str | Non
             envelope, check_payload = item.opened()
             check_payload()
         except MessageRejected as error:
-            results.append(error)
+            results.append(detached(error))
+        except Exception as error:  # noqa: BLE001
+            results.append(_unforeseen(error))
         else:
             results.append(envelope)
     return results
+
+
+def detached(error: MessageRejected) -> MessageRejected:
+    """``error`` without its traceback and the exception it was raised while handling: their frames would keep
+    every message decoded beside it alive for as long as a caller keeps the refusal (``decode_each``)."""
+    error.__context__ = error.__cause__ = None
+    return error.with_traceback(None)
+
+
+def _unforeseen(error: Exception) -> MessageRejected:
+    """The refusal of a message whose reading raised something no check foresaw (a receiver is never crashed by
+    a message: ``decode`` and ``decode_each`` refuse it with these words)."""
+    return MessageRejected(f"malformed message ({type(error).__name__}: {error})")
 
 
 def decode_checking_payload_later(data: bytes, roster: Roster, *, session: str | None,
@@ -272,9 +293,26 @@ def decode_checking_payload_later(data: bytes, roster: Roster, *, session: str |
     fails: the masked server adds a masked vector modulo 2^m while another thread hashes it, and subtracts it again
     on a mismatch (issue 16). Nothing read from the payload may be kept, sent or acted on before the check.
     """
-    framed = _checked_frame(data, roster, session, max_bytes)
-    framed.verify(roster)
-    return framed.opened()
+    if session is not None:
+        check_session_id(session)  # the receiver's own argument: a ConfigurationError, raised, not a refusal
+    try:
+        framed = _checked_frame(data, roster, session, max_bytes)
+        framed.verify(roster)
+        envelope, check_payload = framed.opened()
+    except MessageRejected:
+        raise
+    except Exception as error:  # noqa: BLE001 - see _unforeseen
+        raise _unforeseen(error) from None
+
+    def checked_payload() -> None:
+        try:
+            check_payload()
+        except MessageRejected:
+            raise
+        except Exception as error:  # noqa: BLE001
+            raise _unforeseen(error) from None
+
+    return envelope, checked_payload
 
 
 @dataclass(frozen=True)
@@ -501,6 +539,10 @@ def _check_header(header: Any) -> None:
                 or not all(_is_int(n) and 0 <= n < MAX_MESSAGE_BYTES for n in shape)):
             raise MessageRejected(f"array {spec['name']!r}: shape must be a list of at most {MAX_DIMENSIONS} "
                                   "non-negative integers", sender)
+        # an empty array's other dimensions count too: numpy refuses to shape one whose extent would overflow
+        if math.prod(max(n, 1) for n in shape) * DTYPES[spec["dtype"]].itemsize > MAX_MESSAGE_BYTES:
+            raise MessageRejected(f"array {spec['name']!r}: shape {shape} spans more than {MAX_MESSAGE_BYTES} "
+                                  "bytes, even where it is empty", sender)
     _check_items(header["blobs"], "blobs", {"name", "size"}, sender)
     for spec in header["blobs"]:
         if not _is_int(spec["size"]) or not 0 <= spec["size"] < MAX_MESSAGE_BYTES:

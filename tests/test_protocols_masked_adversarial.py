@@ -26,7 +26,16 @@ from protocols import (
 from protocols.masked import client as masked_client
 from protocols.masked import keys as masked_keys
 from protocols.masked import prg
-from protocols.masked.stages import ADVERTISE, COMMIT, CONSISTENCY, MASKED, SHARE, UNMASK
+from protocols.masked.stages import (
+    ADVERTISE,
+    COMMIT,
+    CONSISTENCY,
+    MASKED,
+    SHARE,
+    UNMASK,
+    control_bytes,
+    masked_input_bytes,
+)
 from protocols.wire import MAGIC, SIGNATURE_BYTES, VERSION, payload_digest
 
 
@@ -479,6 +488,17 @@ def same_values(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+def empty_array_of_huge_extent(h: Harness, stage: str) -> bytes:
+    """Signed by a client, 0 payload bytes: an array of shape [0, 2^31 − 1, 2^31 − 1, 2^31 − 1]."""
+    big = 2**31 - 1
+    header = {"arrays": [{"dtype": "uint8", "name": "a", "shape": [0, big, big, big]}], "blobs": [], "fields": {},
+              "payload": payload_digest([b""]), "protocol": "masked", "recipient": "server", "round": 0,
+              "roster": h.roster.digest, "sender": "client-5", "session": h.session, "stage": stage}
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    body = MAGIC + struct.pack("<HI", VERSION, len(raw)) + raw
+    return body + h.identities["client-5"].sign(body)
+
+
 def outcomes_one_by_one(server, batch: list[bytes]) -> list[tuple[str, str | None] | None]:
     outcomes = []
     for data in batch:
@@ -506,14 +526,21 @@ def test_a_batch_taken_in_together_gives_each_message_the_outcome_and_the_server
         forged = bytearray(answers["client-2"])
         forged[-1] ^= 1
         other_session = h.forge("client-4", "server", stage, session=new_session_id())
+        payload_changed = bytearray(h.forge("client-5", "server", stage, blobs={"x": b"abc"}))
+        payload_changed[-SIGNATURE_BYTES - 1] ^= 1  # the header and its signature still verify; the payload not
         batch = [bytes(forged), answers["client-0"], unsigned_message_with_a_list_for_dtype(h, "client-1"),
+                 bytes(payload_changed), MAGIC + bytes(max(control_bytes(6), masked_input_bytes(6, h.length, 4)) + 1),
+                 empty_array_of_huge_extent(h, stage),
                  *answers.values(), answers["client-1"], other_session, answers["client-3"][:-70],
                  *list(previous.values())[:1], b"not a message"]
         assert len(batch) >= 8  # enough for wire.decode_each to use its worker threads
         one_by_one = h.protocol.server(h.server_identity, h.roster, session=h.session, state=h.server.state_dict())
         expected = outcomes_one_by_one(one_by_one, batch)
+        if stage != MASKED:  # a masked input's fields are checked before its payload (hashed while added)
+            assert expected[3][0].startswith("the payload does not match its signed digest")
+        assert expected[4][0].startswith("oversized message") and "spans more than" in expected[5][0]
         outcomes = [None if rejection is None else (rejection.reason, rejection.sender)
-                    for rejection in h.server.receive_each(batch)]
+                    for rejection in h.server.receive_each(iter(batch))]  # any iterable, a one-shot one too
         assert outcomes == expected
         assert outcomes.count(None) == len(answers)  # each genuine answer taken in once, whatever surrounds it
         assert same_values(h.server.state_dict(), one_by_one.state_dict())
@@ -522,3 +549,30 @@ def test_a_batch_taken_in_together_gives_each_message_the_outcome_and_the_server
     assert h.server.round_done
     refused = list(h.server.receive_each(list(previous.values())))
     assert [rejection.reason for rejection in refused] == ["no round in progress"] * len(previous)
+
+
+def test_a_batch_of_bloated_messages_costs_the_server_bounded_memory_however_many_there_are():
+    """``receive_each`` decodes ahead of taking messages in; a client answering with many control-size messages whose
+    headers parse into many small objects must not make the server hold them all at once (found in review)."""
+    import tracemalloc
+
+    h = Harness(n=6)
+
+    def bloated() -> bytes:
+        header = {"arrays": [], "blobs": [], "fields": {"a": []}, "payload": payload_digest([b""]),
+                  "protocol": "masked", "recipient": "server", "round": 0, "roster": h.roster.digest,
+                  "sender": "client-5", "session": h.session, "stage": COMMIT}
+        room = control_bytes(6) - 10 - SIGNATURE_BYTES - len(json.dumps(header, separators=(",", ":"))) - 16
+        header["fields"]["a"] = [[]] * (room // 3)
+        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        return MAGIC + struct.pack("<HI", VERSION, len(raw)) + raw + bytes(SIGNATURE_BYTES)
+
+    message = bloated()
+    peaks = []
+    for count in (50, 200):
+        tracemalloc.start()
+        refused = list(h.server.receive_each([message] * count))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert all(r is not None and r.reason == "bad signature from 'client-5'" for r in refused)
+    assert peaks[1] < 1.5 * peaks[0]  # not 4x: bounded by the decode window, not by the count

@@ -273,8 +273,22 @@ def test_array_sizes_must_match_the_payload_exactly():
 
 def test_a_huge_declared_shape_is_refused_without_allocating():
     spec = [{"name": "v", "dtype": "float64", "shape": [2**30, 2**30]}]
+    with pytest.raises(MessageRejected, match="spans more than"):
+        read(forge(good_header(arrays=spec)))
+    spec = [{"name": "v", "dtype": "float64", "shape": [2**20, 100]}]  # within the bound: the payload is short
     with pytest.raises(MessageRejected, match="truncated"):
         read(forge(good_header(arrays=spec)))
+
+
+def test_an_empty_array_with_huge_other_dimensions_is_refused_not_raised():
+    """0 × (2^31 − 1)^3 values is 0 payload bytes, so every size check passed, and numpy's reshape then raised
+    ValueError out of decode (found in review of issue 16's batched receive)."""
+    big = 2**31 - 1
+    spec = [{"name": "v", "dtype": "uint8", "shape": [0, big, big, big]}]
+    with pytest.raises(MessageRejected, match="spans more than"):
+        read(forge(good_header(arrays=spec)))
+    assert read(forge(good_header(arrays=[{"name": "v", "dtype": "uint8", "shape": [0, 3]}]))).arrays["v"].shape \
+        == (0, 3)
 
 
 def test_encode_refuses_what_decode_would_reject():
@@ -447,3 +461,26 @@ def test_a_party_signs_exactly_what_rfc_8032_ed25519_signs_whichever_library_mak
         data = bytes(range(256)) * (size // 256) + bytes(size % 256)
         assert SERVER.sign(data) == SERVER.private_key.sign(data)
         SERVER.public_key.verify(SERVER.sign(data), data)
+
+
+def test_anything_unforeseen_while_reading_a_message_is_a_refusal_in_its_place(monkeypatch):
+    """No message may crash its receiver: an exception no check foresaw, anywhere in reading one message, is that
+    message's refusal, with the same words from decode and from decode_each (whose other messages are unaffected)."""
+    good = encode(envelope(), ALICE)
+    odd = encode(envelope(round=7), ALICE)
+    opened = wire._Framed.opened
+
+    def fails_on_round_7(self):
+        if self.header["round"] == 7:
+            raise ValueError("array is too big")
+        return opened(self)
+
+    monkeypatch.setattr(wire._Framed, "opened", fails_on_round_7)
+    with pytest.raises(MessageRejected, match=r"malformed message \(ValueError: array is too big\)") as raised:
+        read(odd)
+    decoded = decode_each([good, odd, good], ROSTER, session=SESSION)
+    assert isinstance(decoded[0], Envelope) and isinstance(decoded[2], Envelope)
+    assert decoded[1].reason == raised.value.reason
+    assert decoded[1].__traceback__ is None and decoded[1].__context__ is None
+    with pytest.raises(ConfigurationError):  # the receiver's own bad argument is still its error, not a refusal
+        decode(good, ROSTER, session="not-a-session")

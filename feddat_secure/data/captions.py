@@ -39,14 +39,23 @@ def _other(value: str, choices: tuple[str, ...], rng: np.random.Generator) -> st
     return others[int(rng.integers(len(others)))]
 
 
-def caption(objects: list[SceneObject], rng: np.random.Generator, style: SceneStyle) -> tuple[str, bool]:
+def caption(objects: list[SceneObject], rng: np.random.Generator, style: SceneStyle, *,
+            exact: bool = False) -> tuple[str, bool]:
     """A caption of up to two of ``objects`` and whether it is true of the scene: true half of the time; otherwise
-    an easy negative (the caption of another random scene, which describes this one by chance only rarely) or a
-    hard one (one attribute of one described object changed), equally often."""
+    an easy negative (the caption of another random scene) or a hard one (one attribute of one described object
+    changed), equally often. A hard negative is always false (objects sit in distinct cells with distinct colour and
+    shape); an easy one describes this scene by chance about once in 2,000 negatives. ``exact`` replaces such a
+    negative with a hard one, so that every label is right (the benchmark's sites); without it the draws are those
+    the foundation was pretrained on, where that rate is harmless noise."""
     described = [objects[i] for i in rng.permutation(len(objects))[:2]]
+    true_ones = described
     matches = bool(rng.integers(2))
     if not matches and rng.integers(2):
         described = sample_objects(rng, style)[:2]
+        if exact and {describe(o) for o in described} <= {describe(o) for o in objects}:
+            described = list(true_ones)
+            victim = int(rng.integers(len(described)))
+            described[victim] = perturb(described[victim], rng, style)
     elif not matches:
         victim = int(rng.integers(len(described)))
         described[victim] = perturb(described[victim], rng, style)

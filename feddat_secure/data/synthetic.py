@@ -70,18 +70,20 @@ class SiteSpec:
     task: str = "vqa"
     family_weights: tuple[float, ...] = ()  # how often each of ``families`` is asked; () for equally often
     texture: str = ""  # a ``textures.TEXTURES`` name: the scenes' background; "" for the style's solid colour
+    own_colours: bool = False  # the label space holds only the style's colours (else every colour)
 
     def answers(self) -> tuple[str, ...]:
-        """The site's label space, sorted: a ``vqa`` site's families' answers, of the colours only its own."""
+        """The site's label space, sorted: a ``vqa`` site's families' answers (of the colours, only the style's
+        with ``own_colours``), another task's own answers."""
         if self.task == "vqa":
             return tuple(sorted({a for family in self.families for a in FAMILY_ANSWERS[family]
-                                 if a not in COLORS or a in self.style.colors}))
+                                 if not self.own_colours or a not in COLORS or a in self.style.colors}))
         return tuple(sorted(TASK_ANSWERS[self.task]))
 
 
 def _text_and_answer(spec: SiteSpec, objects: list[SceneObject], rng: np.random.Generator) -> tuple[str, str]:
     if spec.task == "matching":
-        text, matches = caption(objects, rng, spec.style)
+        text, matches = caption(objects, rng, spec.style, exact=True)
         return text, MATCH if matches else MISMATCH
     if spec.task == "attributes":
         questions = sorted(_ATTRIBUTE_QUESTIONS)
@@ -128,7 +130,7 @@ def _texture_sites(num_clients: int, families: tuple[str, ...], seed: int) -> li
         chosen = set(rng.choice(len(COLORS), TEXTURE_COLORS, replace=False).tolist())
         colors = tuple(color for position, color in enumerate(COLORS) if position in chosen)
         sites.append(SiteSpec(families=families, style=SceneStyle(colors=colors),
-                              texture=TEXTURES[index % len(TEXTURES)],
+                              texture=TEXTURES[index % len(TEXTURES)], own_colours=True,
                               family_weights=tuple(float(weight) for weight in weights / weights.sum())))
     return sites
 

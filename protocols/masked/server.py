@@ -19,7 +19,7 @@ from .. import parallel
 from ..base import AggregateResult, Outgoing, ServerSession, checked_context, checked_round
 from ..errors import MessageRejected, ProtocolError, RoundAborted
 from ..identity import Identity, Roster
-from ..wire import Envelope, expect
+from ..wire import Envelope, detached, expect
 from . import keys, shamir
 from .config import MaskedOptions
 from .graph import ring_neighbours
@@ -46,6 +46,7 @@ from .stages import (
 from .view import NONCE_BYTES, nonce_commitment, ring_order, ring_seed, self_mask_commitment, view_digest
 
 _CIPHERTEXT_BYTES = keys.NONCE_BYTES + 2 * shamir.SHARE_BYTES + keys.TAG_BYTES
+DECODE_BATCH_BYTES = 1 << 18  # receive_each decodes at most this many bytes of messages ahead of taking them in
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,17 +186,27 @@ class MaskedServer(ServerSession):
         about 100 small signed messages, whose Ed25519 checks are most of their cost (issue 16). Masked inputs are
         taken one by one, each hashed on a worker while it is added (``_receive_masked``), so that one 4 MB input
         at a time is decoded."""
+        messages = list(messages)
         if self.stage == MASKED or self._round is None or self.round_done or self._aborted:
             yield from super().receive_each(messages)
             return
-        decoded = self._decode_each(messages, max_bytes=self._limit(self._round))
-        for data, item in zip(messages, decoded):
-            try:
-                self._take(data, item)
-            except MessageRejected as rejection:
-                yield rejection
-            else:
-                yield None
+        limit = self._limit(self._round)
+        start = 0
+        while start < len(messages):
+            # at most DECODE_BATCH_BYTES of messages decoded ahead: their parsed headers are all held until taken
+            # in, and a client may answer with many large, malformed ones
+            stop, size = start + 1, len(messages[start])
+            while stop < len(messages) and size + len(messages[stop]) <= DECODE_BATCH_BYTES:
+                size += len(messages[stop])
+                stop += 1
+            for data, item in zip(messages[start:stop], self._decode_each(messages[start:stop], max_bytes=limit)):
+                try:
+                    self._take(data, item)
+                except MessageRejected as rejection:
+                    yield detached(rejection)  # its frames would hold this window's decoded messages
+                else:
+                    yield None
+            start = stop
 
     def _take(self, data: bytes, decoded: Envelope | MessageRejected | None) -> None:
         """``receive`` of ``data``; ``decoded``: what ``_decode`` gives it (envelope or refusal) where the caller
