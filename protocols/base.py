@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -206,7 +206,7 @@ class ServerSession(Party):
         """One client message for the current stage. A bad one raises MessageRejected and changes
         nothing; its sender then counts as dropped for this stage."""
 
-    def receive_each(self, messages: Sequence[bytes]) -> Iterator[MessageRejected | None]:
+    def receive_each(self, messages: Iterable[bytes]) -> Iterator[MessageRejected | None]:
         """``receive`` of each of ``messages`` in order, lazily: the n-th item is None once the n-th message has been
         taken in, or the MessageRejected that ``receive`` would have raised for it. Any other error (RoundAborted)
         propagates at the message that raised it; the messages before it have been taken in, those after it not.

@@ -358,9 +358,8 @@ class _Framed:
 
 def _checked_frame(data: object, roster: Roster, session: str | None, max_bytes: int) -> _Framed:
     """``decode``'s checks in its order up to the signature: size limit, framing, header schema, exact payload
-    length, the roster digest (before the expensive signature) and the session."""
-    if session is not None:
-        check_session_id(session)
+    length, the roster digest (before the expensive signature) and the session (``session`` itself checked by the
+    caller)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MessageRejected(f"a message must be bytes, not {type(data).__name__}")
     if not isinstance(data, bytes):

@@ -8,7 +8,7 @@ summed as they arrive (modulo 2^m, in the word type), so memory stays at one vec
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,12 +180,13 @@ class MaskedServer(ServerSession):
     def receive(self, data: bytes) -> None:
         self._take(data, None)
 
-    def receive_each(self, messages: Sequence[bytes]) -> Iterator[MessageRejected | None]:
+    def receive_each(self, messages: Iterable[bytes]) -> Iterator[MessageRejected | None]:
         """``ServerSession.receive_each``. At a control stage (every stage but the masked input's) the batch's
         signatures are checked first, side by side on the worker threads (``wire.decode_each``): a stage brings
         about 100 small signed messages, whose Ed25519 checks are most of their cost (issue 16). Masked inputs are
         taken one by one, each hashed on a worker while it is added (``_receive_masked``), so that one 4 MB input
-        at a time is decoded."""
+        at a time is decoded. At most ``DECODE_BATCH_BYTES`` of messages are decoded ahead, and refusals come back
+        without their tracebacks (``wire.detached``), so a client's many bloated messages cost bounded memory."""
         messages = list(messages)
         if self.stage == MASKED or self._round is None or self.round_done or self._aborted:
             yield from super().receive_each(messages)
