@@ -1,4 +1,4 @@
-"""The four synthetic heterogeneity benchmarks of the FedDAT paper, rebuilt offline.
+"""Synthetic benchmarks of the FedDAT paper's four kinds of heterogeneity (and a second, harder domain one), offline.
 
 - ``function``: every client asks a different question family;
 - ``domain``: same families, each client's images come from another rendering domain;
