@@ -238,10 +238,11 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int, package:
         # together, as a transport's grid does, up to SERVER_BATCH_BYTES at a time (one or a few inputs in flight)
         queue = deque((sender, message) for message in outgoing)
         batch: list[bytes] = []
+        batch_bytes = 0
         while queue or batch:
-            if batch and (not queue or sum(map(len, batch)) >= SERVER_BATCH_BYTES):
+            if batch and (not queue or batch_bytes >= SERVER_BATCH_BYTES):
                 meter.call(SERVER_ID, take_in, batch)
-                batch = []
+                batch, batch_bytes = [], 0
                 continue
             source, message = queue.popleft()
             recipient = message.recipient
@@ -250,6 +251,7 @@ def run_ours(name: str, n: int, params: int, dropout: float, seed: int, package:
             meter.sent[source] += len(message.data)
             if recipient == SERVER_ID:
                 batch.append(message.data)
+                batch_bytes += len(message.data)
                 answers = []
             elif recipient == KEYHOLDER_ID:
                 answers = meter.call(recipient, keyholder.handle, message.data)

@@ -29,7 +29,8 @@ import math
 import re
 import secrets
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,21 +236,19 @@ def decode_each(messages: Sequence[bytes], roster: Roster, *, session: str | Non
     framed: list[_Framed | MessageRejected] = []
     for data in messages:
         try:
-            framed.append(_checked_frame(data, roster, session, max_bytes))
-        except MessageRejected as error:
+            with _unforeseen_refused():
+                framed.append(_checked_frame(data, roster, session, max_bytes))
+        except MessageRejected as error:  # refused in its place, as decode refuses it
             framed.append(error)
-        except Exception as error:  # noqa: BLE001 - refused in its place, as decode refuses it
-            framed.append(_unforeseen(error))
     signed = [index for index, item in enumerate(framed) if not isinstance(item, MessageRejected)]
 
     def verify_span(start: int, stop: int) -> None:
         for index in signed[start:stop]:
             try:
-                framed[index].verify(roster)  # type: ignore[union-attr]
+                with _unforeseen_refused():
+                    framed[index].verify(roster)  # type: ignore[union-attr]
             except MessageRejected as error:
                 framed[index] = error  # each thread writes only its own indices
-            except Exception as error:  # noqa: BLE001
-                framed[index] = _unforeseen(error)
 
     threads = parallel.worker_count() if len(signed) >= PARALLEL_DECODE_COUNT else 1
     parallel.run_each(verify_span, parallel.spans(len(signed), threads))
@@ -258,12 +257,11 @@ def decode_each(messages: Sequence[bytes], roster: Roster, *, session: str | Non
         try:
             if isinstance(item, MessageRejected):
                 raise item
-            envelope, check_payload = item.opened()
-            check_payload()
+            with _unforeseen_refused():
+                envelope, check_payload = item.opened()
+                check_payload()
         except MessageRejected as error:
             results.append(detached(error))
-        except Exception as error:  # noqa: BLE001
-            results.append(_unforeseen(error))
         else:
             results.append(envelope)
     return results
@@ -276,10 +274,17 @@ def detached(error: MessageRejected) -> MessageRejected:
     return error.with_traceback(None)
 
 
-def _unforeseen(error: Exception) -> MessageRejected:
-    """The refusal of a message whose reading raised something no check foresaw (a receiver is never crashed by
-    a message: ``decode`` and ``decode_each`` refuse it with these words)."""
-    return MessageRejected(f"malformed message ({type(error).__name__}: {error})")
+@contextmanager
+def _unforeseen_refused() -> Iterator[None]:
+    """Reading one message raises MessageRejected and nothing else: whatever no check foresaw becomes that
+    message's refusal, in the same words from ``decode`` and ``decode_each`` (a receiver is never crashed by a
+    message)."""
+    try:
+        yield
+    except MessageRejected:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise MessageRejected(f"malformed message ({type(error).__name__}: {error})") from None
 
 
 def decode_checking_payload_later(data: bytes, roster: Roster, *, session: str | None,
@@ -295,22 +300,14 @@ def decode_checking_payload_later(data: bytes, roster: Roster, *, session: str |
     """
     if session is not None:
         check_session_id(session)  # the receiver's own argument: a ConfigurationError, raised, not a refusal
-    try:
+    with _unforeseen_refused():
         framed = _checked_frame(data, roster, session, max_bytes)
         framed.verify(roster)
         envelope, check_payload = framed.opened()
-    except MessageRejected:
-        raise
-    except Exception as error:  # noqa: BLE001 - see _unforeseen
-        raise _unforeseen(error) from None
 
     def checked_payload() -> None:
-        try:
+        with _unforeseen_refused():
             check_payload()
-        except MessageRejected:
-            raise
-        except Exception as error:  # noqa: BLE001
-            raise _unforeseen(error) from None
 
     return envelope, checked_payload
 
