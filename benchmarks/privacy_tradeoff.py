@@ -134,6 +134,8 @@ def run_config(method: str, epsilon: float, seed: int, args: argparse.Namespace)
         "training": {"local_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.learning_rate},
         "model": {"head": "local"},
     }
+    if args.ema_decay:  # the site evaluates the EMA of its own weights (0, the default, stays out of the cell's key)
+        config["training"]["ema_decay"] = args.ema_decay
     if not math.isinf(epsilon):  # seeded noise: reproducible numbers, no privacy claim (a benchmark, not a release)
         config["privacy"] = {"record": {"enabled": True, "target_epsilon": epsilon, "max_grad_norm": CLIP,
                                         "delta": DELTA, "reproducible": True}}
@@ -279,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--accountant", choices=["rdp", "prv"], default="rdp",
                         help="the accountant that calibrates σ to the target ε (prv: tighter, so less noise)")
+    parser.add_argument("--ema-decay", type=float, default=0.0,
+                        help="FedDAT: evaluate the EMA of each site's own weights with this decay (0: the last ones)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per trainer (cost)")
     parser.add_argument("--cache", default=str(CACHE), help="folder of cached cells (one JSON file each)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "results_privacy.md"))

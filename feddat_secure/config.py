@@ -134,6 +134,9 @@ class TrainingConfig:
     # head on the DAT's loss (modelled on the official code's one optimizer over every parameter)
     client_adapter_rounds: int = _range(0, low=0, high=MAX_ROUNDS)
     head_in_dat_loss: bool = False
+    # FedDAT: > 0, a site evaluates and keeps the exponential moving average of its own parameters (A_c, a local
+    # head) over its steps, with this decay; free post-processing under DP (training/weight_average.py)
+    ema_decay: float = _range(0.0, low=0, high=1, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -379,6 +382,9 @@ def _check_consistency(config: RunConfig) -> None:
     if ablations and federation.algorithm != "feddat":
         raise ConfigError(f"key 'training.{ablations[0]}' is a FedDAT ablation; federation.algorithm is "
                           f"{federation.algorithm!r}")
+    if training.ema_decay and federation.algorithm != "feddat":
+        raise ConfigError(f"key 'training.ema_decay' averages FedDAT's own parameters (A_c, a local head); "
+                          f"federation.algorithm is {federation.algorithm!r}")
     if ablations and config.privacy.record.enabled:
         raise ConfigError(f"key 'training.{ablations[0]}' is an ablation without record-level DP, whose accounting "
                           "counts both of FedDAT's DP-SGD steps on every batch (remove it, or set "

@@ -307,11 +307,12 @@ class Site:
     def save_outputs(self) -> None:
         """Write what this site keeps: its adapters in PEFT format and, when local, its head and answers."""
         adapters = self.trainer.model.adapters
-        for name in self.trainer.kept:
-            save_peft_adapter(adapters.get_state(name), adapters.settings, self.base_model_path,
-                              self.folder.path / f"{name}_adapter")
-        if not self.trainer.head_travels:
-            save_head(self.trainer.model.head_state(), self.answers, self.folder.path)
+        with self.trainer.averaged():  # the model the site evaluated
+            for name in self.trainer.kept:
+                save_peft_adapter(adapters.get_state(name), adapters.settings, self.base_model_path,
+                                  self.folder.path / f"{name}_adapter")
+            if not self.trainer.head_travels:
+                save_head(self.trainer.model.head_state(), self.answers, self.folder.path)
 
     @contextlib.contextmanager
     def _own_torch_rng(self):

@@ -13,6 +13,7 @@ every parameter a trainer updates from data is updated by DP-SGD on Poisson-samp
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .adapter_names import CLIENT, FROZEN_GLOBAL, LORA_MATRICES, SHARED, is_matr
 from .local_model import LocalModel, split_head
 from .losses import mkd_loss
 from .schedule import learning_rate
+from .weight_average import WeightAverage
 
 SHARED_ONLY = {SHARED: 1.0}
 DUAL_ADAPTER_TEACHER = {CLIENT: 0.5, FROZEN_GLOBAL: 0.5}  # h + ½·A_c(h) + ½·Â_s(h)
@@ -69,6 +71,16 @@ class LocalTrainer(ABC):
         self.privacy = privacy
         self.travels = tuple(travels)
         self.round_events: list[GaussianEvent] = []  # the DP mechanisms the last round ran (empty without DP)
+        self.average: WeightAverage | None = None  # the EMA of the site's own parameters (training.ema_decay)
+
+    def averaged(self) -> contextlib.AbstractContextManager:
+        """Within the block the site's own parameters hold their EMA (``training.ema_decay`` > 0), as they do
+        whenever the site evaluates or saves its model; without an EMA, nothing changes."""
+        return self.average.swapped_in() if self.average is not None else contextlib.nullcontext()
+
+    def _step_taken(self) -> None:
+        if self.average is not None:
+            self.average.update()
 
     def train_round_on(self, split: EncodedSplit, rng: np.random.Generator, round_index: int) -> dict[str, float]:
         """Train one round on batches drawn from ``split``: the seeded mini-batches of
@@ -135,6 +147,7 @@ class LocalTrainer(ABC):
             "adapters": {name: self.model.adapters.get_state(name) for name in self.model.adapters.names},
             "head": self.model.head_state(),
             "optimizers": {name: optimizer.state_dict() for name, optimizer in self._kept_optimizers().items()},
+            "average": self.average.state_dict() if self.average is not None else None,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -145,6 +158,12 @@ class LocalTrainer(ABC):
         if set(state["optimizers"]) != set(kept):
             raise ValueError(f"saved optimizers {sorted(state['optimizers'])} do not match this trainer's "
                              f"{sorted(kept)}")
+        average = state.get("average")
+        if (average is None) != (self.average is None):
+            raise ValueError("the saved state and this trainer disagree on whether an EMA of the weights is kept "
+                             "(training.ema_decay)")
+        if self.average is not None:
+            self.average.load_state_dict(average)
         for name, optimizer in kept.items():
             optimizer.load_state_dict(state["optimizers"][name])
 
@@ -180,6 +199,9 @@ class FedDATTrainer(LocalTrainer):
                                                 + (model.head_parameters() if training.head_in_dat_loss else []))
         if privacy is not None:  # A_s and the head, and A_c (the teacher of A_s): all DP-SGD
             attach_per_sample_gradients(model.classifier, [self._shared_parameters(), self._client_parameters()])
+        if training.ema_decay:  # what never leaves the site: A_c, and the head when it is local
+            own = self._client_parameters() + ([] if head_travels else model.head_parameters())
+            self.average = WeightAverage(own, training.ema_decay)
 
     def _kept_optimizers(self):
         return {"client": self.client_optimizer}
@@ -217,6 +239,7 @@ class FedDATTrainer(LocalTrainer):
             shared_optimizer.step()
             if not train_client:  # the ablation client_adapter_rounds: A_c (and the DAT) learn no more
                 losses.append((shared_loss.item(),))
+                self._step_taken()
                 continue
             dat = self.model.logits(batch, DUAL_ADAPTER_TEACHER)  # 3. the DAT learns from A_s
             client_loss = mkd_loss(dat, student, labels, temperature=cfg.temperature,
@@ -225,6 +248,7 @@ class FedDATTrainer(LocalTrainer):
                 optimizer.zero_grad(set_to_none=True)
             client_loss.backward()
             self.client_optimizer.step()
+            self._step_taken()
             losses.append((shared_loss.item(), client_loss.item()))
         mean = np.mean(losses, axis=0)
         return dict(zip(("shared_loss", "client_loss"), map(float, mean)))
@@ -264,14 +288,16 @@ class FedDATTrainer(LocalTrainer):
                 for p in head:  # the head takes no step on this loss: drop what backward left on it
                     p.grad, p.grad_sample = None, None
             client.step(size)
+            self._step_taken()
 
     def evaluate(self, split):
         size = self.schedule.training.eval_batch_size
-        return {
-            "dat": self.model.accuracy(split, DUAL_ADAPTER_TEACHER, size),
-            "shared": self.model.accuracy(split, SHARED_ONLY, size),
-            "client": self.model.accuracy(split, CLIENT_ONLY, size),
-        }
+        with self.averaged():
+            return {
+                "dat": self.model.accuracy(split, DUAL_ADAPTER_TEACHER, size),
+                "shared": self.model.accuracy(split, SHARED_ONLY, size),
+                "client": self.model.accuracy(split, CLIENT_ONLY, size),
+            }
 
 
 class AdapterTrainer(LocalTrainer):
