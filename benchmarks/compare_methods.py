@@ -284,7 +284,9 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
                     cells += ["not run", "", ""]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         if "feddat" in methods:
-            lines += ["", "FedDAT's other inference modes (same runs, site mean):", "",
+            lines += ["", "FedDAT's other inference modes (same runs, site mean; every site has as many test examples, "
+                      "so the global adapter's site mean, each site reading it with its own head, is its accuracy on "
+                      "the union of the sites' test sets):", "",
                       "| mode | " + " | ".join(benchmarks) + " |", "|---|" + "---|" * len(benchmarks)]
             for extra, label in FEDDAT_MODES.items():
                 lines.append(f"| {label} | " + " | ".join(
@@ -404,7 +406,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if timing.exists():
             measured = json.loads(timing.read_text())
             step_times = measured["feddat_s"], measured["fedavg_s"]
-        command = "python " + " ".join(["benchmarks/compare_methods.py", *(sys.argv[1:] if argv is None else argv)])
+        given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]  # what fills the cells
+        command = "python " + " ".join(["benchmarks/compare_methods.py", *given])
         text = report(cache, args.benchmarks, args.methods, seeds, base, settings, step_times, command, selection)
     if args.quick:
         print(text)
