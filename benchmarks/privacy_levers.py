@@ -215,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"seed {seed} {lever.name}: ε = {EPSILON:g} {accuracy:.3f}", flush=True)
         for size in CONFIRMED_DATA_SIZES:
             best_private, best_open = best_levers(size, args.seeds)
-            for seed in args.confirm_seeds:
-                cells_of(best_private, seed, train=True)
+            for seed in args.confirm_seeds:  # the DP row's own run without DP is not needed here
+                private_args = arguments(best_private, seed)
+                baseline_cell(Path(CACHE), run_config("fedavg", math.inf, seed, private_args))
+                accuracy_cell(Path(CACHE), best_private.method, EPSILON, seed, private_args, train=True)
                 accuracy_cell(Path(CACHE), "feddat", math.inf, seed, arguments(best_open, seed), train=True)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report"]  # the command that fills it
     command = "python " + " ".join(["benchmarks/privacy_levers.py", *given])
