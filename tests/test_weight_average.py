@@ -110,8 +110,11 @@ def test_the_average_survives_a_checkpoint_and_a_mismatched_one_is_refused(train
     assert resumed.average.updates == 3
     with resumed.averaged(), trainer.averaged():
         np.testing.assert_equal(client_and_head(resumed), client_and_head(trainer))
+    other = trainer_with(0.0)
+    before = client_and_head(other)
     with pytest.raises(ValueError, match="ema_decay"):
-        trainer_with(0.0).load_state_dict(saved)
+        other.load_state_dict(saved)
+    np.testing.assert_equal(client_and_head(other), before)  # refused before anything was applied
 
 
 def test_ema_decay_is_feddats_and_in_range():

@@ -151,9 +151,6 @@ class LocalTrainer(ABC):
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        for name, adapter in state["adapters"].items():
-            self.model.adapters.set_state(name, adapter)
-        self.model.set_head_state(state["head"])
         kept = self._kept_optimizers()
         if set(state["optimizers"]) != set(kept):
             raise ValueError(f"saved optimizers {sorted(state['optimizers'])} do not match this trainer's "
@@ -164,6 +161,9 @@ class LocalTrainer(ABC):
                              "(training.ema_decay)")
         if self.average is not None:
             self.average.load_state_dict(average)
+        for name, adapter in state["adapters"].items():
+            self.model.adapters.set_state(name, adapter)
+        self.model.set_head_state(state["head"])
         for name, optimizer in kept.items():
             optimizer.load_state_dict(state["optimizers"][name])
 
