@@ -213,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                 mode = "dat" if lever.method == "feddat" else "shared"
                 accuracy = np.mean(site_scores(private, mode))
                 print(f"seed {seed} {lever.name}: ε = {EPSILON:g} {accuracy:.3f}", flush=True)
-        for size in CONFIRMED_DATA_SIZES:
-            best_private, best_open = best_levers(size, args.seeds)
+    pairs = [best_levers(size, args.seeds) for size in CONFIRMED_DATA_SIZES]  # after the table's cells have run
+    if not args.report:
+        for best_private, best_open in pairs:
             for seed in args.confirm_seeds:  # the DP row's own run without DP is not needed here
                 private_args = arguments(best_private, seed)
                 baseline_cell(Path(CACHE), run_config("fedavg", math.inf, seed, private_args))
@@ -222,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
                 accuracy_cell(Path(CACHE), "feddat", math.inf, seed, arguments(best_open, seed), train=True)
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report"]  # the command that fills it
     command = "python " + " ".join(["benchmarks/privacy_levers.py", *given])
-    pairs = [best_levers(size, args.seeds) for size in CONFIRMED_DATA_SIZES]
     sections = [line for pair in pairs if pair is not None for line in confirmation(*pair, args.confirm_seeds)]
     Path(args.output).write_text(report(args.seeds, command) + "\n".join(sections))
     print(f"wrote {args.output}")
