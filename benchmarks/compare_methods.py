@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--train-per-client", type=int, default=1000)
     parser.add_argument("--test-per-client", type=int, default=500)
     parser.add_argument("--benchmarks", nargs="+", default=["function", "domain"],
-                        help="function, domain, scene, task, digits, digits-skew, or one of "
+                        help="function, domain, scene, task, digits, digits-skew, easy-vqa, or one of "
                         + ", ".join(BENCHMARK_VARIANTS))
     parser.add_argument("--methods", nargs="+", choices=METHODS,
                         default=["feddat", "fedavg", "fedavg-3x", "ffa-lora", "fedsa-lora", "local", "centralized"])

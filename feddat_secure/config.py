@@ -34,7 +34,7 @@ from .federation.algorithms import get_algorithm, registered_algorithms
 from .model.lora_targets import DEFAULT_TARGET_MODULES, matches_target
 
 SYNTHETIC_BENCHMARKS = ("function", "domain", "scene", "task", "texture")
-BENCHMARKS = (*SYNTHETIC_BENCHMARKS, "digits", "digits-skew", "folder")
+BENCHMARKS = (*SYNTHETIC_BENCHMARKS, "digits", "digits-skew", "easy-vqa", "folder")
 ALGORITHMS = (*registered_algorithms(), "centralized")  # "centralized" is a run mode of its own (pooled data)
 
 # Bounds on what a run may ask for. The simulation holds every site's copy of the model and every generated

@@ -1,8 +1,10 @@
-"""Benchmarks: synthetic heterogeneity (function, domain, scene), real digits, users' folders."""
+"""Benchmarks: synthetic heterogeneity (function, domain, scene), real digits, easy-VQA, users' folders."""
 
 from __future__ import annotations
 
 from .digits import digits_benchmark
+from .easy_vqa import NAME as EASY_VQA
+from .easy_vqa import easy_vqa_benchmark
 from .folder import load_folder_benchmark
 from .images import load_image, to_rgb
 from .questions import FAMILIES
@@ -26,8 +28,12 @@ def build_benchmark(name: str, *, path: str, num_clients: int, train_per_client:
     else:
         sizes = dict(num_clients=num_clients, train_per_client=train_per_client, test_per_client=test_per_client,
                      image_size=image_size, seed=seed)
-        benchmark = (synthetic_benchmark(name, **sizes, families=question_families) if name in SITE_BUILDERS
-                     else digits_benchmark(name, **sizes))
+        if name in SITE_BUILDERS:
+            benchmark = synthetic_benchmark(name, **sizes, families=question_families)
+        elif name == EASY_VQA:
+            benchmark = easy_vqa_benchmark(**sizes)
+        else:
+            benchmark = digits_benchmark(name, **sizes)
     return hold_out_validation(benchmark, validation_fraction) if validation_fraction else benchmark
 
 
