@@ -44,25 +44,32 @@ def question_type(answer: str) -> str:
     raise DataError(f"easy-vqa: answer {answer!r} is none of the dataset's 13 answers")
 
 
-@cache
-def _questions(split: str) -> tuple[tuple[str, str, int], ...]:
-    """(question, answer, image id) of one split, in the dataset's order."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+def _package():
+    """The installed ``easy_vqa`` module (DataError naming the package if the install lacks it)."""
     try:
         import easy_vqa
     except ImportError as error:  # a dependency of the package: only a broken install lacks it
         raise DataError("the easy-vqa benchmark needs the 'easy-vqa' package (pip install easy-vqa)") from error
-    texts, answers, image_ids = (easy_vqa.get_train_questions() if split == "train"
-                                 else easy_vqa.get_test_questions())
-    return tuple(zip(texts, answers, (int(i) for i in image_ids), strict=True))
+    return easy_vqa
+
+
+@cache
+def _pools(split: str) -> dict[str, tuple[tuple[str, str, int], ...]]:
+    """(question, answer, image id) of one split by question type, each in the dataset's order; read once."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    package = _package()
+    texts, answers, image_ids = package.get_train_questions() if split == "train" else package.get_test_questions()
+    pools: dict[str, list[tuple[str, str, int]]] = {kind: [] for kind in QUESTION_TYPES}
+    for question in zip(texts, answers, (int(i) for i in image_ids), strict=True):
+        pools[question_type(question[1])].append(question)
+    return {kind: tuple(questions) for kind, questions in pools.items()}
 
 
 @cache
 def _image_paths(split: str) -> dict[int, str]:
-    import easy_vqa
-
-    return dict(easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths())
+    package = _package()
+    return dict(package.get_train_image_paths() if split == "train" else package.get_test_image_paths())
 
 
 @cache
@@ -80,7 +87,7 @@ def pool_of_type(split: str, kind: str) -> list[tuple[str, str, int]]:
     """The split's questions of one type, in the dataset's order."""
     if kind not in TYPE_ANSWERS:
         raise ValueError(f"unknown question type {kind!r}; known: {', '.join(QUESTION_TYPES)}")
-    return [q for q in _questions(split) if question_type(q[1]) == kind]
+    return list(_pools(split)[kind])
 
 
 def _deal(split: str, kind: str, sites: Sequence[int], per_site: int, seed: int) -> dict[int, list[tuple]]:
