@@ -1,17 +1,19 @@
 """Cached benchmark cells: one run of ``feddat_secure.federation.runner.run`` (the code behind
 ``feddat-secure run``) per configuration, kept as one JSON file, so that a grid runs in resumable pieces.
 
-A cell's file is named by a readable label and a digest of its whole configuration: any change to the
-configuration is a new cell, and an unchanged one is never trained twice. A cell records what it ran (the
-configuration, the revision of the code, the digest of the data), each site's last-round accuracy, the share of
-each site's test predictions on its most frequent answer (predicted from the saved model, whose accuracy is
-checked against the run's own) and, under differential privacy, the ε every site's ledger spent.
+A cell's file is named by a readable label and a digest of its whole configuration and of the foundation checkpoint
+it names (its files' SHA-256): any change to either is a new cell, and an unchanged one is never trained twice (a
+re-pretrained foundation under the same name must not reuse the old one's cells). A cell records what it ran (the
+configuration, the foundation's digest, the revision of the code, the digest of the data), each site's last-round
+accuracy, the share of each site's test predictions on its most frequent answer (predicted from the saved model,
+whose accuracy is checked against the run's own) and, under differential privacy, the ε every site's ledger spent.
 
 Used by ``compare_methods.py`` and ``privacy_tradeoff.py``; not a library module (benchmarks are scripts).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -32,7 +34,7 @@ from feddat_secure.config import config_from_dict
 from feddat_secure.data import FAMILIES, GROUNDED_FAMILIES, build_benchmark
 from feddat_secure.data.baselines import site_baselines
 from feddat_secure.federation.runner import run
-from feddat_secure.model.backbone import load_foundation
+from feddat_secure.model.backbone import folder_digest, load_foundation, resolve_model_path
 from feddat_secure.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +95,7 @@ def data_of(config: dict):
     data = config["data"]
     return build_benchmark(data["benchmark"], path=data.get("path", ""), num_clients=data["num_clients"],
                            train_per_client=data["train_per_client"], test_per_client=data["test_per_client"],
-                           image_size=load_foundation().image_size, seed=config["seed"],
+                           image_size=load_foundation(model_path(config)).image_size, seed=config["seed"],
                            validation_fraction=data.get("validation_fraction", 0.0),
                            question_families=tuple(data.get("question_families", FAMILIES)))
 
@@ -117,9 +119,22 @@ def baseline_cell(cache: Path, config: dict) -> dict:
     return cell
 
 
+def model_path(config: dict) -> str:
+    """The foundation a run configuration names (``model.path``; the ``embedded`` one by default)."""
+    return config.get("model", {}).get("path", "embedded")
+
+
+@functools.cache
+def foundation_digest(path: str) -> str:
+    """SHA-256 of the files of the foundation ``path`` names (``backbone.folder_digest``), read once a process."""
+    return folder_digest(resolve_model_path(path))
+
+
 def cell_path(cache: Path, label: str, config: dict) -> Path:
-    """Where a configuration's cell lives: ``<label>-<first 12 hex of the configuration's SHA-256>.json``."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+    """Where a configuration's cell lives: ``<label>-<first 12 hex of a SHA-256>.json``, over the configuration and
+    the digest of the foundation it names."""
+    keyed = {"config": config, "foundation": foundation_digest(model_path(config))}
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     return cache / f"{label}-{digest}.json"
 
 
@@ -173,7 +188,8 @@ def run_cell(cache: Path, label: str, config: dict, *, train: bool) -> tuple[dic
     sites = final["clients"]
     if any(scores is None for scores in sites.values()):  # DP: the sites kept their metrics (a simulation's
         sites = next(kept["clients"] for kept in result.site_history if kept["round"] == final["round"])  # operator)
-    cell = {"label": label, "config": config, "revision": REVISION, "torch_threads": torch.get_num_threads(),
+    cell = {"label": label, "config": config, "foundation": foundation_digest(model_path(config)),
+            "revision": REVISION, "torch_threads": torch.get_num_threads(),
             "seconds": round(seconds, 1),
             "data_digest": data_digest, "sites": sites, "predictions": predictions, "epsilon": epsilon,
             "rounds_run": len(result.history), "stopped": result.stopped}

@@ -92,6 +92,7 @@ class Setting:
     train_per_client: int = 1000
     test_per_client: int = 500
     num_clients: int = 5
+    foundation: str = "embedded"  # model.path: an embedded foundation's name or a checkpoint folder
 
 
 def run_config(benchmark: str, method: str, seed: int, setting: Setting, output_dir: str,
@@ -108,7 +109,7 @@ def run_config(benchmark: str, method: str, seed: int, setting: Setting, output_
                        "algorithm": algorithm},
         "training": {"local_steps": steps, "batch_size": setting.batch_size,
                      "learning_rate": setting.learning_rate, **changes},
-        "model": {"head": "local"},
+        "model": {"head": "local", **({"path": setting.foundation} if setting.foundation != "embedded" else {})},
     }
     if validation_fraction:
         config["data"]["validation_fraction"] = validation_fraction
@@ -118,8 +119,9 @@ def run_config(benchmark: str, method: str, seed: int, setting: Setting, output_
 def grid_cell(cache: Path, benchmark: str, method: str, seed: int, setting: Setting, *, train: bool,
               validation_fraction: float = 0.0) -> tuple[dict | None, bool]:
     """One cell of the grid (``cells.run_cell``): cached, or trained now when ``train`` is set."""
-    label = f"{benchmark}-{method}-lr{setting.learning_rate:g}-s{seed}" + ("-validation" if validation_fraction
-                                                                          else "")
+    label = (f"{benchmark}-{method}-lr{setting.learning_rate:g}-s{seed}"
+             + ("-validation" if validation_fraction else "")
+             + ("" if setting.foundation == "embedded" else f"-{Path(setting.foundation).name}"))
     return run_cell(cache, label, run_config(benchmark, method, seed, setting, "", validation_fraction), train=train)
 
 
@@ -183,7 +185,9 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
     lines = [
         "# Results: FedDAT, the adapter baselines and the data's reference scores",
         "",
-        f"Measured by `benchmarks/compare_methods.py` on the embedded foundation (CPU: "
+        "Measured by `benchmarks/compare_methods.py` on "
+        + ("the embedded foundation" if base.foundation == "embedded" else f"the foundation `{base.foundation}`")
+        + f" (CPU: "
         f"{platform.processor() or platform.machine()}; the cells' revisions and torch threads are listed at the "
         "end of the tables); every number "
         "below is read from the cached cells in `benchmarks/results/compare_methods/` (each holds its full "
@@ -355,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--validation-fraction", type=float, default=0.1,
                         help="share of each site's training examples held out to choose rates on")
     parser.add_argument("--selection-seeds", type=int, default=2, help="the first N seeds choose the rates")
+    parser.add_argument("--foundation", default="embedded",
+                        help="model.path of every run: embedded, embedded-v2 or a checkpoint folder")
     parser.add_argument("--cache", default=str(CACHE), help="folder of cached cells (one JSON file each)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tables from the cache")
     parser.add_argument("--skip-step-timing", action="store_true", help="leave out the cost-of-a-step measurement")
@@ -363,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seeds = list(range(1 if args.quick else args.seeds))
     sizes = (40, 20, 2) if args.quick else (args.train_per_client, args.test_per_client, args.rounds)
     base = Setting(rounds=sizes[2], local_steps=2 if args.quick else 20, train_per_client=sizes[0],
-                   test_per_client=sizes[1])
+                   test_per_client=sizes[1], foundation=args.foundation)
     settings = [dataclasses.replace(base, learning_rate=rate) for rate in args.learning_rates]
     train = not args.report_only
 

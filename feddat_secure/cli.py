@@ -127,11 +127,12 @@ def unused_run_name(output_dir: Path, name: str) -> str:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from .model.backbone import EMBEDDED_FOUNDATION
-    from .pretraining import PretrainSettings, pretrain
+    from .model.backbone import EMBEDDED_FOUNDATIONS
+    from .pretraining import FOUNDATIONS, pretrain
 
-    settings = replace(PretrainSettings(), steps=args.steps or PretrainSettings.steps, seed=args.seed)
-    out = Path(args.out) if args.out else EMBEDDED_FOUNDATION
+    recipe = FOUNDATIONS[args.foundation]
+    settings = replace(recipe, steps=args.steps or recipe.steps, seed=args.seed)
+    out = Path(args.out) if args.out else EMBEDDED_FOUNDATIONS[args.foundation]
     summary = pretrain(out, settings)
     print(f"foundation written to {out}: {summary}")
     return 0
@@ -219,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--quiet", action="store_true", help="no progress bar")
         command.set_defaults(handler=handler)
     pretrain = commands.add_parser("pretrain-foundation", help="re-create the embedded foundation checkpoint")
-    pretrain.add_argument("--out", help="the folder to write (default: the embedded foundation's, in the package)")
+    pretrain.add_argument("--foundation", choices=("embedded", "embedded-v2"), default="embedded",
+                          help="the committed recipe to run (feddat_secure.pretraining.FOUNDATIONS)")
+    pretrain.add_argument("--out", help="the folder to write (default: that embedded foundation's, in the package)")
     pretrain.add_argument("--steps", type=int, help="training steps (default: the committed recipe's)")
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.set_defaults(handler=_pretrain)

@@ -22,6 +22,7 @@ from feddat_secure.data.easy_vqa import (
 from feddat_secure.data.images import load_image
 from feddat_secure.data.vqa import Benchmark, DataError
 from feddat_secure.federation.runner import run
+from feddat_secure.model.backbone import load_foundation
 
 
 def build(**overrides) -> Benchmark:
@@ -112,3 +113,10 @@ def test_the_embedded_foundation_reads_some_of_its_words_as_unknown_and_the_data
     assert {"black", "brown", "gray", "teal", "rectangle", "not"} <= set(missing)
     report = data_report(bench, foundation.tokenizer, foundation.max_text_length)
     assert report.warnings and all("[UNK]" in warning for warning in report.warnings)
+
+
+def test_the_embedded_v2_foundation_reads_every_word_of_it_and_the_data_report_is_quiet(bench):
+    v2 = load_foundation("embedded-v2")
+    report = data_report(bench, v2.tokenizer, v2.max_text_length)
+    assert report.warnings == ()
+    assert all(site.text.unknown_tokens == 0 and site.text.truncated == 0 for site in report.sites)

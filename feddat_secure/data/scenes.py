@@ -21,6 +21,11 @@ COLORS = {
     "cyan": (40, 210, 215),
     "white": (240, 240, 240),
 }
+# Colours and a shape the benchmarks never draw, for foundation pretraining only (``pretraining.FOUNDATIONS``): the
+# ones easy-VQA's images use beyond the above, in CSS's values (easy-VQA names its colours by CSS name)
+EXTRA_COLORS = {"black": (0, 0, 0), "brown": (165, 42, 42), "gray": (128, 128, 128), "teal": (0, 128, 128)}
+EXTRA_SHAPES = ("rectangle",)
+PALETTE = {**COLORS, **EXTRA_COLORS}
 SIZES = ("small", "large")
 DOMAINS = ("clean", "noisy", "low_contrast", "inverted", "blurred")
 GRID = 2  # cells per side; positions are (row, col) on this grid
@@ -80,7 +85,7 @@ def render(
         cx = (obj.col + 0.5) * cell + jx
         cy = (obj.row + 0.5) * cell + jy
         r = cell * (0.42 if obj.size == "large" else 0.24)
-        _draw_shape(draw, obj.shape, cx, cy, r, COLORS[obj.color])
+        _draw_shape(draw, obj.shape, cx, cy, r, PALETTE[obj.color])
     return np.asarray(image, dtype=np.uint8).copy()
 
 
@@ -94,6 +99,8 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
     elif shape == "diamond":
         draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == "rectangle":  # wider than tall, so that it is not a square
+        draw.rectangle((cx - r, cy - 0.55 * r, cx + r, cy + 0.55 * r), fill=fill)
     elif shape == "cross":
         w = r / 2.5
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)

@@ -1,8 +1,10 @@
 """Natural-texture backgrounds from scikit-image's bundled images (offline: they ship inside its wheel).
 
-The ``texture`` benchmark (``synthetic.py``) draws its scenes on these: a background the embedded foundation never
-saw in pretraining (it was pretrained on solid backgrounds under the five ``scenes.DOMAINS``), so each site's
-domain shift is out of distribution for the backbone. Each example gets its own crop of its site's image.
+The ``texture`` benchmark (``synthetic.py``) draws its scenes on :data:`TEXTURES`: backgrounds no embedded foundation
+saw in pretraining, so each site's domain shift is out of distribution for the backbone (``embedded`` was pretrained
+on solid black backgrounds; ``embedded-v2`` also on :data:`PRETRAINING_TEXTURES`, a disjoint set of bundled images,
+so it has learnt to find shapes on a textured background without having seen the benchmark's). Each example gets
+its own crop of its image.
 """
 
 from __future__ import annotations
@@ -16,14 +18,18 @@ from PIL import Image
 # skimage.data's bundled images used as site domains: three grey natural textures, a colour photograph and a colour
 # microscopy slide (immunohistochemistry)
 TEXTURES = ("brick", "grass", "gravel", "coffee", "immunohistochemistry")
+# the other bundled photographs, for foundation pretraining only (``chelsea`` is ``cat``'s same image)
+PRETRAINING_TEXTURES = ("astronaut", "camera", "chelsea", "coins", "hubble_deep_field", "moon", "retina", "rocket")
+assert not set(TEXTURES) & set(PRETRAINING_TEXTURES), "the texture benchmark's images must stay unseen in pretraining"
 CROP_FRACTION = 0.25  # a crop's side, as a fraction of the image's shorter side, before it is resized
 
 
 @functools.cache
 def texture_image(name: str) -> np.ndarray:
-    """The bundled image ``name`` as uint8 RGB (H, W, 3); ValueError for a name not in ``TEXTURES``."""
-    if name not in TEXTURES:
-        raise ValueError(f"unknown texture {name!r}; known: {', '.join(TEXTURES)}")
+    """The bundled image ``name`` as uint8 RGB (H, W, 3); ValueError for a name in neither :data:`TEXTURES` nor
+    :data:`PRETRAINING_TEXTURES`."""
+    if name not in TEXTURES + PRETRAINING_TEXTURES:
+        raise ValueError(f"unknown texture {name!r}; known: {', '.join(TEXTURES + PRETRAINING_TEXTURES)}")
     pixels = np.asarray(getattr(skimage.data, name)(), dtype=np.uint8)
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)

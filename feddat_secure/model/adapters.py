@@ -24,11 +24,11 @@ from peft.tuners.lora import LoraLayer
 from safetensors.numpy import save_file
 
 from ..training.adapter_names import LORA_MATRICES, is_matrix
-from .backbone import EMBEDDED_FOUNDATION, folder_digest, save_processor
+from .backbone import EMBEDDED_FOUNDATIONS, folder_digest, save_processor
 from .lora_targets import DEFAULT_TARGET_MODULES
 
 AdapterState = dict[str, np.ndarray]
-BASE_MODEL_DIR = "base_model"  # the copy of the embedded foundation beside saved adapters (portable_base_model)
+BASE_MODEL_DIR = "base_model"  # the copy of an embedded foundation beside saved adapters (portable_base_model)
 
 # peft 0.21 calls a transformers helper that transformers 5 has renamed; harmless, and not ours.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -184,15 +184,15 @@ def _sort_target_modules(path: Path) -> None:
 def portable_base_model(base_model_path: Path, folder: Path) -> str:
     """How the adapter saved in ``folder`` names its base model (``base_model_name_or_path``).
 
-    The embedded foundation lives inside the installed package, a path that means nothing on another machine
-    or after an upgrade; it is small (2.3 MB), so it is copied beside the adapter, into ``../base_model/``
-    (one copy for every adapter saved in the same parent folder: the run's, and each site's own), and named by
-    that path relative to the adapter folder, which survives moving the parent folder. A checkpoint of the
-    user's own (``model.path``, possibly gigabytes) is not copied: it is named by its absolute path, which
-    survives moving the run, and the run's ``manifest.json`` pins its SHA-256.
+    An embedded foundation (``EMBEDDED_FOUNDATIONS``) lives inside the installed package, a path that means nothing
+    on another machine or after an upgrade; it is small (2.3 MB), so it is copied beside the adapter, into
+    ``../base_model/`` (one copy for every adapter saved in the same parent folder: the run's, and each site's
+    own), and named by that path relative to the adapter folder, which survives moving the parent folder. A
+    checkpoint of the user's own (``model.path``, possibly gigabytes) is not copied: it is named by its absolute
+    path, which survives moving the run, and the run's ``manifest.json`` pins its SHA-256.
     """
     base = Path(base_model_path).resolve()
-    if base != EMBEDDED_FOUNDATION:
+    if base not in {embedded.resolve() for embedded in EMBEDDED_FOUNDATIONS.values()}:
         return str(base)
     copy = folder.parent / BASE_MODEL_DIR
     if not copy.is_dir() or folder_digest(copy) != folder_digest(base):

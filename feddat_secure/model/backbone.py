@@ -20,7 +20,11 @@ from transformers.utils import logging as transformers_logging
 from ..data.batching import IMAGE_MEAN, IMAGE_STD
 from ..errors import FeddatError
 
-EMBEDDED_FOUNDATION = Path(__file__).resolve().parent.parent / "assets" / "foundation"
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED_FOUNDATION = _ASSETS / "foundation"
+# the checkpoints that ship in the package, by the name ``model.path`` gives them; each is reproduced by
+# ``feddat-secure pretrain-foundation --foundation NAME`` (recipes in ``feddat_secure.pretraining.FOUNDATIONS``)
+EMBEDDED_FOUNDATIONS = {"embedded": EMBEDDED_FOUNDATION, "embedded-v2": _ASSETS / "foundation-v2"}
 PROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 
 
@@ -56,8 +60,12 @@ class Foundation:
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
-    if path in (None, "", "embedded"):
+    """The folder of ``path``: an embedded foundation's by its name (``EMBEDDED_FOUNDATIONS``; none or "" is
+    ``embedded``), else the local folder it names."""
+    if path in (None, ""):
         return EMBEDDED_FOUNDATION
+    if isinstance(path, str) and path in EMBEDDED_FOUNDATIONS:
+        return EMBEDDED_FOUNDATIONS[path]
     return Path(path).expanduser().resolve()
 
 
