@@ -177,10 +177,12 @@ def time_local_steps(steps: int) -> tuple[float, float]:
 
 def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds: Sequence[int], base: Setting,
            settings: Sequence[Setting], step_times: tuple[float, float] | None, command: str,
-           selection: tuple[dict, Sequence[float], float, Sequence[int]] | None = None) -> str:
+           selection: tuple[dict, Sequence[float], float, Sequence[int]] | None = None,
+           against: str | None = None) -> str:
     """docs/results.md from the cache: one table per fixed learning rate of ``settings`` (sizes and schedule of
     ``base``), and with ``selection`` (the chosen rates, the candidates, the validation fraction, the selection
-    seeds) one with each method at its chosen rate. Each table reports the seeds every one of its rows has; the
+    seeds) one with each method at its chosen rate; with ``against`` (another foundation), each fixed-rate row minus
+    the same configuration on that foundation. Each table reports the seeds every one of its rows has; the
     missing cells are listed."""
     lines = [
         "# Results: FedDAT, the adapter baselines and the data's reference scores",
@@ -319,6 +321,8 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
                                                       per_seed[benchmark, "question_only"]))
                     lines.append(f"- {benchmark}: {100 * mean:+.1f}" + ("" if math.isnan(half) else
                                                                          f" ± {100 * half:.1f}") + " points")
+    if against is not None:
+        lines += foundation_differences(cache, benchmarks, methods, seeds, base, settings, against)
     if reported:
         lines += ["", provenance(reported)]
     if step_times is not None:
@@ -338,6 +342,53 @@ def report(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds
               "Accuracy against ε with record-level DP and the cost of DP-SGD per local step: "
               "[results_privacy.md](results_privacy.md) (`benchmarks/privacy_tradeoff.py`).", ""]
     return "\n".join(lines)
+
+
+def foundation_differences(cache: Path, benchmarks: Sequence[str], methods: Sequence[str], seeds: Sequence[int],
+                           base: Setting, settings: Sequence[Setting], against: str) -> list[str]:
+    """Per fixed-rate table: each method's site mean and worst site on ``base.foundation`` minus the same
+    configuration's on ``against``, paired by seed (a seed fixes the data, so both trained and were scored on the
+    same examples); over the seeds both foundations' cells have. Centralized minus question-only is given for both
+    foundations: the room each leaves."""
+    lines = ["", f"## This foundation minus `{against}`", "",
+             f"The same configurations with `model.path = \"{against}\"` (their cells are in the same cache). "
+             "Percentage points, mean over the seeds both have ± 95 % t-interval, (number of seeds); an interval "
+             "that includes 0 is no evidence either way."]
+    for setting in settings:
+        other = dataclasses.replace(setting, foundation=against)
+        lines += ["", f"Learning rate {setting.learning_rate:g}:", "",
+                  "| method | " + " | ".join(f"{b}: site mean | worst site" for b in benchmarks) + " |",
+                  "|---|" + "---|---|" * len(benchmarks)]
+        room: dict[str, list[str]] = {}
+        for method in methods:
+            row = []
+            for benchmark in benchmarks:
+                pairs = [(grid_cell(cache, benchmark, method, seed, setting, train=False)[0],
+                          grid_cell(cache, benchmark, method, seed, other, train=False)[0]) for seed in seeds]
+                pairs = [pair for pair in pairs if None not in pair]
+                if not pairs:
+                    row += ["not run", ""]
+                    continue
+                mode = deployed_mode(method)
+                for reduce in (np.mean, np.min):
+                    mean, half = interval([reduce(site_scores(new, mode)) - reduce(site_scores(old, mode))
+                                           for new, old in pairs])
+                    row.append(f"{100 * mean:+.1f}" + ("" if math.isnan(half) else f" ± {100 * half:.1f}")
+                               + f" ({len(pairs)})")
+                if method == "centralized":
+                    for name, cells in (("this foundation", [new for new, _ in pairs]),
+                                        (f"`{against}`", [old for _, old in pairs])):
+                        gains = [np.mean(site_scores(one, mode)) - np.mean(site_scores(
+                            baseline_cell(cache, run_config(benchmark, "fedavg", one["config"]["seed"], base, "")),
+                            "question_only")) for one in cells]
+                        mean, half = interval(gains)
+                        room.setdefault(benchmark, []).append(
+                            f"{name} {100 * mean:+.1f}" + ("" if math.isnan(half) else f" ± {100 * half:.1f}"))
+            lines.append(f"| {LABELS[method]} | " + " | ".join(row) + " |")
+        if room:
+            lines += ["", "Centralized minus question-only on each foundation (same seeds):", ""]
+            lines += [f"- {benchmark}: " + "; ".join(values) + " points" for benchmark, values in room.items()]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -361,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--selection-seeds", type=int, default=2, help="the first N seeds choose the rates")
     parser.add_argument("--foundation", default="embedded",
                         help="model.path of every run: embedded, embedded-v2 or a checkpoint folder")
+    parser.add_argument("--against-foundation", metavar="NAME",
+                        help="add each fixed-rate row minus the same run on this foundation (cached cells only)")
     parser.add_argument("--cache", default=str(CACHE), help="folder of cached cells (one JSON file each)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tables from the cache")
     parser.add_argument("--skip-step-timing", action="store_true", help="leave out the cost-of-a-step measurement")
@@ -414,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             step_times = measured["feddat_s"], measured["fedavg_s"]
         given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]  # what fills the cells
         command = "python " + " ".join(["benchmarks/compare_methods.py", *given])
-        text = report(cache, args.benchmarks, args.methods, seeds, base, settings, step_times, command, selection)
+        text = report(cache, args.benchmarks, args.methods, seeds, base, settings, step_times, command, selection,
+                      args.against_foundation)
     if args.quick:
         print(text)
     else:
