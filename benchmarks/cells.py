@@ -126,8 +126,13 @@ def model_path(config: dict) -> str:
 
 @functools.cache
 def foundation_digest(path: str) -> str:
-    """SHA-256 of the files of the foundation ``path`` names (``backbone.folder_digest``), read once a process."""
-    return folder_digest(resolve_model_path(path))
+    """SHA-256 of the files of the foundation ``path`` names (``backbone.folder_digest``), read once a process;
+    SystemExit when it names no folder (a mistyped name would otherwise key every cell by the digest of nothing)."""
+    folder = resolve_model_path(path)
+    if not folder.is_dir():
+        raise SystemExit(f"foundation {path!r}: {str(folder)!r} is not a folder (an embedded foundation's name, "
+                         "or a checkpoint folder)")
+    return folder_digest(folder)
 
 
 def cell_path(cache: Path, label: str, config: dict) -> Path:

@@ -151,9 +151,9 @@ def deployed_mode(method: str) -> str:
     return "dat" if VARIANTS.get(method, (method,))[0] == "feddat" else "shared"
 
 
-def time_local_steps(steps: int) -> tuple[float, float]:
-    """Seconds per local step of FedDAT and FedAvg on identical batches, same process."""
-    foundation = load_foundation()
+def time_local_steps(steps: int, foundation_path: str) -> tuple[float, float]:
+    """Seconds per local step of FedDAT and FedAvg on identical batches, same process, on ``foundation_path``."""
+    foundation = load_foundation(foundation_path)
     bench = synthetic_benchmark("function", num_clients=1, train_per_client=256, test_per_client=1,
                                 image_size=foundation.image_size, seed=0)
     split = encode_split(bench.clients[0].train, foundation.tokenizer, bench.answer_index,
@@ -369,6 +369,11 @@ def foundation_differences(cache: Path, benchmarks: Sequence[str], methods: Sequ
                 if not pairs:
                     row += ["not run", ""]
                     continue
+                for new, old in pairs:
+                    if new["data_digest"] != old["data_digest"]:
+                        raise SystemExit(f"{benchmark}/{method}/seed {new['config']['seed']}: the two foundations' "
+                                         f"runs trained on different data ({new['data_digest'][:12]} and "
+                                         f"{old['data_digest'][:12]})")
                 mode = deployed_mode(method)
                 for reduce in (np.mean, np.min):
                     mean, half = interval([reduce(site_scores(new, mode)) - reduce(site_scores(old, mode))
@@ -376,11 +381,14 @@ def foundation_differences(cache: Path, benchmarks: Sequence[str], methods: Sequ
                     row.append(f"{100 * mean:+.1f}" + ("" if math.isnan(half) else f" ± {100 * half:.1f}")
                                + f" ({len(pairs)})")
                 if method == "centralized":
+                    baselines = [baseline_cell(cache, run_config(benchmark, "fedavg", new["config"]["seed"], base, ""))
+                                 for new, _ in pairs]
+                    if any(b["data_digest"] != new["data_digest"] for b, (new, _) in zip(baselines, pairs)):
+                        raise SystemExit(f"{benchmark}: the baselines are of other data than the runs")
                     for name, cells in (("this foundation", [new for new, _ in pairs]),
                                         (f"`{against}`", [old for _, old in pairs])):
-                        gains = [np.mean(site_scores(one, mode)) - np.mean(site_scores(
-                            baseline_cell(cache, run_config(benchmark, "fedavg", one["config"]["seed"], base, "")),
-                            "question_only")) for one in cells]
+                        gains = [np.mean(site_scores(one, mode)) - np.mean(site_scores(baseline, "question_only"))
+                                 for one, baseline in zip(cells, baselines)]
                         mean, half = interval(gains)
                         room.setdefault(benchmark, []).append(
                             f"{name} {100 * mean:+.1f}" + ("" if math.isnan(half) else f" ± {100 * half:.1f}"))
@@ -457,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             selection = chosen, args.select_learning_rate, args.validation_fraction, selection_seeds
         timing = cache / "step-timing.json"
         if not (args.report_only or args.skip_step_timing):
-            feddat_step, fedavg_step = time_local_steps(5 if args.quick else 40)
+            feddat_step, fedavg_step = time_local_steps(5 if args.quick else 40, args.foundation)
             print(f"local step: feddat {feddat_step * 1000:.1f} ms, fedavg {fedavg_step * 1000:.1f} ms, "
                   f"ratio {feddat_step / fedavg_step:.2f}")
             write_json(timing, {"feddat_s": feddat_step, "fedavg_s": fedavg_step, "revision": REVISION})

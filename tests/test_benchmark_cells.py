@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 from feddat_secure.model.backbone import EMBEDDED_FOUNDATION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,3 +41,8 @@ def test_every_committed_cell_sits_under_the_key_of_what_it_ran_on():
         assert cell["foundation"] == cells.foundation_digest(cells.model_path(cell["config"])), path.name
         assert cells.cell_path(path.parent, path.stem.rsplit("-", 1)[0], cell["config"]) == path, path.name
     assert found > 500
+
+
+def test_a_foundation_that_names_no_folder_is_refused_not_keyed_by_the_digest_of_nothing(tmp_path):
+    with pytest.raises(SystemExit, match="is not a folder"):
+        cells.cell_path(tmp_path, "x", {"seed": 0, "model": {"path": "embeded-v2"}})

@@ -4,14 +4,20 @@ easy-VQA's colours and shape, and leaves the first foundation's recipe untouched
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import small_config
 
+from feddat_secure.cli import build_parser
 from feddat_secure.config import config_from_dict
 from feddat_secure.data.easy_vqa import WORDS as EASY_VQA_WORDS
 from feddat_secure.data.scenes import PALETTE, SceneObject
 from feddat_secure.data.textures import PRETRAINING_TEXTURES, TEXTURES
+from feddat_secure.federation.runner import run
 from feddat_secure.model.adapters import portable_base_model
 from feddat_secure.model.backbone import (
     EMBEDDED_FOUNDATION,
@@ -20,6 +26,7 @@ from feddat_secure.model.backbone import (
     load_foundation,
     resolve_model_path,
 )
+from feddat_secure.predictor import Predictor
 from feddat_secure.pretraining import FOUNDATIONS, caption_pair, pretrain, scene_background, vocabulary
 
 
@@ -47,9 +54,23 @@ def test_v2_has_the_first_foundations_shape_and_a_vocabulary_that_adds_easy_vqa_
     assert all(not p.requires_grad for p in v2.model.parameters())
 
 
-def test_a_run_configuration_names_it_and_the_run_loads_it():
-    config = config_from_dict({"model": {"path": "embedded-v2"}})
-    assert load_foundation(config.model.path).path == EMBEDDED_FOUNDATIONS["embedded-v2"]
+def test_a_run_on_it_pins_it_and_its_saved_site_model_predicts_as_the_run_scored(tmp_path):
+    config = small_config(tmp_path, model={"path": "embedded-v2"}, federation={"rounds": 1},
+                          training={"local_steps": 1})
+    result = run(config, progress=False, echo=lambda _: None)
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["base_model"]["sha256"] == folder_digest(EMBEDDED_FOUNDATIONS["embedded-v2"])
+    copies = sorted(result.run_dir.rglob("base_model"))
+    assert copies and all(folder_digest(copy) == manifest["base_model"]["sha256"] for copy in copies)
+    predictor = Predictor.from_run(result.run_dir, site="client0")  # refuses a base model of another digest
+    assert len(predictor.predict([np.zeros((32, 32, 3), np.uint8)], ["is there a teal shape ?"])) == 1
+
+
+def test_the_command_line_offers_every_recipe():
+    pretrain = build_parser()._subparsers._group_actions[0].choices["pretrain-foundation"]
+    offered = next(action for action in pretrain._actions if action.dest == "foundation").choices
+    assert set(offered) == set(FOUNDATIONS)
+    assert config_from_dict({"model": {"path": "embedded-v2"}}).model.path == "embedded-v2"
 
 
 def test_the_texture_benchmarks_images_are_never_pretraining_backgrounds():
@@ -58,10 +79,20 @@ def test_the_texture_benchmarks_images_are_never_pretraining_backgrounds():
     assert FOUNDATIONS["embedded"].background_textures == ()
 
 
+# SHA-256 over 50 draws of ``caption_pair`` (image, caption, label, cells) from ``default_rng(0)`` with the first
+# recipe, computed at 244d67b, before the second recipe existed
+FIRST_RECIPE_DRAWS = "70ece33fe2720c51525dab832964327e7ae105063afc5b93edbefc3e21689609"
+
+
 def test_the_first_recipe_is_unchanged_by_the_second(foundation):
-    """``embedded``'s recipe still gives the vocabulary of its committed checkpoint, and its scenes no new colour or
-    shape (its reproduction is not moved by v2's)."""
+    """``embedded``'s recipe still draws the scenes and captions it was pretrained on, byte for byte, and gives the
+    vocabulary of its committed checkpoint (its reproduction is not moved by v2's)."""
     recipe = FOUNDATIONS["embedded"]
+    rng, digest = np.random.default_rng(0), hashlib.sha256()
+    for _ in range(50):
+        image, text, matches, cells = caption_pair(rng, recipe.style, 32, recipe.background_textures)
+        digest.update(image.tobytes() + text.encode() + bytes([matches]) + cells.tobytes())
+    assert digest.hexdigest() == FIRST_RECIPE_DRAWS
     words = set(foundation.tokenizer.get_vocab()) - set(foundation.tokenizer.all_special_tokens)
     assert set(vocabulary(recipe)) == words
     assert "teal" not in recipe.style.colors and "rectangle" not in recipe.style.shapes
@@ -81,16 +112,26 @@ def test_a_solid_background_is_never_close_to_an_objects_colour():
                 assert np.linalg.norm(background[0, 0].astype(float) - PALETTE[colour]) >= 99.5
 
 
-def test_v2_scenes_show_each_object_in_its_own_colour_on_a_replaced_background():
+def test_backgrounds_are_black_a_random_colour_or_a_photograph_about_a_third_of_the_time_each():
+    rng = np.random.default_rng(1)
+    objects = [SceneObject("circle", "red", "large", 0, 0)]
+    kinds = Counter()
+    for _ in range(600):
+        background = scene_background(objects, rng, PRETRAINING_TEXTURES, 32)
+        colours = np.unique(background.reshape(-1, 3), axis=0)
+        kinds["photograph" if len(colours) > 1 else "black" if not colours.any() else "colour"] += 1
+    assert set(kinds) == {"black", "colour", "photograph"}
+    assert all(150 <= count <= 250 for count in kinds.values()), kinds
+
+
+def test_v2_scenes_show_no_undrawn_background_pixel():
+    """The background is drawn in a colour no object has, then every such pixel is replaced."""
     recipe = FOUNDATIONS["embedded-v2"]
     rng = np.random.default_rng(1)
-    kinds = set()
     for _ in range(40):
-        image, text, _, cells = caption_pair(rng, recipe.style, 32, recipe.background_textures)
+        image, _, _, cells = caption_pair(rng, recipe.style, 32, recipe.background_textures)
         assert image.shape == (32, 32, 3) and not np.all(image == (1, 2, 3), axis=2).any()
         assert cells.shape == (4, 3) and cells[:, 1].max() <= len(recipe.style.colors)
-        kinds.add(len(np.unique(image.reshape(-1, 3), axis=0)) > 40)
-    assert kinds == {True, False}  # photographs (and noise) and plain scenes both occur
 
 
 def test_the_v2_recipe_is_deterministic(tmp_path):

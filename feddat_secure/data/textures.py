@@ -18,7 +18,8 @@ from PIL import Image
 # skimage.data's bundled images used as site domains: three grey natural textures, a colour photograph and a colour
 # microscopy slide (immunohistochemistry)
 TEXTURES = ("brick", "grass", "gravel", "coffee", "immunohistochemistry")
-# the other bundled photographs, for foundation pretraining only (``chelsea`` is ``cat``'s same image)
+# eight other bundled images (photographs and a microscopy slide), for foundation pretraining only (``chelsea`` is
+# ``cat``'s same image)
 PRETRAINING_TEXTURES = ("astronaut", "camera", "chelsea", "coins", "hubble_deep_field", "moon", "retina", "rocket")
 assert not set(TEXTURES) & set(PRETRAINING_TEXTURES), "the texture benchmark's images must stay unseen in pretraining"
 CROP_FRACTION = 0.25  # a crop's side, as a fraction of the image's shorter side, before it is resized

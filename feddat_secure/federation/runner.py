@@ -121,7 +121,7 @@ def run(config: RunConfig, *, overwrite: bool = False, resume: bool = False, pro
         (run_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
     protocol = "none (pooled data)" if centralized else LABELS[config.secure_aggregation.protocol]
     echo(f"feddat-secure: {config.federation.algorithm} on {benchmark.name} ({len(benchmark.clients)} clients, "
-         f"{per_round} per round, {config.federation.rounds} rounds), model {foundation.path.name}, "
+         f"{per_round} per round, {config.federation.rounds} rounds), model {config.model.path}, "
          f"aggregation: {protocol}")
     stopped, site_history = None, []
     if centralized:

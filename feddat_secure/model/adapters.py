@@ -29,6 +29,7 @@ from .lora_targets import DEFAULT_TARGET_MODULES
 
 AdapterState = dict[str, np.ndarray]
 BASE_MODEL_DIR = "base_model"  # the copy of an embedded foundation beside saved adapters (portable_base_model)
+_EMBEDDED_FOLDERS = frozenset(folder.resolve() for folder in EMBEDDED_FOUNDATIONS.values())
 
 # peft 0.21 calls a transformers helper that transformers 5 has renamed; harmless, and not ours.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -192,7 +193,7 @@ def portable_base_model(base_model_path: Path, folder: Path) -> str:
     path, which survives moving the run, and the run's ``manifest.json`` pins its SHA-256.
     """
     base = Path(base_model_path).resolve()
-    if base not in {embedded.resolve() for embedded in EMBEDDED_FOUNDATIONS.values()}:
+    if base not in _EMBEDDED_FOLDERS:
         return str(base)
     copy = folder.parent / BASE_MODEL_DIR
     if not copy.is_dir() or folder_digest(copy) != folder_digest(base):
