@@ -54,7 +54,7 @@ def test_v2_has_the_first_foundations_shape_and_a_vocabulary_that_adds_easy_vqa_
     assert all(not p.requires_grad for p in v2.model.parameters())
 
 
-def test_a_run_on_it_pins_it_and_its_saved_site_model_predicts_as_the_run_scored(tmp_path):
+def test_a_run_on_it_pins_it_and_its_saved_site_model_loads_on_its_copy(tmp_path):
     config = small_config(tmp_path, model={"path": "embedded-v2"}, federation={"rounds": 1},
                           training={"local_steps": 1})
     result = run(config, progress=False, echo=lambda _: None)
