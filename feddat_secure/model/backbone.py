@@ -24,7 +24,8 @@ _ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_FOUNDATION = _ASSETS / "foundation"
 # the checkpoints that ship in the package, by the name ``model.path`` gives them; each is reproduced by
 # ``feddat-secure pretrain-foundation --foundation NAME`` (recipes in ``feddat_secure.pretraining.FOUNDATIONS``)
-EMBEDDED_FOUNDATIONS = {"embedded": EMBEDDED_FOUNDATION, "embedded-v2": _ASSETS / "foundation-v2"}
+EMBEDDED_FOUNDATIONS = {"embedded": EMBEDDED_FOUNDATION, "embedded-v2": _ASSETS / "foundation-v2",
+                        "embedded-v3": _ASSETS / "foundation-v3"}
 PROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 
 
