@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--quiet", action="store_true", help="no progress bar")
         command.set_defaults(handler=handler)
     pretrain = commands.add_parser("pretrain-foundation", help="re-create an embedded foundation checkpoint")
-    pretrain.add_argument("--foundation", choices=("embedded", "embedded-v2", "embedded-v3"), default="embedded",
+    pretrain.add_argument("--foundation", choices=("embedded", "embedded-v2", "embedded-v3", "embedded-v4"),
+                          default="embedded",
                           help="the committed recipe to run (feddat_secure.pretraining.FOUNDATIONS)")
     pretrain.add_argument("--out", help="the folder to write (default: that embedded foundation's, in the package)")
     pretrain.add_argument("--steps", type=int, help="training steps (default: the committed recipe's)")

@@ -77,6 +77,7 @@ class PretrainSettings:
     extra_colors: tuple[str, ...] = ()  # of ``scenes.EXTRA_COLORS``
     extra_shapes: tuple[str, ...] = ()  # of ``scenes.EXTRA_SHAPES``
     background_textures: tuple[str, ...] = ()  # none: every scene on black; else see ``scene_background``
+    background_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # black, solid colour, photograph (relative)
 
     @property
     def style(self) -> SceneStyle:
@@ -91,6 +92,7 @@ FOUNDATIONS: dict[str, PretrainSettings] = {
 }
 FOUNDATIONS["embedded-v3"] = replace(FOUNDATIONS["embedded-v2"], steps=9000, hidden_size=192, num_layers=6,
                                      num_heads=6, intermediate_size=384)
+FOUNDATIONS["embedded-v4"] = replace(FOUNDATIONS["embedded-v2"], background_weights=(3.0, 1.0, 1.0))
 # a colour no palette entry has: the background is drawn in it, then every pixel of it is replaced
 _UNDRAWN = (1, 2, 3)
 assert _UNDRAWN not in PALETTE.values()
@@ -113,12 +115,16 @@ def cell_labels(objects: list[SceneObject], style: SceneStyle) -> np.ndarray:
 
 
 def scene_background(objects: list[SceneObject], rng: np.random.Generator, textures: tuple[str, ...],
-                     image_size: int) -> np.ndarray:
+                     image_size: int, weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
     """A (image_size, image_size, 3) uint8 background: black, a uniformly random colour, or a crop of one of
-    ``textures``, each a third of the time. A solid colour is drawn again (uniformly) while it is within
+    ``textures``, in proportion to ``weights`` (equal weights: a third each, drawn as ``embedded-v2`` drew them, so
+    its checkpoint stays reproducible). A solid colour is drawn again (uniformly) while it is within
     ``_MIN_CONTRAST`` of an object's colour, so that no caption names an invisible object (a black circle on
     black); a texture is not checked: a dark shape on a dark patch of photograph is the benchmark's case too."""
-    kind = int(rng.integers(3))
+    if len(set(weights)) == 1:
+        kind = int(rng.integers(3))
+    else:
+        kind = int(rng.choice(3, p=np.asarray(weights, dtype=float) / sum(weights)))
     if kind == 2:
         return texture_crop(textures[int(rng.integers(len(textures)))], image_size, rng)
     colour = np.zeros(3) if kind == 0 else rng.uniform(0, 255, size=3)
@@ -128,16 +134,18 @@ def scene_background(objects: list[SceneObject], rng: np.random.Generator, textu
 
 
 def caption_pair(rng: np.random.Generator, style: SceneStyle, image_size: int,
-                 textures: tuple[str, ...] = ()) -> tuple[np.ndarray, str, int, np.ndarray]:
+                 textures: tuple[str, ...] = (), background_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 ) -> tuple[np.ndarray, str, int, np.ndarray]:
     """An image with a caption of up to two objects; label 1 if the caption is true of the image. Without
-    ``textures`` the scene is on ``style``'s background; with them, on a ``scene_background``.
+    ``textures`` the scene is on ``style``'s background; with them, on a ``scene_background`` drawn with
+    ``background_weights``.
 
     An easy negative can describe the image by chance; at this rate that is rare noise.
     """
     objects = sample_objects(rng, style)
     if textures:
         drawn = render(objects, rng, replace(style, background=_UNDRAWN), image_size)
-        image = on_texture(drawn, _UNDRAWN, scene_background(objects, rng, textures, image_size))
+        image = on_texture(drawn, _UNDRAWN, scene_background(objects, rng, textures, image_size, background_weights))
     else:
         image = render(objects, rng, style, image_size)
     image = apply_domain(image, DOMAINS[int(rng.integers(len(DOMAINS)))], rng)
@@ -204,7 +212,8 @@ def pretrain(out_dir: Path, settings: PretrainSettings = PretrainSettings(), log
         decay = 1.0 - step / settings.steps
         for group in optimizer.param_groups:
             group["lr"] = settings.learning_rate * warm * decay
-        pairs = [caption_pair(rng, style, settings.image_size, settings.background_textures)
+        pairs = [caption_pair(rng, style, settings.image_size, settings.background_textures,
+                              settings.background_weights)
                  for _ in range(settings.batch_size)]
         text = tokenizer([c for _, c, *_ in pairs], padding="max_length", truncation=True,
                          max_length=settings.max_text_length, return_tensors="pt")

@@ -25,7 +25,8 @@ EMBEDDED_FOUNDATION = _ASSETS / "foundation"
 # the checkpoints that ship in the package, by the name ``model.path`` gives them; each is reproduced by
 # ``feddat-secure pretrain-foundation --foundation NAME`` (recipes in ``feddat_secure.pretraining.FOUNDATIONS``)
 EMBEDDED_FOUNDATIONS = {"embedded": EMBEDDED_FOUNDATION, "embedded-v2": _ASSETS / "foundation-v2",
-                        "embedded-v3": _ASSETS / "foundation-v3"}
+                        "embedded-v3": _ASSETS / "foundation-v3",
+                        "embedded-v4": _ASSETS / "foundation-v4"}
 PROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 
 

@@ -1,19 +1,23 @@
-"""The third embedded foundation, ``embedded-v3``: ``embedded-v2``'s pretraining data on a larger model (6 layers,
-hidden 192), so that the two differ in size alone; and, for every committed foundation, a checkpoint whose
-architecture is its recipe's."""
+"""The foundations after ``embedded-v2``, each one change away from it so that a measured difference has one cause:
+``embedded-v3`` (a larger model: 6 layers, hidden 192) and ``embedded-v4`` (black backgrounds three times as often
+as each other kind); and, for every committed foundation, a checkpoint whose architecture is its recipe's."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import json
+from collections import Counter
 
+import numpy as np
 import pytest
 from conftest import small_config
 
+from feddat_secure.data.scenes import SceneObject
+from feddat_secure.data.textures import PRETRAINING_TEXTURES
 from feddat_secure.federation.runner import run
 from feddat_secure.model.backbone import EMBEDDED_FOUNDATIONS, folder_digest, load_foundation
-from feddat_secure.pretraining import FOUNDATIONS, vocabulary
+from feddat_secure.pretraining import FOUNDATIONS, scene_background, vocabulary
 
 
 @pytest.mark.parametrize("name", sorted(FOUNDATIONS))
@@ -37,15 +41,29 @@ def test_v3_is_v2s_data_on_a_larger_model():
     assert 1.7e6 < parameters < 1.9e6  # the issue's "≈ 1.8 M"; embedded and embedded-v2 have 0.6 M
 
 
+def test_v4_is_v2_with_black_backgrounds_three_times_as_often_as_each_other_kind():
+    v2, v4 = FOUNDATIONS["embedded-v2"], FOUNDATIONS["embedded-v4"]
+    assert dataclasses.replace(v4, background_weights=v2.background_weights) == v2
+    rng = np.random.default_rng(2)
+    objects = [SceneObject("circle", "red", "large", 0, 0)]
+    kinds = Counter()
+    for _ in range(1000):
+        background = scene_background(objects, rng, PRETRAINING_TEXTURES, 32, v4.background_weights)
+        colours = np.unique(background.reshape(-1, 3), axis=0)
+        kinds["photograph" if len(colours) > 1 else "black" if not colours.any() else "colour"] += 1
+    assert 540 <= kinds["black"] <= 660 and all(140 <= kinds[kind] <= 260 for kind in ("colour", "photograph")), kinds
+
+
 def test_every_embedded_foundation_is_a_different_checkpoint():
     digests = {name: folder_digest(folder) for name, folder in EMBEDDED_FOUNDATIONS.items()}
     for a, b in itertools.combinations(digests, 2):
         assert digests[a] != digests[b], (a, b)
 
 
-def test_a_run_on_v3_pins_it_in_its_manifest(tmp_path):
-    config = small_config(tmp_path, model={"path": "embedded-v3"}, federation={"rounds": 1},
+@pytest.mark.parametrize("name", ["embedded-v3", "embedded-v4"])
+def test_a_run_on_it_pins_it_in_its_manifest(tmp_path, name):
+    config = small_config(tmp_path, model={"path": name}, federation={"rounds": 1},
                           training={"local_steps": 1})
     result = run(config, progress=False, echo=lambda _: None)
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    assert manifest["base_model"]["sha256"] == folder_digest(EMBEDDED_FOUNDATIONS["embedded-v3"])
+    assert manifest["base_model"]["sha256"] == folder_digest(EMBEDDED_FOUNDATIONS[name])
