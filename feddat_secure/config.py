@@ -85,7 +85,7 @@ def _budget() -> Any:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = "embedded"  # "embedded", "embedded-v2", "embedded-v3", or a local folder: a ViLT checkpoint + tokenizer
+    path: str = "embedded"  # "embedded", "embedded-v2" .. "-v4", or a local folder: a ViLT checkpoint + tokenizer
     random_init: bool = False  # build from the folder's config only, ignoring its weights
     head: str = _choice("local", "shared", default="local")
     lora_rank: int = _range(8, low=1, high=MAX_LORA_RANK)

@@ -5,6 +5,7 @@ as each other kind); and, for every committed foundation, a checkpoint whose arc
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 from collections import Counter
@@ -17,7 +18,10 @@ from feddat_secure.data.scenes import SceneObject
 from feddat_secure.data.textures import PRETRAINING_TEXTURES
 from feddat_secure.federation.runner import run
 from feddat_secure.model.backbone import EMBEDDED_FOUNDATIONS, folder_digest, load_foundation
-from feddat_secure.pretraining import FOUNDATIONS, scene_background, vocabulary
+from feddat_secure.pretraining import FOUNDATIONS, caption_pair, scene_background, vocabulary
+
+# SHA-256 over 50 draws of embedded-v2's recipe (seed 0), taken at 0053a87, before background weights existed
+SECOND_RECIPE_DRAWS = "17e04820c8fb1f322f88e1f7b9a414effe6886b795620a93503c82d4551a4c83"
 
 
 @pytest.mark.parametrize("name", sorted(FOUNDATIONS))
@@ -52,6 +56,17 @@ def test_v4_is_v2_with_black_backgrounds_three_times_as_often_as_each_other_kind
         colours = np.unique(background.reshape(-1, 3), axis=0)
         kinds["photograph" if len(colours) > 1 else "black" if not colours.any() else "colour"] += 1
     assert 540 <= kinds["black"] <= 660 and all(140 <= kinds[kind] <= 260 for kind in ("colour", "photograph")), kinds
+
+
+def test_v2s_recipe_still_draws_what_it_was_pretrained_on():
+    """Equal background weights draw as the code that made v2's checkpoint did, byte for byte."""
+    recipe = FOUNDATIONS["embedded-v2"]
+    rng, digest = np.random.default_rng(0), hashlib.sha256()
+    for _ in range(50):
+        image, text, matches, cells = caption_pair(rng, recipe.style, 32, recipe.background_textures,
+                                                   recipe.background_weights)
+        digest.update(image.tobytes() + text.encode() + bytes([matches]) + cells.tobytes())
+    assert digest.hexdigest() == SECOND_RECIPE_DRAWS
 
 
 def test_every_embedded_foundation_is_a_different_checkpoint():
