@@ -419,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="share of each site's training examples held out to choose rates on")
     parser.add_argument("--selection-seeds", type=int, default=2, help="the first N seeds choose the rates")
     parser.add_argument("--foundation", default="embedded",
-                        help="model.path of every run: embedded, embedded-v2 or a checkpoint folder")
+                        help="model.path of every run: an embedded foundation's name or a checkpoint folder")
     parser.add_argument("--against-foundation", metavar="NAME",
                         help="add each fixed-rate row minus the same run on this foundation (cached cells only)")
     parser.add_argument("--cache", default=str(CACHE), help="folder of cached cells (one JSON file each)")

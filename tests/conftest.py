@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 
 from feddat_secure.config import RunConfig, config_from_dict
 from feddat_secure.data import build_benchmark
 from feddat_secure.data.batching import encode_split
+from feddat_secure.data.scenes import SceneObject
 from feddat_secure.data.synthetic import synthetic_benchmark
 from feddat_secure.model.adapters import LoraSettings
 from feddat_secure.model.backbone import Foundation, load_foundation
+from feddat_secure.pretraining import PretrainSettings, caption_pair, scene_background
 from protocols import enrol_parties
 from protocols.identity import ROSTER_FILE
 
@@ -151,3 +156,24 @@ def simulated_federation(config: RunConfig, foundation: Foundation) -> Federatio
     for party, _ in plan.parties():
         shutil.copyfile(parties / ROSTER_FILE, parties / party / ROSTER_FILE)
     return simulate_federation(plan, run_dir, foundation, lora, splits, answers, resume=False)
+
+
+def recipe_draws_digest(recipe: PretrainSettings, draws: int = 50) -> str:
+    """SHA-256 over ``draws`` pretraining draws (image, caption, label, cells) of ``recipe`` from ``default_rng(0)``:
+    pins what a committed checkpoint was pretrained on."""
+    rng, digest = np.random.default_rng(0), hashlib.sha256()
+    for _ in range(draws):
+        image, text, matches, cells = caption_pair(rng, recipe.style, 32, recipe.background_textures,
+                                                   recipe.background_weights)
+        digest.update(image.tobytes() + text.encode() + bytes([matches]) + cells.tobytes())
+    return digest.hexdigest()
+
+
+def background_kinds(textures: tuple[str, ...], draws: int, seed: int, weights=(1.0, 1.0, 1.0)) -> Counter:
+    """How often ``scene_background`` (behind one red circle) drew black, a solid colour or a photograph."""
+    rng, kinds = np.random.default_rng(seed), Counter()
+    objects = [SceneObject("circle", "red", "large", 0, 0)]
+    for _ in range(draws):
+        colours = np.unique(scene_background(objects, rng, textures, 32, weights).reshape(-1, 3), axis=0)
+        kinds["photograph" if len(colours) > 1 else "black" if not colours.any() else "colour"] += 1
+    return kinds

@@ -5,20 +5,16 @@ as each other kind); and, for every committed foundation, a checkpoint whose arc
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
-from collections import Counter
 
-import numpy as np
 import pytest
-from conftest import small_config
+from conftest import background_kinds, recipe_draws_digest, small_config
 
-from feddat_secure.data.scenes import SceneObject
 from feddat_secure.data.textures import PRETRAINING_TEXTURES
 from feddat_secure.federation.runner import run
 from feddat_secure.model.backbone import EMBEDDED_FOUNDATIONS, folder_digest, load_foundation
-from feddat_secure.pretraining import FOUNDATIONS, caption_pair, scene_background, vocabulary
+from feddat_secure.pretraining import FOUNDATIONS, vocabulary
 
 # SHA-256 over 50 draws of embedded-v2's recipe (seed 0), taken at 0053a87, before background weights existed
 SECOND_RECIPE_DRAWS = "17e04820c8fb1f322f88e1f7b9a414effe6886b795620a93503c82d4551a4c83"
@@ -48,25 +44,13 @@ def test_v3_is_v2s_data_on_a_larger_model():
 def test_v4_is_v2_with_black_backgrounds_three_times_as_often_as_each_other_kind():
     v2, v4 = FOUNDATIONS["embedded-v2"], FOUNDATIONS["embedded-v4"]
     assert dataclasses.replace(v4, background_weights=v2.background_weights) == v2
-    rng = np.random.default_rng(2)
-    objects = [SceneObject("circle", "red", "large", 0, 0)]
-    kinds = Counter()
-    for _ in range(1000):
-        background = scene_background(objects, rng, PRETRAINING_TEXTURES, 32, v4.background_weights)
-        colours = np.unique(background.reshape(-1, 3), axis=0)
-        kinds["photograph" if len(colours) > 1 else "black" if not colours.any() else "colour"] += 1
+    kinds = background_kinds(PRETRAINING_TEXTURES, 1000, seed=2, weights=v4.background_weights)
     assert 540 <= kinds["black"] <= 660 and all(140 <= kinds[kind] <= 260 for kind in ("colour", "photograph")), kinds
 
 
 def test_v2s_recipe_still_draws_what_it_was_pretrained_on():
     """Equal background weights draw as the code that made v2's checkpoint did, byte for byte."""
-    recipe = FOUNDATIONS["embedded-v2"]
-    rng, digest = np.random.default_rng(0), hashlib.sha256()
-    for _ in range(50):
-        image, text, matches, cells = caption_pair(rng, recipe.style, 32, recipe.background_textures,
-                                                   recipe.background_weights)
-        digest.update(image.tobytes() + text.encode() + bytes([matches]) + cells.tobytes())
-    assert digest.hexdigest() == SECOND_RECIPE_DRAWS
+    assert recipe_draws_digest(FOUNDATIONS["embedded-v2"]) == SECOND_RECIPE_DRAWS
 
 
 def test_every_embedded_foundation_is_a_different_checkpoint():

@@ -4,13 +4,11 @@ easy-VQA's colours and shape, and leaves the first foundation's recipe untouched
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import small_config
+from conftest import background_kinds, recipe_draws_digest, small_config
 
 from feddat_secure.cli import build_parser
 from feddat_secure.config import config_from_dict
@@ -88,11 +86,7 @@ def test_the_first_recipe_is_unchanged_by_the_second(foundation):
     """``embedded``'s recipe still draws the scenes and captions it was pretrained on, byte for byte, and gives the
     vocabulary of its committed checkpoint (its reproduction is not moved by v2's)."""
     recipe = FOUNDATIONS["embedded"]
-    rng, digest = np.random.default_rng(0), hashlib.sha256()
-    for _ in range(50):
-        image, text, matches, cells = caption_pair(rng, recipe.style, 32, recipe.background_textures)
-        digest.update(image.tobytes() + text.encode() + bytes([matches]) + cells.tobytes())
-    assert digest.hexdigest() == FIRST_RECIPE_DRAWS
+    assert recipe_draws_digest(recipe) == FIRST_RECIPE_DRAWS
     words = set(foundation.tokenizer.get_vocab()) - set(foundation.tokenizer.all_special_tokens)
     assert set(vocabulary(recipe)) == words
     assert "teal" not in recipe.style.colors and "rectangle" not in recipe.style.shapes
@@ -113,13 +107,7 @@ def test_a_solid_background_is_never_close_to_an_objects_colour():
 
 
 def test_backgrounds_are_black_a_random_colour_or_a_photograph_about_a_third_of_the_time_each():
-    rng = np.random.default_rng(1)
-    objects = [SceneObject("circle", "red", "large", 0, 0)]
-    kinds = Counter()
-    for _ in range(600):
-        background = scene_background(objects, rng, PRETRAINING_TEXTURES, 32)
-        colours = np.unique(background.reshape(-1, 3), axis=0)
-        kinds["photograph" if len(colours) > 1 else "black" if not colours.any() else "colour"] += 1
+    kinds = background_kinds(PRETRAINING_TEXTURES, 600, seed=1)
     assert set(kinds) == {"black", "colour", "photograph"}
     assert all(150 <= count <= 250 for count in kinds.values()), kinds
 
