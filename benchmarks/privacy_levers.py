@@ -78,7 +78,9 @@ CONFIRMED_DATA_SIZES = (4000, 1000)
 
 
 def arguments(lever: Lever, seed: int) -> argparse.Namespace:
-    return argparse.Namespace(**{**DEFAULTS, **lever.options, "seeds": [seed]})
+    """``privacy_tradeoff.py``'s arguments of one lever's cells: its run without DP keeps the lever's rate."""
+    options = {**DEFAULTS, **lever.options, "seeds": [seed]}
+    return argparse.Namespace(**options, no_dp_learning_rate=options["learning_rate"])
 
 
 def sigma(lever: Lever, args: argparse.Namespace) -> float:
