@@ -56,7 +56,7 @@ BATCH_512_MORE_DATA = Lever("batch 512, learning rate 0.01, 4× the data per sit
 BATCH_512_EMA = Lever("batch 512, learning rate 0.01, 4× the data per site, EMA of A_c and the head (decay 0.9)",
                       {**BATCH_512_MORE_DATA.options, "ema_decay": 0.9}, without_dp=False)
 LEVERS = (
-    Lever("schedule of docs/results_privacy.md (batch 16, 20 steps a round)"),
+    Lever("batch 16, 20 steps a round (the schedule of results_privacy_five_family.md)"),
     BATCH_64,
     Lever("batch 128, 10 steps a round", LARGE_BATCH, without_dp=False),
     Lever("batch 128, σ calibrated with PRV", {**LARGE_BATCH, "accountant": "prv"}, without_dp=False),
