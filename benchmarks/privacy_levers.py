@@ -40,6 +40,7 @@ class Lever:
 
 DEFAULTS = {"benchmark": BENCHMARK, "clients": 5, "train_per_client": 1000, "test_per_client": 500, "rounds": 6,
             "steps": 20, "batch_size": 16, "learning_rate": 3e-3, "accountant": "rdp", "ema_decay": 0.0,
+            "client_adapter_noise_ratio": 1.0,
             "cache": str(CACHE)}
 LARGE_BATCH = {"batch_size": 128, "steps": 10}
 BATCH_64 = Lever("batch 64, 10 steps a round", {"batch_size": 64, "steps": 10})
@@ -55,6 +56,10 @@ BATCH_512_MORE_DATA = Lever("batch 512, learning rate 0.01, 4× the data per sit
                             {"batch_size": 512, "steps": 10, "learning_rate": 1e-2, "train_per_client": 4000})
 BATCH_512_EMA = Lever("batch 512, learning rate 0.01, 4× the data per site, EMA of A_c and the head (decay 0.9)",
                       {**BATCH_512_MORE_DATA.options, "ema_decay": 0.9}, without_dp=False)
+BATCH_512_SPLITS = tuple(
+    Lever(f"batch 512, learning rate 0.01, 4× the data per site, σ of A_c {ratio:g}× σ of A_s (both calibrated to "
+          "the ε)", {**BATCH_512_MORE_DATA.options, "client_adapter_noise_ratio": ratio}, without_dp=False)
+    for ratio in (0.5, 2.0))
 LEVERS = (
     Lever("batch 16, 20 steps a round (the schedule of results_privacy_five_family.md)"),
     BATCH_64,
@@ -69,6 +74,7 @@ LEVERS = (
     BATCH_512_RATE_0003,
     BATCH_512_MORE_DATA,
     BATCH_512_EMA,
+    *BATCH_512_SPLITS,
 )
 
 # the issue's measure on several seeds, per data size: the best DP row of the table against the best schedule
@@ -83,11 +89,13 @@ def arguments(lever: Lever, seed: int) -> argparse.Namespace:
     return argparse.Namespace(**options, no_dp_learning_rate=options["learning_rate"])
 
 
-def sigma(lever: Lever, args: argparse.Namespace) -> float:
-    """The noise multiplier the runner calibrates for this lever's run (the same function, the same inputs)."""
+def sigma(lever: Lever, args: argparse.Namespace) -> str:
+    """The noise multiplier the runner calibrates for this lever's run (the same function, the same inputs); both
+    steps' (A_s, A_c) where they differ."""
     training = TrainingConfig(local_steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate)
-    return record_privacy(EPSILON, args.train_per_client, training, args.rounds, lever.method,
-                          args.accountant).noise_multiplier
+    steps = record_privacy(EPSILON, args.train_per_client, training, args.rounds, lever.method, args.accountant,
+                           args.client_adapter_noise_ratio).step_noise_multipliers
+    return " / ".join(f"{value:.2f}" for value in dict.fromkeys(steps))
 
 
 def cells_of(lever: Lever, seed: int, train: bool) -> tuple[dict | None, dict | None, dict]:
@@ -146,7 +154,7 @@ def report(seeds: list[int], command: str) -> str:
         top = np.mean([np.mean(site_scores(p, "top_answer_share", "predictions")) for p, _, _ in found])
         gain = np.subtract(private, floor)
         row = [lever.name,
-               f"{sigma(lever, arguments(lever, seeds[0])):.2f}", percent(*interval(private)), f"{100 * top:.0f} %"]
+               sigma(lever, arguments(lever, seeds[0])), percent(*interval(private)), f"{100 * top:.0f} %"]
         if lever.without_dp:
             open_ = [np.mean(site_scores(o, mode)) for _, o, _ in found]
             open_gain = np.subtract(open_, floor)

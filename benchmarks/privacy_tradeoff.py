@@ -88,14 +88,14 @@ def encoded_sites(foundation, clients: int, train: int, test: int, seed: int):
 
 
 def record_privacy(target_epsilon: float, dataset_size: int, training: TrainingConfig, rounds: int, method: str,
-                   accountant: str = "rdp"):
+                   accountant: str = "rdp", client_adapter_noise_ratio: float = 1.0):
     """DP-SGD settings for a target ε (σ calibrated under ``accountant``, as the runner does); ∞: no DP; 0: the
     DP-SGD path with σ = 0 (clipping only, no privacy)."""
     if math.isinf(target_epsilon):
         return None
     config = RecordPrivacyConfig(enabled=True, target_epsilon=target_epsilon or 8.0, max_grad_norm=CLIP,
                                  delta=DELTA, reproducible=True,  # seeded noise: reproducible numbers, no privacy claim
-                                 accountant=accountant)
+                                 accountant=accountant, client_adapter_noise_ratio=client_adapter_noise_ratio)
     settings = make_record_privacy(config, dataset_size=dataset_size, batch_size=training.batch_size,
                                    local_steps=training.local_steps, rounds=rounds,
                                    steps_per_batch=dp_steps_per_batch(method))
@@ -147,6 +147,8 @@ def run_config(method: str, epsilon: float, seed: int, args: argparse.Namespace)
                                         "delta": DELTA, "reproducible": True}}
         if args.accountant != "rdp":  # σ calibrated under this accountant (the default stays out of the cell's key)
             config["privacy"]["record"]["accountant"] = args.accountant
+        if args.client_adapter_noise_ratio != 1.0:  # FedDAT's A_c step noised at this multiple of A_s's
+            config["privacy"]["record"]["client_adapter_noise_ratio"] = args.client_adapter_noise_ratio
     return config
 
 
@@ -312,6 +314,8 @@ def argument_parser() -> argparse.ArgumentParser:
                         "usable, collapses a run without clipping (results_privacy_levers.md)")
     parser.add_argument("--accountant", choices=["rdp", "prv"], default="rdp",
                         help="the accountant that calibrates σ to the target ε (prv: tighter, so less noise)")
+    parser.add_argument("--client-adapter-noise-ratio", type=float, default=1.0,
+                        help="FedDAT: σ of A_c's DP-SGD step over σ of A_s's, both calibrated together to the ε")
     parser.add_argument("--ema-decay", type=float, default=0.0,
                         help="FedDAT: evaluate the EMA of each site's own weights with this decay (0: the last ones)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per trainer (cost)")

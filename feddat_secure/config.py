@@ -182,6 +182,9 @@ class RecordPrivacyConfig:
     dataset_budget_epsilon: float = field(default=0.0, metadata={"minimum": 0, "strict": False, "unbounded": True})
     accountant: str = _choice("rdp", "prv", default="rdp")
     reproducible: bool = False  # true: sampling and noise from the run seed (tests only: no privacy if it is known)
+    # FedDAT: σ of the client adapter's DP-SGD step over σ of the shared adapter's (with the head), both on the same
+    # batch; 1: equal. The batch is accounted as one Gaussian mechanism of (σ_s⁻² + σ_c⁻²)^-½ (docs/privacy.md)
+    client_adapter_noise_ratio: float = _range(1.0, low=0.01, high=100)
 
 
 @dataclass(frozen=True)
@@ -452,6 +455,11 @@ def _check_privacy(config: RunConfig) -> None:
     if record.enabled:
         _check_noise_and_budget("privacy.record", record.noise_multiplier, record.target_epsilon,
                                 record.budget_epsilon)
+    if record.client_adapter_noise_ratio != 1.0 and (not record.enabled or federation.algorithm == "centralized"
+                                                     or get_algorithm(federation.algorithm).dp_steps_per_batch < 2):
+        raise ConfigError(f"key 'privacy.record.client_adapter_noise_ratio' splits the noise between FedDAT's two "
+                          f"DP-SGD steps; it needs privacy.record.enabled and algorithm 'feddat', not "
+                          f"'{federation.algorithm}' (remove it, or set it to 1)")
     if client.placement == "off":
         return
     if federation.algorithm != "centralized" and not get_algorithm(federation.algorithm).sends_updates:

@@ -70,7 +70,8 @@ def test_every_site_of_those_runs_spent_at_most_8_and_dp_accounting_agrees(defau
         defaults.steps * defaults.rounds))
     recomputed = accountant.get_epsilon(privacy_tradeoff.DELTA)
     for cell in cells_at(defaults, 8.0):
-        ledgers = [ledger for ledger in cell["epsilon"] if ledger["level"] == "record" and ledger["accountant"] == "rdp"]
+        ledgers = [ledger for ledger in cell["epsilon"]
+                   if ledger["level"] == "record" and ledger["accountant"] == "rdp"]
         assert len(ledgers) == defaults.clients
         for ledger in ledgers:
             assert ledger["epsilon"] <= 8.0

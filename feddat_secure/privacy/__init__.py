@@ -7,6 +7,7 @@ from .accounting import (
     GaussianEvent,
     PrivacyAccountant,
     calibrate_noise_multiplier,
+    combined_noise_multiplier,
     composed_noise_multiplier,
     compute_epsilon,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "RecordPrivacy",
     "calibrate_noise_multiplier",
     "check_budgets",
+    "combined_noise_multiplier",
     "composed_noise_multiplier",
     "compute_epsilon",
     "make_record_privacy",

@@ -173,14 +173,21 @@ def calibrate(epsilon_of: Callable[[float], float], target_epsilon: float, *, lo
 
 
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, *, sample_rate: float, steps: int,
-                               accountant: str = "rdp", mechanisms_per_step: int = 1) -> float:
+                               accountant: str = "rdp", mechanisms_per_step: int = 1,
+                               step_noise_ratios: Sequence[float] | None = None) -> float:
     """σ of each DP-SGD step so that ``steps`` steps stay within ``target_epsilon``.
 
     ``mechanisms_per_step`` Gaussian mechanisms on the same subsample compose into one of
-    noise multiplier σ/√k (see :func:`composed_noise_multiplier`), which is what is accounted.
+    noise multiplier σ/√k (see :func:`composed_noise_multiplier`), which is what is accounted. With
+    ``step_noise_ratios`` (one per mechanism) the i-th mechanism's noise multiplier is σ·ratios[i] and the one
+    accounted is :func:`combined_noise_multiplier` of them; the returned σ is the one the ratios scale.
     """
+    ratios = tuple(step_noise_ratios) if step_noise_ratios is not None else (1.0,) * mechanisms_per_step
+    if len(ratios) != mechanisms_per_step or not all(r > 0 and math.isfinite(r) for r in ratios):
+        raise ValueError(f"step_noise_ratios must be {mechanisms_per_step} finite values > 0, got {ratios}")
+
     def epsilon_of(sigma: float, name: str = accountant) -> float:
-        event = GaussianEvent(composed_noise_multiplier(sigma, mechanisms_per_step), sample_rate, steps)
+        event = GaussianEvent(combined_noise_multiplier([sigma * r for r in ratios]), sample_rate, steps)
         try:
             return compute_epsilon([event], delta, name)
         except AccountingError:
@@ -201,7 +208,23 @@ def composed_noise_multiplier(noise_multiplier: float, mechanisms: int) -> float
     step's batch and not in the other's)."""
     if mechanisms < 1:
         raise ValueError(f"mechanisms must be >= 1, got {mechanisms}")
-    return noise_multiplier / math.sqrt(mechanisms)
+    return combined_noise_multiplier([noise_multiplier] * mechanisms)
+
+
+def combined_noise_multiplier(noise_multipliers: Sequence[float]) -> float:
+    """Gaussian mechanisms of noise multipliers σ_1 … σ_k (each of sensitivity C, noise σ_i·C), run adaptively on
+    the SAME subsample, are exactly one Gaussian mechanism of noise multiplier (Σ σ_i⁻²)^-½: each is
+    (1/σ_i)-GDP, and μ_i-GDP mechanisms compose to √(Σμ_i²)-GDP (Dong, Roth & Su, "Gaussian Differential
+    Privacy", JRSS B 2022). With every σ_i = σ this is
+    σ/√k; a step without noise (σ_i = 0) makes it 0, no privacy. Raises ``ValueError`` for an empty list or a
+    negative σ_i."""
+    if not noise_multipliers or not all(sigma >= 0 for sigma in noise_multipliers):
+        raise ValueError(f"noise multipliers must be one or more values >= 0, got {list(noise_multipliers)}")
+    if min(noise_multipliers) == 0:
+        return 0.0
+    if len(set(noise_multipliers)) == 1:  # σ/√k exactly, as ledgers written before unequal splits recorded it
+        return noise_multipliers[0] / math.sqrt(len(noise_multipliers))
+    return sum(sigma ** -2 for sigma in noise_multipliers) ** -0.5
 
 
 class PrivacyAccountant:

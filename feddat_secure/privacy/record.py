@@ -10,14 +10,14 @@ import numpy as np
 import torch
 
 from ..config import RecordPrivacyConfig
-from .accounting import GaussianEvent, PrivacyAccountant, calibrate_noise_multiplier, composed_noise_multiplier
+from .accounting import GaussianEvent, PrivacyAccountant, calibrate_noise_multiplier, combined_noise_multiplier
 
 
 @dataclass(frozen=True)
 class RecordPrivacy:
     """DP-SGD parameters of one site's local training, fixed for the whole run."""
 
-    noise_multiplier: float  # σ of every DP-SGD step: noise std = σ · max_grad_norm
+    noise_multiplier: float  # σ of a batch's first DP-SGD step: noise std = σ · max_grad_norm
     max_grad_norm: float  # C: each record's gradient (per optimizer) is clipped to this L2 norm
     sample_rate: float  # q: each record joins a batch independently with this probability
     dataset_size: int  # N (treated as public: it is also the aggregation weight the server sees)
@@ -28,6 +28,20 @@ class RecordPrivacy:
     budget_epsilon: float  # 0: no budget (the configuration's "unbounded")
     target_epsilon: float  # > 0: noise_multiplier was calibrated to reach it over the planned rounds
     reproducible: bool = False  # sampling and noise from the caller's seeded generator (tests, benchmarks)
+    # σ of each of a batch's DP-SGD steps over ``noise_multiplier`` (FedDAT: A_s with the head, then A_c); empty:
+    # every step at σ
+    step_noise_ratios: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.step_noise_ratios and len(self.step_noise_ratios) != self.mechanisms_per_batch:
+            raise ValueError(f"{len(self.step_noise_ratios)} step noise ratios for {self.mechanisms_per_batch} "
+                             "DP-SGD steps per batch")
+
+    @property
+    def step_noise_multipliers(self) -> tuple[float, ...]:
+        """σ of each DP-SGD step of a batch, in the order the trainer takes them."""
+        ratios = self.step_noise_ratios or (1.0,) * self.mechanisms_per_batch
+        return tuple(self.noise_multiplier * ratio for ratio in ratios)
 
     def generators(self, rng: np.random.Generator) -> tuple[np.random.Generator, torch.Generator]:
         """(batch sampler, noise generator) for a round. Both must stay secret: knowing which
@@ -42,8 +56,9 @@ class RecordPrivacy:
 
     @property
     def accounted_noise_multiplier(self) -> float:
-        """The noise multiplier of the one Gaussian mechanism a batch amounts to (σ/√k)."""
-        return composed_noise_multiplier(self.noise_multiplier, self.mechanisms_per_batch)
+        """The noise multiplier of the one Gaussian mechanism a batch amounts to: (Σ σ_i⁻²)^-½ over its steps
+        (σ/√k when they are equal)."""
+        return combined_noise_multiplier(self.step_noise_multipliers)
 
     def round_events(self, steps: int | None = None) -> list[GaussianEvent]:
         """What a round of ``steps`` batches (default: ``local_steps``) spends."""
@@ -56,7 +71,8 @@ class RecordPrivacy:
 
     def describe(self) -> dict:
         return {"mechanism": "DP-SGD (Poisson sampling, per-sample clipping, Gaussian noise)",
-                "noise_multiplier": self.noise_multiplier, "accounted_noise_multiplier":
+                "noise_multiplier": self.noise_multiplier,
+                "step_noise_multipliers": list(self.step_noise_multipliers), "accounted_noise_multiplier":
                 self.accounted_noise_multiplier, "max_grad_norm": self.max_grad_norm,
                 "sample_rate": self.sample_rate, "dataset_size": self.dataset_size,
                 "expected_batch_size": self.expected_batch_size, "local_steps": self.local_steps,
@@ -81,15 +97,21 @@ def make_record_privacy(config: RecordPrivacyConfig, *, dataset_size: int, batch
         raise ValueError("record-level DP needs a non-empty local dataset")
     sample_rate = min(1.0, batch_size / dataset_size)
     mechanisms = steps_per_batch
+    ratio = config.client_adapter_noise_ratio
+    if ratio != 1.0 and mechanisms < 2:
+        raise ValueError(f"client_adapter_noise_ratio {ratio:g} needs a second DP-SGD step per batch (FedDAT's "
+                         "client adapter); this algorithm takes one")
+    ratios = (1.0,) + (ratio,) * (mechanisms - 1)
     sigma = config.noise_multiplier
     if config.target_epsilon > 0:
         sigma = calibrate_noise_multiplier(config.target_epsilon, config.delta, sample_rate=sample_rate,
                                            steps=rounds * local_steps, accountant=config.accountant,
-                                           mechanisms_per_step=mechanisms)
+                                           mechanisms_per_step=mechanisms, step_noise_ratios=ratios)
     if not (sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"record-level DP needs a finite noise multiplier > 0, got {sigma}")
     return RecordPrivacy(noise_multiplier=sigma, max_grad_norm=config.max_grad_norm, sample_rate=sample_rate,
                          dataset_size=dataset_size, local_steps=local_steps, mechanisms_per_batch=mechanisms,
                          delta=config.delta, accountant=config.accountant,
                          budget_epsilon=config.budget_epsilon if math.isfinite(config.budget_epsilon) else 0.0,
-                         target_epsilon=config.target_epsilon, reproducible=config.reproducible)
+                         target_epsilon=config.target_epsilon, reproducible=config.reproducible,
+                         step_noise_ratios=ratios if ratio != 1.0 else ())

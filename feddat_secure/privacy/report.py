@@ -317,8 +317,9 @@ def _assumptions(levels: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
         ]
         if settings.get("mechanisms_per_batch", 1) > 1:
             notes.append("FedDAT takes two DP-SGD steps on every batch (the shared adapter with the head, then the "
-                         "client adapter, each with its own noise). Two Gaussian steps on the same sample amount to "
-                         "one Gaussian mechanism with noise multiplier σ/√2, which is what is accounted.")
+                         "client adapter, each with its own noise). Two Gaussian steps on the same sample, of noise "
+                         "multipliers σ_1 and σ_2, amount to one Gaussian mechanism with noise multiplier "
+                         "(σ_1⁻² + σ_2⁻²)^-½ (σ/√2 when both are σ), which is what is accounted.")
     if client:
         placement = client["placement"]
         notes += [
@@ -537,6 +538,7 @@ def _level_blocks(report: dict[str, Any], levels: dict[str, Any]) -> list[tuple]
         sites = levels["record"]["sites"]
         first = next(iter(sites.values()))
         same_sigma = len({site["noise_multiplier"] for site in sites.values()}) == 1
+        steps = first.get("step_noise_multipliers") or [first["noise_multiplier"]]  # reports written before it
 
         def sigma(key: str) -> str:
             return _fmt(first[key], 4) if same_sigma else "per site (calibrated to each site's q), see below"
@@ -544,10 +546,14 @@ def _level_blocks(report: dict[str, Any], levels: dict[str, Any]) -> list[tuple]
         blocks.append(("h2", "Record level: DP-SGD inside each site"))
         blocks.append(("table", ["setting", "value"], [
             ["mechanism", first["mechanism"]],
-            ["noise multiplier σ per DP-SGD step", sigma("noise_multiplier")],
+            ["noise multiplier σ per DP-SGD step" if len(set(steps)) == 1 else
+             "noise multipliers of a batch's DP-SGD steps (FedDAT: A_s with the head, A_c)",
+             sigma("noise_multiplier") if len(set(steps)) == 1 else
+             (", ".join(_fmt(value, 4) for value in steps) if same_sigma else sigma("noise_multiplier"))],
             ["DP-SGD mechanisms per batch k (2 under FedDAT: two optimizers, one Poisson batch)",
              first["mechanisms_per_batch"]],
-            ["accounted noise multiplier per batch (σ/√k)", sigma("accounted_noise_multiplier")],
+            ["accounted noise multiplier per batch ((Σ σ_i⁻²)^-½; σ/√k when equal)",
+             sigma("accounted_noise_multiplier")],
             ["clipping norm C (per record, per step)", _fmt(first["max_grad_norm"])],
             ["batches per round", first["local_steps"]], ["δ", _fmt(first["delta"], 8)],
             ["target ε (σ calibrated to it)", _fmt(first["target_epsilon"]) if first["target_epsilon"] else "none"],

@@ -103,8 +103,10 @@ class LocalTrainer(ABC):
         self.round_events = self.privacy.round_events()
         return {}
 
-    def _private(self, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> PrivateOptimizer:
-        return PrivateOptimizer(optimizer, noise_multiplier=self.privacy.noise_multiplier,
+    def _private(self, optimizer: torch.optim.Optimizer, generator: torch.Generator, step: int = 0
+                 ) -> PrivateOptimizer:
+        """``optimizer`` as the ``step``-th DP-SGD step of each batch, with that step's noise multiplier."""
+        return PrivateOptimizer(optimizer, noise_multiplier=self.privacy.step_noise_multipliers[step],
                                 max_grad_norm=self.privacy.max_grad_norm,
                                 expected_batch_size=self.privacy.expected_batch_size, generator=generator)
 
@@ -256,15 +258,16 @@ class FedDATTrainer(LocalTrainer):
     def _train_private_round(self, batches, round_index, generator):
         """The same three passes per batch, each optimizer step a DP-SGD step of its own.
 
-        Both steps run on the same Poisson batch, so they are accounted as one Gaussian
-        mechanism of noise multiplier σ/√2 (``RecordPrivacy.accounted_noise_multiplier``).
+        Both steps run on the same Poisson batch, so they are accounted as one Gaussian mechanism
+        of noise multiplier (σ_s⁻² + σ_c⁻²)^-½, σ/√2 when equal (``RecordPrivacy.accounted_noise_multiplier``;
+        ``client_adapter_noise_ratio`` sets σ_c/σ_s).
         Record i's soft targets (teacher logits in step 2, A_s logits in step 3) are computed
         from record i alone with parameters that are themselves DP outputs, so each record's
         loss, and hence its clipped gradient, depends on no other record.
         """
         cfg = self.schedule.training
         shared = self._private(self._optimizer(self._shared_parameters()), generator)
-        client = self._private(self.client_optimizer, generator)
+        client = self._private(self.client_optimizer, generator, step=1)
         head = self.model.head_parameters()  # in the DAT's forward pass too, but stepped by A_s's optimizer only
         self.model.classifier.train()
         for step, batch in enumerate(batches):
