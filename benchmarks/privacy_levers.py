@@ -56,10 +56,6 @@ BATCH_512_MORE_DATA = Lever("batch 512, learning rate 0.01, 4× the data per sit
                             {"batch_size": 512, "steps": 10, "learning_rate": 1e-2, "train_per_client": 4000})
 BATCH_512_EMA = Lever("batch 512, learning rate 0.01, 4× the data per site, EMA of A_c and the head (decay 0.9)",
                       {**BATCH_512_MORE_DATA.options, "ema_decay": 0.9}, without_dp=False)
-BATCH_512_SPLITS = tuple(
-    Lever(f"batch 512, learning rate 0.01, 4× the data per site, σ of A_c {ratio:g}× σ of A_s (both calibrated to "
-          "the ε)", {**BATCH_512_MORE_DATA.options, "client_adapter_noise_ratio": ratio}, without_dp=False)
-    for ratio in (0.5, 2.0))
 LEVERS = (
     Lever("batch 16, 20 steps a round (the schedule of results_privacy_five_family.md)"),
     BATCH_64,
@@ -74,7 +70,6 @@ LEVERS = (
     BATCH_512_RATE_0003,
     BATCH_512_MORE_DATA,
     BATCH_512_EMA,
-    *BATCH_512_SPLITS,
 )
 
 # the issue's measure on several seeds, per data size: the best DP row of the table against the best schedule
