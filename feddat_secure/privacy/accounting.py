@@ -215,9 +215,8 @@ def combined_noise_multiplier(noise_multipliers: Sequence[float]) -> float:
     """Gaussian mechanisms of noise multipliers σ_1 … σ_k (each of sensitivity C, noise σ_i·C), run adaptively on
     the SAME subsample, are exactly one Gaussian mechanism of noise multiplier (Σ σ_i⁻²)^-½: each is
     (1/σ_i)-GDP, and μ_i-GDP mechanisms compose to √(Σμ_i²)-GDP (Dong, Roth & Su, "Gaussian Differential
-    Privacy", JRSS B 2022). With every σ_i = σ this is
-    σ/√k; a step without noise (σ_i = 0) makes it 0, no privacy. Raises ``ValueError`` for an empty list or a
-    negative σ_i."""
+    Privacy", JRSS B 2022). With every σ_i = σ this is σ/√k; a step without noise (σ_i = 0) makes it 0, no
+    privacy. Raises ``ValueError`` for an empty list or a negative σ_i."""
     if not noise_multipliers or not all(sigma >= 0 for sigma in noise_multipliers):
         raise ValueError(f"noise multipliers must be one or more values >= 0, got {list(noise_multipliers)}")
     if min(noise_multipliers) == 0:
