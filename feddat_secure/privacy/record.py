@@ -114,4 +114,4 @@ def make_record_privacy(config: RecordPrivacyConfig, *, dataset_size: int, batch
                          delta=config.delta, accountant=config.accountant,
                          budget_epsilon=config.budget_epsilon if math.isfinite(config.budget_epsilon) else 0.0,
                          target_epsilon=config.target_epsilon, reproducible=config.reproducible,
-                         step_noise_ratios=ratios if ratio != 1.0 else ())
+                         step_noise_ratios=ratios)

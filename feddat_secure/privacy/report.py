@@ -546,10 +546,9 @@ def _level_blocks(report: dict[str, Any], levels: dict[str, Any]) -> list[tuple]
         blocks.append(("h2", "Record level: DP-SGD inside each site"))
         blocks.append(("table", ["setting", "value"], [
             ["mechanism", first["mechanism"]],
-            ["noise multiplier σ per DP-SGD step" if len(set(steps)) == 1 else
-             "noise multipliers of a batch's DP-SGD steps (FedDAT: A_s with the head, A_c)",
-             sigma("noise_multiplier") if len(set(steps)) == 1 else
-             (", ".join(_fmt(value, 4) for value in steps) if same_sigma else sigma("noise_multiplier"))],
+            ["noise multiplier σ per DP-SGD step", sigma("noise_multiplier")] if len(set(steps)) == 1 else
+            ["noise multipliers of a batch's DP-SGD steps (FedDAT: A_s with the head, A_c)",
+             ", ".join(_fmt(value, 4) for value in steps) if same_sigma else sigma("noise_multiplier")],
             ["DP-SGD mechanisms per batch k (2 under FedDAT: two optimizers, one Poisson batch)",
              first["mechanisms_per_batch"]],
             ["accounted noise multiplier per batch ((Σ σ_i⁻²)^-½; σ/√k when equal)",
